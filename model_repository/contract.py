@@ -1,0 +1,187 @@
+"""The tensor contract of every model in the repository, written once.
+
+The ONNX exporter (dynamic axes, input and output names), the ``config.pbtxt`` generator,
+the Python-backend models and the client all read these specs, so a tensor's name, dtype
+and shape are declared here and nowhere else.
+
+Shapes are per item: Triton adds the batch dimension (``max_batch_size > 0``), ONNX gets
+it as dynamic axis 0. ``-1`` marks a variable dimension (the token sequence, the
+neighbour list).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_EMBEDDING_DIM = 256
+MAX_BATCH_SIZE = 16
+IMAGE_SIZE = 224
+IMAGE_RESIZE_SHORTER_SIDE = 256
+MAX_TEXT_TOKENS = 128
+MODALITIES = ("image", "text")
+
+# Model names: identical in the embedded and the production target.
+PREPROCESS_IMAGE = "preprocess_image"
+TOKENIZE = "tokenize"
+IMAGE_ENCODER = "image_encoder"
+TEXT_ENCODER = "text_encoder"
+FUSER = "fuser"
+POST_EMBEDDING = "post_embedding"
+RETRIEVAL = "retrieval"
+SIMILAR_POSTS = "similar_posts"
+
+
+class DataType(enum.Enum):
+    """A tensor's element type, with its spelling in each system that names it."""
+
+    FP32 = ("TYPE_FP32", "FP32", np.float32)
+    INT64 = ("TYPE_INT64", "INT64", np.int64)
+    INT32 = ("TYPE_INT32", "INT32", np.int32)
+    STRING = ("TYPE_STRING", "BYTES", np.object_)
+
+    @property
+    def triton_config(self) -> str:
+        """Spelling in ``config.pbtxt`` (``TYPE_FP32``)."""
+        return str(self.value[0])
+
+    @property
+    def wire(self) -> str:
+        """Spelling in KServe-v2 requests (``FP32``, ``BYTES``)."""
+        return str(self.value[1])
+
+    @property
+    def numpy(self) -> type[np.generic]:
+        return self.value[2]  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    name: str
+    dtype: DataType
+    dims: tuple[int, ...]
+    """Per-item shape, without the batch dimension; -1 is variable."""
+    dim_names: tuple[str, ...] = ()
+    """Names of the variable dims, for ONNX dynamic axes (same length as the -1 entries)."""
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX dynamic axes of the batched tensor: axis 0 is the batch."""
+        axes = {0: "batch"}
+        variable = [axis for axis, size in enumerate(self.dims, start=1) if size == -1]
+        if len(variable) != len(self.dim_names):
+            raise ValueError(f"{self.name}: name each variable dim (got {self.dim_names} for {self.dims})")
+        axes.update(dict(zip(variable, self.dim_names, strict=True)))
+        return axes
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxExportSpec:
+    """How a PyTorch module becomes ONNX and how closely it must agree with PyTorch."""
+
+    opset: int = 17
+    atol: float = 1e-4
+    """Largest absolute difference allowed between ONNX Runtime and PyTorch outputs."""
+    min_cosine: float = 0.9999
+    """Smallest cosine similarity allowed between the two, per output row."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = MAX_BATCH_SIZE
+    onnx: OnnxExportSpec | None = None
+    """Set for the models exported from PyTorch to ONNX."""
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [tensor.name for tensor in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [tensor.name for tensor in self.outputs]
+
+
+def _by_name(tensors: tuple[TensorSpec, ...], name: str, model: str) -> TensorSpec:
+    for tensor in tensors:
+        if tensor.name == name:
+            return tensor
+    raise KeyError(f"model '{model}' has no tensor '{name}'; it has {[t.name for t in tensors]}")
+
+
+def _tensor(name: str, dtype: DataType, *dims: int, dim_names: tuple[str, ...] = ()) -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, dims=dims, dim_names=dim_names)
+
+
+# Raw post, as a client sends it: one encoded image and one UTF-8 text per post.
+IMAGE = _tensor("IMAGE", DataType.STRING, 1)
+TEXT = _tensor("TEXT", DataType.STRING, 1)
+TOP_K = _tensor("TOP_K", DataType.INT32, 1)
+# Between the models.
+PIXEL_VALUES = _tensor("PIXEL_VALUES", DataType.FP32, 3, IMAGE_SIZE, IMAGE_SIZE)
+IMAGE_MASK = _tensor("IMAGE_MASK", DataType.FP32, 1)
+INPUT_IDS = _tensor("INPUT_IDS", DataType.INT64, -1, dim_names=("sequence",))
+ATTENTION_MASK = _tensor("ATTENTION_MASK", DataType.INT64, -1, dim_names=("sequence",))
+TEXT_MASK = _tensor("TEXT_MASK", DataType.FP32, 1)
+MODALITY_WEIGHTS = _tensor("MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES))
+IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbours",))
+SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
+
+
+def image_embedding(dim: int) -> TensorSpec:
+    return _tensor("IMAGE_EMBEDDING", DataType.FP32, dim)
+
+
+def text_embedding(dim: int) -> TensorSpec:
+    return _tensor("TEXT_EMBEDDING", DataType.FP32, dim)
+
+
+def embedding(dim: int) -> TensorSpec:
+    return _tensor("EMBEDDING", DataType.FP32, dim)
+
+
+def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:
+    """Every model of the repository for embeddings of ``dim`` floats, by name."""
+    specs = [
+        ModelSpec(name=PREPROCESS_IMAGE, inputs=(IMAGE, TEXT), outputs=(PIXEL_VALUES, IMAGE_MASK)),
+        ModelSpec(name=TOKENIZE, inputs=(TEXT,), outputs=(INPUT_IDS, ATTENTION_MASK, TEXT_MASK)),
+        ModelSpec(
+            name=IMAGE_ENCODER,
+            inputs=(PIXEL_VALUES,),
+            outputs=(image_embedding(dim),),
+            onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
+        ),
+        ModelSpec(
+            name=TEXT_ENCODER,
+            inputs=(INPUT_IDS, ATTENTION_MASK),
+            outputs=(text_embedding(dim),),
+            onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
+        ),
+        ModelSpec(
+            name=FUSER,
+            inputs=(image_embedding(dim), text_embedding(dim), IMAGE_MASK, TEXT_MASK),
+            outputs=(embedding(dim), MODALITY_WEIGHTS),
+            onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
+        ),
+        ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=(embedding(dim), MODALITY_WEIGHTS)),
+        ModelSpec(name=RETRIEVAL, inputs=(embedding(dim), TOP_K), outputs=(IDS, SCORES)),
+        ModelSpec(
+            name=SIMILAR_POSTS,
+            inputs=(IMAGE, TEXT, TOP_K),
+            outputs=(IDS, SCORES, embedding(dim), MODALITY_WEIGHTS),
+        ),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+ONNX_MODELS = (IMAGE_ENCODER, TEXT_ENCODER, FUSER)
+"""The models exported from PyTorch, in the order they are exported."""

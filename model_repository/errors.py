@@ -1,0 +1,68 @@
+"""The one exception family of postsim.
+
+Every error postsim raises on purpose is a :class:`PostSimError`; its message says what
+went wrong and what the user can do about it. The subclasses say where it happened, so a
+caller can catch the kind it can handle and let the rest surface.
+
+It lives here, in the model repository's package, because that is the layer every other
+part of postsim (export, client, bench) builds on.
+"""
+
+from __future__ import annotations
+
+
+class PostSimError(Exception):
+    """Base of every error postsim raises on purpose."""
+
+
+class InvalidPostError(PostSimError, ValueError):
+    """A post (or a request built from it) is not valid: caught before or by the server."""
+
+
+class ExportError(PostSimError):
+    """Exporting the models or writing the model repository failed."""
+
+
+class ExportMismatchError(ExportError):
+    """An exported ONNX model does not reproduce its PyTorch module within tolerance."""
+
+
+class RepositoryError(PostSimError):
+    """The model repository is missing, incomplete or inconsistent."""
+
+
+class ServeError(PostSimError):
+    """Starting or running tritonserver failed."""
+
+
+class SearchIndexError(PostSimError):
+    """Building, verifying, publishing or loading a FAISS index failed."""
+
+
+class ServerError(PostSimError):
+    """The server answered a request with an error.
+
+    ``status`` is the gRPC status code name (``INVALID_ARGUMENT``, ``UNAVAILABLE`` ...) so
+    callers can tell a bad request from an unavailable server.
+    """
+
+    def __init__(self, message: str, *, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ServerUnavailableError(ServerError):
+    """The server cannot be reached or is not ready."""
+
+
+class OptionalDependencyError(PostSimError, ImportError):
+    """A feature needs a package from an extra that is not installed."""
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the '{package}' package: install it with "
+            f"`pip install 'postsim[{extra}]'`"
+            + (" (install torch first with `pip install torch==2.13.0` for the CPU build)" if extra == "export" else "")
+        )
+        self.package = package
+        self.extra = extra
