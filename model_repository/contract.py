@@ -137,6 +137,9 @@ IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbours",))
 SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
 
 
+EMBEDDING_NAME = "EMBEDDING"
+
+
 def image_embedding(dim: int) -> TensorSpec:
     return _tensor("IMAGE_EMBEDDING", DataType.FP32, dim)
 
@@ -146,7 +149,7 @@ def text_embedding(dim: int) -> TensorSpec:
 
 
 def embedding(dim: int) -> TensorSpec:
-    return _tensor("EMBEDDING", DataType.FP32, dim)
+    return _tensor(EMBEDDING_NAME, DataType.FP32, dim)
 
 
 def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:

@@ -1,0 +1,213 @@
+"""Generates every model's ``config.pbtxt`` from the tensor contract.
+
+Configs are built as tritonclient's ``ModelConfig`` protobuf messages and written with
+protobuf's text format, so a config that does not parse cannot be written. Two targets
+share model and tensor names:
+
+- ``embedded``: every model is a Python-backend model; the ONNX ones are run by ONNX
+  Runtime inside the stub (the ``tritonserver`` binary of the nvidia-pytriton wheel has no
+  onnxruntime backend). CPU, or the CUDA execution provider where a GPU is present.
+- ``triton``: the production target for the NGC container. The ONNX models use Triton's
+  native ``onnxruntime`` backend on the GPU with the TensorRT accelerator in FP16.
+
+Nothing here imports torch: ``postsim index publish`` writes the retrieval config too.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from postsim.model_repository import contract
+from postsim.model_repository.contract import ModelSpec, TensorSpec
+from postsim.model_repository.errors import RepositoryError
+
+
+class Target(enum.Enum):
+    EMBEDDED = "embedded"
+    TRITON = "triton"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingSettings:
+    """How the server schedules each model: batching, instances, threads."""
+
+    max_queue_delay_us: int = 2000
+    """How long the dynamic batcher waits to fill a batch."""
+    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
+    instances: Mapping[str, int] = field(default_factory=lambda: {contract.PREPROCESS_IMAGE: 2, contract.TOKENIZE: 1})
+    """Instance count per model; models not named get one instance."""
+    intra_op_threads: Mapping[str, int] = field(default_factory=dict)
+    """ONNX Runtime intra-op threads per model (embedded target); 0 or absent = ONNX Runtime's choice."""
+
+    def instance_count(self, model: str) -> int:
+        return self.instances.get(model, 1)
+
+
+ENSEMBLE_STEPS: dict[str, tuple[str, ...]] = {
+    contract.POST_EMBEDDING: (
+        contract.PREPROCESS_IMAGE,
+        contract.TOKENIZE,
+        contract.IMAGE_ENCODER,
+        contract.TEXT_ENCODER,
+        contract.FUSER,
+    ),
+    contract.SIMILAR_POSTS: (
+        contract.PREPROCESS_IMAGE,
+        contract.TOKENIZE,
+        contract.IMAGE_ENCODER,
+        contract.TEXT_ENCODER,
+        contract.FUSER,
+        contract.RETRIEVAL,
+    ),
+}
+"""The models each ensemble chains. Tensors flow between steps by their contract names."""
+
+
+def _tensor_config(tensor: TensorSpec, message: type[pb.ModelInput] | type[pb.ModelOutput]):  # type: ignore[no-untyped-def]
+    return message(name=tensor.name, data_type=pb.DataType.Value(tensor.dtype.triton_config), dims=tensor.dims)
+
+
+def _base_config(spec: ModelSpec) -> pb.ModelConfig:
+    return pb.ModelConfig(
+        name=spec.name,
+        max_batch_size=spec.max_batch_size,
+        input=[_tensor_config(t, pb.ModelInput) for t in spec.inputs],
+        output=[_tensor_config(t, pb.ModelOutput) for t in spec.outputs],
+    )
+
+
+def _set_parameters(config: pb.ModelConfig, parameters: Mapping[str, str]) -> None:
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+
+
+def _add_batching(config: pb.ModelConfig, settings: ServingSettings) -> None:
+    config.dynamic_batching.max_queue_delay_microseconds = settings.max_queue_delay_us
+    config.dynamic_batching.preferred_batch_size.extend(
+        size for size in settings.preferred_batch_sizes if size <= config.max_batch_size
+    )
+
+
+def python_model_config(
+    spec: ModelSpec,
+    settings: ServingSettings,
+    *,
+    kind: pb.ModelInstanceGroup.Kind.ValueType = pb.ModelInstanceGroup.KIND_CPU,
+    parameters: Mapping[str, str] | None = None,
+) -> pb.ModelConfig:
+    """A Python-backend model: preprocessing, tokenizing, retrieval, or ONNX run in-stub."""
+    config = _base_config(spec)
+    config.backend = "python"
+    _add_batching(config, settings)
+    config.instance_group.add(kind=kind, count=settings.instance_count(spec.name))
+    _set_parameters(config, parameters or {})
+    return config
+
+
+def onnxruntime_model_config(
+    spec: ModelSpec, settings: ServingSettings, *, tensorrt_fp16: bool = True
+) -> pb.ModelConfig:
+    """An ONNX model on Triton's native onnxruntime backend, on the GPU."""
+    config = _base_config(spec)
+    config.backend = "onnxruntime"
+    config.default_model_filename = "model.onnx"
+    _add_batching(config, settings)
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_GPU, count=settings.instance_count(spec.name))
+    if tensorrt_fp16:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = "FP16"
+        accelerator.parameters["max_workspace_size_bytes"] = str(2 << 30)
+        accelerator.parameters["trt_engine_cache_enable"] = "1"
+        accelerator.parameters["trt_engine_cache_path"] = "/tmp/postsim-trt-cache"
+    return config
+
+
+def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.ModelConfig:
+    """An ensemble whose steps exchange tensors under their contract names."""
+    config = _base_config(spec)
+    config.platform = "ensemble"
+    for step in step_specs:
+        step_config = config.ensemble_scheduling.step.add(model_name=step.name, model_version=-1)
+        for tensor in step.inputs:
+            step_config.input_map[tensor.name] = tensor.name
+        for tensor in step.outputs:
+            step_config.output_map[tensor.name] = tensor.name
+    _check_ensemble_wiring(config)
+    return config
+
+
+def _check_ensemble_wiring(config: pb.ModelConfig) -> None:
+    """Every step input is an ensemble input or an earlier step's output; every output is produced."""
+    available = {tensor.name for tensor in config.input}
+    for step in config.ensemble_scheduling.step:
+        missing = set(step.input_map.values()) - available
+        if missing:
+            raise RepositoryError(f"ensemble '{config.name}': step '{step.model_name}' needs {sorted(missing)}")
+        available |= set(step.output_map.values())
+    unproduced = {tensor.name for tensor in config.output} - available
+    if unproduced:
+        raise RepositoryError(f"ensemble '{config.name}': no step produces {sorted(unproduced)}")
+
+
+def repository_configs(
+    *,
+    target: Target,
+    dim: int,
+    settings: ServingSettings,
+    weights_label: str,
+    include_retrieval: bool,
+) -> dict[str, pb.ModelConfig]:
+    """The configs of every model of the repository, by model name.
+
+    ``weights_label`` ("random", "pretrained", ...) goes into every model's
+    ``postsim_weights`` parameter, so a client reading the config sees what it talks to.
+    ``include_retrieval`` adds ``retrieval`` and ``similar_posts``, which need an index.
+    """
+    specs = contract.model_specs(dim)
+    configs: dict[str, pb.ModelConfig] = {}
+    for name in (contract.PREPROCESS_IMAGE, contract.TOKENIZE):
+        configs[name] = python_model_config(specs[name], settings)
+    for name in contract.ONNX_MODELS:
+        if target is Target.TRITON:
+            configs[name] = onnxruntime_model_config(specs[name], settings)
+        else:
+            threads = settings.intra_op_threads.get(name, 0)
+            configs[name] = python_model_config(
+                specs[name], settings, parameters={"onnx_file": "model.onnx", "intra_op_threads": str(threads)}
+            )
+    configs[contract.POST_EMBEDDING] = ensemble_config(
+        specs[contract.POST_EMBEDDING], [specs[step] for step in ENSEMBLE_STEPS[contract.POST_EMBEDDING]]
+    )
+    if include_retrieval:
+        configs[contract.RETRIEVAL] = retrieval_config(dim, settings, target=target)
+        configs[contract.SIMILAR_POSTS] = ensemble_config(
+            specs[contract.SIMILAR_POSTS], [specs[step] for step in ENSEMBLE_STEPS[contract.SIMILAR_POSTS]]
+        )
+    for config in configs.values():
+        config.parameters["postsim_weights"].string_value = weights_label
+    return configs
+
+
+def retrieval_config(dim: int, settings: ServingSettings, *, target: Target) -> pb.ModelConfig:
+    """The retrieval model: serves the newest index version only."""
+    kind = pb.ModelInstanceGroup.KIND_GPU if target is Target.TRITON else pb.ModelInstanceGroup.KIND_CPU
+    config = python_model_config(contract.model_specs(dim)[contract.RETRIEVAL], settings, kind=kind)
+    config.version_policy.latest.num_versions = 1
+    return config
+
+
+def to_pbtxt(config: pb.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def parse_pbtxt(text: str) -> pb.ModelConfig:
+    """Parse a ``config.pbtxt``; a malformed one raises RepositoryError naming the problem."""
+    try:
+        return text_format.Parse(text, pb.ModelConfig())
+    except text_format.ParseError as error:
+        raise RepositoryError(f"config.pbtxt does not parse as a Triton ModelConfig: {error}") from None

@@ -1,0 +1,278 @@
+"""The Python-backend models of the repository.
+
+Each ``<model>/1/model.py`` in the repository is one import of a class from here, so the
+code that runs inside Triton is an ordinary module of the package: typed, linted and
+imported by the tests. This module imports ``triton_python_backend_utils`` and so runs
+only inside Triton's Python-backend stub.
+
+Every model answers each request on its own: a bad post fails its own request with
+INVALID_ARG and a message naming the input, and the requests batched with it succeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from postsim.model_repository import contract
+from postsim.model_repository.errors import InvalidPostError, PostSimError
+from postsim.model_repository.manifest import WeightsManifest, log_weights
+
+LOGGER = logging.getLogger("postsim")
+
+
+class _TritonLogHandler(logging.Handler):
+    """Sends the ``postsim`` logger's records to Triton's log, so they appear in the server's output."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
+if not any(isinstance(handler, _TritonLogHandler) for handler in LOGGER.handlers):
+    LOGGER.addHandler(_TritonLogHandler())
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+
+
+def _error_response(error: Exception) -> Any:
+    """INVALID_ARG for bad input; INTERNAL (with a generic message) for anything else."""
+    if isinstance(error, InvalidPostError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    LOGGER.exception("request failed", exc_info=error)
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError("internal error; the server log has the details", pb_utils.TritonError.INTERNAL)
+    )
+
+
+def _input(request: Any, name: str) -> np.ndarray:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InvalidPostError(f"{name}: input missing from the request")
+    return tensor.as_numpy()
+
+
+def _strings(request: Any, name: str) -> list[bytes]:
+    """A [B, 1] BYTES input as B byte strings."""
+    array = _input(request, name)
+    if array.ndim != 2 or array.shape[1] != 1:
+        raise InvalidPostError(f"{name}: expected shape [batch, 1], got {list(array.shape)}")
+    return [value if isinstance(value, bytes) else str(value).encode() for value in array[:, 0]]
+
+
+def _first_error(errors: Sequence[Exception | None], what: str) -> None:
+    """Raise the first per-post error of a request, naming the post's position when it has several."""
+    for position, error in enumerate(errors):
+        if error is not None:
+            prefix = f"post {position} of the request: " if len(errors) > 1 else ""
+            raise InvalidPostError(f"{prefix}{error}") from None
+
+
+def _parameters(args: dict[str, Any]) -> dict[str, str]:
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def _version_dir(args: dict[str, Any]) -> Path:
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def _repository_dir(args: dict[str, Any]) -> Path:
+    return Path(args["model_repository"]).parent
+
+
+class _PerRequestModel:
+    """A model that turns each request into outputs independently."""
+
+    def _run(self, request: Any) -> list[Any]:
+        raise NotImplementedError
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._run(request)))
+            except Exception as error:  # one request's failure must not fail its batch
+                responses.append(_error_response(error))
+        return responses
+
+
+class PreprocessImageModel(_PerRequestModel):
+    """Encoded image bytes → normalised pixels and a presence mask; rejects posts with neither modality."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from postsim.model_repository.preprocessing import ImageLimits
+
+        parameters = _parameters(args)
+        defaults = ImageLimits()
+        self.limits = ImageLimits(
+            max_bytes=int(parameters.get("max_image_bytes", defaults.max_bytes)),
+            max_pixels=int(parameters.get("max_image_pixels", defaults.max_pixels)),
+        )
+
+    def _run(self, request: Any) -> list[Any]:
+        from postsim.model_repository.preprocessing import preprocess_images
+
+        images = _strings(request, contract.IMAGE.name)
+        texts = _strings(request, contract.TEXT.name)
+        if len(images) != len(texts):
+            raise InvalidPostError(f"IMAGE and TEXT must hold one entry per post: got {len(images)} and {len(texts)}")
+        empty_posts = [
+            i for i, (image, text) in enumerate(zip(images, texts, strict=True)) if not image and not text.strip()
+        ]
+        if empty_posts:
+            raise InvalidPostError(
+                f"post {empty_posts[0]} of the request has neither an image nor a text: send IMAGE, TEXT or both"
+            )
+        pixels, mask, errors = preprocess_images(images, self.limits)
+        _first_error(errors, contract.IMAGE.name)
+        return [
+            pb_utils.Tensor(contract.PIXEL_VALUES.name, pixels),
+            pb_utils.Tensor(contract.IMAGE_MASK.name, mask),
+        ]
+
+
+class TokenizeModel(_PerRequestModel):
+    """UTF-8 text → token ids padded to the longest text of the request, and a presence mask."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from postsim.model_repository.tokenization import TextTokenizer
+
+        self.tokenizer = TextTokenizer.from_file(_version_dir(args) / "tokenizer.json")
+
+    def _run(self, request: Any) -> list[Any]:
+        input_ids, attention_mask, text_mask, errors = self.tokenizer.encode(_strings(request, contract.TEXT.name))
+        _first_error(errors, contract.TEXT.name)
+        return [
+            pb_utils.Tensor(contract.INPUT_IDS.name, input_ids),
+            pb_utils.Tensor(contract.ATTENTION_MASK.name, attention_mask),
+            pb_utils.Tensor(contract.TEXT_MASK.name, text_mask),
+        ]
+
+
+def _pad_to(array: np.ndarray, length: int) -> np.ndarray:
+    """Right-pad axis 1 with zeros: a zero token id is [PAD], a zero attention mask hides it."""
+    if array.ndim < 2 or array.shape[1] == length:
+        return array
+    padding = [(0, 0), (0, length - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, padding)
+
+
+class OnnxRuntimeModel:
+    """An exported ONNX model run by ONNX Runtime inside the stub (the embedded target).
+
+    Requests batched together by Triton run as one ONNX Runtime call: variable-length inputs
+    (token sequences) are padded to the longest, which the attention mask makes harmless.
+    """
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        import onnxruntime as ort
+
+        parameters = _parameters(args)
+        config = json.loads(args["model_config"])
+        self.model_name: str = args["model_name"]
+        self.input_names = [tensor["name"] for tensor in config["input"]]
+        self.output_names = [tensor["name"] for tensor in config["output"]]
+        options = ort.SessionOptions()
+        threads = int(parameters.get("intra_op_threads", "0"))
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = _execution_providers(ort.get_available_providers(), args)
+        path = _version_dir(args) / parameters.get("onnx_file", "model.onnx")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        LOGGER.info(
+            "%s: ONNX Runtime on %s, %s intra-op threads",
+            self.model_name,
+            self.session.get_providers()[0],
+            threads or "default",
+        )
+        log_weights(WeightsManifest.read(_repository_dir(args)))
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        try:
+            inputs = [[_input(request, name) for name in self.input_names] for request in requests]
+        except Exception as error:
+            return [_error_response(error) for _ in requests]
+        sizes = [request_inputs[0].shape[0] for request_inputs in inputs]
+        feed = {}
+        for position, name in enumerate(self.input_names):
+            arrays = [request_inputs[position] for request_inputs in inputs]
+            longest = max(array.shape[1] if array.ndim > 1 else 0 for array in arrays)
+            feed[name] = np.concatenate([_pad_to(array, longest) for array in arrays])
+        try:
+            outputs = self.session.run(self.output_names, feed)
+        except Exception as error:
+            return [_error_response(error) for _ in requests]
+        responses = []
+        start = 0
+        for size in sizes:
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(output[start : start + size]))
+                for name, output in zip(self.output_names, outputs, strict=True)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses
+
+
+def _execution_providers(available: Sequence[str], args: dict[str, Any]) -> list[Any]:
+    """CUDA where onnxruntime-gpu sees a GPU, else CPU."""
+    if "CUDAExecutionProvider" in available and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != "":
+        device_id = int(args.get("model_instance_device_id", 0))
+        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class RetrievalModel(_PerRequestModel):
+    """Nearest indexed posts of a fused embedding, from this version's verified FAISS index."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from postsim.model_repository.search_index import load_index_dir
+
+        parameters = _parameters(args)
+        self.max_top_k = int(parameters.get("max_top_k", "1000"))
+        manifest = WeightsManifest.read(_repository_dir(args))
+        index_dir = _version_dir(args) / "index"
+        try:
+            self.index = load_index_dir(index_dir, expected_fingerprint=manifest.fingerprint)
+        except PostSimError as error:
+            LOGGER.error("retrieval version %s refused: %s", args["model_version"], error)
+            raise
+        LOGGER.info("retrieval version %s serves %s", args["model_version"], index_dir)
+
+    def _run(self, request: Any) -> list[Any]:
+        embeddings = _input(request, contract.EMBEDDING_NAME).astype(np.float32, copy=False)
+        top_k = _input(request, contract.TOP_K.name).reshape(-1)
+        k = _single_top_k(top_k, self.max_top_k)
+        results = self.index.search(embeddings, k)
+        width = min(len(neighbours) for neighbours in results)  # rows of one response share a width
+        ids = np.array([[post_id.encode() for post_id, _ in row[:width]] for row in results], dtype=np.object_)
+        scores = np.array([[score for _, score in row[:width]] for row in results], dtype=np.float32)
+        return [
+            pb_utils.Tensor(contract.IDS.name, ids.reshape(len(results), width)),
+            pb_utils.Tensor(contract.SCORES.name, scores.reshape(len(results), width)),
+        ]
+
+
+def _single_top_k(top_k: np.ndarray, limit: int) -> int:
+    values = {int(value) for value in top_k}
+    if len(values) != 1:
+        raise InvalidPostError(f"TOP_K: every post of a request must ask for the same k, got {sorted(values)}")
+    (k,) = values
+    if not 1 <= k <= limit:
+        raise InvalidPostError(f"TOP_K: must be between 1 and {limit}, got {k}")
+    return k

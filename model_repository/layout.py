@@ -1,0 +1,69 @@
+"""Where things live in a model repository, and which of its models can be loaded.
+
+Triton needs ``<model>/config.pbtxt`` and numbered version folders; a Python-backend
+model's version folder holds a ``model.py`` that names its class in
+:mod:`postsim.model_repository.backend_models`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postsim.model_repository import contract
+
+CONFIG_NAME = "config.pbtxt"
+
+PYTHON_BACKEND_CLASSES = {
+    contract.PREPROCESS_IMAGE: "PreprocessImageModel",
+    contract.TOKENIZE: "TokenizeModel",
+    contract.IMAGE_ENCODER: "OnnxRuntimeModel",
+    contract.TEXT_ENCODER: "OnnxRuntimeModel",
+    contract.FUSER: "OnnxRuntimeModel",
+    contract.RETRIEVAL: "RetrievalModel",
+}
+"""The class serving each Python-backend model (every model of the embedded target but the ensembles)."""
+
+LOAD_ORDER = (
+    contract.PREPROCESS_IMAGE,
+    contract.TOKENIZE,
+    contract.IMAGE_ENCODER,
+    contract.TEXT_ENCODER,
+    contract.FUSER,
+    contract.POST_EMBEDDING,
+    contract.RETRIEVAL,
+    contract.SIMILAR_POSTS,
+)
+
+
+def model_py_source(model: str) -> str:
+    """The ``model.py`` of a Python-backend model: one import of its class."""
+    return (
+        f'"""Triton Python-backend entry point of `{model}`; the code is in postsim.model_repository."""\n\n'
+        f"from postsim.model_repository.backend_models import {PYTHON_BACKEND_CLASSES[model]} as TritonPythonModel\n\n"
+        '__all__ = ["TritonPythonModel"]\n'
+    )
+
+
+def version_dirs(model_dir: Path) -> list[Path]:
+    """The numbered version folders of a model, oldest first."""
+    if not model_dir.is_dir():
+        return []
+    return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def loadable_models(repository: Path) -> list[str]:
+    """Models with a config and at least one version (ensembles need none), in dependency order.
+
+    ``similar_posts`` is loadable only once ``retrieval`` has an index version.
+    """
+    found = []
+    for model in LOAD_ORDER:
+        model_dir = repository / model
+        if not (model_dir / CONFIG_NAME).is_file():
+            continue
+        is_ensemble = model in (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
+        if is_ensemble or version_dirs(model_dir):
+            found.append(model)
+    if contract.SIMILAR_POSTS in found and contract.RETRIEVAL not in found:
+        found.remove(contract.SIMILAR_POSTS)
+    return found

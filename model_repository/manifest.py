@@ -1,0 +1,114 @@
+"""Which weights a model repository holds: ``weights.json`` at the repository's root.
+
+``postsim export`` writes it after the models; it records where each model's weights came
+from (pretrained, random, a directory, a head checkpoint), the sha256 of every generated
+weight file, and one fingerprint over them. ``postsim serve`` logs it at start (a warning
+when the weights are random), the retrieval model refuses an index built against another
+fingerprint, and an index manifest records the fingerprint it was built with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postsim.model_repository.errors import RepositoryError
+
+LOGGER = logging.getLogger("postsim")
+MANIFEST_NAME = "weights.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_of(file_hashes: dict[str, str]) -> str:
+    """One hash over the weight files' hashes, independent of the order they were listed."""
+    digest = hashlib.sha256()
+    for relative_path in sorted(file_hashes):
+        digest.update(f"{relative_path}={file_hashes[relative_path]}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsManifest:
+    target: str
+    dim: int
+    precision: str
+    random_weights: bool
+    provenance: dict[str, Any]
+    """Where each model's weights came from, as the exporter describes it."""
+    files: dict[str, str] = field(default_factory=dict)
+    """sha256 of each weight file, by path relative to the repository."""
+    fingerprint: str = ""
+    created: str = ""
+    postsim_version: str = ""
+
+    @property
+    def weights_label(self) -> str:
+        return "random" if self.random_weights else "pretrained"
+
+    def describe(self) -> str:
+        """One line for logs: what the server is about to serve."""
+        sources = ", ".join(
+            f"{model}: {info.get('backbone', info)}"
+            for model, info in self.provenance.items()
+            if isinstance(info, dict)
+        )
+        return (
+            f"weights fingerprint {self.fingerprint} ({self.target} target, {self.precision}, dim {self.dim}; "
+            f"{sources})"
+        )
+
+    def write(self, repository: Path) -> Path:
+        path = repository / MANIFEST_NAME
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, repository: Path) -> WeightsManifest:
+        path = repository / MANIFEST_NAME
+        if not path.is_file():
+            raise RepositoryError(
+                f"{repository} holds no exported models ({MANIFEST_NAME} is missing): "
+                f"run `postsim export --repository {repository}` first"
+            )
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise RepositoryError(
+                f"{path} is not a postsim weights manifest ({error}): export the repository again"
+            ) from None
+
+    def verify_files(self, repository: Path) -> None:
+        """Check every recorded weight file is there and unchanged."""
+        for relative_path, expected in self.files.items():
+            path = repository / relative_path
+            if not path.is_file():
+                raise RepositoryError(f"{path} is missing: export the repository again")
+            if sha256_file(path) != expected:
+                raise RepositoryError(
+                    f"{path} does not match its sha256 in {MANIFEST_NAME}: the file changed after export; "
+                    "export the repository again"
+                )
+
+
+def log_weights(manifest: WeightsManifest) -> None:
+    """Say loudly when the server is about to serve random weights."""
+    if manifest.random_weights:
+        LOGGER.warning(
+            "SERVING RANDOM WEIGHTS: embeddings carry no meaning (%s). Export with `--weights pretrained` "
+            "for real results.",
+            manifest.describe(),
+        )
+    else:
+        LOGGER.info("serving %s", manifest.describe())
