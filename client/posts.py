@@ -1,0 +1,116 @@
+"""Posts as the client sends them, and the results it gets back.
+
+A :class:`Post` is an image, a text, or both. The image is encoded bytes (JPEG, PNG ...) or
+a path read only when the request is built. Empty values mean "absent", as on the wire:
+``Post(text="", image=b"")`` has neither and is rejected. Nothing is stripped or
+normalised here; the server's tokenizer and image preprocessing see what the caller gave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from postsim.model_repository.errors import InvalidPostError
+
+__all__ = ["EmbeddingResult", "Neighbor", "Post", "SimilarResult"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Post:
+    """One social-media post: an encoded image, a UTF-8 text, or both.
+
+    ``image`` is the encoded image as bytes, or a :class:`~pathlib.Path` to a file read
+    lazily by :meth:`image_bytes`. ``id`` is the caller's identifier (used when indexing).
+    """
+
+    text: str | None = None
+    image: bytes | Path | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is not None and not isinstance(self.text, str):
+            raise InvalidPostError(f"Post.text must be a str or None; got {type(self.text).__name__}")
+        if isinstance(self.image, str):
+            raise InvalidPostError(
+                f"Post.image must be bytes, a pathlib.Path or None; got str {self.image!r}: "
+                "wrap a file path in Path(...)"
+            )
+        if self.image is not None and not isinstance(self.image, bytes | Path):
+            raise InvalidPostError(f"Post.image must be bytes, a pathlib.Path or None; got {type(self.image).__name__}")
+        if self.id is not None and not isinstance(self.id, str):
+            raise InvalidPostError(f"Post.id must be a str or None; got {type(self.id).__name__}")
+        if not self.has_text and not self.has_image:
+            raise InvalidPostError("a post needs an image, a text, or both")
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.text)
+
+    @property
+    def has_image(self) -> bool:
+        """True for non-empty bytes or any path (an empty file is caught when read)."""
+        return isinstance(self.image, Path) or bool(self.image)
+
+    def image_bytes(self) -> bytes:
+        """The encoded image (``b""`` when the post has none); a path is read now.
+
+        Raises :class:`InvalidPostError` naming the path when the file cannot be read or
+        is empty.
+        """
+        if self.image is None:
+            return b""
+        if isinstance(self.image, bytes):
+            return self.image
+        try:
+            data = self.image.read_bytes()
+        except OSError as exc:
+            raise InvalidPostError(
+                f"cannot read the image of post {self._label()} from {self.image}: {exc.strerror or exc}"
+            ) from None
+        if not data:
+            raise InvalidPostError(f"the image file {self.image} of post {self._label()} is empty")
+        return data
+
+    def check_image_file(self) -> None:
+        """Check, without reading it, that a path image names an existing file."""
+        if isinstance(self.image, Path) and not self.image.is_file():
+            what = "is not a file" if self.image.exists() else "does not exist"
+            raise InvalidPostError(f"the image file {self.image} of post {self._label()} {what}")
+
+    def __repr__(self) -> str:
+        image = f"<{len(self.image)} bytes>" if isinstance(self.image, bytes) else repr(self.image)
+        return f"Post(text={self.text!r}, image={image}, id={self.id!r})"
+
+    def _label(self) -> str:
+        return repr(self.id) if self.id is not None else "(no id)"
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class EmbeddingResult:
+    """The fused embedding of one post and how much each modality contributed to it."""
+
+    embedding: np.ndarray
+    """float32, shape ``(K,)``."""
+    image_weight: float
+    text_weight: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Neighbor:
+    """One indexed post similar to the query, with its similarity score (higher is closer)."""
+
+    id: str
+    score: float
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SimilarResult:
+    """The neighbours of one query post (best first), with the query's own embedding."""
+
+    neighbors: list[Neighbor]
+    embedding: np.ndarray
+    image_weight: float
+    text_weight: float
