@@ -1,0 +1,759 @@
+"""The postsim client: embed posts and find similar ones over Triton's gRPC API.
+
+:class:`PostSimClient` (blocking) and :class:`AsyncPostSimClient` (asyncio) have the same
+methods under the same names; both are context managers. Everything that does not touch
+the network (checking posts, building the request tensors, reading the answers, turning
+tritonclient's exceptions into postsim's) lives in module-level functions used by both, so
+the two cannot drift apart.
+
+Posts are checked before anything is sent; a batch larger than the server's
+``max_batch_size`` is split into chunks whose results come back in the caller's order.
+Every :class:`~tritonclient.utils.InferenceServerException` becomes one of
+:class:`~postsim.model_repository.errors.ServerUnavailableError`,
+:class:`~postsim.model_repository.errors.InvalidPostError` or
+:class:`~postsim.model_repository.errors.ServerError`, raised ``from None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import InferenceServerException
+
+from postsim.model_repository import contract
+from postsim.model_repository.errors import (
+    InvalidPostError,
+    PostSimError,
+    ServerError,
+    ServerUnavailableError,
+)
+
+from .posts import EmbeddingResult, Neighbor, Post, SimilarResult
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DEFAULT_URL",
+    "AsyncPostSimClient",
+    "ModelStatus",
+    "PostSimClient",
+    "ServerInfo",
+    "map_server_error",
+]
+
+logger = logging.getLogger("postsim")
+
+DEFAULT_URL = "localhost:8001"
+DEFAULT_TIMEOUT_S = 60.0
+"""End-to-end limit of one gRPC call (one chunk of at most ``max_batch_size`` posts)."""
+WEIGHTS_PARAMETER = "postsim_weights"
+"""Parameter of the ``post_embedding`` config saying where the weights came from ("random" ...)."""
+
+_EMBEDDING = contract.EMBEDDING_NAME
+_WEIGHTS = contract.MODALITY_WEIGHTS.name
+_IMAGE_COLUMN = contract.MODALITIES.index("image")
+_TEXT_COLUMN = contract.MODALITIES.index("text")
+_EMBED_OUTPUTS = (_EMBEDDING, _WEIGHTS)
+_SIMILAR_OUTPUTS = (contract.IDS.name, contract.SCORES.name, _EMBEDDING, _WEIGHTS)
+_INDEX_MODELS = (contract.SIMILAR_POSTS, contract.RETRIEVAL)
+"""Models that exist on the server only once an index is published."""
+_INT32_MAX = int(np.iinfo(np.int32).max)
+_MAX_CHUNKS_IN_FLIGHT = 4
+"""How many chunks the async client sends at once."""
+_POLL_S = 0.5
+_MAX_MESSAGE_CHARS = 500
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------- server info
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStatus:
+    """One model of the server's repository index."""
+
+    name: str
+    version: str
+    state: str
+    """Triton's state name: ``READY``, ``LOADING``, ``UNAVAILABLE`` ... (empty when never loaded)."""
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    """What the server at ``url`` runs, from its metadata and repository index."""
+
+    url: str
+    server: str
+    """The server's name (``triton``)."""
+    version: str
+    models: tuple[ModelStatus, ...]
+    weights: str | None
+    """The ``postsim_weights`` parameter of ``post_embedding`` (e.g. ``random``); None if absent."""
+    embedding_dim: int | None
+    """Length of ``EMBEDDING`` in the ``post_embedding`` config; None if it is not loaded."""
+
+    def is_ready(self, model: str) -> bool:
+        return any(status.name == model and status.ready for status in self.models)
+
+
+# --------------------------------------------------------------------------- error mapping
+
+
+def _status_name(exc: InferenceServerException) -> str | None:
+    """``StatusCode.UNAVAILABLE`` (as tritonclient's gRPC client sets it) -> ``UNAVAILABLE``."""
+    status = exc.status()
+    if not status:
+        return None
+    return str(status).removeprefix("StatusCode.")
+
+
+def _short(message: str) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return first if len(first) <= _MAX_MESSAGE_CHARS else first[:_MAX_MESSAGE_CHARS] + "..."
+
+
+def _is_unknown_model(message: str) -> bool:
+    # Triton prefixes every failed model look-up with "Request for unknown model: ", under
+    # NOT_FOUND, UNAVAILABLE or INVALID_ARGUMENT depending on its version and the reason
+    # (never loaded, no ready version, not at ready state); older ones say "Inference
+    # request for unknown model".
+    return "unknown model" in message.lower()
+
+
+def map_server_error(
+    exc: InferenceServerException,
+    *,
+    url: str,
+    model: str | None = None,
+    what: str = "",
+    timeout_s: float | None = None,
+) -> PostSimError:
+    """The postsim exception for a tritonclient one; the caller raises it ``from None``.
+
+    ``model`` is the model the call addressed (None for server-wide calls), ``what`` says
+    which part of the request it was (``posts 16..19``) and goes into the message.
+    """
+    status = _status_name(exc)
+    message = str(exc.message() or "")
+    logger.debug("gRPC error from %s (model %s, status %s): %s", url, model, status, message)
+    subject = f"model '{model}'" if model else "the server"
+    part = f" for {what}" if what else ""
+
+    if _is_unknown_model(message):
+        if model in _INDEX_MODELS:
+            hint = "no index is published yet: publish one with `postsim index publish`, then retry"
+        elif model:
+            hint = "check the log of `postsim serve` for why it did not load"
+        else:
+            hint = _short(message)
+        return ServerError(f"model '{model}' is not loaded on the server at {url}: {hint}", status=status)
+    if status == "UNAVAILABLE":
+        if "queue" in message.lower():
+            return ServerUnavailableError(
+                f"the server at {url} is overloaded ({_short(message)}): retry later", status=status
+            )
+        return ServerUnavailableError(
+            f"cannot reach the postsim server at {url}: start it with `postsim serve` or check `--url` "
+            f"({_short(message)})",
+            status=status,
+        )
+    if status == "DEADLINE_EXCEEDED":
+        limit = f"within {timeout_s:g} s" if timeout_s is not None else "in time"
+        return ServerUnavailableError(
+            f"the server at {url} did not answer {subject}{part} {limit}: start it with `postsim serve`, "
+            "check `--url`, or raise the timeout",
+            status=status,
+        )
+    if status == "INVALID_ARGUMENT":
+        # Triton's message names the input it rejected: keep it whole.
+        return InvalidPostError(f"{subject} rejected the request{part}: {message}")
+    if status is None:
+        # Raised by tritonclient itself while building the request, before sending it.
+        return ServerError(f"could not build the request to {subject}{part}: {_short(message)}")
+    return ServerError(f"{subject} failed{part} on the server at {url} ({status}): {_short(message)}", status=status)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _checked_posts(posts: Sequence[Post], caller: str) -> list[Post]:
+    """The posts as a list, each checked to be a Post whose image file (if any) exists."""
+    if isinstance(posts, Post):
+        raise InvalidPostError(f"{caller}() takes a sequence of posts; got a single Post: pass [post]")
+    if isinstance(posts, str | bytes | bytearray) or not isinstance(posts, Sequence):
+        raise InvalidPostError(f"{caller}() takes a sequence of Post; got {type(posts).__name__}")
+    checked = list(posts)
+    for index, post in enumerate(checked):
+        if not isinstance(post, Post):
+            raise InvalidPostError(f"{caller}(): posts[{index}] must be a Post; got {type(post).__name__}")
+        post.check_image_file()
+    return checked
+
+
+def _checked_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise InvalidPostError(f"k must be a positive int; got {type(k).__name__} {k!r}")
+    if not 1 <= k <= _INT32_MAX:
+        raise InvalidPostError(f"k must be a positive int (at most {_INT32_MAX}); got {k}")
+    return int(k)
+
+
+def _chunks(posts: list[Post], size: int = contract.MAX_BATCH_SIZE) -> list[tuple[int, list[Post]]]:
+    """``(index of the first post, posts)`` for consecutive chunks of at most ``size`` posts."""
+    return [(start, posts[start : start + size]) for start in range(0, len(posts), size)]
+
+
+def _span(start: int, count: int) -> str:
+    return f"post {start}" if count == 1 else f"posts {start}..{start + count - 1}"
+
+
+def _bytes_input(spec: contract.TensorSpec, values: list[bytes]) -> grpcclient.InferInput:
+    array = np.empty((len(values), 1), dtype=np.object_)
+    for row, value in enumerate(values):
+        array[row, 0] = value
+    tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.dtype.wire)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def build_inputs(posts: Sequence[Post], *, k: int | None = None, first: int = 0) -> list[grpcclient.InferInput]:
+    """The request tensors for one chunk: IMAGE and TEXT as ``[B, 1]`` BYTES, TOP_K if ``k``.
+
+    Reads image files now. ``first`` is the index of ``posts[0]`` in the caller's batch,
+    for error messages. An absent image or text is sent as an empty element.
+    """
+    images: list[bytes] = []
+    texts: list[bytes] = []
+    for offset, post in enumerate(posts):
+        images.append(post.image_bytes())
+        try:
+            texts.append((post.text or "").encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidPostError(
+                f"the text of post {first + offset} cannot be encoded as UTF-8: {exc.reason} at character {exc.start}"
+            ) from None
+    inputs = [_bytes_input(contract.IMAGE, images), _bytes_input(contract.TEXT, texts)]
+    if k is not None:
+        top_k = np.full((len(posts), 1), k, dtype=contract.TOP_K.dtype.numpy)
+        tensor = grpcclient.InferInput(contract.TOP_K.name, list(top_k.shape), contract.TOP_K.dtype.wire)
+        tensor.set_data_from_numpy(top_k)
+        inputs.append(tensor)
+    return inputs
+
+
+def _requested(names: Sequence[str]) -> list[grpcclient.InferRequestedOutput]:
+    return [grpcclient.InferRequestedOutput(name) for name in names]
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _output(result: Any, name: str, model: str, rows: int, columns: int | None = None) -> np.ndarray:
+    array = result.as_numpy(name)
+    if array is None:
+        raise ServerError(f"model '{model}' returned no {name} output")
+    if array.ndim != 2 or array.shape[0] != rows or (columns is not None and array.shape[1] != columns):
+        expected = f"({rows}, {columns if columns is not None else 'n'})"
+        raise ServerError(
+            f"model '{model}' returned {name} of shape {tuple(array.shape)} for {rows} posts; expected {expected}"
+        )
+    return np.asarray(array)
+
+
+def _embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResult]:
+    embeddings = _output(result, _EMBEDDING, model, rows).astype(np.float32, copy=True)
+    weights = _output(result, _WEIGHTS, model, rows, len(contract.MODALITIES))
+    return [
+        EmbeddingResult(
+            embedding=embeddings[row],
+            image_weight=float(weights[row, _IMAGE_COLUMN]),
+            text_weight=float(weights[row, _TEXT_COLUMN]),
+        )
+        for row in range(rows)
+    ]
+
+
+def _similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
+    ids = _output(result, contract.IDS.name, model, rows)
+    scores = _output(result, contract.SCORES.name, model, rows, ids.shape[1])
+    embedded = _embedding_results(result, model, rows)
+    similar = []
+    for row, query in enumerate(embedded):
+        neighbors = [
+            Neighbor(id=_decode_id(raw), score=float(score))
+            for raw, score in zip(ids[row], scores[row], strict=True)
+            # An index smaller than k pads its answer with empty ids: no neighbour there.
+            if raw
+        ]
+        similar.append(
+            SimilarResult(
+                neighbors=neighbors,
+                embedding=query.embedding,
+                image_weight=query.image_weight,
+                text_weight=query.text_weight,
+            )
+        )
+    return similar
+
+
+def _decode_id(raw: Any) -> str:
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes | np.bytes_) else str(raw)
+
+
+def _server_info(url: str, metadata: Any, index: Any, config: Any | None) -> ServerInfo:
+    models = tuple(
+        ModelStatus(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
+        for entry in index.models
+    )
+    weights: str | None = None
+    dim: int | None = None
+    if config is not None:
+        if WEIGHTS_PARAMETER in config.parameters:
+            weights = config.parameters[WEIGHTS_PARAMETER].string_value
+        for output in config.output:
+            if output.name == _EMBEDDING and len(output.dims) > 0:
+                dim = int(output.dims[-1])
+    return ServerInfo(
+        url=url, server=metadata.name, version=metadata.version, models=models, weights=weights, embedding_dim=dim
+    )
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _checked_timeout(timeout_s: float | None, name: str = "timeout_s") -> float | None:
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
+        raise PostSimError(f"{name} must be a positive number of seconds or None; got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def _wait_limit(timeout_s: float) -> float:
+    limit = _checked_timeout(timeout_s, "wait_until_ready timeout_s")
+    if limit is None:
+        raise PostSimError("wait_until_ready timeout_s must be a positive number of seconds; got None")
+    return limit
+
+
+def _tls_file(path: str | Path | None, name: str, ssl: bool) -> str | None:
+    if path is None:
+        return None
+    if not ssl:
+        raise PostSimError(f"{name} is only used over TLS: pass ssl=True (got {name}={str(path)!r} with ssl=False)")
+    if not Path(path).is_file():
+        raise PostSimError(f"{name} file {str(path)!r} does not exist")
+    return str(path)
+
+
+class _Settings:
+    """Checked connection settings, shared by both clients."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float | None,
+        ssl: bool,
+        root_certificates: str | Path | None,
+        private_key: str | Path | None,
+        certificate_chain: str | Path | None,
+        headers: dict[str, str] | None,
+    ) -> None:
+        if not isinstance(url, str) or not url:
+            raise PostSimError(f"url must be a non-empty 'host:port' string; got {url!r}")
+        if url.startswith(("http://", "https://")):
+            raise PostSimError(f"url is a gRPC target 'host:port' (e.g. {DEFAULT_URL}), not an HTTP URL; got {url!r}")
+        if (private_key is None) != (certificate_chain is None):
+            raise PostSimError("private_key and certificate_chain go together (mutual TLS): pass both or neither")
+        if headers is not None:
+            for key, value in headers.items():
+                if not isinstance(key, str) or not isinstance(value, str) or key != key.lower():
+                    raise PostSimError(
+                        f"headers must map lower-case str names to str values (gRPC metadata); got {key!r}: {value!r}"
+                    )
+        self.url = url
+        self.timeout_s = _checked_timeout(timeout_s)
+        self.headers = dict(headers) if headers else None
+        self.triton_kwargs: dict[str, Any] = {
+            "ssl": bool(ssl),
+            "root_certificates": _tls_file(root_certificates, "root_certificates", ssl),
+            "private_key": _tls_file(private_key, "private_key", ssl),
+            "certificate_chain": _tls_file(certificate_chain, "certificate_chain", ssl),
+        }
+
+    def error(self, exc: InferenceServerException, model: str | None = None, what: str = "") -> PostSimError:
+        return map_server_error(exc, url=self.url, model=model, what=what, timeout_s=self.timeout_s)
+
+    def poll_timeout(self, remaining: float) -> float:
+        return max(0.01, min(remaining, self.timeout_s or remaining))
+
+
+def _not_ready_error(url: str, timeout_s: float, reason: str) -> ServerUnavailableError:
+    return ServerUnavailableError(
+        f"the server at {url} was not ready within {timeout_s:g} s ({reason}): "
+        "start it with `postsim serve` or check `--url`",
+        status="UNAVAILABLE",
+    )
+
+
+# --------------------------------------------------------------------------- sync client
+
+
+class PostSimClient:
+    """Blocking client of a postsim server (Triton over gRPC at ``url``, ``host:port``).
+
+    ``timeout_s`` bounds each gRPC call (None: no limit). The TLS files are paths, used
+    only with ``ssl=True``. ``headers`` go with every call as gRPC metadata. Use it as a
+    context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._settings = _Settings(
+            url,
+            timeout_s=timeout_s,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            headers=headers,
+        )
+        self._triton = grpcclient.InferenceServerClient(url, **self._settings.triton_kwargs)
+
+    @property
+    def url(self) -> str:
+        return self._settings.url
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self._settings.timeout_s
+
+    def __repr__(self) -> str:
+        return f"PostSimClient({self.url!r}, timeout_s={self.timeout_s})"
+
+    def __enter__(self) -> PostSimClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._triton.close()
+
+    def _rpc(self, call: Callable[[], _T], *, model: str | None = None, what: str = "") -> _T:
+        try:
+            return call()
+        except InferenceServerException as exc:
+            raise self._settings.error(exc, model, what) from None
+
+    def _infer(self, model: str, posts: list[Post], start: int, outputs: Sequence[str], k: int | None) -> Any:
+        inputs = build_inputs(posts, k=k, first=start)
+        what = _span(start, len(posts))
+        logger.debug("%s: sending %s to %s", model, what, self.url)
+        return self._rpc(
+            lambda: self._triton.infer(
+                model,
+                inputs,
+                outputs=_requested(outputs),
+                client_timeout=self.timeout_s,
+                headers=self._settings.headers,
+            ),
+            model=model,
+            what=what,
+        )
+
+    def embed(self, posts: Sequence[Post]) -> list[EmbeddingResult]:
+        """The fused embedding of each post, in order (chunks of at most ``max_batch_size``)."""
+        batch = _checked_posts(posts, "embed")
+        results: list[EmbeddingResult] = []
+        for start, chunk in _chunks(batch):
+            result = self._infer(contract.POST_EMBEDDING, chunk, start, _EMBED_OUTPUTS, None)
+            results.extend(_embedding_results(result, contract.POST_EMBEDDING, len(chunk)))
+        return results
+
+    def similar_many(self, posts: Sequence[Post], k: int = 10) -> list[SimilarResult]:
+        """For each post, in order: its ``k`` nearest indexed posts (best first) and its embedding."""
+        top_k = _checked_k(k)
+        batch = _checked_posts(posts, "similar_many")
+        results: list[SimilarResult] = []
+        for start, chunk in _chunks(batch):
+            result = self._infer(contract.SIMILAR_POSTS, chunk, start, _SIMILAR_OUTPUTS, top_k)
+            results.extend(_similar_results(result, contract.SIMILAR_POSTS, len(chunk)))
+        return results
+
+    def similar(self, post: Post, k: int = 10) -> list[Neighbor]:
+        """The ``k`` indexed posts nearest to ``post``, best first."""
+        if not isinstance(post, Post):
+            raise InvalidPostError(f"similar() takes one Post; got {type(post).__name__}")
+        return self.similar_many([post], k)[0].neighbors
+
+    def _not_ready_reason(self, client_timeout: float | None) -> str | None:
+        """None when the server is live and ``post_embedding`` is ready, else why not."""
+        try:
+            if not self._triton.is_server_live(headers=self._settings.headers, client_timeout=client_timeout):
+                return "the server is not live"
+            if not self._triton.is_model_ready(
+                contract.POST_EMBEDDING, headers=self._settings.headers, client_timeout=client_timeout
+            ):
+                return f"model '{contract.POST_EMBEDDING}' is not ready"
+        except InferenceServerException as exc:
+            return str(self._settings.error(exc, contract.POST_EMBEDDING))
+        return None
+
+    def is_ready(self) -> bool:
+        """True when the server answers and ``post_embedding`` is ready; never raises for that."""
+        reason = self._not_ready_reason(self.timeout_s)
+        if reason is not None:
+            logger.debug("not ready: %s", reason)
+        return reason is None
+
+    def wait_until_ready(self, timeout_s: float = 60.0) -> None:
+        """Poll :meth:`is_ready` until true; ServerUnavailableError after ``timeout_s``."""
+        limit = _wait_limit(timeout_s)
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            reason = self._not_ready_reason(self._settings.poll_timeout(remaining))
+            if reason is None:
+                return
+            if time.monotonic() + _POLL_S > deadline:
+                raise _not_ready_error(self.url, limit, reason)
+            logger.debug("waiting for %s: %s", self.url, reason)
+            time.sleep(_POLL_S)
+
+    def server_info(self) -> ServerInfo:
+        """The server's version, its models and their states, and how ``post_embedding`` was built."""
+        headers, timeout = self._settings.headers, self.timeout_s
+        metadata = self._rpc(lambda: self._triton.get_server_metadata(headers=headers, client_timeout=timeout))
+        index = self._rpc(lambda: self._triton.get_model_repository_index(headers=headers, client_timeout=timeout))
+        config = None
+        if any(entry.name == contract.POST_EMBEDDING and entry.state == "READY" for entry in index.models):
+            config = self._rpc(
+                lambda: (
+                    self._triton.get_model_config(
+                        contract.POST_EMBEDDING, headers=headers, client_timeout=timeout
+                    ).config
+                ),
+                model=contract.POST_EMBEDDING,
+            )
+        return _server_info(self.url, metadata, index, config)
+
+
+# --------------------------------------------------------------------------- async client
+
+
+class AsyncPostSimClient:
+    """The asyncio form of :class:`PostSimClient`: same arguments, same methods, awaited.
+
+    The gRPC channel is opened on first use, inside the running event loop. Chunks of a
+    large batch are sent concurrently (a few at a time); results keep the caller's order.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        ssl: bool = False,
+        root_certificates: str | Path | None = None,
+        private_key: str | Path | None = None,
+        certificate_chain: str | Path | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._settings = _Settings(
+            url,
+            timeout_s=timeout_s,
+            ssl=ssl,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            headers=headers,
+        )
+        self._client: Any = None
+
+    @property
+    def url(self) -> str:
+        return self._settings.url
+
+    @property
+    def timeout_s(self) -> float | None:
+        return self._settings.timeout_s
+
+    def __repr__(self) -> str:
+        return f"AsyncPostSimClient({self.url!r}, timeout_s={self.timeout_s})"
+
+    async def __aenter__(self) -> AsyncPostSimClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    @property
+    def _triton(self) -> Any:
+        # Created lazily: a grpc.aio channel belongs to the event loop it is created in.
+        if self._client is None:
+            self._client = grpcclient_aio.InferenceServerClient(self.url, **self._settings.triton_kwargs)
+        return self._client
+
+    async def _rpc(self, call: Callable[[], Awaitable[_T]], *, model: str | None = None, what: str = "") -> _T:
+        try:
+            return await call()
+        except InferenceServerException as exc:
+            raise self._settings.error(exc, model, what) from None
+
+    async def _infer(self, model: str, posts: list[Post], start: int, outputs: Sequence[str], k: int | None) -> Any:
+        inputs = build_inputs(posts, k=k, first=start)
+        what = _span(start, len(posts))
+        logger.debug("%s: sending %s to %s", model, what, self.url)
+        return await self._rpc(
+            lambda: self._triton.infer(
+                model,
+                inputs,
+                outputs=_requested(outputs),
+                client_timeout=self.timeout_s,
+                headers=self._settings.headers,
+            ),
+            model=model,
+            what=what,
+        )
+
+    async def _in_order(self, jobs: list[Callable[[], Awaitable[list[_T]]]]) -> list[_T]:
+        """Run the chunk jobs a few at a time; their results concatenated in job order."""
+        gate = asyncio.Semaphore(_MAX_CHUNKS_IN_FLIGHT)
+        failed = False
+
+        async def gated(job: Callable[[], Awaitable[list[_T]]]) -> list[_T]:
+            nonlocal failed
+            async with gate:
+                if failed:  # a chunk failed: send no more (the caller gets that chunk's error)
+                    return []
+                try:
+                    return await job()
+                except BaseException:
+                    failed = True
+                    raise
+
+        tasks = [asyncio.ensure_future(gated(job)) for job in jobs]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        return [item for part in parts for item in part]
+
+    async def embed(self, posts: Sequence[Post]) -> list[EmbeddingResult]:
+        """The fused embedding of each post, in order (chunks of at most ``max_batch_size``)."""
+        batch = _checked_posts(posts, "embed")
+
+        def job(start: int, chunk: list[Post]) -> Callable[[], Awaitable[list[EmbeddingResult]]]:
+            async def run() -> list[EmbeddingResult]:
+                result = await self._infer(contract.POST_EMBEDDING, chunk, start, _EMBED_OUTPUTS, None)
+                return _embedding_results(result, contract.POST_EMBEDDING, len(chunk))
+
+            return run
+
+        return await self._in_order([job(start, chunk) for start, chunk in _chunks(batch)])
+
+    async def similar_many(self, posts: Sequence[Post], k: int = 10) -> list[SimilarResult]:
+        """For each post, in order: its ``k`` nearest indexed posts (best first) and its embedding."""
+        top_k = _checked_k(k)
+        batch = _checked_posts(posts, "similar_many")
+
+        def job(start: int, chunk: list[Post]) -> Callable[[], Awaitable[list[SimilarResult]]]:
+            async def run() -> list[SimilarResult]:
+                result = await self._infer(contract.SIMILAR_POSTS, chunk, start, _SIMILAR_OUTPUTS, top_k)
+                return _similar_results(result, contract.SIMILAR_POSTS, len(chunk))
+
+            return run
+
+        return await self._in_order([job(start, chunk) for start, chunk in _chunks(batch)])
+
+    async def similar(self, post: Post, k: int = 10) -> list[Neighbor]:
+        """The ``k`` indexed posts nearest to ``post``, best first."""
+        if not isinstance(post, Post):
+            raise InvalidPostError(f"similar() takes one Post; got {type(post).__name__}")
+        return (await self.similar_many([post], k))[0].neighbors
+
+    async def _not_ready_reason(self, client_timeout: float | None) -> str | None:
+        try:
+            if not await self._triton.is_server_live(headers=self._settings.headers, client_timeout=client_timeout):
+                return "the server is not live"
+            if not await self._triton.is_model_ready(
+                contract.POST_EMBEDDING, headers=self._settings.headers, client_timeout=client_timeout
+            ):
+                return f"model '{contract.POST_EMBEDDING}' is not ready"
+        except InferenceServerException as exc:
+            return str(self._settings.error(exc, contract.POST_EMBEDDING))
+        return None
+
+    async def is_ready(self) -> bool:
+        """True when the server answers and ``post_embedding`` is ready; never raises for that."""
+        reason = await self._not_ready_reason(self.timeout_s)
+        if reason is not None:
+            logger.debug("not ready: %s", reason)
+        return reason is None
+
+    async def wait_until_ready(self, timeout_s: float = 60.0) -> None:
+        """Poll :meth:`is_ready` until true; ServerUnavailableError after ``timeout_s``."""
+        limit = _wait_limit(timeout_s)
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            reason = await self._not_ready_reason(self._settings.poll_timeout(remaining))
+            if reason is None:
+                return
+            if time.monotonic() + _POLL_S > deadline:
+                raise _not_ready_error(self.url, limit, reason)
+            logger.debug("waiting for %s: %s", self.url, reason)
+            await asyncio.sleep(_POLL_S)
+
+    async def server_info(self) -> ServerInfo:
+        """The server's version, its models and their states, and how ``post_embedding`` was built."""
+        headers, timeout = self._settings.headers, self.timeout_s
+        metadata = await self._rpc(lambda: self._triton.get_server_metadata(headers=headers, client_timeout=timeout))
+        index = await self._rpc(
+            lambda: self._triton.get_model_repository_index(headers=headers, client_timeout=timeout)
+        )
+        config = None
+        if any(entry.name == contract.POST_EMBEDDING and entry.state == "READY" for entry in index.models):
+            response = await self._rpc(
+                lambda: self._triton.get_model_config(contract.POST_EMBEDDING, headers=headers, client_timeout=timeout),
+                model=contract.POST_EMBEDDING,
+            )
+            config = response.config
+        return _server_info(self.url, metadata, index, config)
