@@ -56,6 +56,7 @@ DEFAULT_URL = "localhost:8001"
 DEFAULT_TIMEOUT_S = 60.0
 """End-to-end limit of one gRPC call (one chunk of at most ``max_batch_size`` posts)."""
 WEIGHTS_PARAMETER = "postsim_weights"
+FINGERPRINT_PARAMETER = "postsim_fingerprint"
 """Parameter of the ``post_embedding`` config saying where the weights came from ("random" ...)."""
 
 _EMBEDDING = contract.EMBEDDING_NAME
@@ -104,6 +105,8 @@ class ServerInfo:
     models: tuple[ModelStatus, ...]
     weights: str | None
     """The ``postsim_weights`` parameter of ``post_embedding`` (e.g. ``random``); None if absent."""
+    fingerprint: str | None = None
+    """The ``postsim_fingerprint`` parameter: which exported weights the server holds; None if absent."""
     embedding_dim: int | None
     """Length of ``EMBEDDING`` in the ``post_embedding`` config; None if it is not loaded."""
 
@@ -321,15 +324,24 @@ def _server_info(url: str, metadata: Any, index: Any, config: Any | None) -> Ser
         for entry in index.models
     )
     weights: str | None = None
+    fingerprint: str | None = None
     dim: int | None = None
     if config is not None:
         if WEIGHTS_PARAMETER in config.parameters:
             weights = config.parameters[WEIGHTS_PARAMETER].string_value
+        if FINGERPRINT_PARAMETER in config.parameters:
+            fingerprint = config.parameters[FINGERPRINT_PARAMETER].string_value
         for output in config.output:
             if output.name == _EMBEDDING and len(output.dims) > 0:
                 dim = int(output.dims[-1])
     return ServerInfo(
-        url=url, server=metadata.name, version=metadata.version, models=models, weights=weights, embedding_dim=dim
+        url=url,
+        server=metadata.name,
+        version=metadata.version,
+        models=models,
+        weights=weights,
+        fingerprint=fingerprint,
+        embedding_dim=dim,
     )
 
 
@@ -564,6 +576,23 @@ class PostSimClient:
                 model=contract.POST_EMBEDDING,
             )
         return _server_info(self.url, metadata, index, config)
+
+    def load_model(self, model: str) -> None:
+        """(Re)load a model through Triton's model-control API: new versions load while the old one serves.
+
+        A server started with an admin key needs it in ``headers`` (postsim.model_repository.server.RESTRICTED_HEADER).
+        """
+        headers, timeout = self._settings.headers, self.timeout_s
+        self._rpc(lambda: self._triton.load_model(model, headers=headers, client_timeout=timeout), model=model)
+
+    def is_model_ready(self, model: str, version: str = "") -> bool:
+        headers, timeout = self._settings.headers, self.timeout_s
+        return bool(
+            self._rpc(
+                lambda: self._triton.is_model_ready(model, version, headers=headers, client_timeout=timeout),
+                model=model,
+            )
+        )
 
 
 # --------------------------------------------------------------------------- async client

@@ -160,12 +160,14 @@ def repository_configs(
     dim: int,
     settings: ServingSettings,
     weights_label: str,
+    fingerprint: str,
     include_retrieval: bool,
 ) -> dict[str, pb.ModelConfig]:
     """The configs of every model of the repository, by model name.
 
-    ``weights_label`` ("random", "pretrained", ...) goes into every model's
-    ``postsim_weights`` parameter, so a client reading the config sees what it talks to.
+    ``weights_label`` ("random", "pretrained", ...) and the weights ``fingerprint`` go into
+    every model's ``postsim_weights`` and ``postsim_fingerprint`` parameters, so a client
+    reading a config sees what it talks to, and an index records what it was built with.
     ``include_retrieval`` adds ``retrieval`` and ``similar_posts``, which need an index.
     """
     specs = contract.model_specs(dim)
@@ -190,6 +192,7 @@ def repository_configs(
         )
     for config in configs.values():
         config.parameters["postsim_weights"].string_value = weights_label
+        config.parameters["postsim_fingerprint"].string_value = fingerprint
     return configs
 
 

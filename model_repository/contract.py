@@ -54,7 +54,8 @@ class DataType(enum.Enum):
 
     @property
     def numpy(self) -> type[np.generic]:
-        return self.value[2]  # type: ignore[no-any-return]
+        numpy_type: type[np.generic] = self.value[2]
+        return numpy_type
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ DIM = 128
 
 def _configs(target: Target) -> dict[str, pb.ModelConfig]:
     configs = repository_configs(
-        target=target, dim=DIM, settings=ServingSettings(), weights_label="random", include_retrieval=True
+        target=target, dim=DIM, settings=ServingSettings(), weights_label="random", fingerprint="0123abcd", include_retrieval=True
     )
     return {name: parse_pbtxt(to_pbtxt(config)) for name, config in configs.items()}
 
@@ -41,6 +41,7 @@ def test_every_model_config_parses_with_the_contract_tensors(target: Target) -> 
             (t.name, t.dtype.triton_config, list(t.dims)) for t in spec.outputs
         ]
         assert config.parameters["postsim_weights"].string_value == "random"
+        assert config.parameters["postsim_fingerprint"].string_value == "0123abcd"
 
 
 @pytest.mark.parametrize("target", list(Target))
