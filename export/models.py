@@ -34,7 +34,6 @@ def torch_required() -> Iterator[None]:
 
 with torch_required():
     import torch
-    import torch.nn.functional as F
     from torch import nn
     from transformers import DistilBertConfig, PreTrainedModel, ResNetConfig, ResNetModel
 
@@ -148,14 +147,23 @@ class AttentionFuser(nn.Module):
         text_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, dim]`` ×2 and ``[B, 1]`` masks ×2 → (embedding ``[B, dim]``, weights ``[B, 2]``)."""
-        image = F.normalize(image_embedding, dim=-1, eps=NORM_EPS)
-        text = F.normalize(text_embedding, dim=-1, eps=NORM_EPS)
+        image = l2_normalize(image_embedding)
+        text = l2_normalize(text_embedding)
         scores = torch.cat([self.image_scorer(image), self.text_scorer(text)], dim=-1)
         mask = torch.cat([image_mask, text_mask], dim=-1)
         present = mask > 0
         weights = torch.softmax(scores.masked_fill(~present, MASKED_SCORE), dim=-1) * present.to(scores.dtype)
         fused = weights[:, 0:1] * image + weights[:, 1:2] * text
-        return F.normalize(fused, dim=-1, eps=NORM_EPS), weights
+        return l2_normalize(fused), weights
+
+
+def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm; an all-zero row stays zero.
+
+    Same as ``F.normalize`` but divides by broadcasting instead of ``expand_as``, so the
+    ONNX graph keeps the embedding width as a fixed dim rather than a symbolic one.
+    """
+    return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp(min=NORM_EPS)
 
 
 def _scorer(dim: int, hidden: int) -> nn.Sequential:
