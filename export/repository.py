@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from postsim.export.triton_config import ServingSettings, Target, repository_configs, to_pbtxt
+from postsim.export.triton_config import ENSEMBLE_STEPS, ServingSettings, Target, repository_configs, to_pbtxt
 from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository import contract
 from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
@@ -108,6 +108,8 @@ def export_repository(options: ExportOptions) -> ExportReport:
     )
     for name, config in configs.items():
         write_text_atomic(repository / name / CONFIG_NAME, to_pbtxt(config))
+    for ensemble in ENSEMBLE_STEPS:
+        (repository / ensemble / VERSION).mkdir(exist_ok=True)  # Triton wants a version folder, even empty
     manifest.write(repository)
     LOGGER.info("wrote %s (%s target): %s", repository, options.target.value, manifest.describe())
     return ExportReport(repository=repository, manifest=manifest, validation=dict(validation), models=models)

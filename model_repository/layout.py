@@ -52,7 +52,7 @@ def version_dirs(model_dir: Path) -> list[Path]:
 
 
 def loadable_models(repository: Path) -> list[str]:
-    """Models with a config and at least one version (ensembles need none), in dependency order.
+    """Models with a config and at least one version folder, in dependency order.
 
     ``similar_posts`` is loadable only once ``retrieval`` has an index version.
     """
@@ -61,8 +61,7 @@ def loadable_models(repository: Path) -> list[str]:
         model_dir = repository / model
         if not (model_dir / CONFIG_NAME).is_file():
             continue
-        is_ensemble = model in (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
-        if is_ensemble or version_dirs(model_dir):
+        if version_dirs(model_dir):
             found.append(model)
     if contract.SIMILAR_POSTS in found and contract.RETRIEVAL not in found:
         found.remove(contract.SIMILAR_POSTS)

@@ -132,7 +132,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-_LOAD_FAILURE = re.compile(r"failed to load '([^']+)'[^:]*: (.*)")
+_LOAD_FAILURE = re.compile(r"(?:failed to load|load failed for model) '([^']+)'[^:]*: (.*)")
 
 
 def explain_failure(log_text: str) -> str:

@@ -1,0 +1,207 @@
+"""The ``postsim`` command line: parses arguments and calls the typed functions that do the work.
+
+Every command reports a :class:`PostSimError` as one readable line on stderr and exits 1;
+bad arguments exit 2 (typer's usage errors). Library code logs through the ``postsim``
+logger; this module decides what is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from postsim.model_repository import REPOSITORY_DIR, contract
+from postsim.model_repository.errors import PostSimError
+
+LOGGER = logging.getLogger("postsim")
+app = typer.Typer(
+    name="postsim",
+    help="Similar social-media posts from their image and text, served by NVIDIA Triton.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+index_app = typer.Typer(help="Build, publish and roll back FAISS indexes of posts.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure latency, throughput and recall.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(bench_app, name="bench")
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RepositoryOption = Annotated[
+    Path, typer.Option("--repository", help="Triton model repository folder.", show_default=True)
+]
+UrlOption = Annotated[str, typer.Option("--url", help="gRPC endpoint of a running postsim server (HOST:PORT).")]
+
+
+@app.callback()
+def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")] = False) -> None:
+    handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def reports_errors(command: F) -> F:
+    """Turn a PostSimError into one line on stderr and exit code 1, with no traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PostSimError as error:
+            stderr.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@reports_errors
+def export(
+    repository: RepositoryOption = REPOSITORY_DIR,
+    target: Annotated[
+        str, typer.Option(help="embedded (Python backend + ONNX Runtime) or triton (NGC, GPU, TensorRT).")
+    ] = "embedded",
+    weights: Annotated[
+        str, typer.Option(help="pretrained (hub ids or local dirs), random, or a directory with image/ and text/.")
+    ] = "pretrained",
+    dim: Annotated[int, typer.Option(help="Embedding size K.")] = contract.DEFAULT_EMBEDDING_DIM,
+    text_model: Annotated[
+        str, typer.Option(help="Hub id or directory of any BERT-family encoder.")
+    ] = "distilbert-base-uncased",
+    image_model: Annotated[str, typer.Option(help="Hub id or directory of a ResNet.")] = "microsoft/resnet-101",
+    head: Annotated[Path | None, typer.Option(help="Checkpoint of the projections and the fuser.")] = None,
+    size: Annotated[str, typer.Option(help="full (ResNet-101, DistilBERT) or tiny (for tests).")] = "full",
+    seed: Annotated[int, typer.Option(help="Seed of random weights and of the head when no checkpoint is given.")] = 0,
+) -> None:
+    """Export the image encoder, text encoder and fuser to ONNX and write the Triton model repository."""
+    from postsim.export.repository import ExportOptions, export_repository
+    from postsim.export.triton_config import Target
+    from postsim.export.weights import ModelSettings, ModelSize
+
+    options = ExportOptions(
+        repository=repository,
+        target=_choice(Target, target, "--target"),
+        models=ModelSettings(
+            dim=dim,
+            weights=weights,
+            text_model=text_model,
+            image_model=image_model,
+            head=head,
+            seed=seed,
+            size=_choice(ModelSize, size, "--size"),
+        ),
+    )
+    report = export_repository(options)
+    for name, check in report.validation.items():
+        stdout.print(f"{name}: {check}")
+    stdout.print(f"repository ready: {report.repository} (weights fingerprint {report.manifest.fingerprint})")
+
+
+E = TypeVar("E")
+
+
+def _choice(enum_type: type[E], value: str, option: str) -> E:
+    try:
+        return enum_type(value)  # type: ignore[call-arg]
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_type)  # type: ignore[attr-defined]
+        raise typer.BadParameter(f"{value!r} is not one of {choices}", param_hint=option) from None
+
+
+@app.command()
+@reports_errors
+def serve(
+    repository: RepositoryOption = REPOSITORY_DIR,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port (health, metadata).")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM): serve gRPC over TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA (PEM) that signs client certificates: mutual TLS.")] = None,
+    admin_key: Annotated[
+        str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="Key required for model control and shared memory.")
+    ] = None,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Where tritonserver's log goes (default: a temporary file).")
+    ] = None,
+) -> None:
+    """Start tritonserver on the repository and serve until SIGINT or SIGTERM."""
+    from postsim.model_repository.server import ServerSettings, TlsSettings, TritonServer
+
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert/--tls-key")
+    if tls_ca is not None and tls_cert is None:
+        raise typer.BadParameter("--tls-ca needs --tls-cert and --tls-key", param_hint="--tls-ca")
+    tls = TlsSettings(certificate=tls_cert, private_key=tls_key, client_ca=tls_ca) if tls_cert and tls_key else None
+    settings = ServerSettings(
+        repository=repository,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+        tls=tls,
+        admin_key=admin_key,
+    )
+    server = TritonServer(settings, log_path=log_file)
+    stop_requested = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    endpoints = server.start()
+    try:
+        stdout.print(f"postsim serving {', '.join(server.models)}")
+        stdout.print(f"  gRPC     {endpoints.grpc}{' (TLS)' if tls else ''}")
+        stdout.print(f"  HTTP     {endpoints.http}")
+        stdout.print(f"  metrics  {endpoints.metrics}")
+        stdout.print(f"  log      {server.log_path}")
+        while not stop_requested.wait(1.0):
+            if not server.is_running():
+                stderr.print(f"[bold red]error:[/] tritonserver exited unexpectedly; its log: {server.log_path}")
+                raise typer.Exit(1)
+        stdout.print("stopping: in-flight requests finish, new ones are refused")
+    finally:
+        server.stop()
+
+
+@app.command()
+@reports_errors
+def embed(
+    image: Annotated[Path | None, typer.Option(help="Image file of the post.")] = None,
+    text: Annotated[str | None, typer.Option(help="Text of the post (title, description, tags).")] = None,
+    url: UrlOption = "localhost:8001",
+) -> None:
+    """Embed one post through the server and print the result as JSON."""
+    from postsim.client.api import PostSimClient
+    from postsim.client.posts import Post
+
+    post = Post(text=text, image=image)
+    with PostSimClient(url) as client:
+        (result,) = client.embed([post])
+    json.dump(
+        {
+            "embedding": [round(float(x), 6) for x in result.embedding],
+            "modality_weights": {"image": result.image_weight, "text": result.text_weight},
+        },
+        sys.stdout,
+    )
+    sys.stdout.write("\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

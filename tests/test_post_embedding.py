@@ -1,0 +1,105 @@
+"""post_embedding through a real tritonserver over gRPC, against the in-process PyTorch pipeline."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from postsim.client.api import PostSimClient
+from postsim.client.posts import Post
+from postsim.model_repository.errors import InvalidPostError
+from postsim.model_repository.preprocessing import ImageLimits, preprocess_images
+from postsim.model_repository.tokenization import TextTokenizer
+
+pytestmark = pytest.mark.integration
+
+
+def _jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _reference(exported_repository, posts: list[Post]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """The same posts through the same preprocessing and the PyTorch models, in-process."""
+    from postsim.export.torch_pipeline import TorchPostPipeline
+
+    images = [post.image_bytes() if post.image is not None else b"" for post in posts]
+    texts = [(post.text or "").encode() for post in posts]
+    pixels, image_mask, image_errors = preprocess_images(images, ImageLimits())
+    tokenizer = TextTokenizer.from_file(exported_repository.path / "tokenize" / "1" / "tokenizer.json")
+    input_ids, attention_mask, text_mask, text_errors = tokenizer.encode(texts)
+    assert not any(image_errors) and not any(text_errors)
+    pipeline = TorchPostPipeline(exported_repository.models)
+    return pipeline.embed(pixels, input_ids, attention_mask, image_mask, text_mask)
+
+
+def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(1 - np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+POSTS = [
+    Post(text="Sunset over the beach #summer #sea", image=_jpeg(640, 480, 1)),
+    Post(text="Late-night ramen in Tokyo, best broth ever", image=_jpeg(300, 500, 2)),
+    Post(text="Golden retriever puppy learns to fetch"),
+    Post(image=_jpeg(800, 600, 3)),
+]
+
+
+def test_embedding_equals_the_pytorch_pipeline(grpc_url: str, exported_repository) -> None:  # type: ignore[no-untyped-def]
+    with PostSimClient(grpc_url) as client:
+        served = client.embed(POSTS)
+    expected_embeddings, expected_weights = _reference(exported_repository, POSTS)
+    for result, expected, weights in zip(served, expected_embeddings, expected_weights, strict=True):
+        assert result.embedding.shape == expected.shape
+        assert _cosine_distance(result.embedding, expected) < 1e-3
+        assert np.linalg.norm(result.embedding) == pytest.approx(1.0, abs=1e-4)
+        assert (result.image_weight, result.text_weight) == pytest.approx(tuple(weights), abs=1e-3)
+
+
+def test_single_modality_posts_get_all_the_weight(grpc_url: str) -> None:
+    with PostSimClient(grpc_url) as client:
+        text_only, image_only = client.embed([POSTS[2], POSTS[3]])
+    assert (text_only.image_weight, text_only.text_weight) == (0.0, 1.0)
+    assert (image_only.image_weight, image_only.text_weight) == (1.0, 0.0)
+    with PostSimClient(grpc_url) as client:
+        (both,) = client.embed([POSTS[0]])
+    assert 0.0 < both.image_weight < 1.0 and both.text_weight == pytest.approx(1 - both.image_weight, abs=1e-5)
+
+
+def test_a_batch_equals_the_same_posts_one_by_one(grpc_url: str) -> None:
+    with PostSimClient(grpc_url) as client:
+        batched = client.embed(POSTS)
+        single = [client.embed([post])[0] for post in POSTS]
+    for together, alone in zip(batched, single, strict=True):
+        assert _cosine_distance(together.embedding, alone.embedding) < 1e-5
+        assert together.image_weight == pytest.approx(alone.image_weight, abs=1e-5)
+
+
+def test_an_empty_post_is_invalid_argument(grpc_url: str) -> None:
+    client = grpcclient.InferenceServerClient(grpc_url)
+    inputs = []
+    for name in ("IMAGE", "TEXT"):
+        tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[b""]], dtype=np.object_))
+        inputs.append(tensor)
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer("post_embedding", inputs)
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "neither an image nor a text" in raised.value.message()
+    # The server stays up and answers the next request.
+    with PostSimClient(grpc_url) as postsim:
+        assert postsim.embed([POSTS[2]])[0].text_weight == 1.0
+
+
+def test_an_undecodable_image_is_invalid_argument_naming_the_input(grpc_url: str) -> None:
+    with PostSimClient(grpc_url) as client, pytest.raises(InvalidPostError, match="IMAGE"):
+        client.embed([Post(text="caption", image=b"<html>not an image</html>")])
