@@ -144,6 +144,14 @@ def explain_failure(log_text: str) -> str:
     return "\n".join(tail) or "(the server printed nothing)"
 
 
+def _answers_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 class TritonServer:
     """A tritonserver process on a model repository: a context manager that always stops it."""
 
@@ -250,11 +258,9 @@ class TritonServer:
                 reason = explain_failure(self.log_text())
                 self.process = None
                 raise ServeError(f"tritonserver failed to start:\n{reason}\n(full log: {self.log_path})")
-            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        LOGGER.info("tritonserver ready: gRPC %s", self.endpoints.grpc)
-                        return
+            if _answers_ready(url):
+                LOGGER.info("tritonserver ready: gRPC %s", self.endpoints.grpc)
+                return
             time.sleep(0.25)
         self.stop()
         raise ServeError(
