@@ -510,6 +510,20 @@ def test_dockerignore_admits_the_sources_and_nothing_generated() -> None:
         assert not in_build_context(relative, patterns), f"{relative} must stay out of the build context"
 
 
+def test_dockerfile_run_commands_parse(dockerfile: tuple[str, Dockerfile]) -> None:
+    """Every RUN is valid sh once Docker has joined its lines, and every `python -c` valid Python."""
+    _, parsed = dockerfile
+    for stage in parsed.stages:
+        for instruction in stage.all("RUN"):
+            command = re.sub(r"--mount=\S+\s*", "", instruction.args)
+            result = subprocess.run(["sh", "-n", "-c", command], capture_output=True, text=True, check=False)
+            assert result.returncode == 0, f"{parsed.path.name}:{instruction.line}: {result.stderr}"
+            tokens = shlex.split(command)
+            for index, token in enumerate(tokens[1:-1], start=1):
+                if token == "-c" and tokens[index - 1] in {"python", "python3"}:
+                    compile(tokens[index + 1], f"{parsed.path.name}:{instruction.line}", "exec")
+
+
 def test_dockerfile_runtime_stage_is_a_non_root_server(dockerfile: tuple[str, Dockerfile]) -> None:
     _, parsed = dockerfile
     runtime = parsed.runtime
