@@ -136,6 +136,7 @@ class AttentionFuser(nn.Module):
 
     def __init__(self, dim: int = DEFAULT_EMBEDDING_DIM, hidden: int = SCORER_HIDDEN) -> None:
         super().__init__()
+        self.dim = dim
         self.image_scorer = _scorer(dim, hidden)
         self.text_scorer = _scorer(dim, hidden)
 

@@ -221,7 +221,9 @@ def _check_tensor(model: str, value: onnx.ValueInfoProto, tensor: TensorSpec) ->
         raise ExportMismatchError(f"{model}: ONNX tensor {tensor.name} has dims {got}, expected {expected}")
 
 
-def sample_inputs(spec: ModelSpec, *, batch: int, sequence: int, vocab_size: int, seed: int = 0) -> dict[str, Any]:
+def sample_inputs(
+    spec: ModelSpec, *, batch: int, sequence: int, vocab_size: int, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Random inputs for ``spec``, by name, as numpy arrays of the contract's dtypes.
 
     Token ids are drawn from the vocabulary; attention masks pad each row but the first
@@ -233,7 +235,7 @@ def sample_inputs(spec: ModelSpec, *, batch: int, sequence: int, vocab_size: int
     return {tensor.name: _sample(tensor, batch, sequence, vocab_size, rng) for tensor in spec.inputs}
 
 
-def _sample(tensor: TensorSpec, batch: int, sequence: int, vocab_size: int, rng: np.random.Generator) -> Any:
+def _sample(tensor: TensorSpec, batch: int, sequence: int, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
     shape = (batch, *(sequence if size == -1 else size for size in tensor.dims))
     dtype = tensor.dtype.numpy
     if tensor.name == INPUT_IDS.name:
@@ -254,11 +256,11 @@ def _vocab_size(module: nn.Module) -> int:
     return int(module.backbone.config.vocab_size) if isinstance(module, TextEncoder) else 1
 
 
-def _to_torch(inputs: dict[str, Any], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+def _to_torch(inputs: dict[str, np.ndarray], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(inputs[name]) for name in spec.input_names)
 
 
-def _run_torch(module: nn.Module, spec: ModelSpec, inputs: dict[str, Any]) -> dict[str, Any]:
+def _run_torch(module: nn.Module, spec: ModelSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     with torch.inference_mode():
         outputs = module(*_to_torch(inputs, spec))
     if isinstance(outputs, torch.Tensor):
@@ -270,7 +272,7 @@ def _run_torch(module: nn.Module, spec: ModelSpec, inputs: dict[str, Any]) -> di
     return {name: output.numpy() for name, output in zip(spec.output_names, outputs, strict=True)}
 
 
-def _compare(model: str, name: str, expected: Any, actual: Any) -> OutputComparison:
+def _compare(model: str, name: str, expected: np.ndarray, actual: np.ndarray) -> OutputComparison:
     if expected.shape != actual.shape:
         raise ExportMismatchError(
             f"{model}: output {name} has shape {actual.shape} in ONNX Runtime, PyTorch gives {expected.shape}"
@@ -284,7 +286,7 @@ def _compare(model: str, name: str, expected: Any, actual: Any) -> OutputCompari
     )
 
 
-def _min_row_cosine(expected: Any, actual: Any) -> float:
+def _min_row_cosine(expected: np.ndarray, actual: np.ndarray) -> float:
     rows_expected = expected.reshape(len(expected), -1).astype(np.float64)
     rows_actual = actual.reshape(len(actual), -1).astype(np.float64)
     norms = np.linalg.norm(rows_expected, axis=1) * np.linalg.norm(rows_actual, axis=1)

@@ -102,7 +102,7 @@ class PostSimModels:
 
     @property
     def dim(self) -> int:
-        return self.fuser.image_scorer[0].in_features
+        return self.fuser.dim
 
     def modules(self) -> dict[str, nn.Module]:
         """The module behind each exported model, by contract model name."""
@@ -314,7 +314,7 @@ def _load_head(path: Path, image: ImageEncoder, text: TextEncoder, fuser: Attent
     except (KeyError, RuntimeError) as error:
         raise ExportError(
             f"the head checkpoint '{path}' (dim {state.get('dim')}) does not fit these backbones and "
-            f"dim {fuser.image_scorer[0].in_features}: {error}"
+            f"dim {fuser.dim}: {error}"
         ) from error
 
 

