@@ -20,6 +20,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from postsim.model_repository import REPOSITORY_DIR, contract
 from postsim.model_repository.errors import PostSimError
@@ -62,7 +63,7 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except PostSimError as error:
-            stderr.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
