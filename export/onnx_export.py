@@ -89,6 +89,16 @@ class ValidationReport:
     def output(self, name: str) -> OutputComparison:
         return next(output for output in self.outputs if output.name == name)
 
+    def __str__(self) -> str:
+        """One line per report, e.g. for the CLI: each output's difference against its tolerance."""
+        outputs = ", ".join(
+            f"{output.name} max abs diff {output.max_abs_diff:.2g} (atol {self.tolerance.atol:g}), "
+            f"min cosine {output.min_cosine:.6f} (min {self.tolerance.min_cosine:g})"
+            for output in self.outputs
+        )
+        verdict = "ok" if self.passed else "MISMATCH"
+        return f"{verdict}, batch {self.batch_size}: {outputs}"
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form, for the repository's provenance file."""
         return {

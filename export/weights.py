@@ -160,17 +160,7 @@ def build_models(settings: ModelSettings) -> PostSimModels:
         head = f"checkpoint:{Path(settings.head).resolve()}"
     for module in (image_encoder, text_encoder, fuser):
         module.eval().requires_grad_(False)
-    provenance = {
-        IMAGE_ENCODER: {"backbone": image_source.describe(), "head": head},
-        TEXT_ENCODER: {"backbone": text_source.describe(), "head": head},
-        FUSER: {"weights": head},
-        "tokenizer": tokenizer_origin,
-        "dim": settings.dim,
-        "seed": settings.seed,
-        "random_weights": _Origin.RANDOM in (image_source.origin, text_source.origin),
-    }
-    if provenance["random_weights"]:
-        provenance["size"] = settings.size.value
+    provenance = _provenance(settings, image_source, text_source, head=head, tokenizer=tokenizer_origin)
     logger.info("built models: %s", provenance)
     return PostSimModels(
         image_encoder=image_encoder,
@@ -179,6 +169,22 @@ def build_models(settings: ModelSettings) -> PostSimModels:
         tokenizer_json=tokenizer_json,
         provenance=provenance,
     )
+
+
+def _provenance(settings: ModelSettings, image: _Source, text: _Source, *, head: str, tokenizer: str) -> dict[str, Any]:
+    random_weights = _Origin.RANDOM in (image.origin, text.origin)
+    provenance: dict[str, Any] = {
+        IMAGE_ENCODER: {"backbone": image.describe(), "head": head},
+        TEXT_ENCODER: {"backbone": text.describe(), "head": head},
+        FUSER: {"weights": head},
+        "tokenizer": tokenizer,
+        "dim": settings.dim,
+        "seed": settings.seed,
+        "random_weights": random_weights,
+    }
+    if random_weights:
+        provenance["size"] = settings.size.value
+    return provenance
 
 
 def _backbone_sources(settings: ModelSettings) -> tuple[_Source, _Source]:

@@ -62,6 +62,7 @@ def test_every_model_is_exported_and_validated(
         assert [output.name for output in report.outputs] == SPECS[name].output_names
     assert reports[TEXT_ENCODER].sequence_length not in (None, EXPORT_SEQUENCE)
     assert reports[IMAGE_ENCODER].sequence_length is None
+    assert str(reports[FUSER]).startswith("ok, batch 4: EMBEDDING max abs diff")
     weights = reports[FUSER].output("MODALITY_WEIGHTS")
     assert weights.max_abs_diff <= onnx_spec(SPECS[FUSER]).atol
 
