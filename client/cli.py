@@ -7,12 +7,13 @@ logger; this module decides what is shown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -198,6 +199,160 @@ def embed(
         sys.stdout,
     )
     sys.stdout.write("\n")
+
+
+@app.command()
+@reports_errors
+def similar(
+    image: Annotated[Path | None, typer.Option(help="Image file of the query post.")] = None,
+    text: Annotated[str | None, typer.Option(help="Text of the query post.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many similar posts.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    url: UrlOption = "localhost:8001",
+) -> None:
+    """Find the indexed posts most similar to a post."""
+    from postsim.client.api import PostSimClient
+    from postsim.client.posts import Post
+
+    with PostSimClient(url) as client:
+        neighbors = client.similar(Post(text=text, image=image), k=k)
+    if as_json:
+        json.dump([{"id": n.id, "score": round(n.score, 6)} for n in neighbors], sys.stdout)
+        sys.stdout.write("\n")
+        return
+    _print_neighbors(neighbors)
+
+
+def _print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = None) -> None:
+    from rich.table import Table
+
+    table = Table("rank", "id", "score", *(["text"] if captions else []))
+    for rank, neighbor in enumerate(neighbors, start=1):
+        row = [str(rank), neighbor.id, f"{neighbor.score:.4f}"]
+        if captions:
+            row.append(captions.get(neighbor.id, "")[:70])
+        table.add_row(*row)
+    stdout.print(table)
+
+
+@app.command("sample-posts")
+@reports_errors
+def sample_posts(
+    n: Annotated[int, typer.Option("--n", min=1, help="How many posts.")] = 200,
+    out: Annotated[Path, typer.Option(help="Folder for posts.jsonl and images/.")] = Path("runs/sample-posts"),
+    seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+) -> None:
+    """Write N synthetic posts (procedurally drawn images, captions from a few topics) as a JSONL corpus."""
+    from postsim.client.samples import write_sample_posts
+
+    path = write_sample_posts(n, out, seed=seed)
+    stdout.print(f"wrote {n} posts to {path}")
+
+
+@index_app.command("build")
+@reports_errors
+def index_build(
+    corpus: Annotated[Path, typer.Argument(help="JSONL corpus: one {id, text, image} object per line.")],
+    out: Annotated[Path, typer.Option(help="Index folder to write (replaced atomically).")],
+    index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
+    url: UrlOption = "localhost:8001",
+    batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+    max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
+) -> None:
+    """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+    from postsim.model_repository.search_index import IndexType
+
+    settings = CorpusIndexSettings(
+        corpus=corpus,
+        out_dir=out,
+        url=url,
+        index_type=_choice(IndexType, index_type, "--index-type"),
+        batch_size=batch_size,
+        concurrency=concurrency,
+    )
+    columns = (
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} posts/s"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task("embed", total=None, rate=0.0)
+
+        def on_progress(done: int, total: int) -> None:
+            elapsed = progress.tasks[0].elapsed or 0.0
+            progress.update(task, completed=done, total=total, rate=done / elapsed if elapsed else 0.0)
+
+        report = build_corpus_index(settings, on_progress=on_progress)
+    manifest = report.manifest
+    stdout.print(
+        f"indexed {report.indexed} posts into {report.index_dir} ({manifest.index_type.value}, dim "
+        f"{manifest.dimension}) in {report.seconds:.1f} s, {report.posts_per_second:.1f} posts/s"
+    )
+    if report.failures:
+        stderr.print(f"{len(report.failures)} post(s) not indexed:")
+        for failure in report.failures:
+            stderr.print(f"  {failure.id}: {failure.reason}", highlight=False, markup=False, soft_wrap=True)
+    if len(report.failures) > max_failures:
+        stderr.print(f"[bold red]error:[/] {len(report.failures)} failed posts exceed --max-failures {max_failures}")
+        raise typer.Exit(1)
+
+
+@index_app.command("publish")
+@reports_errors
+def index_publish(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder written by `postsim index build`.")],
+    repository: RepositoryOption = REPOSITORY_DIR,
+    url: Annotated[
+        str | None, typer.Option(help="Running server to switch over (HOST:PORT); none: install only.")
+    ] = None,
+    admin_key: Annotated[
+        str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="The server's admin key, if it has one.")
+    ] = None,
+) -> None:
+    """Install an index as the next version of `retrieval` and make the running server serve it."""
+    from postsim.client.publish import publish_index
+
+    with _admin_client(url, admin_key) as client:
+        report = publish_index(index_dir, repository, client=client)
+    where = f"; {url} serves it now" if report.loaded else "; start `postsim serve` to serve it"
+    stdout.print(f"published {index_dir} as retrieval version {report.version}{where}")
+
+
+@index_app.command("rollback")
+@reports_errors
+def index_rollback(
+    repository: RepositoryOption = REPOSITORY_DIR,
+    url: Annotated[str | None, typer.Option(help="Running server to switch back (HOST:PORT).")] = None,
+    admin_key: Annotated[
+        str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="The server's admin key, if it has one.")
+    ] = None,
+) -> None:
+    """Retire the newest index version and serve the previous one."""
+    from postsim.client.publish import rollback_index
+
+    with _admin_client(url, admin_key) as client:
+        version = rollback_index(repository, client=client)
+    stdout.print(f"retrieval version {version} is current again")
+
+
+@contextlib.contextmanager
+def _admin_client(url: str | None, admin_key: str | None) -> Iterator[Any]:
+    """A client for model control, or None when no server is named."""
+    if url is None:
+        yield None
+        return
+    from postsim.client.api import PostSimClient
+    from postsim.model_repository.server import RESTRICTED_HEADER
+
+    headers = {RESTRICTED_HEADER: admin_key} if admin_key else None
+    with PostSimClient(url, headers=headers) as client:
+        yield client
 
 
 def main() -> None:

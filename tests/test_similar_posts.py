@@ -1,0 +1,214 @@
+"""similar_posts through a real tritonserver: index built through the server, published, swapped, refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from postsim.client.api import PostSimClient
+from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+from postsim.client.posts import Post
+from postsim.client.publish import install_version, publish_index, rollback_index
+from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
+from postsim.model_repository.errors import PostSimError, SearchIndexError
+from postsim.model_repository.search_index import IndexType, read_manifest
+from postsim.model_repository.server import TritonServer
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass(frozen=True)
+class PublishedCorpus:
+    posts: list[CorpusPost]
+    index_dir: Path
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("corpus")
+    write_sample_posts(40, directory, seed=7)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def published(server: TritonServer, corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PublishedCorpus:
+    index_dir = tmp_path_factory.mktemp("indexes") / "first"
+    settings = CorpusIndexSettings(corpus=corpus_dir / "posts.jsonl", out_dir=index_dir, url=server.endpoints.grpc)
+    report = build_corpus_index(settings)
+    assert report.indexed == 40 and report.failures == []
+    with PostSimClient(server.endpoints.grpc) as client:
+        publish_index(index_dir, server.repository, client=client)
+    return PublishedCorpus(posts=list(read_posts(corpus_dir / "posts.jsonl")), index_dir=index_dir)
+
+
+def test_an_indexed_post_finds_itself_first(server: TritonServer, published: PublishedCorpus) -> None:
+    with PostSimClient(server.endpoints.grpc) as client:
+        for post in published.posts[:6]:
+            neighbors = client.similar(post.to_post(), k=5)
+            assert neighbors[0].id == post.id
+            assert neighbors[0].score >= 0.99
+            scores = [n.score for n in neighbors]
+            assert scores == sorted(scores, reverse=True)
+
+
+def test_k_above_the_index_size_returns_every_post_once(server: TritonServer, published: PublishedCorpus) -> None:
+    with PostSimClient(server.endpoints.grpc) as client:
+        neighbors = client.similar(Post(text="sunset over the sea"), k=500)
+    ids = [n.id for n in neighbors]
+    assert sorted(ids) == sorted(post.id for post in published.posts)
+    assert all(ids) and "-1" not in ids
+
+
+def test_a_batch_of_queries_matches_single_queries(server: TritonServer, published: PublishedCorpus) -> None:
+    queries = [post.to_post() for post in published.posts[:3]]
+    with PostSimClient(server.endpoints.grpc) as client:
+        together = client.similar_many(queries, k=4)
+        alone = [client.similar(query, k=4) for query in queries]
+    assert [[n.id for n in result.neighbors] for result in together] == [[n.id for n in result] for result in alone]
+
+
+def test_bad_posts_are_reported_and_the_rest_indexed(server: TritonServer, corpus_dir: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "posts.jsonl"
+    good = [json.loads(line) for line in (corpus_dir / "posts.jsonl").read_text().splitlines()[:5]]
+    for entry in good:
+        if entry.get("image"):
+            entry["image"] = str(corpus_dir / entry["image"])
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    bad = [
+        {"id": "missing-image", "text": "caption", "image": str(tmp_path / "nowhere.jpg")},
+        {"id": "garbage-image", "image": str(tmp_path / "garbage.jpg")},
+    ]
+    corpus.write_text("\n".join(json.dumps(entry) for entry in [*good[:2], *bad, *good[2:]]) + "\n")
+    report = build_corpus_index(
+        CorpusIndexSettings(corpus=corpus, out_dir=tmp_path / "index", url=server.endpoints.grpc, batch_size=4)
+    )
+    assert report.indexed == 5
+    assert {failure.id for failure in report.failures} == {"missing-image", "garbage-image"}
+    assert read_manifest(tmp_path / "index").count == 5
+
+
+def test_an_interrupted_build_leaves_the_output_as_it_was(
+    server: TritonServer, published: PublishedCorpus, corpus_dir: Path, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "index"
+    shutil.copytree(published.index_dir, out_dir)
+    before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
+
+    def interrupt(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    settings = CorpusIndexSettings(corpus=corpus_dir / "posts.jsonl", out_dir=out_dir, url=server.endpoints.grpc)
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus_index(settings, on_progress=interrupt)
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
+
+
+@pytest.fixture
+def second_index(server: TritonServer, corpus_dir: Path, tmp_path: Path) -> Path:
+    """An index of other posts (other ids), built through the same server."""
+    other = tmp_path / "other"
+    write_sample_posts(12, other, seed=99)
+    lines = (other / "posts.jsonl").read_text().splitlines()
+    renamed = []
+    for line in lines:
+        entry = json.loads(line)
+        entry["id"] = f"new-{entry['id']}"
+        renamed.append(json.dumps(entry))
+    (other / "posts.jsonl").write_text("\n".join(renamed) + "\n")
+    index_dir = tmp_path / "second"
+    build_corpus_index(
+        CorpusIndexSettings(
+            corpus=other / "posts.jsonl", out_dir=index_dir, url=server.endpoints.grpc, index_type=IndexType.HNSW
+        )
+    )
+    return index_dir
+
+
+@pytest.fixture
+def queries_in_a_loop(server: TritonServer, published: PublishedCorpus) -> Iterator[dict[str, list]]:
+    """A client querying similar_posts without pause while the test runs; records answers and failures."""
+    record: dict[str, list] = {"ids": [], "failures": []}
+    stop = threading.Event()
+    query = published.posts[0].to_post()
+
+    def loop() -> None:
+        with PostSimClient(server.endpoints.grpc) as client:
+            while not stop.is_set():
+                try:
+                    record["ids"].append(client.similar(query, k=3)[0].id)
+                except PostSimError as error:
+                    record["failures"].append(str(error))
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    yield record
+    stop.set()
+    thread.join(timeout=60)
+
+
+def test_publishing_swaps_the_index_without_a_failed_query(
+    server: TritonServer, published: PublishedCorpus, second_index: Path, queries_in_a_loop: dict[str, list]
+) -> None:
+    with PostSimClient(server.endpoints.grpc) as client:
+        client.similar(published.posts[0].to_post(), k=1)
+        report = publish_index(second_index, server.repository, client=client)
+        after_publish = client.similar(published.posts[0].to_post(), k=3)
+        assert after_publish[0].id.startswith("new-")
+        previous = rollback_index(server.repository, client=client)
+        assert previous == report.version - 1
+        assert client.similar(published.posts[0].to_post(), k=1)[0].id == published.posts[0].id
+    assert queries_in_a_loop["failures"] == []
+    ids = queries_in_a_loop["ids"]
+    assert ids[0] == published.posts[0].id
+    assert any(post_id.startswith("new-") for post_id in ids), "answers never switched to the new index"
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
+    server: TritonServer, published: PublishedCorpus, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(published.index_dir, corrupt)
+    _flip_a_byte(corrupt / "index.faiss")
+    with pytest.raises(SearchIndexError, match="sha256|checksum"):
+        publish_index(corrupt, server.repository)
+    # Past the client's check (as if the file broke on the server's disk): the server refuses it too.
+    version_dir = install_version(published.index_dir, server.repository)
+    _flip_a_byte(version_dir / "index" / "index.faiss")
+    with PostSimClient(server.endpoints.grpc) as client:
+        with pytest.raises(PostSimError):
+            client.load_model("retrieval")
+        assert client.similar(published.posts[0].to_post(), k=1)[0].id == published.posts[0].id
+    assert f"retrieval version {version_dir.name} refused" in server.log_text()
+    shutil.rmtree(version_dir)
+
+
+def test_an_index_of_other_weights_is_refused(server: TritonServer, published: PublishedCorpus, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    shutil.copytree(published.index_dir, foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["weights_fingerprint"] = "0000000000000000"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SearchIndexError, match="fingerprint"):
+        publish_index(foreign, server.repository)
+    version_dir = install_version(published.index_dir, server.repository)
+    shutil.rmtree(version_dir / "index")
+    shutil.copytree(foreign, version_dir / "index")
+    with PostSimClient(server.endpoints.grpc) as client:
+        with pytest.raises(PostSimError):
+            client.load_model("retrieval")
+        assert client.similar(published.posts[0].to_post(), k=1)[0].id == published.posts[0].id
+    assert "fingerprint" in server.log_text()
+    shutil.rmtree(version_dir)
