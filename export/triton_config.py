@@ -68,16 +68,20 @@ ENSEMBLE_STEPS: dict[str, tuple[str, ...]] = {
 """The models each ensemble chains. Tensors flow between steps by their contract names."""
 
 
-def _tensor_config(tensor: TensorSpec, message: type[pb.ModelInput] | type[pb.ModelOutput]):  # type: ignore[no-untyped-def]
-    return message(name=tensor.name, data_type=pb.DataType.Value(tensor.dtype.triton_config), dims=tensor.dims)
+def _input_config(tensor: TensorSpec) -> pb.ModelInput:
+    return pb.ModelInput(name=tensor.name, data_type=pb.DataType.Value(tensor.dtype.triton_config), dims=tensor.dims)
+
+
+def _output_config(tensor: TensorSpec) -> pb.ModelOutput:
+    return pb.ModelOutput(name=tensor.name, data_type=pb.DataType.Value(tensor.dtype.triton_config), dims=tensor.dims)
 
 
 def _base_config(spec: ModelSpec) -> pb.ModelConfig:
     return pb.ModelConfig(
         name=spec.name,
         max_batch_size=spec.max_batch_size,
-        input=[_tensor_config(t, pb.ModelInput) for t in spec.inputs],
-        output=[_tensor_config(t, pb.ModelOutput) for t in spec.outputs],
+        input=[_input_config(t) for t in spec.inputs],
+        output=[_output_config(t) for t in spec.outputs],
     )
 
 

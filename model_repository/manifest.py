@@ -60,7 +60,7 @@ class WeightsManifest:
     def describe(self) -> str:
         """One line for logs: what the server is about to serve."""
         sources = ", ".join(
-            f"{model}: {info.get('backbone', info)}"
+            f"{model}: {info.get('backbone') or info.get('weights')}"
             for model, info in self.provenance.items()
             if isinstance(info, dict)
         )

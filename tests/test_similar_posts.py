@@ -182,7 +182,7 @@ def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
     corrupt = tmp_path / "corrupt"
     shutil.copytree(published.index_dir, corrupt)
     _flip_a_byte(corrupt / "index.faiss")
-    with pytest.raises(SearchIndexError, match="sha256|checksum"):
+    with pytest.raises(SearchIndexError, match=r"sha256|checksum"):
         publish_index(corrupt, server.repository)
     # Past the client's check (as if the file broke on the server's disk): the server refuses it too.
     version_dir = install_version(published.index_dir, server.repository)
