@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
@@ -230,7 +231,7 @@ def _print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = Non
     for rank, neighbor in enumerate(neighbors, start=1):
         row = [str(rank), neighbor.id, f"{neighbor.score:.4f}"]
         if captions:
-            row.append(captions.get(neighbor.id, "")[:70])
+            row.append(" · ".join(captions.get(neighbor.id, "").splitlines())[:80])
         table.add_row(*row)
     stdout.print(table)
 
@@ -339,6 +340,45 @@ def index_rollback(
     with _admin_client(url, admin_key) as client:
         version = rollback_index(repository, client=client)
     stdout.print(f"retrieval version {version} is current again")
+
+
+@app.command()
+@reports_errors
+def demo(
+    weights: Annotated[
+        str, typer.Option(help="pretrained (needs the Hugging Face hub), random, or a directory.")
+    ] = "pretrained",
+    repository: RepositoryOption = REPOSITORY_DIR,
+    work_dir: Annotated[Path, typer.Option(help="Where the sample corpus, the index and the server log go.")] = Path(
+        "runs/demo"
+    ),
+    posts: Annotated[int, typer.Option(min=2, help="Sample posts to index.")] = 200,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Metrics port.")] = 8002,
+    keep_serving: Annotated[bool, typer.Option(help="Keep the server up after the query, until Ctrl-C.")] = False,
+) -> None:
+    """Export, serve, index sample posts and answer a similar-posts query, in one go."""
+    from postsim.client.demo import DemoSettings, run_demo
+    from postsim.model_repository.server import ServerSettings
+
+    server = ServerSettings(repository=repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
+    settings = DemoSettings(repository=repository, work_dir=work_dir, weights=weights, posts=posts, server=server)
+
+    def serve_until_interrupted(running: Any) -> None:
+        if not keep_serving:
+            return
+        stdout.print(f"serving on {running.endpoints.grpc}; Ctrl-C stops it")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        with contextlib.suppress(KeyboardInterrupt):
+            while running.is_running():
+                time.sleep(1.0)
+
+    result = run_demo(settings, while_serving=serve_until_interrupted)
+    query = result.query
+    caption = " · ".join((query.text or "").splitlines())
+    stdout.print(f"\nquery post {query.id}: {caption} + {query.image_path}", soft_wrap=True)
+    _print_neighbors(result.neighbors, result.captions)
 
 
 @contextlib.contextmanager

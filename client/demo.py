@@ -1,0 +1,70 @@
+"""``postsim demo``: the whole flow on one machine, from models to a similar-posts answer.
+
+export → serve → sample corpus → index built through the server → publish → one query.
+Each step is an ordinary postsim function; the demo only chains them and keeps the server
+running for the query (and afterwards, when asked).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from postsim.client.api import PostSimClient
+from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+from postsim.client.posts import Neighbor
+from postsim.client.publish import publish_index
+from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
+from postsim.model_repository.server import ServerSettings, TritonServer
+
+LOGGER = logging.getLogger("postsim")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    repository: Path
+    work_dir: Path
+    weights: str = "pretrained"
+    posts: int = 200
+    k: int = 5
+    server: ServerSettings | None = None
+    """Ports and options of the server; defaults to the standard ports on ``repository``."""
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    query: CorpusPost
+    neighbors: list[Neighbor]
+    captions: dict[str, str]
+
+
+def run_demo(settings: DemoSettings, *, while_serving: Callable[[TritonServer], None] | None = None) -> DemoResult:
+    """Run every step; ``while_serving`` is called with the live server before it stops."""
+    from postsim.export.repository import ExportOptions, export_repository
+    from postsim.export.weights import ModelSettings
+
+    LOGGER.info("step 1/5: export the models to %s", settings.repository)
+    export_repository(ExportOptions(repository=settings.repository, models=ModelSettings(weights=settings.weights)))
+
+    LOGGER.info("step 2/5: write %d sample posts", settings.posts)
+    corpus = write_sample_posts(settings.posts, settings.work_dir / "corpus")
+    posts = list(read_posts(corpus))
+
+    server_settings = settings.server or ServerSettings(repository=settings.repository)
+    LOGGER.info("step 3/5: start tritonserver")
+    with TritonServer(server_settings, log_path=settings.work_dir / "tritonserver.log") as server:
+        url = server.endpoints.grpc
+        LOGGER.info("step 4/5: embed the corpus through %s and build the index", url)
+        index_dir = settings.work_dir / "index"
+        build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url))
+        with PostSimClient(url) as client:
+            publish_index(index_dir, server.repository, client=client)
+            query = next(post for post in posts if post.text and post.image_path)
+            LOGGER.info("step 5/5: ask for the posts most similar to %s", query.id)
+            neighbors = client.similar(query.to_post(), k=settings.k)
+        if while_serving is not None:
+            while_serving(server)
+    captions = {post.id: post.text or "(image only)" for post in posts}
+    return DemoResult(query=query, neighbors=neighbors, captions=captions)
