@@ -1,0 +1,334 @@
+"""The in-process baselines of the serving benchmark: the same computation with no server.
+
+Both run the server's own preprocessing (:func:`~postsim.model_repository.preprocessing.preprocess_images`
+and the repository's ``tokenizer.json``) on the same posts the sweep sends, then
+
+- **ONNX Runtime**: the repository's exported ``model.onnx`` files (so the same precision
+  as the server), one session per model, run one after the other;
+- **PyTorch eager**: :class:`~postsim.export.torch_pipeline.TorchPostPipeline` in fp32, on
+  the models the repository was exported from (rebuilt from its weights manifest).
+
+Each uses every core of the machine: ONNX Runtime and torch get one intra-op thread per
+core, which is what a single process serving alone would do. Batch 1 gives the latency,
+batch 8 the throughput.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from postsim.bench.results import (
+    ORT_IN_PROCESS,
+    TORCH_EAGER,
+    BenchPoint,
+    ConfigurationKind,
+    ConfigurationResult,
+    LatencyStats,
+    available_cores,
+)
+from postsim.bench.workload import BenchError, BenchPost, post_at
+from postsim.export.triton_config import parse_pbtxt
+from postsim.model_repository import contract
+from postsim.model_repository.errors import InvalidPostError, PostSimError, RepositoryError
+from postsim.model_repository.layout import CONFIG_NAME, version_dirs
+from postsim.model_repository.manifest import WeightsManifest
+from postsim.model_repository.preprocessing import preprocess_images
+from postsim.model_repository.tokenization import TextTokenizer
+
+if TYPE_CHECKING:
+    from postsim.export.weights import ModelSettings, PostSimModels
+
+logger = logging.getLogger("postsim")
+
+_IMAGE_EMBEDDING = contract.image_embedding(contract.DEFAULT_EMBEDDING_DIM).name
+_TEXT_EMBEDDING = contract.text_embedding(contract.DEFAULT_EMBEDDING_DIM).name
+
+Embedder = Callable[[Sequence[BenchPost]], np.ndarray]
+"""Posts in, fused embeddings ``[B, dim]`` out."""
+
+
+class Baseline(enum.Enum):
+    ORT = "ort"
+    TORCH = "torch"
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """The contract's tensors for a batch of posts, as the server's preprocessing makes them."""
+
+    pixel_values: np.ndarray
+    image_mask: np.ndarray
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    text_mask: np.ndarray
+
+
+class Preprocessor:
+    """Image preprocessing and tokenization exactly as ``preprocess_image`` and ``tokenize`` run them."""
+
+    def __init__(self, repository: Path) -> None:
+        self.tokenizer = TextTokenizer.from_file(_newest_version(repository, contract.TOKENIZE) / "tokenizer.json")
+
+    def __call__(self, posts: Sequence[BenchPost]) -> Preprocessed:
+        pixels, image_mask, image_errors = preprocess_images([post.image for post in posts])
+        ids, attention, text_mask, text_errors = self.tokenizer.encode([post.text_bytes for post in posts])
+        for post, image_error, text_error in zip(posts, image_errors, text_errors, strict=True):
+            if image_error is not None or text_error is not None:
+                raise InvalidPostError(f"bench post {post.id}: {image_error or text_error}")
+        return Preprocessed(pixels, image_mask, ids, attention, text_mask)
+
+
+def ort_session(path: Path, *, threads: int) -> Any:
+    """An ONNX Runtime CPU session set up like the server's (all graph optimisations, one inter-op thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _newest_version(repository: Path, model: str) -> Path:
+    versions = version_dirs(repository / model)
+    if not versions:
+        raise RepositoryError(f"{repository / model} has no version folder: run `postsim export` first")
+    return versions[-1]
+
+
+def served_onnx_file(repository: Path, model: str) -> Path:
+    """The ONNX file the server runs for ``model``: its config's ``onnx_file`` parameter, as the server reads it."""
+    config = parse_pbtxt((repository / model / CONFIG_NAME).read_text())
+    name = config.parameters["onnx_file"].string_value if "onnx_file" in config.parameters else "model.onnx"
+    path = _newest_version(repository, model) / name
+    if not path.is_file():
+        raise RepositoryError(f"{path} does not exist: run `postsim export` again")
+    return path
+
+
+class OrtPostPipeline:
+    """The repository's three ONNX models run in this process, after the server's preprocessing."""
+
+    def __init__(self, repository: Path, *, threads: int) -> None:
+        self.preprocess = Preprocessor(repository)
+        self.sessions = {
+            name: ort_session(served_onnx_file(repository, name), threads=threads) for name in contract.ONNX_MODELS
+        }
+
+    def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs: list[np.ndarray] = self.sessions[model].run(None, feed)
+        return outputs
+
+    def embed(self, posts: Sequence[BenchPost]) -> np.ndarray:
+        tensors = self.preprocess(posts)
+        (image,) = self._run(contract.IMAGE_ENCODER, {contract.PIXEL_VALUES.name: tensors.pixel_values})
+        (text,) = self._run(
+            contract.TEXT_ENCODER,
+            {contract.INPUT_IDS.name: tensors.input_ids, contract.ATTENTION_MASK.name: tensors.attention_mask},
+        )
+        embedding, _weights = self._run(
+            contract.FUSER,
+            {
+                _IMAGE_EMBEDDING: image,
+                _TEXT_EMBEDDING: text,
+                contract.IMAGE_MASK.name: tensors.image_mask,
+                contract.TEXT_MASK.name: tensors.text_mask,
+            },
+        )
+        return embedding
+
+
+class TorchBaselinePipeline:
+    """The server's preprocessing, then the PyTorch modules in eager mode (fp32)."""
+
+    def __init__(self, repository: Path, models: PostSimModels, *, threads: int) -> None:
+        import torch
+
+        from postsim.export.torch_pipeline import TorchPostPipeline
+
+        torch.set_num_threads(threads)
+        self.preprocess = Preprocessor(repository)
+        self.pipeline = TorchPostPipeline(models)
+
+    def embed(self, posts: Sequence[BenchPost]) -> np.ndarray:
+        t = self.preprocess(posts)
+        embedding, _weights = self.pipeline.embed(
+            t.pixel_values, t.input_ids, t.attention_mask, t.image_mask, t.text_mask
+        )
+        return embedding
+
+
+def model_settings_from_manifest(manifest: WeightsManifest) -> ModelSettings:
+    """The settings that rebuild the PyTorch models a repository was exported from."""
+    from postsim.export.models import ModelSize
+    from postsim.export.weights import ModelSettings
+
+    provenance = manifest.provenance
+    image = str(provenance[contract.IMAGE_ENCODER]["backbone"])
+    text = str(provenance[contract.TEXT_ENCODER]["backbone"])
+    head_source = str(provenance[contract.FUSER]["weights"])
+    head = Path(head_source.removeprefix("checkpoint:")) if head_source.startswith("checkpoint:") else None
+    common: dict[str, Any] = {"dim": manifest.dim, "seed": int(provenance.get("seed", 0)), "head": head}
+    if image == "random" and text == "random":
+        return ModelSettings(weights="random", size=ModelSize(provenance.get("size", "full")), **common)
+    if image.startswith("pretrained:") and text.startswith("pretrained:"):
+        return ModelSettings(
+            weights="pretrained",
+            image_model=image.removeprefix("pretrained:"),
+            text_model=text.removeprefix("pretrained:"),
+            **common,
+        )
+    if image.startswith("dir:") and text.startswith("dir:"):
+        return ModelSettings(weights=Path(image.removeprefix("dir:")).parent, **common)
+    raise BenchError(f"cannot rebuild the PyTorch models of this repository from its provenance ({image}, {text})")
+
+
+def measure_in_process(
+    embed: Embedder,
+    posts: Sequence[BenchPost],
+    *,
+    batch_size: int,
+    requests: int,
+    warmup: int,
+) -> tuple[BenchPoint, dict[str, np.ndarray]]:
+    """Time ``requests`` calls of ``batch_size`` posts each, after ``warmup`` calls; and each post's embedding."""
+    embeddings: dict[str, np.ndarray] = {}
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for call in range(-warmup, requests):
+        batch = [post_at(posts, call * batch_size + offset) for offset in range(batch_size)]
+        begin = time.perf_counter()
+        if call == 0:
+            started = begin
+        output = embed(batch)
+        if call >= 0:
+            latencies.append(time.perf_counter() - begin)
+            for post, row in zip(batch, output, strict=True):
+                embeddings.setdefault(post.id, row)
+    seconds = time.perf_counter() - started
+    point = BenchPoint(
+        concurrency=1,
+        batch_size=batch_size,
+        requests=requests,
+        errors=0,
+        seconds=seconds,
+        latency=LatencyStats.of(latencies),
+    )
+    return point, embeddings
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineSettings:
+    baselines: tuple[Baseline, ...] = (Baseline.ORT, Baseline.TORCH)
+    batch_sizes: tuple[int, ...] = (1, 8)
+    posts: int = 48
+    """Posts each batch size runs through (batch 8: posts / 8 calls)."""
+    warmup_posts: int = 8
+    threads: int = 0
+    """Intra-op threads of ONNX Runtime and torch; 0 = one per available core."""
+
+
+def _calls(batch_size: int, posts: int) -> int:
+    """Calls of ``batch_size`` posts that cover ``posts`` posts (at least one)."""
+    return max(1, -(-posts // batch_size))
+
+
+@dataclass(frozen=True)
+class BaselineResults:
+    configurations: list[ConfigurationResult]
+    reference: dict[str, np.ndarray]
+    """Each post's embedding from in-process ONNX Runtime (what the other configurations are compared with)."""
+    skipped: dict[str, str]
+
+
+def run_baselines(
+    repository: Path,
+    posts: Sequence[BenchPost],
+    settings: BaselineSettings,
+    *,
+    torch_models: PostSimModels | None = None,
+) -> BaselineResults:
+    """Measure each baseline at each batch size; the ONNX Runtime one always runs (it is the reference)."""
+    threads = settings.threads or available_cores()
+    configurations: list[ConfigurationResult] = []
+    skipped: dict[str, str] = {}
+
+    ort_pipeline = OrtPostPipeline(repository, threads=threads)
+    ort_points, reference = _sweep_batches(ort_pipeline.embed, posts, settings, ORT_IN_PROCESS)
+    if Baseline.ORT in settings.baselines:
+        configurations.append(
+            ConfigurationResult(
+                name=ORT_IN_PROCESS,
+                kind=ConfigurationKind.IN_PROCESS,
+                description=f"repository's model.onnx files, ONNX Runtime CPU, {threads} intra-op threads",
+                points=ort_points,
+                max_abs_diff=0.0,
+            )
+        )
+    del ort_pipeline
+
+    if Baseline.TORCH in settings.baselines:
+        try:
+            torch_pipeline = _torch_pipeline(repository, torch_models, threads)
+        except PostSimError as error:
+            logger.warning("PyTorch eager baseline skipped: %s", error)
+            skipped[TORCH_EAGER] = str(error)
+        else:
+            torch_points, torch_embeddings = _sweep_batches(torch_pipeline.embed, posts, settings, TORCH_EAGER)
+            configurations.append(
+                ConfigurationResult(
+                    name=TORCH_EAGER,
+                    kind=ConfigurationKind.IN_PROCESS,
+                    description=f"TorchPostPipeline fp32, {threads} torch threads",
+                    points=torch_points,
+                    max_abs_diff=max_abs_diff(torch_embeddings, reference),
+                )
+            )
+    return BaselineResults(configurations=configurations, reference=reference, skipped=skipped)
+
+
+def _torch_pipeline(repository: Path, models: PostSimModels | None, threads: int) -> TorchBaselinePipeline:
+    from postsim.export.weights import build_models
+
+    if models is None:
+        settings = model_settings_from_manifest(WeightsManifest.read(repository))
+        logger.info("rebuilding the PyTorch models of %s for the eager baseline", repository)
+        models = build_models(settings)
+    return TorchBaselinePipeline(repository, models, threads=threads)
+
+
+def _sweep_batches(
+    embed: Embedder, posts: Sequence[BenchPost], settings: BaselineSettings, name: str
+) -> tuple[list[BenchPoint], dict[str, np.ndarray]]:
+    points = []
+    embeddings: dict[str, np.ndarray] = {}
+    for batch_size in settings.batch_sizes:
+        logger.info("%s: batch %d, %d posts", name, batch_size, settings.posts)
+        point, seen = measure_in_process(
+            embed,
+            posts,
+            batch_size=batch_size,
+            requests=_calls(batch_size, settings.posts),
+            warmup=_calls(batch_size, settings.warmup_posts) if settings.warmup_posts else 0,
+        )
+        logger.info("%s batch %d: p50 %.1f ms, %.2f posts/s", name, batch_size, point.latency.p50_ms, point.posts_per_s)
+        points.append(point)
+        for post_id, row in seen.items():
+            embeddings.setdefault(post_id, row)
+    return points, embeddings
+
+
+def max_abs_diff(embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float | None:
+    """Largest absolute difference over the posts both have; None when they share none."""
+    shared = sorted(embeddings.keys() & reference.keys())
+    if not shared:
+        return None
+    return float(max(np.max(np.abs(embeddings[key] - reference[key])) for key in shared))

@@ -1,0 +1,219 @@
+"""What the serving benchmark shows: a terminal table, a JSON file, a markdown table and a plot.
+
+Library code formats; the CLI prints. :func:`format_report` returns a rich renderable,
+:func:`write_outputs` writes ``serving-bench.json`` and ``serving-bench.png`` (p50 latency
+against throughput, one line per configuration). The issue's targets are computed by
+:func:`target_checks` and shown, never asserted: they depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from postsim.bench.results import (
+    ORT_IN_PROCESS,
+    TRITON_POST_EMBEDDING,
+    BenchPoint,
+    ConfigurationResult,
+    ServingBenchReport,
+    TargetCheck,
+)
+
+logger = logging.getLogger("postsim")
+
+LATENCY_TARGET = 1.15
+"""Triton post_embedding p50 at concurrency 1, at most this times the in-process ORT p50 at batch 1."""
+THROUGHPUT_TARGET = 0.85
+"""Peak Triton post_embedding throughput, at least this times in-process ORT throughput at batch 8."""
+JSON_NAME = "serving-bench.json"
+PLOT_NAME = "serving-bench.png"
+
+
+@dataclass(frozen=True)
+class BenchOutputs:
+    json: Path
+    plot: Path
+
+
+def target_checks(report: ServingBenchReport) -> list[TargetCheck]:
+    """The issue's two targets, for the configurations the report holds."""
+    triton = report.configuration(TRITON_POST_EMBEDDING)
+    ort = report.configuration(ORT_IN_PROCESS)
+    if triton is None or ort is None:
+        return []
+    checks = []
+    triton_c1, ort_b1 = triton.point(concurrency=1), ort.point(batch_size=1)
+    if triton_c1 is not None and ort_b1 is not None:
+        checks.append(
+            TargetCheck(
+                name="latency: Triton post_embedding p50 at c=1 / ORT in-process p50 at batch 1",
+                measured=_ratio(triton_c1.latency.p50_ms, ort_b1.latency.p50_ms),
+                target=LATENCY_TARGET,
+                higher_is_better=False,
+                detail=f"{triton_c1.latency.p50_ms:.1f} ms / {ort_b1.latency.p50_ms:.1f} ms",
+            )
+        )
+    triton_peak, ort_b8 = triton.peak, ort.point(batch_size=8)
+    if triton_peak is not None and ort_b8 is not None:
+        checks.append(
+            TargetCheck(
+                name="throughput: peak Triton post_embedding / ORT in-process at batch 8",
+                measured=_ratio(triton_peak.posts_per_s, ort_b8.posts_per_s),
+                target=THROUGHPUT_TARGET,
+                higher_is_better=True,
+                detail=f"{triton_peak.posts_per_s:.2f} posts/s ({triton.label(triton_peak)}) / {ort_b8.posts_per_s:.2f} posts/s",
+            )
+        )
+    return checks
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def report_dict(report: ServingBenchReport) -> dict[str, Any]:
+    """The report as JSON-ready data, with the target checks."""
+    checks = [{**asdict(check), "met": check.met} for check in target_checks(report)]
+    return {**report.to_dict(), "targets": checks}
+
+
+def write_json(report: ServingBenchReport, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report_dict(report), indent=2, allow_nan=True) + "\n")
+    return path
+
+
+def write_plot(report: ServingBenchReport, path: Path) -> Path:
+    """p50 latency per call against throughput, one line per configuration, each point labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for configuration in report.configurations:
+        points = [p for p in configuration.points if p.latency.count > 0]
+        if not points:
+            continue
+        xs = [p.posts_per_s for p in points]
+        ys = [p.latency.p50_ms for p in points]
+        (line,) = axes.plot(xs, ys, marker="o", label=configuration.name)
+        for point, x, y in zip(points, xs, ys, strict=True):
+            axes.annotate(
+                configuration.label(point),
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=line.get_color(),
+            )
+    axes.set_xlabel("throughput (posts/s)")
+    axes.set_ylabel("p50 latency per call (ms)")
+    axes.set_yscale("log")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.set_title(f"postsim serving: {report.machine.describe()}, {report.precision}, {report.models}", fontsize=10)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_outputs(report: ServingBenchReport, out_dir: Path) -> BenchOutputs:
+    """``serving-bench.json`` and ``serving-bench.png`` in ``out_dir``."""
+    outputs = BenchOutputs(json=write_json(report, out_dir / JSON_NAME), plot=write_plot(report, out_dir / PLOT_NAME))
+    logger.info("wrote %s and %s", outputs.json, outputs.plot)
+    return outputs
+
+
+# --------------------------------------------------------------------------- tables
+
+_COLUMNS = ("configuration", "point", "calls", "errors", "p50 ms", "p95 ms", "p99 ms", "posts/s", "|Δ| vs ORT")
+
+
+def _row(configuration: ConfigurationResult, point: BenchPoint, first: bool) -> tuple[str, ...]:
+    diff = configuration.max_abs_diff
+    return (
+        configuration.name if first else "",
+        configuration.label(point),
+        str(point.requests),
+        str(point.errors),
+        f"{point.latency.p50_ms:.1f}",
+        f"{point.latency.p95_ms:.1f}",
+        f"{point.latency.p99_ms:.1f}",
+        f"{point.posts_per_s:.2f}",
+        ("-" if diff is None else f"{diff:.1e}") if first else "",
+    )
+
+
+def _rows(report: ServingBenchReport) -> list[tuple[str, ...]]:
+    return [
+        _row(configuration, point, index == 0)
+        for configuration in report.configurations
+        for index, point in enumerate(configuration.points)
+    ]
+
+
+def _title(report: ServingBenchReport) -> str:
+    return (
+        f"postsim serving benchmark: {report.machine.describe()}, {report.precision}, {report.models}, "
+        f"{report.corpus_posts} posts"
+    )
+
+
+def _notes(report: ServingBenchReport) -> list[str]:
+    notes = [f"{name}: skipped ({why})" for name, why in report.skipped.items()]
+    before, after = report.machine.load_average_before[0], report.machine.load_average_after[0]
+    notes.append(f"load average (1 min) before {before:.2f}, after {after:.2f} on {report.machine.cores} cores")
+    if before > 0.5 * report.machine.cores:
+        notes.append("the CPUs were busy before the run started: other work may have slowed it")
+    return notes
+
+
+def format_report(report: ServingBenchReport) -> RenderableType:
+    """The results table, the targets and the notes, for a rich console."""
+    table = Table(title=_title(report), title_justify="left")
+    for column in _COLUMNS:
+        table.add_column(column, justify="left" if column in ("configuration", "point") else "right")
+    for configuration in report.configurations:
+        for index, point in enumerate(configuration.points):
+            table.add_row(*_row(configuration, point, index == 0), end_section=index == len(configuration.points) - 1)
+    parts: list[RenderableType] = [table]
+    checks = target_checks(report)
+    if checks:
+        targets = Table(title="targets (shown, not asserted)", title_justify="left")
+        for column in ("target", "measured", "goal", ""):
+            targets.add_column(column)
+        for check in checks:
+            goal = f"{'≥' if check.higher_is_better else '≤'} {check.target:.2f}"
+            verdict = Text("met", style="green") if check.met else Text("missed", style="red")
+            targets.add_row(check.name, f"{check.measured:.2f} ({check.detail})", goal, verdict)
+        parts.append(targets)
+    parts += [Text(note, style="dim") for note in _notes(report)]
+    return Group(*parts)
+
+
+def format_markdown(report: ServingBenchReport) -> str:
+    """The results and targets as markdown tables (for reports and TUNING.md)."""
+    lines = [f"**{_title(report)}**", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    checks = target_checks(report)
+    if checks:
+        lines += ["", "| target | measured | goal | |", "|---|---|---|---|"]
+        for check in checks:
+            goal = f"{'≥' if check.higher_is_better else '≤'} {check.target:.2f}"
+            lines.append(
+                f"| {check.name} | {check.measured:.2f} ({check.detail}) | {goal} | {'met' if check.met else 'missed'} |"
+            )
+    lines += ["", *(f"- {note}" for note in _notes(report))]
+    return "\n".join(lines)

@@ -1,0 +1,403 @@
+"""``postsim bench serve``: latency and throughput of the Triton ensembles against in-process baselines.
+
+The sweep is a closed-loop asyncio load generator: ``C`` workers each keep one request
+(one post) in flight, for each concurrency ``C``. Per level the first requests warm up
+(at least ``C`` of them, so the measured ones start in steady state) and are not counted;
+then ``requests`` are measured, and the workers keep the load on until the last measured
+one has answered, so the tail of a level runs at the same concurrency as its middle.
+
+Unless pointed at a running server (``url``), the benchmark starts its own tritonserver
+on a scratch copy of the repository (hard links, so the copy is instant and the original
+is never written), publishes an index of the bench corpus there so ``similar_posts`` is
+loaded, and can rewrite that copy's scheduling (:class:`ServingSettings`) to compare
+configurations. The in-process baselines (:mod:`postsim.bench.baselines`) run first,
+on the same posts, while no server competes for the CPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from postsim.bench.baselines import BaselineSettings, max_abs_diff, run_baselines
+from postsim.bench.results import (
+    TRITON_POST_EMBEDDING,
+    TRITON_SIMILAR_POSTS,
+    BenchPoint,
+    ConfigurationKind,
+    ConfigurationResult,
+    LatencyStats,
+    MachineInfo,
+    ServingBenchReport,
+)
+from postsim.bench.workload import BenchError, BenchPost, load_bench_posts, post_at, write_bench_corpus
+from postsim.client.api import AsyncPostSimClient, PostSimClient
+from postsim.export.triton_config import ServingSettings, parse_pbtxt, to_pbtxt
+from postsim.model_repository import contract
+from postsim.model_repository.errors import PostSimError
+from postsim.model_repository.layout import CONFIG_NAME
+from postsim.model_repository.manifest import WeightsManifest
+from postsim.model_repository.server import ServerSettings, TritonServer, free_port
+
+if TYPE_CHECKING:
+    from postsim.export.weights import PostSimModels
+
+logger = logging.getLogger("postsim")
+
+Sender = Callable[[BenchPost], Awaitable[np.ndarray]]
+"""Sends one post and returns its fused embedding."""
+
+_CONFIGURATION_NAMES = {
+    contract.POST_EMBEDDING: TRITON_POST_EMBEDDING,
+    contract.SIMILAR_POSTS: TRITON_SIMILAR_POSTS,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSettings:
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    requests: int = 64
+    """Measured requests per concurrency level (one post each)."""
+    warmup: int = 8
+    """Requests sent before measuring each level; at least the level's concurrency."""
+    k: int = 10
+    """Neighbours asked of ``similar_posts``."""
+    timeout_s: float = 120.0
+    """Per request; a request that takes longer counts as an error."""
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise BenchError(f"concurrency levels must be at least 1, got {self.concurrency}")
+        if self.requests < 1 or self.warmup < 0 or self.k < 1:
+            raise BenchError(f"requests and k must be positive and warmup not negative, got {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingBenchSettings:
+    """What to benchmark. Give ``repository`` (a server is started on a copy of it), ``url``, or both.
+
+    With only ``url`` the running server is measured as it is (``similar_posts`` only if an
+    index is published there) and the in-process baselines are skipped: they need the
+    repository's model files.
+    """
+
+    repository: Path | None = None
+    url: str | None = None
+    work_dir: Path | None = None
+    """Scratch folder for the corpus, the repository copy, the index and the server log; a temporary one if None."""
+    posts: int = 64
+    """Size of the bench corpus (the request sequence cycles through it)."""
+    seed: int = 0
+    ensembles: tuple[str, ...] = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    serving: ServingSettings | None = None
+    """Scheduling written into the scratch copy before serving it; None keeps the repository's own."""
+
+    def __post_init__(self) -> None:
+        if self.repository is None and self.url is None:
+            raise BenchError("give a model repository to serve, or the URL of a running server, or both")
+        if self.url is not None and self.serving is not None:
+            raise BenchError("serving settings apply to a server the benchmark starts: leave out the URL")
+        unknown = set(self.ensembles) - set(_CONFIGURATION_NAMES)
+        if unknown:
+            raise BenchError(f"cannot benchmark {sorted(unknown)}: choose from {sorted(_CONFIGURATION_NAMES)}")
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+async def run_level(
+    send: Sender,
+    posts: Sequence[BenchPost],
+    *,
+    concurrency: int,
+    requests: int,
+    warmup: int,
+) -> tuple[BenchPoint, dict[str, np.ndarray]]:
+    """Hold ``concurrency`` requests in flight; measure ``requests`` after ``max(warmup, concurrency)``.
+
+    Returns the point and the embedding of each post that was answered in the measured window.
+    """
+    warmup = max(warmup, concurrency)
+    end = warmup + requests
+    issued = 0
+    unfinished = requests
+    all_measured_done = asyncio.Event()
+    latencies: list[float] = []
+    starts: list[float] = []
+    ends: list[float] = []
+    errors: list[str] = []
+    embeddings: dict[str, np.ndarray] = {}
+
+    async def worker() -> None:
+        nonlocal issued, unfinished
+        while not all_measured_done.is_set():
+            index, issued = issued, issued + 1
+            post = post_at(posts, index)
+            begin = time.perf_counter()
+            try:
+                embedding: np.ndarray | None = await send(post)
+                error = None
+            except PostSimError as exc:
+                embedding, error = None, str(exc)
+            finish = time.perf_counter()
+            if not warmup <= index < end:
+                continue
+            starts.append(begin)
+            ends.append(finish)
+            if error is None and embedding is not None:
+                latencies.append(finish - begin)
+                embeddings.setdefault(post.id, embedding)
+            else:
+                errors.append(error or "no embedding")
+            unfinished -= 1
+            if unfinished == 0:
+                all_measured_done.set()
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    point = BenchPoint(
+        concurrency=concurrency,
+        batch_size=1,
+        requests=requests,
+        errors=len(errors),
+        seconds=max(ends) - min(starts),
+        latency=LatencyStats.of(latencies),
+        first_error=errors[0] if errors else None,
+    )
+    return point, embeddings
+
+
+def _sender(client: AsyncPostSimClient, ensemble: str, k: int) -> Sender:
+    if ensemble == contract.SIMILAR_POSTS:
+
+        async def similar(post: BenchPost) -> np.ndarray:
+            (result,) = await client.similar_many([post.to_post()], k)
+            return result.embedding
+
+        return similar
+
+    async def embed(post: BenchPost) -> np.ndarray:
+        (result,) = await client.embed([post.to_post()])
+        return result.embedding
+
+    return embed
+
+
+async def sweep_ensemble(
+    url: str, ensemble: str, posts: Sequence[BenchPost], settings: SweepSettings
+) -> tuple[list[BenchPoint], dict[str, np.ndarray]]:
+    """Every concurrency level of one ensemble, lowest first."""
+    points: list[BenchPoint] = []
+    embeddings: dict[str, np.ndarray] = {}
+    async with AsyncPostSimClient(url, timeout_s=settings.timeout_s) as client:
+        send = _sender(client, ensemble, settings.k)
+        for concurrency in sorted(settings.concurrency):
+            point, seen = await run_level(
+                send, posts, concurrency=concurrency, requests=settings.requests, warmup=settings.warmup
+            )
+            logger.info(
+                "%s c=%d: p50 %.1f ms, p99 %.1f ms, %.2f posts/s, %d errors",
+                ensemble,
+                concurrency,
+                point.latency.p50_ms,
+                point.latency.p99_ms,
+                point.posts_per_s,
+                point.errors,
+            )
+            if point.first_error:
+                logger.warning("%s c=%d: first error: %s", ensemble, concurrency, point.first_error)
+            points.append(point)
+            for post_id, row in seen.items():
+                embeddings.setdefault(post_id, row)
+    return points, embeddings
+
+
+# --------------------------------------------------------------------------- repository and server
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def scratch_repository(repository: Path, target: Path) -> Path:
+    """A copy of ``repository`` at ``target`` made of hard links (copies across file systems).
+
+    Safe because nothing rewrites a repository file in place: configs are replaced through a
+    rename, index versions are new folders.
+    """
+    WeightsManifest.read(repository)  # a repository that is not exported fails here, with what to do
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(repository, target, copy_function=_link_or_copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return target
+
+
+def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
+    """Rewrite the scheduling of every non-ensemble model's config (batching, instances, threads).
+
+    Everything else in each config (tensors, parameters such as the ONNX file) stays as exported.
+    """
+    for config_path in sorted(repository.glob(f"*/{CONFIG_NAME}")):
+        config = parse_pbtxt(config_path.read_text())
+        if config.platform == "ensemble":
+            continue
+        name = config.name
+        if config.HasField("dynamic_batching"):
+            batching = config.dynamic_batching
+            batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+            del batching.preferred_batch_size[:]
+            batching.preferred_batch_size.extend(
+                size for size in serving.preferred_batch_sizes if size <= config.max_batch_size
+            )
+        for group in config.instance_group:
+            group.count = serving.instance_count(name)
+        if "intra_op_threads" in config.parameters:
+            config.parameters["intra_op_threads"].string_value = str(serving.intra_op_threads.get(name, 0))
+        staging = config_path.with_name(f".{CONFIG_NAME}.bench")
+        staging.write_text(to_pbtxt(config))
+        os.replace(staging, config_path)  # never through the hard link: the original stays as it was
+
+
+def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
+    """Each non-ensemble model's scheduling, as its config says."""
+    summary: dict[str, dict[str, Any]] = {}
+    for config_path in sorted(repository.glob(f"*/{CONFIG_NAME}")):
+        config = parse_pbtxt(config_path.read_text())
+        if config.platform == "ensemble":
+            continue
+        entry: dict[str, Any] = {"instances": sum(group.count for group in config.instance_group) or 1}
+        if config.HasField("dynamic_batching"):
+            entry["max_queue_delay_us"] = config.dynamic_batching.max_queue_delay_microseconds
+            entry["preferred_batch_sizes"] = list(config.dynamic_batching.preferred_batch_size)
+        if "intra_op_threads" in config.parameters:
+            entry["intra_op_threads"] = int(config.parameters["intra_op_threads"].string_value or 0)
+        summary[config.name] = entry
+    return summary
+
+
+def _publish_bench_index(corpus: Path, work_dir: Path, repository: Path, url: str) -> None:
+    """Index the bench corpus through the server and make it serve that index (loads ``similar_posts``)."""
+    from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+    from postsim.client.publish import publish_index
+
+    index_dir = work_dir / "index"
+    report = build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url))
+    logger.info("indexed %d bench posts in %.1f s", report.indexed, report.seconds)
+    with PostSimClient(url) as client:
+        publish_index(index_dir, repository, client=client)
+
+
+def _ready_ensembles(url: str, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    with PostSimClient(url) as client:
+        client.wait_until_ready(timeout_s=30)
+        info = client.server_info()
+    ready = [ensemble for ensemble in wanted if info.is_ready(ensemble)]
+    skipped = {
+        _CONFIGURATION_NAMES[ensemble]: f"'{ensemble}' is not loaded on {url} (publish an index first)"
+        for ensemble in wanted
+        if ensemble not in ready
+    }
+    return ready, skipped
+
+
+def _models_label(manifest: WeightsManifest) -> str:
+    if manifest.random_weights:
+        return f"random weights, {manifest.provenance.get('size', 'full')} size"
+    return "trained weights"
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def run_serving_benchmark(
+    settings: ServingBenchSettings, *, torch_models: PostSimModels | None = None
+) -> ServingBenchReport:
+    """Baselines, then the sweep of each ensemble; everything on the same bench corpus.
+
+    ``torch_models`` are the PyTorch models of the repository for the eager baseline; when
+    None they are rebuilt from the repository's weights manifest.
+    """
+    machine = MachineInfo.current()
+    started = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with contextlib.ExitStack() as stack:
+        work_dir = settings.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="postsim-bench-")))
+        work_dir.mkdir(parents=True, exist_ok=True)
+        corpus = write_bench_corpus(settings.posts, work_dir / "corpus", seed=settings.seed)
+        posts = load_bench_posts(corpus)
+
+        configurations: list[ConfigurationResult] = []
+        skipped: dict[str, str] = {}
+        reference: dict[str, np.ndarray] = {}
+        repository = settings.repository.resolve() if settings.repository is not None else None
+        if repository is not None:
+            baselines = run_baselines(repository, posts, settings.baselines, torch_models=torch_models)
+            configurations += baselines.configurations
+            skipped.update(baselines.skipped)
+            reference = baselines.reference
+        else:
+            skipped["baselines"] = "no repository given: the in-process baselines need its model files"
+
+        url = settings.url
+        served = repository
+        if url is None:
+            assert repository is not None  # checked by the settings
+            served = scratch_repository(repository, work_dir / "repository")
+            if settings.serving is not None:
+                apply_serving_settings(served, settings.serving)
+            server_settings = ServerSettings(
+                repository=served,
+                address="127.0.0.1",
+                grpc_port=free_port(),
+                http_port=free_port(),
+                metrics_port=free_port(),
+            )
+            server = stack.enter_context(TritonServer(server_settings, log_path=work_dir / "tritonserver.log"))
+            url = server.endpoints.grpc
+            if contract.SIMILAR_POSTS in settings.ensembles:
+                _publish_bench_index(corpus, work_dir, served, url)
+        ensembles, not_ready = _ready_ensembles(url, settings.ensembles)
+        skipped.update(not_ready)
+
+        for ensemble in ensembles:
+            points, embeddings = asyncio.run(sweep_ensemble(url, ensemble, posts, settings.sweep))
+            configurations.append(
+                ConfigurationResult(
+                    name=_CONFIGURATION_NAMES[ensemble],
+                    kind=ConfigurationKind.TRITON,
+                    description=f"{ensemble} over gRPC at {url}, one post per request",
+                    points=points,
+                    max_abs_diff=max_abs_diff(embeddings, reference),
+                )
+            )
+        manifest = WeightsManifest.read(served) if served is not None else None
+        serving = serving_summary(served) if served is not None else {}
+
+    return ServingBenchReport(
+        machine=replace(machine, load_average_after=os.getloadavg()),
+        repository=str(settings.repository or settings.url),
+        precision=manifest.precision if manifest is not None else "unknown",
+        models=_models_label(manifest) if manifest is not None else "unknown",
+        serving=serving,
+        corpus_posts=len(posts),
+        configurations=configurations,
+        skipped=skipped,
+        started=started_at,
+        seconds=time.monotonic() - started,
+    )

@@ -1,0 +1,148 @@
+"""The serving benchmark: the load generator on its own, and a tiny sweep against a real server.
+
+No timing is asserted (the machine decides those); the tests check that the benchmark
+measures what it says (warm-up excluded, concurrency held, errors counted), that the
+configurations agree on the embeddings, and that the JSON and the plot are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from postsim.bench.baselines import BaselineSettings
+from postsim.bench.report import JSON_NAME, PLOT_NAME, format_markdown, format_report, write_outputs
+from postsim.bench.results import (
+    ORT_IN_PROCESS,
+    TORCH_EAGER,
+    TRITON_POST_EMBEDDING,
+    TRITON_SIMILAR_POSTS,
+    LatencyStats,
+)
+from postsim.bench.serving import (
+    ServingBenchSettings,
+    SweepSettings,
+    apply_serving_settings,
+    run_level,
+    run_serving_benchmark,
+    scratch_repository,
+    serving_summary,
+)
+from postsim.bench.workload import BenchError, BenchPost
+from postsim.export.triton_config import ServingSettings
+from postsim.model_repository.errors import ServerError
+
+POSTS = [BenchPost(id=f"p{i}", image=b"", text=f"post {i}") for i in range(5)]
+
+
+def test_latency_stats_are_percentiles_in_ms() -> None:
+    stats = LatencyStats.of([i / 1000 for i in range(1, 101)])
+    assert stats.count == 100
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p50_ms <= stats.p95_ms <= stats.p99_ms <= stats.max_ms == pytest.approx(100)
+    assert math.isnan(LatencyStats.of([]).p50_ms)
+
+
+def test_run_level_holds_concurrency_and_skips_warmup() -> None:
+    sent: list[str] = []
+    in_flight = 0
+    most_in_flight = 0
+
+    async def send(post: BenchPost) -> np.ndarray:
+        nonlocal in_flight, most_in_flight
+        sent.append(post.id)
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return np.zeros(4, np.float32)
+
+    point, embeddings = asyncio.run(run_level(send, POSTS, concurrency=3, requests=10, warmup=2))
+    assert most_in_flight == 3
+    assert point.requests == 10 and point.errors == 0 and point.latency.count == 10
+    # warm-up is at least the concurrency (3 requests), then 10 measured, then the cool-down ones
+    assert len(sent) >= 13
+    assert sent[:13] == [POSTS[i % len(POSTS)].id for i in range(13)]
+    assert set(embeddings) == {post.id for post in POSTS}
+    assert point.posts_per_s > 0
+
+
+def test_run_level_counts_errors() -> None:
+    async def send(post: BenchPost) -> np.ndarray:
+        if post.id == "p1":
+            raise ServerError("refused")
+        return np.zeros(4, np.float32)
+
+    point, _ = asyncio.run(run_level(send, POSTS, concurrency=1, requests=5, warmup=0))
+    assert point.errors == 1 and point.latency.count == 4 and point.first_error == "refused"
+    assert point.posts == 4
+
+
+def test_settings_refuse_what_cannot_run() -> None:
+    with pytest.raises(BenchError, match="repository"):
+        ServingBenchSettings()
+    with pytest.raises(BenchError, match="concurrency"):
+        SweepSettings(concurrency=(0,))
+    with pytest.raises(BenchError, match="cannot benchmark"):
+        ServingBenchSettings(url="localhost:1", ensembles=("fuser",))
+
+
+def test_serving_settings_rewrite_only_the_scratch_copy(exported_repository: Any, tmp_path: Path) -> None:
+    original = serving_summary(exported_repository.path)
+    copy = scratch_repository(exported_repository.path, tmp_path / "copy")
+    serving = ServingSettings(
+        max_queue_delay_us=500,
+        preferred_batch_sizes=(2, 32),
+        instances={"image_encoder": 2},
+        intra_op_threads={"text_encoder": 1},
+    )
+    apply_serving_settings(copy, serving)
+    summary = serving_summary(copy)
+    assert summary["image_encoder"]["instances"] == 2
+    assert summary["text_encoder"]["intra_op_threads"] == 1
+    assert summary["fuser"]["max_queue_delay_us"] == 500
+    assert summary["fuser"]["preferred_batch_sizes"] == [2]  # 32 is above max_batch_size
+    assert serving_summary(exported_repository.path) == original  # hard links were not written through
+
+
+@pytest.mark.integration
+def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Path) -> None:
+    settings = ServingBenchSettings(
+        repository=exported_repository.path,
+        work_dir=tmp_path / "work",
+        posts=8,
+        sweep=SweepSettings(concurrency=(1, 2), requests=6, warmup=2),
+        baselines=BaselineSettings(batch_sizes=(1, 8), posts=8, warmup_posts=1),
+    )
+    report = run_serving_benchmark(settings, torch_models=exported_repository.models)
+
+    names = [configuration.name for configuration in report.configurations]
+    assert names == [ORT_IN_PROCESS, TORCH_EAGER, TRITON_POST_EMBEDDING, TRITON_SIMILAR_POSTS]
+    for configuration in report.configurations:
+        assert configuration.max_abs_diff is not None and configuration.max_abs_diff < 1e-3, configuration.name
+        for point in configuration.points:
+            assert point.errors == 0, point.first_error
+            assert 0 < point.latency.p50_ms <= point.latency.p95_ms <= point.latency.p99_ms
+            assert point.posts_per_s > 0
+    assert [p.concurrency for p in report.configurations[2].points] == [1, 2]
+    assert report.precision == "fp32" and report.serving["image_encoder"]["instances"] >= 1
+
+    outputs = write_outputs(report, tmp_path / "out")
+    assert outputs.json.name == JSON_NAME and outputs.plot.name == PLOT_NAME
+    data = json.loads(outputs.json.read_text())
+    assert data["machine"]["cores"] >= 1
+    assert {target["name"].split(":")[0] for target in data["targets"]} == {"latency", "throughput"}
+    assert data["configurations"][2]["points"][0]["posts_per_s"] > 0
+    assert outputs.plot.read_bytes().startswith(b"\x89PNG")
+
+    console = Console(record=True, width=200)
+    console.print(format_report(report))
+    assert TRITON_SIMILAR_POSTS in console.export_text()
+    assert "| Triton post_embedding | c=1 |" in format_markdown(report)
