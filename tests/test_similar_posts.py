@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,7 +103,7 @@ def test_an_interrupted_build_leaves_the_output_as_it_was(
     before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
 
     def interrupt(done: int, total: int) -> None:
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as a user would press it mid-build
 
     settings = CorpusIndexSettings(corpus=corpus_dir / "posts.jsonl", out_dir=out_dir, url=server.endpoints.grpc)
     with pytest.raises(KeyboardInterrupt):
