@@ -203,17 +203,19 @@ def measure_in_process(
     embeddings: dict[str, np.ndarray] = {}
     latencies: list[float] = []
     started = time.perf_counter()
+    cpu_started = time.process_time()
     for call in range(-warmup, requests):
         batch = [post_at(posts, call * batch_size + offset) for offset in range(batch_size)]
         begin = time.perf_counter()
         if call == 0:
-            started = begin
+            started, cpu_started = begin, time.process_time()
         output = embed(batch)
         if call >= 0:
             latencies.append(time.perf_counter() - begin)
             for post, row in zip(batch, output, strict=True):
                 embeddings.setdefault(post.id, row)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     point = BenchPoint(
         concurrency=1,
         batch_size=batch_size,
@@ -221,6 +223,7 @@ def measure_in_process(
         errors=0,
         seconds=seconds,
         latency=LatencyStats.of(latencies),
+        cpu_ms_per_post=cpu_seconds * 1e3 / (requests * batch_size),
     )
     return point, embeddings
 
@@ -256,10 +259,16 @@ def run_baselines(
     *,
     torch_models: PostSimModels | None = None,
 ) -> BaselineResults:
-    """Measure each baseline at each batch size; the ONNX Runtime one always runs (it is the reference)."""
+    """Measure each baseline at each batch size.
+
+    When any baseline is asked for, the ONNX Runtime one runs too: it is the reference the
+    other configurations' embeddings are compared with. None asked for: nothing runs.
+    """
     threads = settings.threads or available_cores()
     configurations: list[ConfigurationResult] = []
     skipped: dict[str, str] = {}
+    if not settings.baselines:
+        return BaselineResults(configurations=configurations, reference={}, skipped=skipped)
 
     ort_pipeline = OrtPostPipeline(repository, threads=threads)
     ort_points, reference = _sweep_batches(ort_pipeline.embed, posts, settings, ORT_IN_PROCESS)

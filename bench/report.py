@@ -138,7 +138,18 @@ def write_outputs(report: ServingBenchReport, out_dir: Path) -> BenchOutputs:
 
 # --------------------------------------------------------------------------- tables
 
-_COLUMNS = ("configuration", "point", "calls", "errors", "p50 ms", "p95 ms", "p99 ms", "posts/s", "|Δ| vs ORT")
+_COLUMNS = (
+    "configuration",
+    "point",
+    "calls",
+    "errors",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "posts/s",
+    "CPU ms/post",
+    "|Δ| vs ORT",
+)
 
 
 def _row(configuration: ConfigurationResult, point: BenchPoint, first: bool) -> tuple[str, ...]:
@@ -152,8 +163,16 @@ def _row(configuration: ConfigurationResult, point: BenchPoint, first: bool) -> 
         f"{point.latency.p95_ms:.1f}",
         f"{point.latency.p99_ms:.1f}",
         f"{point.posts_per_s:.2f}",
+        _cpu(point),
         ("-" if diff is None else f"{diff:.1e}") if first else "",
     )
+
+
+def _cpu(point: BenchPoint) -> str:
+    if point.cpu_ms_per_post is None:
+        return "-"
+    client = f" +{point.client_cpu_ms_per_post:.0f}" if point.client_cpu_ms_per_post is not None else ""
+    return f"{point.cpu_ms_per_post:.0f}{client}"
 
 
 def _rows(report: ServingBenchReport) -> list[tuple[str, ...]]:
@@ -174,6 +193,7 @@ def _title(report: ServingBenchReport) -> str:
 def _notes(report: ServingBenchReport) -> list[str]:
     notes = [f"{name}: skipped ({why})" for name, why in report.skipped.items()]
     before, after = report.machine.load_average_before[0], report.machine.load_average_after[0]
+    notes.append("CPU ms/post: the server's processes (+ the load generator's) or this process's, all threads")
     notes.append(f"load average (1 min) before {before:.2f}, after {after:.2f} on {report.machine.cores} cores")
     if before > 0.5 * report.machine.cores:
         notes.append("the CPUs were busy before the run started: other work may have slowed it")

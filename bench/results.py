@@ -69,6 +69,12 @@ class BenchPoint:
     latency: LatencyStats
     """Of the calls that succeeded."""
     first_error: str | None = None
+    cpu_ms_per_post: float | None = None
+    """CPU time the work took per post, all threads and processes: the server's for Triton, this
+    process's in process. Less disturbed than latency by other work on the machine; on a machine
+    to itself, throughput can reach at most cores × 1000 / this."""
+    client_cpu_ms_per_post: float | None = None
+    """CPU time the load generator itself took per post (it shares the machine with the server)."""
 
     @property
     def posts(self) -> int:

@@ -58,6 +58,8 @@ logger = logging.getLogger("postsim")
 
 Sender = Callable[[BenchPost], Awaitable[np.ndarray]]
 """Sends one post and returns its fused embedding."""
+CpuClock = Callable[[], float]
+"""Cumulative CPU seconds of the server's processes."""
 
 _CONFIGURATION_NAMES = {
     contract.POST_EMBEDDING: TRITON_POST_EMBEDDING,
@@ -126,10 +128,13 @@ async def run_level(
     concurrency: int,
     requests: int,
     warmup: int,
+    server_cpu: CpuClock | None = None,
 ) -> tuple[BenchPoint, dict[str, np.ndarray]]:
     """Hold ``concurrency`` requests in flight; measure ``requests`` after ``max(warmup, concurrency)``.
 
     Returns the point and the embedding of each post that was answered in the measured window.
+    CPU per post (the server's, from ``server_cpu``, and this process's) is taken over the
+    whole level, warm-up and cool-down included, divided by every request it sent.
     """
     warmup = max(warmup, concurrency)
     end = warmup + requests
@@ -167,7 +172,13 @@ async def run_level(
             if unfinished == 0:
                 all_measured_done.set()
 
+    server_cpu_started = server_cpu() if server_cpu is not None else None
+    client_cpu_started = time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    client_cpu = time.process_time() - client_cpu_started
+    server_cpu_ms = None
+    if server_cpu is not None and server_cpu_started is not None:
+        server_cpu_ms = (server_cpu() - server_cpu_started) * 1e3 / issued
     point = BenchPoint(
         concurrency=concurrency,
         batch_size=1,
@@ -176,6 +187,8 @@ async def run_level(
         seconds=max(ends) - min(starts),
         latency=LatencyStats.of(latencies),
         first_error=errors[0] if errors else None,
+        cpu_ms_per_post=server_cpu_ms,
+        client_cpu_ms_per_post=client_cpu * 1e3 / issued,
     )
     return point, embeddings
 
@@ -197,7 +210,12 @@ def _sender(client: AsyncPostSimClient, ensemble: str, k: int) -> Sender:
 
 
 async def sweep_ensemble(
-    url: str, ensemble: str, posts: Sequence[BenchPost], settings: SweepSettings
+    url: str,
+    ensemble: str,
+    posts: Sequence[BenchPost],
+    settings: SweepSettings,
+    *,
+    server_cpu: CpuClock | None = None,
 ) -> tuple[list[BenchPoint], dict[str, np.ndarray]]:
     """Every concurrency level of one ensemble, lowest first."""
     points: list[BenchPoint] = []
@@ -206,7 +224,12 @@ async def sweep_ensemble(
         send = _sender(client, ensemble, settings.k)
         for concurrency in sorted(settings.concurrency):
             point, seen = await run_level(
-                send, posts, concurrency=concurrency, requests=settings.requests, warmup=settings.warmup
+                send,
+                posts,
+                concurrency=concurrency,
+                requests=settings.requests,
+                warmup=settings.warmup,
+                server_cpu=server_cpu,
             )
             logger.info(
                 "%s c=%d: p50 %.1f ms, p99 %.1f ms, %.2f posts/s, %d errors",
@@ -226,6 +249,34 @@ async def sweep_ensemble(
 
 
 # --------------------------------------------------------------------------- repository and server
+
+
+def process_group_cpu(group: int) -> CpuClock | None:
+    """A clock of the CPU seconds used by the processes of a process group (Linux /proc); None elsewhere.
+
+    tritonserver runs in its own process group with its Python-backend stubs, so this
+    counts every model's work.
+    """
+    proc = Path("/proc")
+    if not (proc / str(group) / "stat").is_file():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def clock() -> float:
+        ticks = 0
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
+            if int(fields[2]) == group:
+                ticks += int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks / tick
+
+    return clock
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -356,6 +407,7 @@ def run_serving_benchmark(
 
         url = settings.url
         served = repository
+        server_cpu: CpuClock | None = None
         if url is None:
             assert repository is not None  # checked by the settings
             served = scratch_repository(repository, work_dir / "repository")
@@ -370,13 +422,17 @@ def run_serving_benchmark(
             )
             server = stack.enter_context(TritonServer(server_settings, log_path=work_dir / "tritonserver.log"))
             url = server.endpoints.grpc
+            if server.process is not None:
+                server_cpu = process_group_cpu(server.process.pid)
             if contract.SIMILAR_POSTS in settings.ensembles:
                 _publish_bench_index(corpus, work_dir, served, url)
         ensembles, not_ready = _ready_ensembles(url, settings.ensembles)
         skipped.update(not_ready)
 
         for ensemble in ensembles:
-            points, embeddings = asyncio.run(sweep_ensemble(url, ensemble, posts, settings.sweep))
+            points, embeddings = asyncio.run(
+                sweep_ensemble(url, ensemble, posts, settings.sweep, server_cpu=server_cpu)
+            )
             configurations.append(
                 ConfigurationResult(
                     name=_CONFIGURATION_NAMES[ensemble],
