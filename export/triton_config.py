@@ -16,8 +16,10 @@ Nothing here imports torch: ``postsim index publish`` writes the retrieval confi
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
@@ -25,6 +27,9 @@ from tritonclient.grpc import model_config_pb2 as pb
 from postsim.model_repository import contract
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.errors import RepositoryError
+from postsim.model_repository.layout import CONFIG_NAME
+from postsim.model_repository.preprocessing import DEFAULT_IMAGE_LIMITS
+from postsim.model_repository.tokenization import MAX_TEXT_CHARS
 
 
 class Target(enum.Enum):
@@ -46,6 +51,47 @@ class ServingSettings:
 
     def instance_count(self, model: str) -> int:
         return self.instances.get(model, 1)
+
+
+DEFAULT_MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputLimits:
+    """What one post may cost the server: written as parameters of the models that enforce them.
+
+    Every post comes from an untrusted client; these bound the work and memory one request
+    can take before anything is decoded (``preprocess_image``), tokenised (``tokenize``) or
+    searched (``retrieval``). Triton's config parameters are strings, read back by
+    ``postsim.model_repository.backend_models``.
+    """
+
+    max_image_bytes: int = DEFAULT_IMAGE_LIMITS.max_bytes
+    """Largest encoded image accepted (``preprocess_image``)."""
+    max_image_pixels: int = DEFAULT_IMAGE_LIMITS.max_pixels
+    """Largest width × height accepted, read from the image header before decoding."""
+    max_text_chars: int = MAX_TEXT_CHARS
+    """Characters of a text kept before tokenising (``tokenize``); the rest is never decoded."""
+    max_top_k: int = DEFAULT_MAX_TOP_K
+    """Largest ``TOP_K`` a similar_posts request may ask for (``retrieval``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_bytes", "max_image_pixels", "max_text_chars", "max_top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise RepositoryError(f"InputLimits.{name} must be a positive int, got {value!r}")
+
+    def parameters(self, model: str) -> dict[str, str]:
+        """The config parameters of ``model`` that carry these limits (none for other models)."""
+        by_model = {
+            contract.PREPROCESS_IMAGE: {
+                "max_image_bytes": str(self.max_image_bytes),
+                "max_image_pixels": str(self.max_image_pixels),
+            },
+            contract.TOKENIZE: {"max_text_chars": str(self.max_text_chars)},
+            contract.RETRIEVAL: {"max_top_k": str(self.max_top_k)},
+        }
+        return by_model.get(model, {})
 
 
 ENSEMBLE_STEPS: dict[str, tuple[str, ...]] = {
@@ -166,6 +212,7 @@ def repository_configs(
     weights_label: str,
     fingerprint: str,
     include_retrieval: bool,
+    limits: InputLimits | None = None,
 ) -> dict[str, pb.ModelConfig]:
     """The configs of every model of the repository, by model name.
 
@@ -173,11 +220,13 @@ def repository_configs(
     every model's ``postsim_weights`` and ``postsim_fingerprint`` parameters, so a client
     reading a config sees what it talks to, and an index records what it was built with.
     ``include_retrieval`` adds ``retrieval`` and ``similar_posts``, which need an index.
+    ``limits`` (default :class:`InputLimits`) go into the parameters of the models that enforce them.
     """
+    input_limits = limits or InputLimits()
     specs = contract.model_specs(dim)
     configs: dict[str, pb.ModelConfig] = {}
     for name in (contract.PREPROCESS_IMAGE, contract.TOKENIZE):
-        configs[name] = python_model_config(specs[name], settings)
+        configs[name] = python_model_config(specs[name], settings, parameters=input_limits.parameters(name))
     for name in contract.ONNX_MODELS:
         if target is Target.TRITON:
             configs[name] = onnxruntime_model_config(specs[name], settings)
@@ -190,7 +239,7 @@ def repository_configs(
         specs[contract.POST_EMBEDDING], [specs[step] for step in ENSEMBLE_STEPS[contract.POST_EMBEDDING]]
     )
     if include_retrieval:
-        configs[contract.RETRIEVAL] = retrieval_config(dim, settings, target=target)
+        configs[contract.RETRIEVAL] = retrieval_config(dim, settings, target=target, limits=input_limits)
         configs[contract.SIMILAR_POSTS] = ensemble_config(
             specs[contract.SIMILAR_POSTS], [specs[step] for step in ENSEMBLE_STEPS[contract.SIMILAR_POSTS]]
         )
@@ -200,12 +249,42 @@ def repository_configs(
     return configs
 
 
-def retrieval_config(dim: int, settings: ServingSettings, *, target: Target) -> pb.ModelConfig:
+def retrieval_config(
+    dim: int, settings: ServingSettings, *, target: Target, limits: InputLimits | None = None
+) -> pb.ModelConfig:
     """The retrieval model: serves the newest index version only."""
     kind = pb.ModelInstanceGroup.KIND_GPU if target is Target.TRITON else pb.ModelInstanceGroup.KIND_CPU
-    config = python_model_config(contract.model_specs(dim)[contract.RETRIEVAL], settings, kind=kind)
+    parameters = (limits or InputLimits()).parameters(contract.RETRIEVAL)
+    config = python_model_config(
+        contract.model_specs(dim)[contract.RETRIEVAL], settings, kind=kind, parameters=parameters
+    )
     config.version_policy.latest.num_versions = 1
     return config
+
+
+def apply_input_limits(repository: Path, limits: InputLimits) -> list[str]:
+    """Rewrite the limit parameters in the configs of an exported repository; returns the models changed.
+
+    Each config is replaced through a rename (never written in place, so a hard-linked copy
+    of a repository keeps its own). A running server applies the new limits when the
+    models are loaded again (``load_model``, or a restart).
+    """
+    changed = []
+    for model in (contract.PREPROCESS_IMAGE, contract.TOKENIZE, contract.RETRIEVAL):
+        config_path = repository / model / CONFIG_NAME
+        if not config_path.is_file():
+            continue
+        config = parse_pbtxt(config_path.read_text())
+        _set_parameters(config, limits.parameters(model))
+        staging = config_path.with_name(f".{CONFIG_NAME}.limits")
+        staging.write_text(to_pbtxt(config))
+        os.replace(staging, config_path)
+        changed.append(model)
+    if contract.PREPROCESS_IMAGE not in changed:
+        raise RepositoryError(
+            f"{repository} has no {contract.PREPROCESS_IMAGE} config: run `postsim export --repository {repository}` first"
+        )
+    return changed
 
 
 def to_pbtxt(config: pb.ModelConfig) -> str:
