@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from postsim.model_repository import contract
-from postsim.model_repository.errors import InvalidPostError, PostSimError
+from postsim.model_repository.errors import InvalidPostError, PostSimError, RepositoryError
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
 LOGGER = logging.getLogger("postsim")
@@ -148,9 +149,10 @@ class TokenizeModel(_PerRequestModel):
     """UTF-8 text → token ids padded to the longest text of the request, and a presence mask."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        from postsim.model_repository.tokenization import TextTokenizer
+        from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
 
-        self.tokenizer = TextTokenizer.from_file(_version_dir(args) / "tokenizer.json")
+        max_chars = int(_parameters(args).get("max_text_chars", MAX_TEXT_CHARS))
+        self.tokenizer = TextTokenizer.from_file(_version_dir(args) / "tokenizer.json", max_chars=max_chars)
 
     def _run(self, request: Any) -> list[Any]:
         input_ids, attention_mask, text_mask, errors = self.tokenizer.encode(_strings(request, contract.TEXT.name))
@@ -175,6 +177,10 @@ class OnnxRuntimeModel:
 
     Requests batched together by Triton run as one ONNX Runtime call: variable-length inputs
     (token sequences) are padded to the longest, which the attention mask makes harmless.
+    Triton has checked each request's dtypes and shapes against the config; what it cannot
+    check (inputs whose variable dims must agree, values ONNX Runtime refuses, as token ids
+    past the vocabulary in a request sent straight to ``text_encoder``) fails only the
+    request that carries it: a batch ONNX Runtime refuses is run again one request at a time.
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -193,7 +199,16 @@ class OnnxRuntimeModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = _execution_providers(ort.get_available_providers(), args)
         path = _version_dir(args) / parameters.get("onnx_file", "model.onnx")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as error:  # ONNX Runtime raises its own bare exception types
+            raise RepositoryError(
+                f"{self.model_name} version {args['model_version']}: {path} does not load in ONNX Runtime "
+                f"({_onnxruntime_reason(error)}): export it again, or remove this version folder"
+            ) from None
+        self.shared_dims = _shared_dims(self.session.get_inputs())
+        masks = (contract.IMAGE_MASK.name, contract.TEXT_MASK.name)
+        self.modality_masks = masks if all(name in self.input_names for name in masks) else ()
         LOGGER.info(
             "%s: ONNX Runtime on %s, %s intra-op threads",
             self.model_name,
@@ -202,24 +217,62 @@ class OnnxRuntimeModel:
         )
         log_weights(WeightsManifest.read(_repository_dir(args)))
 
+    def _inputs(self, request: Any) -> list[np.ndarray]:
+        """One request's inputs in the session's order; named dims shared by inputs must agree."""
+        arrays = [_input(request, name) for name in self.input_names]
+        by_name = dict(zip(self.input_names, arrays, strict=True))
+        for dim_name, uses in self.shared_dims.items():
+            sizes = {f"{name}[{axis}]": by_name[name].shape[axis] for name, axis in uses if name in by_name}
+            if len(set(sizes.values())) > 1:
+                got = ", ".join(f"{where} = {size}" for where, size in sizes.items())
+                raise InvalidPostError(f"the '{dim_name}' dimension must be the same size in every input: got {got}")
+        if self.modality_masks:
+            _require_a_modality(*(by_name[name] for name in self.modality_masks))
+        return arrays
+
     def execute(self, requests: list[Any]) -> list[Any]:
-        try:
-            inputs = [[_input(request, name) for name in self.input_names] for request in requests]
-        except Exception as error:
-            return [_error_response(error) for _ in requests]
-        sizes = [request_inputs[0].shape[0] for request_inputs in inputs]
+        responses: list[Any] = [None] * len(requests)
+        runnable: list[tuple[int, list[np.ndarray]]] = []
+        for position, request in enumerate(requests):
+            try:
+                runnable.append((position, self._inputs(request)))
+            except Exception as error:
+                responses[position] = _error_response(error)
+        if len(runnable) > 1:
+            try:
+                outputs = self._run([inputs for _, inputs in runnable])
+            except Exception as error:  # some request of the batch is bad: find out which, alone
+                LOGGER.warning(
+                    "%s: a batch of %d requests failed (%s); running them one by one",
+                    self.model_name,
+                    len(runnable),
+                    _onnxruntime_reason(error),
+                )
+            else:
+                for (position, _), response in zip(runnable, self._split(runnable, outputs), strict=True):
+                    responses[position] = response
+                return responses
+        for position, inputs in runnable:
+            try:
+                responses[position] = self._split([(position, inputs)], self._run([inputs]))[0]
+            except Exception as error:
+                responses[position] = self._run_error(error)
+        return responses
+
+    def _run(self, batch: list[list[np.ndarray]]) -> list[np.ndarray]:
         feed = {}
         for position, name in enumerate(self.input_names):
-            arrays = [request_inputs[position] for request_inputs in inputs]
+            arrays = [request_inputs[position] for request_inputs in batch]
             longest = max(array.shape[1] if array.ndim > 1 else 0 for array in arrays)
             feed[name] = np.concatenate([_pad_to(array, longest) for array in arrays])
-        try:
-            outputs = self.session.run(self.output_names, feed)
-        except Exception as error:
-            return [_error_response(error) for _ in requests]
+        outputs: list[np.ndarray] = self.session.run(self.output_names, feed)
+        return outputs
+
+    def _split(self, runnable: list[tuple[int, list[np.ndarray]]], outputs: list[np.ndarray]) -> list[Any]:
         responses = []
         start = 0
-        for size in sizes:
+        for _, inputs in runnable:
+            size = inputs[0].shape[0]
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(output[start : start + size]))
                 for name, output in zip(self.output_names, outputs, strict=True)
@@ -227,6 +280,56 @@ class OnnxRuntimeModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
+
+    def _run_error(self, error: Exception) -> Any:
+        """ONNX Runtime's INVALID_ARGUMENT for one request's values is the caller's; anything else is ours."""
+        if type(error).__name__ == "InvalidArgument":
+            return _error_response(
+                InvalidPostError(f"{self.model_name} cannot run this request: {_onnxruntime_reason(error)}")
+            )
+        return _error_response(error)
+
+
+def _require_a_modality(image_mask: np.ndarray, text_mask: np.ndarray) -> None:
+    """A post must keep an image or a text token: the fuser's output for neither is no embedding at all.
+
+    ``preprocess_image`` refuses posts whose IMAGE and TEXT are both empty; a text of only
+    spaces, control, zero-width or lone accent characters gets past it and tokenises to
+    nothing, which shows only here, where both masks arrive.
+    """
+    empty = np.flatnonzero(
+        (image_mask.reshape(len(image_mask), -1).max(axis=1) <= 0)
+        & (text_mask.reshape(len(text_mask), -1).max(axis=1) <= 0)
+    )
+    if empty.size:
+        raise InvalidPostError(
+            f"{contract.TEXT.name}: post {int(empty[0])} of the request has no image and its text has no word "
+            "left after normalisation (only spaces, control, zero-width or accent characters): "
+            "send an image or a text with words"
+        )
+
+
+def _shared_dims(session_inputs: Sequence[Any]) -> dict[str, list[tuple[str, int]]]:
+    """Symbolic dims (other than the batch) used by more than one input: name -> [(input, axis)]."""
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for tensor in session_inputs:
+        for axis, dim in enumerate(tensor.shape):
+            if axis > 0 and isinstance(dim, str):
+                uses.setdefault(dim, []).append((tensor.name, axis))
+    return {name: found for name, found in uses.items() if len(found) > 1}
+
+
+_ORT_STATUS_MESSAGE = re.compile(r"Status Message: (.*)", re.DOTALL)
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+
+
+def _onnxruntime_reason(error: Exception) -> str:
+    """The useful part of an ONNX Runtime error: its status message, without node names or source paths."""
+    text = str(error).strip()
+    found = _ORT_STATUS_MESSAGE.search(text)
+    reason = found.group(1) if found else _ORT_PREFIX.sub("", text)
+    first = reason.strip().splitlines()[0] if reason.strip() else type(error).__name__
+    return first[:300]
 
 
 def _execution_providers(available: Sequence[str], args: dict[str, Any]) -> list[Any]:
