@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ from postsim.model_repository.errors import (
     PostSimError,
     ServerError,
     ServerUnavailableError,
+)
+from postsim.model_repository.server import (
+    GRPC_RESTRICTED_HEADER,
+    RESTRICTED_HEADER,
+    SHARED_MEMORY_HINT,
+    is_shared_memory_error,
 )
 
 from .posts import EmbeddingResult, Neighbor, Post, SimilarResult
@@ -138,6 +145,37 @@ def _is_unknown_model(message: str) -> bool:
     return "unknown model" in message.lower()
 
 
+_TRACEBACK = re.compile(r"\n\s*(?:At:|Traceback \(most recent call last\):)\n.*", re.DOTALL)
+_DEAD_STUB = re.compile(r"Stub process '([^']+?)(?:_\d+)*' is not healthy")
+
+
+def without_traceback(message: str) -> str:
+    """A server message without the Python traceback Triton's Python backend appends to some ("At: ...")."""
+    return _TRACEBACK.sub("", message).rstrip(" ;\n")
+
+
+def _connection_hint(message: str, *, ssl: bool, client_certificate: bool) -> str:
+    """What to change when the connection itself failed, from grpc's reason."""
+    if "WRONG_VERSION_NUMBER" in message:
+        return "the server does not speak TLS there: connect without ssl=True (without --tls-ca)"
+    if "CERTIFICATE_VERIFY_FAILED" in message:
+        return (
+            "the server's TLS certificate is not signed by a CA you trust, or does not name this host: "
+            "pass the CA that signed it as root_certificates"
+        )
+    if "Socket closed" in message:
+        if not ssl:
+            return (
+                "the server closed the connection: it may serve TLS only; connect with ssl=True and root_certificates"
+            )
+        if not client_certificate:
+            return (
+                "the server closed the TLS connection: it may require a client certificate (mutual TLS); "
+                "pass private_key and certificate_chain"
+            )
+    return "start it with `postsim serve` or check `--url`"
+
+
 def map_server_error(
     exc: InferenceServerException,
     *,
@@ -145,34 +183,65 @@ def map_server_error(
     model: str | None = None,
     what: str = "",
     timeout_s: float | None = None,
+    ssl: bool = False,
+    client_certificate: bool = False,
+    admin_key: bool = False,
 ) -> PostSimError:
     """The postsim exception for a tritonclient one; the caller raises it ``from None``.
 
     ``model`` is the model the call addressed (None for server-wide calls), ``what`` says
-    which part of the request it was (``posts 16..19``) and goes into the message.
+    which part of the request it was (``posts 16..19``) and goes into the message. ``ssl``,
+    ``client_certificate`` and ``admin_key`` say how the client connected, to word the hint.
     """
     status = _status_name(exc)
-    message = str(exc.message() or "")
+    message = without_traceback(str(exc.message() or ""))
     logger.debug("gRPC error from %s (model %s, status %s): %s", url, model, status, message)
     subject = f"model '{model}'" if model else "the server"
     part = f" for {what}" if what else ""
 
+    if "protocol is restricted" in message or "API is restricted" in message:
+        key = "the admin key given was refused" if admin_key else "no admin key was given"
+        return ServerError(
+            f"the server at {url} allows this call (model control, repository index) only with its admin key, "
+            f"and {key}: pass admin_key=... (`--admin-key` or POSTSIM_ADMIN_KEY)",
+            status=status,
+        )
     if _is_unknown_model(message):
         if model in _INDEX_MODELS:
             hint = "no index is published yet: publish one with `postsim index publish`, then retry"
         elif model:
-            hint = "check the log of `postsim serve` for why it did not load"
+            hint = "the server may be stopping; otherwise check the log of `postsim serve` for why it did not load"
         else:
             hint = _short(message)
         return ServerError(f"model '{model}' is not loaded on the server at {url}: {hint}", status=status)
+    dead_stub = _DEAD_STUB.search(message)
+    if dead_stub:
+        return ServerError(
+            f"model '{dead_stub.group(1)}' lost its process on the server at {url} (it crashed or was killed) "
+            f"and failed {subject}{part}: `postsim serve` reloads it within seconds, so retry; if this persists, "
+            "restart the server and read its log",
+            status=status,
+        )
+    if is_shared_memory_error(message):
+        return ServerError(
+            f"{subject} failed{part} on the server at {url}: the server ran out of shared memory "
+            f"({_short(message)}). {SHARED_MEMORY_HINT}",
+            status=status,
+        )
+    if "Server is stopping" in message or "stopped accepting new inference requests" in message:
+        return ServerUnavailableError(
+            f"the server at {url} is shutting down and refused {subject}{part}: retry once it is back, "
+            "or against another server",
+            status=status,
+        )
     if status == "UNAVAILABLE":
         if "queue" in message.lower():
             return ServerUnavailableError(
                 f"the server at {url} is overloaded ({_short(message)}): retry later", status=status
             )
+        hint = _connection_hint(message, ssl=ssl, client_certificate=client_certificate)
         return ServerUnavailableError(
-            f"cannot reach the postsim server at {url}: start it with `postsim serve` or check `--url` "
-            f"({_short(message)})",
+            f"cannot reach the postsim server at {url}: {hint} ({_short(message)})",
             status=status,
         )
     if status == "DEADLINE_EXCEEDED":
@@ -189,6 +258,17 @@ def map_server_error(
         # Raised by tritonclient itself while building the request, before sending it.
         return ServerError(f"could not build the request to {subject}{part}: {_short(message)}")
     return ServerError(f"{subject} failed{part} on the server at {url} ({status}): {_short(message)}", status=status)
+
+
+def _load_error(error: PostSimError, model: str) -> PostSimError:
+    """A refused load is the server's verdict on the repository, not a bad post: ServerError."""
+    if not isinstance(error, InvalidPostError):
+        return error
+    reason = str(error).split(": ", 1)[-1]
+    return ServerError(
+        f"the server did not load model '{model}' and keeps serving the version it had, if any: {reason}",
+        status="INVALID_ARGUMENT",
+    )
 
 
 # --------------------------------------------------------------------------- requests
@@ -373,6 +453,19 @@ def _tls_file(path: str | Path | None, name: str, ssl: bool) -> str | None:
     return str(path)
 
 
+def _grpc_headers(headers: dict[str, str] | None, admin_key: str | None) -> dict[str, str] | None:
+    """The gRPC metadata to send: Triton's gRPC server expects the admin key under a prefixed name.
+
+    ``RESTRICTED_HEADER`` given in ``headers`` (as the HTTP API takes it) is renamed too.
+    """
+    merged = dict(headers or {})
+    if RESTRICTED_HEADER in merged:
+        merged[GRPC_RESTRICTED_HEADER] = merged.pop(RESTRICTED_HEADER)
+    if admin_key is not None:
+        merged[GRPC_RESTRICTED_HEADER] = admin_key
+    return merged or None
+
+
 class _Settings:
     """Checked connection settings, shared by both clients."""
 
@@ -386,6 +479,7 @@ class _Settings:
         private_key: str | Path | None,
         certificate_chain: str | Path | None,
         headers: dict[str, str] | None,
+        admin_key: str | None = None,
     ) -> None:
         if not isinstance(url, str) or not url:
             raise PostSimError(f"url must be a non-empty 'host:port' string; got {url!r}")
@@ -399,9 +493,11 @@ class _Settings:
                     raise PostSimError(
                         f"headers must map lower-case str names to str values (gRPC metadata); got {key!r}: {value!r}"
                     )
+        if admin_key is not None and (not isinstance(admin_key, str) or not admin_key):
+            raise PostSimError("admin_key must be a non-empty str or None")
         self.url = url
         self.timeout_s = _checked_timeout(timeout_s)
-        self.headers = dict(headers) if headers else None
+        self.headers = _grpc_headers(headers, admin_key)
         self.triton_kwargs: dict[str, Any] = {
             "ssl": bool(ssl),
             "root_certificates": _tls_file(root_certificates, "root_certificates", ssl),
@@ -410,7 +506,16 @@ class _Settings:
         }
 
     def error(self, exc: InferenceServerException, model: str | None = None, what: str = "") -> PostSimError:
-        return map_server_error(exc, url=self.url, model=model, what=what, timeout_s=self.timeout_s)
+        return map_server_error(
+            exc,
+            url=self.url,
+            model=model,
+            what=what,
+            timeout_s=self.timeout_s,
+            ssl=self.triton_kwargs["ssl"],
+            client_certificate=self.triton_kwargs["certificate_chain"] is not None,
+            admin_key=bool(self.headers and GRPC_RESTRICTED_HEADER in self.headers),
+        )
 
     def poll_timeout(self, remaining: float) -> float:
         return max(0.01, min(remaining, self.timeout_s or remaining))
@@ -431,8 +536,11 @@ class PostSimClient:
     """Blocking client of a postsim server (Triton over gRPC at ``url``, ``host:port``).
 
     ``timeout_s`` bounds each gRPC call (None: no limit). The TLS files are paths, used
-    only with ``ssl=True``. ``headers`` go with every call as gRPC metadata. Use it as a
-    context manager, or call :meth:`close`.
+    only with ``ssl=True``: ``root_certificates`` is the CA that signed the server's
+    certificate, ``private_key`` and ``certificate_chain`` the client's own for mutual TLS.
+    ``headers`` go with every call as gRPC metadata; ``admin_key`` is the server's key for
+    model control and the repository index (``postsim serve --admin-key``), inference
+    needs none. Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -445,6 +553,7 @@ class PostSimClient:
         private_key: str | Path | None = None,
         certificate_chain: str | Path | None = None,
         headers: dict[str, str] | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self._settings = _Settings(
             url,
@@ -454,6 +563,7 @@ class PostSimClient:
             private_key=private_key,
             certificate_chain=certificate_chain,
             headers=headers,
+            admin_key=admin_key,
         )
         self._triton = grpcclient.InferenceServerClient(url, **self._settings.triton_kwargs)
 
@@ -580,10 +690,15 @@ class PostSimClient:
     def load_model(self, model: str) -> None:
         """(Re)load a model through Triton's model-control API: new versions load while the old one serves.
 
-        A server started with an admin key needs it in ``headers`` (postsim.model_repository.server.RESTRICTED_HEADER).
+        Triton loads a model again only if its files changed on disk. A server started with
+        an admin key needs it (``admin_key=``). A version the server refuses raises
+        ServerError with its reason; the version it had keeps serving.
         """
         headers, timeout = self._settings.headers, self.timeout_s
-        self._rpc(lambda: self._triton.load_model(model, headers=headers, client_timeout=timeout), model=model)
+        try:
+            self._triton.load_model(model, headers=headers, client_timeout=timeout)
+        except InferenceServerException as exc:
+            raise _load_error(self._settings.error(exc, model), model) from None
 
     def is_model_ready(self, model: str, version: str = "") -> bool:
         headers, timeout = self._settings.headers, self.timeout_s
@@ -615,6 +730,7 @@ class AsyncPostSimClient:
         private_key: str | Path | None = None,
         certificate_chain: str | Path | None = None,
         headers: dict[str, str] | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self._settings = _Settings(
             url,
@@ -624,6 +740,7 @@ class AsyncPostSimClient:
             private_key=private_key,
             certificate_chain=certificate_chain,
             headers=headers,
+            admin_key=admin_key,
         )
         self._client: Any = None
 
