@@ -87,6 +87,7 @@ class InputLimits:
             contract.PREPROCESS_IMAGE: {
                 "max_image_bytes": str(self.max_image_bytes),
                 "max_image_pixels": str(self.max_image_pixels),
+                "max_text_chars": str(self.max_text_chars),  # it checks the text tokenize will decode
             },
             contract.TOKENIZE: {"max_text_chars": str(self.max_text_chars)},
             contract.RETRIEVAL: {"max_top_k": str(self.max_top_k)},
@@ -112,6 +113,17 @@ ENSEMBLE_STEPS: dict[str, tuple[str, ...]] = {
     ),
 }
 """The models each ensemble chains. Tensors flow between steps by their contract names."""
+
+STEP_ORDER: dict[str, tuple[TensorSpec, ...]] = {contract.TOKENIZE: (contract.IMAGE_MASK,)}
+"""Outputs of earlier steps a step waits for without reading them (optional inputs of its config).
+
+Triton 2.51 mishandles an ensemble request that fails in one step while a parallel step of
+it is still queued: the orphaned step later runs on the request's freed buffers (a request
+batched with it failed with "unexpected number of string elements 2 for inference input
+'TEXT'") and the request is never counted as finished (shutdown waits out its exit
+timeout). So ``preprocess_image`` checks every post first and ``tokenize`` starts after
+it; the two encoders, which never refuse checked inputs, still run in parallel.
+"""
 
 
 def _input_config(tensor: TensorSpec) -> pb.ModelInput:
@@ -177,13 +189,15 @@ def onnxruntime_model_config(
     return config
 
 
-def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.ModelConfig:
-    """An ensemble whose steps exchange tensors under their contract names."""
+def ensemble_config(
+    spec: ModelSpec, step_specs: Iterable[ModelSpec], order: Mapping[str, tuple[TensorSpec, ...]] = STEP_ORDER
+) -> pb.ModelConfig:
+    """An ensemble whose steps exchange tensors under their contract names; ``order`` adds waits."""
     config = _base_config(spec)
     config.platform = "ensemble"
     for step in step_specs:
         step_config = config.ensemble_scheduling.step.add(model_name=step.name, model_version=-1)
-        for tensor in step.inputs:
+        for tensor in (*step.inputs, *order.get(step.name, ())):
             step_config.input_map[tensor.name] = tensor.name
         for tensor in step.outputs:
             step_config.output_map[tensor.name] = tensor.name
@@ -227,6 +241,10 @@ def repository_configs(
     configs: dict[str, pb.ModelConfig] = {}
     for name in (contract.PREPROCESS_IMAGE, contract.TOKENIZE):
         configs[name] = python_model_config(specs[name], settings, parameters=input_limits.parameters(name))
+    for name, waits_for in STEP_ORDER.items():
+        for tensor in waits_for:
+            configs[name].input.append(_input_config(tensor))
+            configs[name].input[-1].optional = True
     for name in contract.ONNX_MODELS:
         if target is Target.TRITON:
             configs[name] = onnxruntime_model_config(specs[name], settings)

@@ -111,10 +111,18 @@ class _PerRequestModel:
 
 
 class PreprocessImageModel(_PerRequestModel):
-    """Encoded image bytes → normalised pixels and a presence mask; rejects posts with neither modality."""
+    """Checks every post, then turns encoded image bytes into normalised pixels and a presence mask.
+
+    Every per-post check of the ensembles happens here, in their first step (posts with
+    neither modality, images, texts that are not UTF-8), before any other step is
+    scheduled: Triton 2.51 mishandles an ensemble request that fails in one step while a
+    parallel step of it is still queued (see ``STEP_ORDER`` in
+    ``postsim.export.triton_config``).
+    """
 
     def initialize(self, args: dict[str, Any]) -> None:
         from postsim.model_repository.preprocessing import ImageLimits
+        from postsim.model_repository.tokenization import MAX_TEXT_CHARS
 
         parameters = _parameters(args)
         defaults = ImageLimits()
@@ -122,6 +130,7 @@ class PreprocessImageModel(_PerRequestModel):
             max_bytes=int(parameters.get("max_image_bytes", defaults.max_bytes)),
             max_pixels=int(parameters.get("max_image_pixels", defaults.max_pixels)),
         )
+        self.max_text_chars = int(parameters.get("max_text_chars", MAX_TEXT_CHARS))
 
     def _run(self, request: Any) -> list[Any]:
         from postsim.model_repository.preprocessing import preprocess_images
@@ -137,12 +146,24 @@ class PreprocessImageModel(_PerRequestModel):
             raise InvalidPostError(
                 f"post {empty_posts[0]} of the request has neither an image nor a text: send IMAGE, TEXT or both"
             )
+        _first_error([_text_error(text, self.max_text_chars) for text in texts], contract.TEXT.name)
         pixels, mask, errors = preprocess_images(images, self.limits)
         _first_error(errors, contract.IMAGE.name)
         return [
             pb_utils.Tensor(contract.PIXEL_VALUES.name, pixels),
             pb_utils.Tensor(contract.IMAGE_MASK.name, mask),
         ]
+
+
+def _text_error(raw: bytes, max_chars: int) -> InvalidPostError | None:
+    """Why ``tokenize`` would refuse this text (the same decoding), or None."""
+    from postsim.model_repository.tokenization import decode_text
+
+    try:
+        decode_text(raw, max_chars=max_chars)
+    except InvalidPostError as error:
+        return error
+    return None
 
 
 class TokenizeModel(_PerRequestModel):
