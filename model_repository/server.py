@@ -379,6 +379,8 @@ class StubWatchdog:
                 continue
             self._handled.add(pid)
             stub = self._known.pop(pid, None)
+            if stub is not None:
+                self.server.dead_stub_models.append(stub.model)
             if self._recover(pid, status, stub):
                 assert stub is not None
                 reloaded.append(stub.model)
@@ -423,6 +425,7 @@ def _answers_ready(url: str) -> bool:
 
 
 _STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
+_LOST_REQUESTS = re.compile(r"has [1-9]\d* in-flight inferences")
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,8 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.models: list[str] = []
         self.watchdog: StubWatchdog | None = None
+        self.dead_stub_models: list[str] = []
+        """Models whose stub died while this server ran (what the watchdog found)."""
         self._shm_regions: set[str] = set()
         """Shared-memory regions of every stub seen: removed at stop, as Triton leaves a dead stub's behind."""
 
@@ -631,14 +636,19 @@ class TritonServer:
             return ""
         if "Exit timeout expired" not in tail:
             return ""
-        if "in-flight inferences" in tail:
+        if _LOST_REQUESTS.search(tail):
             return (
                 " after waiting out its exit timeout for ensemble requests it lost count of (Triton 2.51 does after a "
-                "request fails in one step while another runs; nothing was running)"
+                "request fails in one step while another step of it is queued)"
+            )
+        if self.dead_stub_models:
+            return (
+                f" after waiting out its exit timeout for {', '.join(sorted(set(self.dead_stub_models)))}, whose "
+                "process had died (Triton 2.51 cannot unload what is left of it)"
             )
         return (
-            " after waiting out its exit timeout for a model that would not unload (Triton 2.51 cannot unload a "
-            "model instance whose process died)"
+            f" because its models were still unloading when its exit timeout ({self.settings.exit_timeout_s} s) ran "
+            "out: raise ServerSettings.exit_timeout_s"
         )
 
     def _remove_leaked_shm_regions(self) -> None:
