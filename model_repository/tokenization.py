@@ -51,8 +51,9 @@ def decode_text(raw: bytes, *, max_chars: int = MAX_TEXT_CHARS) -> str:
     """The first ``max_chars`` characters of a UTF-8 text.
 
     Only the first ``4 * max_chars`` bytes are decoded (no UTF-8 character is longer), so a
-    10 MB text costs what a 40 kB one does; invalid UTF-8 in them raises InvalidPostError
-    with the byte offset, and the bytes after them are never looked at.
+    10 MB text costs what a 40 kB one does; invalid UTF-8 within the first ``max_chars``
+    characters raises InvalidPostError with the byte offset, and what follows them is
+    never looked at.
     """
     limit = _UTF8_MAX_BYTES_PER_CHAR * max_chars
     # An incremental decoder holds back a character cut in half by the slice instead of
@@ -61,6 +62,9 @@ def decode_text(raw: bytes, *, max_chars: int = MAX_TEXT_CHARS) -> str:
     try:
         text = decoder.decode(raw[:limit], final=len(raw) <= limit)
     except UnicodeDecodeError as error:
+        valid = raw[: error.start].decode("utf-8")
+        if len(valid) >= max_chars:  # the bad bytes come after the characters kept
+            return valid[:max_chars]
         raise InvalidPostError(
             f"{TEXT.name}: not valid UTF-8 at byte {error.start} (0x{raw[error.start]:02x}): {error.reason}"
         ) from None
