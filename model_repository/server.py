@@ -351,6 +351,16 @@ class StubWatchdog:
         self._thread = threading.Thread(target=self._watch, name="postsim-stub-watchdog", daemon=True)
 
     def start(self) -> None:
+        process = self.server.process
+        if process is not None:
+            earlier = dead_children(process.pid)
+            if earlier:
+                LOGGER.warning(
+                    "tritonserver has %d dead Python-backend process(es) from before the watchdog started; the models "
+                    "they served fail until reloaded (TritonServer.reload_model)",
+                    len(earlier),
+                )
+                self._handled.update(earlier)
         self.check()  # note the stubs of the models loaded at start
         self._thread.start()
 
