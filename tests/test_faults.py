@@ -1,0 +1,279 @@
+"""Faults on a real tritonserver, each on its own server: what postsim does when things break.
+
+- a model's Python-backend process killed: Triton 2.51 neither restarts it nor marks the
+  model unready; postsim's launcher reloads it, and the client says what happened;
+- SIGTERM under load: requests in flight finish, new ones are refused, the process exits;
+- a bad new model version: the server refuses it and keeps serving the old one;
+- shared memory exhausted: an error that names the setting, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pytest
+from conftest import ExportedRepository, server_settings
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
+from postsim.client.posts import Post
+from postsim.model_repository import contract
+from postsim.model_repository.errors import PostSimError, ServeError, ServerError, ServerUnavailableError
+from postsim.model_repository.server import (
+    ServerSettings,
+    StubWatchdog,
+    TritonServer,
+    python_instance_count,
+    shared_memory_warning,
+)
+
+pytestmark = pytest.mark.integration
+
+URL = "localhost:8001"
+TEXT_POST = Post(text="Golden retriever puppy learns to fetch")
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize(size).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def repository(exported_repository: ExportedRepository, tmp_path: Path) -> Path:
+    """A private copy of the exported repository: these tests add versions and touch files."""
+    copy = tmp_path / "repository"
+    shutil.copytree(exported_repository.path, copy)
+    return copy
+
+
+class StartServer(Protocol):
+    def __call__(self, settings: ServerSettings, server_type: type[TritonServer] = ...) -> TritonServer: ...
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
+    """Starts TritonServers for the test and always stops them."""
+    started: list[TritonServer] = []
+
+    def start(settings: ServerSettings, server_type: type[TritonServer] = TritonServer) -> TritonServer:
+        server = server_type(settings, log_path=tmp_path / f"tritonserver-{len(started)}.log")
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- (a) a stub killed
+
+
+def test_a_dead_stub_is_reported_with_what_to_do() -> None:
+    exc = InferenceServerException(
+        msg="in ensemble 'post_embedding', Stub process 'tokenize_0_0' is not healthy.", status="StatusCode.INTERNAL"
+    )
+    error = map_server_error(exc, url=URL, model=contract.POST_EMBEDDING, what="post 0")
+    assert type(error) is ServerError and error.status == "INTERNAL"
+    assert "model 'tokenize' lost its process" in str(error) and "`postsim serve` reloads it" in str(error)
+
+
+def test_a_killed_stub_fails_its_model_until_reloaded_and_the_watchdog_reloads_it(
+    repository: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(server_settings(repository, stub_watch_interval_s=None, exit_timeout_s=5))
+    with PostSimClient(server.endpoints.grpc) as client:
+        (before,) = client.embed([TEXT_POST])
+
+        # Without the watchdog: Triton 2.51 keeps the model READY while every request fails.
+        (stub,) = [stub for stub in server.stubs() if stub.model == contract.TOKENIZE]
+        os.kill(stub.pid, signal.SIGKILL)
+        for _ in range(2):
+            with pytest.raises(ServerError, match=r"model 'tokenize' lost its process .* reloads it"):
+                client.embed([TEXT_POST])
+        assert client.is_model_ready(contract.TOKENIZE)  # Triton's view, which is wrong
+        server.reload_model(contract.TOKENIZE)
+        assert np.allclose(client.embed([TEXT_POST])[0].embedding, before.embedding, atol=1e-6)
+
+        # With it: found within a second and reloaded.
+        watchdog = StubWatchdog(server, interval_s=0.5)
+        watchdog.start()
+        try:
+            (stub,) = [stub for stub in server.stubs() if stub.model == contract.TOKENIZE]
+            with caplog.at_level(logging.INFO, logger="postsim"):
+                os.kill(stub.pid, signal.SIGKILL)
+                errors = []
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    try:
+                        (after,) = client.embed([TEXT_POST])
+                        break
+                    except ServerError as error:
+                        errors.append(str(error))
+                        time.sleep(0.2)
+                else:
+                    pytest.fail(f"tokenize did not come back within 60 s: {errors[-3:]}")
+        finally:
+            watchdog.stop()
+    assert np.allclose(after.embedding, before.embedding, atol=1e-6)
+    assert all("model 'tokenize' lost its process" in error for error in errors), errors
+    assert (
+        f"model 'tokenize' (version 1): its Python-backend process (pid {stub.pid}) killed by signal 9" in caplog.text
+    )
+    assert "model 'tokenize' reloaded after its process died" in caplog.text
+    (new_stub,) = [live for live in server.stubs() if live.model == contract.TOKENIZE]
+    assert new_stub.pid != stub.pid
+    assert server.dead_stub_models == [contract.TOKENIZE]  # the earlier death was before the watchdog
+
+
+# --------------------------------------------------------------------------- (b) SIGTERM under load
+
+
+@dataclass(frozen=True)
+class Call:
+    start: float
+    end: float
+    error: PostSimError | None
+
+
+def test_sigterm_under_load_finishes_requests_in_flight_and_refuses_new_ones(
+    repository: Path, start_server: StartServer
+) -> None:
+    exit_timeout_s = 10
+    server = start_server(server_settings(repository, exit_timeout_s=exit_timeout_s))
+    posts = [Post(text=f"post {i} at the beach", image=_jpeg(i)) for i in range(4)]
+    calls: list[Call] = []
+    stopped: dict[str, object] = {}
+
+    async def load() -> None:
+        done = asyncio.Event()
+
+        async def worker(client: AsyncPostSimClient) -> None:
+            while not done.is_set():
+                start = time.monotonic()
+                try:
+                    await client.embed(posts)
+                    calls.append(Call(start, time.monotonic(), None))
+                except PostSimError as error:
+                    calls.append(Call(start, time.monotonic(), error))
+                    await asyncio.sleep(0.05)
+
+        def stop() -> None:
+            start = time.monotonic()
+            stopped.update(at=start, code=server.stop(), took=time.monotonic() - start)
+
+        async with AsyncPostSimClient(server.endpoints.grpc, timeout_s=30) as client:
+            workers = [asyncio.ensure_future(worker(client)) for _ in range(12)]
+            await asyncio.sleep(3)
+            await asyncio.to_thread(stop)
+            await asyncio.sleep(0.5)
+            done.set()
+            await asyncio.gather(*workers)
+
+    assert any(thread.name == "postsim-stub-watchdog" for thread in threading.enumerate())
+    asyncio.run(load())
+    assert not any(thread.name == "postsim-stub-watchdog" for thread in threading.enumerate())
+    stop_at, took = stopped["at"], stopped["took"]
+    assert isinstance(stop_at, float) and isinstance(took, float)
+    assert stopped["code"] == 0
+    assert took < exit_timeout_s
+    in_flight = [call for call in calls if call.start < stop_at - 0.2 and call.end > stop_at]
+    assert in_flight, "no request was in flight when the server was told to stop"
+    assert [call.error for call in calls if call.start < stop_at - 0.2 and call.error] == []
+    refused = [call.error for call in calls if call.start > stop_at and call.error]
+    assert refused, "no request was refused while the server stopped"
+    for error in refused:
+        assert isinstance(error, ServerError)
+        assert any(hint in str(error) for hint in ("stopping", "shutting down", "cannot reach")), str(error)
+    assert "Signal (11)" not in server.log_text()
+
+
+# --------------------------------------------------------------------------- (c) a bad model version
+
+
+def test_a_bad_new_model_version_is_refused_and_the_old_one_keeps_serving(
+    repository: Path, start_server: StartServer
+) -> None:
+    server = start_server(server_settings(repository, exit_timeout_s=5))
+    post = Post(text="Sunset over the bay", image=_jpeg(1))
+    with PostSimClient(server.endpoints.grpc) as client:
+        (before,) = client.embed([post])
+        version_2 = repository / contract.FUSER / "2"
+        version_2.mkdir()
+        shutil.copy(repository / contract.FUSER / "1" / "model.py", version_2 / "model.py")
+        (version_2 / "model.onnx").write_bytes(b"\x08\x07 this is not an ONNX model " * 100)
+        with pytest.raises(ServerError) as raised:
+            client.load_model(contract.FUSER)
+        message = str(raised.value)
+        assert "did not load model 'fuser'" in message and "keeps serving the version it had" in message
+        assert "fuser version 2" in message and "does not load in ONNX Runtime" in message
+        assert "At:" not in message and "Traceback" not in message and ".py(" not in message
+        assert client.is_model_ready(contract.FUSER, "1") and not client.is_model_ready(contract.FUSER, "2")
+        assert client.is_model_ready(contract.POST_EMBEDDING)
+        (after,) = client.embed([post])
+    assert np.array_equal(after.embedding, before.embedding)
+
+
+# --------------------------------------------------------------------------- (d) shared memory
+
+
+def test_shm_default_bytes_under_the_backend_minimum_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ServeError, match=r"ServerSettings\.shm_default_bytes .*4 MiB.*--shm-default-bytes"):
+        ServerSettings(repository=tmp_path, shm_default_bytes=1 << 20)
+
+
+def test_too_little_dev_shm_for_the_stubs_is_a_warning_naming_the_settings(repository: Path) -> None:
+    models = ["preprocess_image", "tokenize", "image_encoder", "text_encoder", "fuser", "post_embedding"]
+    instances = python_instance_count(repository, models)
+    assert instances == 6  # preprocess_image runs 2 instances; the ensemble runs none
+    mib = 1 << 20
+    assert shared_memory_warning(instances=instances, shm_default_bytes=16 * mib, free_bytes=2048 * mib) is None
+    warning = shared_memory_warning(instances=instances, shm_default_bytes=16 * mib, free_bytes=64 * mib)
+    assert warning is not None
+    assert "64 MiB free" in warning and "96 MiB" in warning
+    assert "ServerSettings.shm_default_bytes" in warning and "--shm-size" in warning
+
+
+class _SharedMemoryCappedServer(TritonServer):
+    """tritonserver whose files, /dev/shm regions included, cannot grow past a size: a full /dev/shm."""
+
+    cap_bytes = 6 << 20
+
+    def command(self, binary_dir: Path) -> list[str]:
+        cap = (
+            "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({self.cap_bytes}, {self.cap_bytes})); "
+            "os.execv(sys.argv[1], sys.argv[1:])"
+        )
+        return [sys.executable, "-c", cap, *super().command(binary_dir)]
+
+
+def test_exhausted_shared_memory_is_an_error_naming_the_setting(repository: Path, start_server: StartServer) -> None:
+    settings = server_settings(repository, shm_default_bytes=4 << 20, exit_timeout_s=5)
+    server = start_server(settings, _SharedMemoryCappedServer)
+    post = Post(text="Sunset over the bay", image=_jpeg(2))
+    with PostSimClient(server.endpoints.grpc) as client:
+        client.embed([post])  # one post's pixels fit in the 4 MiB the stubs start with
+        with pytest.raises(ServerError) as raised:
+            client.embed([post] * contract.MAX_BATCH_SIZE)  # 16 × 602 kB of pixels do not
+        message = str(raised.value)
+        assert not isinstance(raised.value, ServerUnavailableError)
+        assert "ran out of shared memory" in message
+        assert "ServerSettings.shm_default_bytes" in message and "--shm-size" in message
+        assert len(client.embed([post])) == 1  # and it keeps serving what fits
