@@ -6,6 +6,7 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from postsim.export.triton_config import (
+    STEP_ORDER,
     ServingSettings,
     Target,
     ensemble_config,
@@ -34,9 +35,12 @@ def test_every_model_config_parses_with_the_contract_tensors(target: Target) -> 
     for name, config in configs.items():
         spec = specs[name]
         assert config.name == name
-        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
+        required = [t for t in config.input if not t.optional]
+        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in required] == [
             (t.name, t.dtype.triton_config, list(t.dims)) for t in spec.inputs
         ]
+        # Optional inputs only order ensemble steps (STEP_ORDER); they are never read.
+        assert [t.name for t in config.input if t.optional] == [t.name for t in STEP_ORDER.get(name, ())]
         assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [
             (t.name, t.dtype.triton_config, list(t.dims)) for t in spec.outputs
         ]
@@ -71,6 +75,12 @@ def test_public_contract_of_similar_posts(target: Target) -> None:
     assert outputs["IDS"] == ("TYPE_STRING", [-1])
     assert outputs["SCORES"] == ("TYPE_FP32", [-1])
     assert config.ensemble_scheduling.step[-1].model_name == "retrieval"
+
+
+def test_tokenize_waits_for_the_post_checks_of_preprocess_image() -> None:
+    config = _configs(Target.EMBEDDED)[contract.POST_EMBEDDING]
+    (tokenize,) = [step for step in config.ensemble_scheduling.step if step.model_name == "tokenize"]
+    assert tokenize.input_map["IMAGE_MASK"] == "IMAGE_MASK"
 
 
 @pytest.mark.parametrize("target", list(Target))
