@@ -1,10 +1,12 @@
 """``postsim export``: builds the models, exports them to ONNX and writes the Triton model repository.
 
 Steps, each logged: build the PyTorch models (pretrained, random or from a directory),
-export and validate each ONNX model against PyTorch, write the tokenizer, the model.py of
-each Python-backend model, every ``config.pbtxt``, and last the weights manifest. The
-manifest is written last, so a repository whose export broke off has none and the server
-refuses it with a message that says to export again.
+export and validate each ONNX model against PyTorch, convert the encoders to int8 or fp16
+when asked and check the converted chain against the fp32 one on sample posts, write the
+tokenizer, the model.py of each Python-backend model, every ``config.pbtxt``, and last the
+weights manifest. The manifest is written last, so a repository whose export broke off (or
+whose converted models were refused) has none, and the server refuses it with a message
+that says to export again.
 """
 
 from __future__ import annotations
@@ -17,9 +19,19 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from postsim.export.quantize import (
+    AgreementReport,
+    AttentionShape,
+    Precision,
+    PrecisionSettings,
+    convert_models,
+    install_converted,
+    require_agreement,
+)
 from postsim.export.triton_config import ENSEMBLE_STEPS, ServingSettings, Target, repository_configs, to_pbtxt
 from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository import contract
+from postsim.model_repository.errors import ExportError
 from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
 from postsim.model_repository.manifest import MANIFEST_NAME, WeightsManifest, fingerprint_of, sha256_file
 
@@ -33,6 +45,12 @@ class ExportOptions:
     target: Target = Target.EMBEDDED
     models: ModelSettings = field(default_factory=ModelSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    precision: Precision = Precision.FP32
+    """Number format of the encoders; int8 is for CPU serving (embedded target), fp16 for GPU."""
+    precision_settings: PrecisionSettings = field(default_factory=PrecisionSettings)
+    """Calibration and agreement check of a precision other than fp32."""
+    force_precision: bool = False
+    """Write converted models even when they agree with fp32 below ``precision_settings.min_cosine``."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class ExportReport:
     """Each ONNX model's agreement with PyTorch, by model name."""
     models: PostSimModels
     """The PyTorch models the repository holds (the reference the tests compare the server with)."""
+    agreement: AgreementReport | None = None
+    """How the converted encoders agree with fp32 on sample posts; None at fp32."""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -66,6 +86,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
     """Build, export, validate and write everything; returns what was written and how well it agrees."""
     from postsim.export.onnx_export import export_onnx_models
 
+    _check_precision(options)
     repository = options.repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
     (repository / MANIFEST_NAME).unlink(missing_ok=True)  # the repository is incomplete until the end
@@ -79,6 +100,10 @@ def export_repository(options: ExportOptions) -> ExportReport:
     models = build_models(options.models)
     paths = onnx_paths(repository)
     validation = export_onnx_models(models, paths)
+    provenance = dict(models.provenance)
+    agreement = None
+    if options.precision is not Precision.FP32:
+        agreement, provenance["precision"] = _convert_precision(options, models, paths)
 
     tokenizer_path = repository / contract.TOKENIZE / VERSION / "tokenizer.json"
     write_text_atomic(tokenizer_path, models.tokenizer_json)
@@ -90,9 +115,9 @@ def export_repository(options: ExportOptions) -> ExportReport:
     manifest = WeightsManifest(
         target=options.target.value,
         dim=options.models.dim,
-        precision="fp32",
+        precision=options.precision.value,
         random_weights=random_weights,
-        provenance=models.provenance,
+        provenance=provenance,
         files=file_hashes,
         fingerprint=fingerprint_of(file_hashes),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -112,7 +137,46 @@ def export_repository(options: ExportOptions) -> ExportReport:
         (repository / ensemble / VERSION).mkdir(exist_ok=True)  # Triton wants a version folder, even empty
     manifest.write(repository)
     LOGGER.info("wrote %s (%s target): %s", repository, options.target.value, manifest.describe())
-    return ExportReport(repository=repository, manifest=manifest, validation=dict(validation), models=models)
+    return ExportReport(
+        repository=repository, manifest=manifest, validation=dict(validation), models=models, agreement=agreement
+    )
+
+
+def _check_precision(options: ExportOptions) -> None:
+    if options.precision is Precision.INT8 and options.target is Target.TRITON:
+        raise ExportError(
+            "int8 models are for the embedded target (ONNX Runtime on CPU): the triton target runs TensorRT, "
+            "which does not take their unsigned QDQ activations; export the triton target with "
+            "`--precision fp16` or fp32 (TensorRT runs both in FP16)"
+        )
+
+
+def _convert_precision(
+    options: ExportOptions, models: PostSimModels, paths: dict[str, Path]
+) -> tuple[AgreementReport, str]:
+    """Converts the exported encoders in place to ``options.precision``, once they agree with fp32.
+
+    Returns the agreement and a description of the conversion for the provenance. Raises
+    :class:`ExportError` when they agree below the threshold and the export is not forced;
+    the repository then keeps the fp32 files and no manifest, so nothing serves it.
+    """
+    config = models.text_encoder.backbone.config
+    # The transformer fusions suit ONNX Runtime's CUDA provider; TensorRT runs the graph as exported.
+    attention = AttentionShape(config.num_attention_heads, config.hidden_size)
+    if options.precision is Precision.FP16 and options.target is Target.EMBEDDED:
+        LOGGER.info("fp16 models are for GPU serving: on CPU, ONNX Runtime runs them in fp32 with extra casts")
+    with tempfile.TemporaryDirectory(prefix="postsim-precision-") as work_dir:
+        converted = convert_models(
+            options.precision,
+            paths,
+            tokenizer_json=models.tokenizer_json,
+            attention=attention if options.target is Target.EMBEDDED else None,
+            work_dir=Path(work_dir),
+            settings=options.precision_settings,
+        )
+        require_agreement(converted.agreement, force=options.force_precision)
+        install_converted(converted, paths)
+    return converted.agreement, converted.description
 
 
 def _write_model_py_files(repository: Path, target: Target) -> None:
