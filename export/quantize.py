@@ -6,17 +6,18 @@ fp32 one before anything is written to the repository. The fuser (a few hundred 
 stays fp32 at every precision: its softmax and normalisation would gain nothing.
 
 * **int8** (CPU): the image encoder is quantised statically, QDQ, per channel, with
-  unsigned activations and signed weights (U8S8: on x86 ONNX Runtime fuses it into
-  QLinearConv with VNNI; S8S8 measured no faster than fp32 there), its activation ranges
-  calibrated (MinMax) on sample-post images put through the server's preprocessing. The
-  text encoder first gets ONNX Runtime's transformer fusions (Attention,
-  SkipLayerNormalization, BiasGelu, ``onnxruntime.transformers.optimizer``) and is then
-  quantised dynamically, per channel (MatMulInteger, QAttention); it needs no calibration.
+  unsigned activations and signed weights (U8S8: ONNX Runtime runs it as QLinearConv,
+  about 3 times faster than fp32 on AVX-512 VNNI; S8S8 measured no faster than fp32
+  there), its activation ranges calibrated (MinMax) on sample-post images put through
+  the server's preprocessing. The text encoder is quantised dynamically, per channel
+  (DynamicQuantizeLinear + MatMulInteger), on the graph as exported; it needs no
+  calibration.
 * **fp16** (GPU): weights and activations in fp16, inputs and outputs kept fp32 so the
-  contract does not change; the text encoder gets the same fusions first. ONNX Runtime's
-  CPU provider runs the fp16 operators it lacks kernels for in fp32 between inserted
-  casts, so the agreement measured on CPU covers fp16 storage of weights and
-  activations, not fp16 arithmetic.
+  contract does not change; for ONNX Runtime (the embedded target) the text encoder gets
+  ONNX Runtime's transformer fusions first (Attention, SkipLayerNormalization, BiasGelu,
+  ``onnxruntime.transformers.optimizer``). ONNX Runtime's CPU provider runs the fp16
+  operators it lacks kernels for in fp32 between inserted casts, so the agreement
+  measured on CPU covers fp16 storage of weights and activations, not fp16 arithmetic.
 
 The agreement check runs sample posts (``postsim.client.samples``) through the server's
 preprocessing and tokenizer, then through both chains in ONNX Runtime, and compares the
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from postsim.model_repository.contract import (
     ATTENTION_MASK,
@@ -76,6 +78,19 @@ MIN_AGREEMENT_COSINE = 0.99
 CONVERTED_MODELS = (IMAGE_ENCODER, TEXT_ENCODER)
 """The models a precision other than fp32 converts; the fuser stays fp32."""
 _MB = 1e6
+_CONVERSION_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    onnx.checker.ValidationError,
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NotImplemented,
+)
+"""What onnx, the quantiser and ONNX Runtime raise on a model they cannot handle (ONNX
+Runtime's own exceptions derive from Exception, not RuntimeError)."""
+_PRE_PROCESS_ERRORS: tuple[type[Exception], ...] = (*_CONVERSION_ERRORS, onnx.shape_inference.InferenceError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -316,7 +331,7 @@ def _session(path: Path) -> ort.InferenceSession:
     options.log_severity_level = 3  # fp16 models on CPU: no warning per inserted cast
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except (RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as error:
+    except _CONVERSION_ERRORS as error:
         raise ExportError(f"ONNX Runtime cannot load {path}: {error}") from error
 
 
@@ -336,6 +351,9 @@ def measure_agreement(
     chain on the fused embedding (cosine per post) and on each post's ``neighbours``
     nearest posts.
     """
+    posts = sum(len(batch.image_mask) for batch in batches)
+    if posts <= neighbours:
+        raise ExportError(f"agreement needs more than {neighbours} posts (the neighbours compared), got {posts}")
     started = time.perf_counter()
     image_mask = np.concatenate([batch.image_mask for batch in batches])
     text_mask = np.concatenate([batch.text_mask for batch in batches])
@@ -429,7 +447,9 @@ def convert_models(
     paths = {name: work_dir / f"{name}.{precision.value}.onnx" for name in CONVERTED_MODELS}
     paths[FUSER] = Path(fp32_paths[FUSER])
     if precision is Precision.INT8:
-        calibration = calibration_batches(settings, directory=work_dir / "calibration-posts")
+        calibration = calibration_batches(
+            settings, tokenizer_json=tokenizer_json, directory=work_dir / "calibration-posts"
+        )
         quantize_image_encoder(fp32_paths[IMAGE_ENCODER], paths[IMAGE_ENCODER], calibration, work_dir=work_dir)
         quantize_text_encoder(fp32_paths[TEXT_ENCODER], paths[TEXT_ENCODER], work_dir=work_dir)
         description = (
@@ -465,22 +485,15 @@ def convert_models(
     return ConvertedModels(precision=precision, paths=paths, agreement=agreement, description=description)
 
 
-def calibration_batches(settings: PrecisionSettings, *, directory: Path) -> list[np.ndarray]:
+def calibration_batches(settings: PrecisionSettings, *, tokenizer_json: str, directory: Path) -> list[np.ndarray]:
     """``settings.calibration_images`` preprocessed sample-post images, in batches of ``calibration_batch``."""
     # One sample post in ten has no image: draw enough posts for the images wanted.
     posts = settings.calibration_images + settings.calibration_images // 9 + 1
-    batches = sample_corpus(posts, seed=settings.seed, tokenizer_json=_tokenizer_json(), directory=directory)
+    batches = sample_corpus(posts, seed=settings.seed, tokenizer_json=tokenizer_json, directory=directory)
     images = np.concatenate([batch.pixel_values[batch.image_mask[:, 0] > 0] for batch in batches])
     images = images[: settings.calibration_images]
     step = settings.calibration_batch
     return [images[start : start + step] for start in range(0, len(images), step)]
-
-
-def _tokenizer_json() -> str:
-    """Any tokenizer will do where only the images of the posts are used: the bundled one."""
-    from postsim.model_repository.tokenization import default_tokenizer_path
-
-    return default_tokenizer_path().read_text(encoding="utf-8")
 
 
 class _CalibrationReader:
@@ -542,7 +555,7 @@ def quantize_image_encoder(
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
-    except (RuntimeError, ValueError, onnx.checker.ValidationError) as error:
+    except _CONVERSION_ERRORS as error:
         raise ExportError(f"quantising {IMAGE_ENCODER} to int8 failed: {error}") from error
     _log_written(IMAGE_ENCODER, "int8", source, destination, started)
 
@@ -562,7 +575,7 @@ def quantize_text_encoder(source: Path, destination: Path, *, work_dir: Path) ->
     logger.info("int8: quantising %s (dynamic, per channel)", TEXT_ENCODER)
     try:
         quantize_dynamic(prepared, destination, per_channel=True, weight_type=QuantType.QInt8)
-    except (RuntimeError, ValueError, onnx.checker.ValidationError) as error:
+    except _CONVERSION_ERRORS as error:
         raise ExportError(f"quantising {TEXT_ENCODER} to int8 failed: {error}") from error
     _log_written(TEXT_ENCODER, "int8", source, destination, started)
 
@@ -608,7 +621,7 @@ def convert_to_fp16(source: Path, destination: Path, *, model: str, attention: A
             optimized.save_model_to_file(str(destination))
         else:
             onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(destination))
-    except (RuntimeError, ValueError, onnx.checker.ValidationError) as error:
+    except _CONVERSION_ERRORS as error:
         raise ExportError(f"converting {model} to fp16 failed: {error}") from error
     _log_written(model, "fp16", source, destination, started)
 
@@ -625,7 +638,7 @@ def _pre_process(source: Path, destination: Path) -> None:
 
     try:
         quant_pre_process(str(source), str(destination), skip_optimization=True, skip_symbolic_shape=True)
-    except (RuntimeError, ValueError, onnx.shape_inference.InferenceError) as error:
+    except _PRE_PROCESS_ERRORS as error:
         raise ExportError(f"quantisation pre-processing of {source} failed: {error}") from error
 
 

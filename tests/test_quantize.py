@@ -175,6 +175,19 @@ def test_a_broken_quantisation_is_refused_naming_the_cosine(
         require_agreement(report)
 
 
+def test_agreement_refuses_unloadable_models_and_too_few_posts(
+    tiny_models: PostSimModels, fp32_paths: dict[str, Path], tmp_path: Path
+) -> None:
+    batches = sample_corpus(3, seed=0, tokenizer_json=tiny_models.tokenizer_json, directory=tmp_path / "posts")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    candidate = {**fp32_paths, TEXT_ENCODER: garbage}
+    with pytest.raises(ExportError, match=r"ONNX Runtime cannot load .*garbage\.onnx"):
+        measure_agreement(fp32_paths, candidate, batches, precision=Precision.INT8, neighbours=2)
+    with pytest.raises(ExportError, match="more than 10 posts"):
+        measure_agreement(fp32_paths, fp32_paths, batches, precision=Precision.INT8)
+
+
 def test_forcing_writes_below_threshold_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     report = AgreementReport(
         precision=Precision.INT8,
