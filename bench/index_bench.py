@@ -55,6 +55,8 @@ class IndexBenchResult:
     k: int
     memory_bytes: int
     """Size of the serialised CPU index (what ``index.faiss`` takes on disk and in memory)."""
+    threads: int
+    """FAISS's OpenMP threads during the CPU measurements."""
 
 
 def run_index_benchmark(
@@ -66,17 +68,32 @@ def run_index_benchmark(
     seed: int = 0,
     *,
     use_gpu: bool | None = None,
+    threads: int | None = None,
 ) -> list[IndexBenchResult]:
     """Benchmark each index type on ``count`` random unit vectors and ``queries`` queries.
 
     ``use_gpu``: ``None`` adds GPU rows when FAISS sees a GPU, ``False`` skips them,
-    ``True`` requires a GPU.
+    ``True`` requires a GPU. ``threads`` sets FAISS's OpenMP threads for the run (default:
+    FAISS's own, one per core). At 1M vectors on 2 cores the HNSW build alone takes 10 to
+    15 minutes; pass ``index_types`` without it for a quick run.
     """
     if count <= 0 or dim <= 0 or queries <= 0 or k <= 0:
         raise SearchIndexError(f"count, dim, queries and k must be positive, got {count=} {dim=} {queries=} {k=}")
     if use_gpu and not gpu_available():
         raise SearchIndexError("use_gpu=True, but FAISS sees no GPU: install faiss-gpu (`postsim[gpu]`)")
     with_gpu = gpu_available() if use_gpu is None else use_gpu
+    previous_threads = faiss.omp_get_max_threads()
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
+    try:
+        return _run(count, dim, queries, index_types, k, seed, with_gpu=with_gpu)
+    finally:
+        faiss.omp_set_num_threads(previous_threads)
+
+
+def _run(
+    count: int, dim: int, queries: int, index_types: Sequence[IndexType], k: int, seed: int, *, with_gpu: bool
+) -> list[IndexBenchResult]:
     rng = np.random.default_rng(seed)
     base = random_unit_vectors(rng, count, dim)
     probes = random_unit_vectors(rng, queries, dim)
@@ -86,13 +103,11 @@ def run_index_benchmark(
     results = []
     for index_type in index_types:
         plan = choose_index(count, dim, index_type)
-        index, train_s, add_s = _build(plan, base, seed)
-        memory = int(faiss.serialize_index(index).nbytes)
-        built = {"plan": plan, "train_s": train_s, "add_s": add_s, "memory_bytes": memory}
-        results.append(_measure(index, "cpu", probes, truth, k, **built))
+        index, built = _build(plan, base, seed)
+        results.append(_measure(index, "cpu", probes, truth, k, built))
         if with_gpu:
             gpu_index, resources = index_to_gpu(index)
-            results.append(_measure(gpu_index, "gpu", probes, truth, k, **built))
+            results.append(_measure(gpu_index, "gpu", probes, truth, k, built))
             del gpu_index, resources
         del index
     return results
@@ -104,28 +119,30 @@ def random_unit_vectors(rng: np.random.Generator, count: int, dim: int) -> np.nd
     return vectors
 
 
-def _build(plan: IndexPlan, base: np.ndarray, seed: int) -> tuple[faiss.Index, float, float]:
+@dataclass(frozen=True)
+class _Built:
+    plan: IndexPlan
+    train_s: float
+    add_s: float
+    memory_bytes: int
+
+
+def _build(plan: IndexPlan, base: np.ndarray, seed: int) -> tuple[faiss.Index, _Built]:
     logger.info("building %s (%s) over %d vectors", plan.index_type.value, plan.factory_string, len(base))
     index = new_index(plan)
     started = time.perf_counter()
     train_index(index, base, seed=seed)
     trained = time.perf_counter()
     index.add(base)
-    return index, trained - started, time.perf_counter() - trained
+    added = time.perf_counter()
+    memory = int(faiss.serialize_index(index).nbytes)
+    return index, _Built(plan, trained - started, added - trained, memory)
 
 
 def _measure(
-    index: faiss.Index,
-    device: str,
-    probes: np.ndarray,
-    truth: np.ndarray,
-    k: int,
-    *,
-    plan: IndexPlan,
-    train_s: float,
-    add_s: float,
-    memory_bytes: int,
+    index: faiss.Index, device: str, probes: np.ndarray, truth: np.ndarray, k: int, built: _Built
 ) -> IndexBenchResult:
+    plan = built.plan
     logger.info("measuring %s on %s", plan.index_type.value, device)
     k = min(k, index.ntotal)
     latencies = _single_query_latencies(index, probes, k)
@@ -139,15 +156,16 @@ def _measure(
         count=index.ntotal,
         dim=plan.dimension,
         params=dict(plan.params),
-        train_s=train_s,
-        add_s=add_s,
+        train_s=built.train_s,
+        add_s=built.add_s,
         p50_ms=float(np.percentile(latencies, 50) * 1e3),
         p95_ms=float(np.percentile(latencies, 95) * 1e3),
         latency_queries=len(latencies),
         batch_qps=len(probes) / batch_s,
         recall=_recall(found, truth),
         k=k,
-        memory_bytes=memory_bytes,
+        memory_bytes=built.memory_bytes,
+        threads=faiss.omp_get_max_threads(),
     )
     logger.info("%s", result)
     return result
@@ -185,6 +203,7 @@ def format_table(results: Sequence[IndexBenchResult]) -> str:
         "batch q/s",
         "recall@k",
         "size MiB",
+        "threads",
     )
     rows = [header]
     for r in results:
@@ -202,6 +221,7 @@ def format_table(results: Sequence[IndexBenchResult]) -> str:
                 f"{r.batch_qps:,.0f}",
                 f"{r.recall:.3f}@{r.k}",
                 f"{r.memory_bytes / 2**20:,.0f}",
+                str(r.threads) if r.device == "cpu" else "-",
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]

@@ -62,19 +62,25 @@ logger = logging.getLogger("postsim")
 EXACT_SEARCH_MAX_COUNT = 50_000
 """AUTO uses exact search below this many posts, an approximate index from here on."""
 
-# Defaults measured with `postsim bench index` on 1M random unit vectors of 256 floats,
-# the hardest case for approximate search: see bench/index_bench.py.
+# Defaults measured on 1M random unit vectors of 256 floats (the hardest case for
+# approximate search), 2 CPU cores, single-query latency: see bench/index_bench.py.
+#   IVF1024,PQ128x4fs,RFlat  nprobe 1024, k_factor 40: recall@10 0.988, p50 12 ms
+#   IVF1024,PQ256x4fs,RFlat  nprobe  896, k_factor 10: recall@10 0.985, p50 13 ms
+#   IVF1024,PQ128x4fs,RFlat  nprobe 1024, k_factor 20: recall@10 0.959, p50 11 ms (too close)
+#   HNSW32 (efConstruction 40, 555 s to build): recall@10 0.47 at efSearch 2048, 0.67 at 4096
+# No index reached recall 0.95 within 1 ms on this data: random vectors have no structure
+# for an index to exploit. Real embeddings are far easier; lower nprobe (or use HNSW) there.
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
-HNSW_EF_SEARCH = 2048
+HNSW_EF_SEARCH = 512
 IVF_LISTS_PER_SQRT_COUNT = 1
 """nlist = this × sqrt(count), rounded to a power of two."""
 IVF_PROBE_FRACTION = 1.0
-"""nprobe = this × nlist."""
+"""nprobe = this × nlist: on random vectors every probe skipped costs recall."""
 PQ_DIMS_PER_SUBQUANTIZER = 2
 PQ_NBITS = 4
 """4-bit codes: FAISS's fast-scan kernels."""
-REFINE_K_FACTOR = 20
+REFINE_K_FACTOR = 40
 """The PQ search keeps k × this candidates, reranked on the exact vectors."""
 TRAINING_POINTS_PER_LIST = 64
 

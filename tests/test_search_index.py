@@ -379,10 +379,10 @@ def test_latest_version_dir_is_the_highest_number(tmp_path: Path) -> None:
 
 
 def test_benchmark_reports_every_index_type(caplog: pytest.LogCaptureFixture) -> None:
-    results = run_index_benchmark(count=2000, dim=DIM, queries=20, use_gpu=False)
+    results = run_index_benchmark(count=2000, dim=DIM, queries=20, use_gpu=False, threads=1)
     assert [r.index_type for r in results] == [IndexType.FLAT, IndexType.HNSW, IndexType.IVFPQ]
     flat = results[0]
     assert flat.recall == 1.0 and flat.device == "cpu" and flat.memory_bytes >= 2000 * DIM * 4
-    assert all(r.p50_ms > 0 and r.batch_qps > 0 for r in results)
+    assert all(r.p50_ms > 0 and r.batch_qps > 0 and r.threads == 1 for r in results)
     table = format_table(results)
     assert "ivfpq" in table and "recall@k" in table
