@@ -163,7 +163,7 @@ def _connection_hint(message: str, *, ssl: bool, client_certificate: bool) -> st
             "the server's TLS certificate is not signed by a CA you trust, or does not name this host: "
             "pass the CA that signed it as root_certificates"
         )
-    if "Socket closed" in message:
+    if "Socket closed" in message and "failed to connect" in message:  # closed during the handshake
         if not ssl:
             return (
                 "the server closed the connection: it may serve TLS only; connect with ssl=True and root_certificates"
