@@ -107,8 +107,11 @@ class IndexPlan:
             raise SearchIndexError(
                 f"a {self.index_type.value} plan needs the parameters {sorted(required)}, got {sorted(self.params)}"
             )
-        if self.index_type is IndexType.IVFPQ and self.dimension % self.params["pq_m"]:
-            raise SearchIndexError(f"pq_m={self.params['pq_m']} must divide the dimension {self.dimension}")
+        if self.index_type is IndexType.IVFPQ:
+            if self.dimension % self.params["pq_m"]:
+                raise SearchIndexError(f"pq_m={self.params['pq_m']} must divide the dimension {self.dimension}")
+            if self.params["pq_nbits"] != PQ_NBITS:
+                raise SearchIndexError(f"pq_nbits must be {PQ_NBITS} (fast-scan codes), got {self.params['pq_nbits']}")
 
     @property
     def factory_string(self) -> str:
@@ -299,6 +302,7 @@ def write_index_dir(
     _check_writable_target(out_dir, index, ids, manifest)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     try:
         written = _write_files(staging, index, ids, manifest)
         _fsync_path(staging)

@@ -86,6 +86,20 @@ def test_explicit_index_type_is_kept() -> None:
 
 
 @pytest.mark.parametrize(
+    ("index_type", "params", "message"),
+    [
+        (IndexType.AUTO, {}, "choose_index() resolves AUTO"),
+        (IndexType.HNSW, {"M": 32}, "needs the parameters ['M', 'efConstruction', 'efSearch'], got ['M']"),
+        (IndexType.IVFPQ, {**choose_index(10**6, 256, IndexType.IVFPQ).params, "pq_m": 3}, "must divide"),
+    ],
+)
+def test_plan_checks_its_parameters(index_type: IndexType, params: dict[str, int], message: str) -> None:
+    with pytest.raises(SearchIndexError) as caught:
+        IndexPlan(index_type=index_type, dimension=256, params=params)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("embeddings", "ids", "message"),
     [
         (np.zeros((3, DIM), dtype=np.float64), post_ids(3), "must be float32, got float64"),
@@ -143,6 +157,7 @@ def test_written_directory_has_the_three_files_and_a_complete_manifest(tmp_path:
     assert manifest.created_at.endswith("+00:00")
     assert json.loads((directory / IDS_FILE).read_text()) == post_ids(200)
     assert list(tmp_path.iterdir()) == [directory], "no temporary directories are left behind"
+    assert directory.stat().st_mode & 0o755 == 0o755, "readable by the server's user"
 
 
 def test_manifest_round_trips_through_json(tmp_path: Path) -> None:
