@@ -89,8 +89,13 @@ def export(
     head: Annotated[Path | None, typer.Option(help="Checkpoint of the projections and the fuser.")] = None,
     size: Annotated[str, typer.Option(help="full (ResNet-101, DistilBERT) or tiny (for tests).")] = "full",
     seed: Annotated[int, typer.Option(help="Seed of random weights and of the head when no checkpoint is given.")] = 0,
+    precision: Annotated[str, typer.Option(help="fp32; int8 (quantised encoders, CPU); fp16 (GPU).")] = "fp32",
+    force_precision: Annotated[
+        bool, typer.Option(help="Write int8/fp16 models even when they agree with fp32 below 0.99 mean cosine.")
+    ] = False,
 ) -> None:
     """Export the image encoder, text encoder and fuser to ONNX and write the Triton model repository."""
+    from postsim.export.quantize import Precision
     from postsim.export.repository import ExportOptions, export_repository
     from postsim.export.triton_config import Target
     from postsim.export.weights import ModelSettings, ModelSize
@@ -98,6 +103,8 @@ def export(
     options = ExportOptions(
         repository=repository,
         target=_choice(Target, target, "--target"),
+        precision=_choice(Precision, precision, "--precision"),
+        force_precision=force_precision,
         models=ModelSettings(
             dim=dim,
             weights=weights,
@@ -111,6 +118,8 @@ def export(
     report = export_repository(options)
     for name, check in report.validation.items():
         stdout.print(f"{name}: {check}")
+    if report.agreement is not None:
+        stdout.print(f"{precision} agreement with fp32: {report.agreement}")
     stdout.print(f"repository ready: {report.repository} (weights fingerprint {report.manifest.fingerprint})")
 
 
