@@ -63,11 +63,13 @@ EXACT_SEARCH_MAX_COUNT = 50_000
 """AUTO uses exact search below this many posts, an approximate index from here on."""
 
 # Defaults measured on 1M random unit vectors of 256 floats (the hardest case for
-# approximate search), 2 CPU cores, single-query latency: see bench/index_bench.py.
-#   IVF1024,PQ128x4fs,RFlat  nprobe 1024, k_factor 40: recall@10 0.988, p50 12 ms
-#   IVF1024,PQ256x4fs,RFlat  nprobe  896, k_factor 10: recall@10 0.985, p50 13 ms
-#   IVF1024,PQ128x4fs,RFlat  nprobe 1024, k_factor 20: recall@10 0.959, p50 11 ms (too close)
-#   HNSW32 (efConstruction 40, 555 s to build): recall@10 0.47 at efSearch 2048, 0.67 at 4096
+# approximate search) on 2 shared CPU cores; `postsim bench index`, single-query p50:
+#   Flat (exact)                                        recall@10 1.000  p50 45 ms (1 thread)
+#   IVF1024,PQ128x4fs,RFlat nprobe 1024, k_factor 40:  recall@10 0.983  p50  8 ms (1 thread)
+#   IVF1024,PQ256x4fs,RFlat nprobe  896, k_factor 10:  recall@10 0.985  p50 13 ms
+#   IVF1024,PQ128x4fs,RFlat nprobe 1024, k_factor 20:  recall@10 0.959  p50 11 ms (too close)
+#   HNSW32, efConstruction 40 (9 to 14 min to build):   recall@10 0.17 at efSearch 512,
+#                                                       0.47 at 2048, 0.67 at 4096 (84 ms)
 # No index reached recall 0.95 within 1 ms on this data: random vectors have no structure
 # for an index to exploit. Real embeddings are far easier; lower nprobe (or use HNSW) there.
 HNSW_M = 32
