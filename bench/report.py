@@ -200,6 +200,21 @@ def _notes(report: ServingBenchReport) -> list[str]:
     return notes
 
 
+def _cpu_breakdown(report: ServingBenchReport) -> tuple[list[str], list[list[str]]]:
+    """Server CPU ms per post by model, one row per Triton configuration and concurrency."""
+    models = sorted(
+        {m for c in report.configurations for p in c.points for m in p.cpu_ms_per_post_by_model},
+        key=lambda m: (m == "tritonserver", m),
+    )
+    rows = [
+        [c.name, c.label(p), *(f"{p.cpu_ms_per_post_by_model.get(m, 0.0):.1f}" for m in models)]
+        for c in report.configurations
+        for p in c.points
+        if p.cpu_ms_per_post_by_model
+    ]
+    return ["configuration", "point", *models], rows
+
+
 def format_report(report: ServingBenchReport) -> RenderableType:
     """The results table, the targets and the notes, for a rich console."""
     table = Table(title=_title(report), title_justify="left")
@@ -209,6 +224,14 @@ def format_report(report: ServingBenchReport) -> RenderableType:
         for index, point in enumerate(configuration.points):
             table.add_row(*_row(configuration, point, index == 0), end_section=index == len(configuration.points) - 1)
     parts: list[RenderableType] = [table]
+    header, rows = _cpu_breakdown(report)
+    if rows:
+        breakdown = Table(title="server CPU ms per post, by model", title_justify="left")
+        for column in header:
+            breakdown.add_column(column, justify="left" if column in ("configuration", "point") else "right")
+        for row in rows:
+            breakdown.add_row(*row)
+        parts.append(breakdown)
     checks = target_checks(report)
     if checks:
         targets = Table(title="targets (shown, not asserted)", title_justify="left")
@@ -227,6 +250,10 @@ def format_markdown(report: ServingBenchReport) -> str:
     """The results and targets as markdown tables (for reports and TUNING.md)."""
     lines = [f"**{_title(report)}**", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
+    header, rows = _cpu_breakdown(report)
+    if rows:
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     checks = target_checks(report)
     if checks:
         lines += ["", "| target | measured | goal | |", "|---|---|---|---|"]

@@ -73,6 +73,8 @@ class BenchPoint:
     """CPU time the work took per post, all threads and processes: the server's for Triton, this
     process's in process. Less disturbed than latency by other work on the machine; on a machine
     to itself, throughput can reach at most cores × 1000 / this."""
+    cpu_ms_per_post_by_model: dict[str, float] = field(default_factory=dict)
+    """The server's CPU per post split by model (``tritonserver``: the server process itself)."""
     client_cpu_ms_per_post: float | None = None
     """CPU time the load generator itself took per post (it shares the machine with the server)."""
 

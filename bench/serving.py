@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from postsim.bench.baselines import BaselineSettings, max_abs_diff, run_baselines
+from postsim.bench.cpu import CpuClock, cpu_ms_per_post, process_group_cpu
 from postsim.bench.results import (
     TRITON_POST_EMBEDDING,
     TRITON_SIMILAR_POSTS,
@@ -58,8 +59,6 @@ logger = logging.getLogger("postsim")
 
 Sender = Callable[[BenchPost], Awaitable[np.ndarray]]
 """Sends one post and returns its fused embedding."""
-CpuClock = Callable[[], float]
-"""Cumulative CPU seconds of the server's processes."""
 
 _CONFIGURATION_NAMES = {
     contract.POST_EMBEDDING: TRITON_POST_EMBEDDING,
@@ -176,9 +175,9 @@ async def run_level(
     client_cpu_started = time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     client_cpu = time.process_time() - client_cpu_started
-    server_cpu_ms = None
+    by_model: dict[str, float] = {}
     if server_cpu is not None and server_cpu_started is not None:
-        server_cpu_ms = (server_cpu() - server_cpu_started) * 1e3 / issued
+        by_model = cpu_ms_per_post(server_cpu_started, server_cpu(), issued)
     point = BenchPoint(
         concurrency=concurrency,
         batch_size=1,
@@ -187,7 +186,8 @@ async def run_level(
         seconds=max(ends) - min(starts),
         latency=LatencyStats.of(latencies),
         first_error=errors[0] if errors else None,
-        cpu_ms_per_post=server_cpu_ms,
+        cpu_ms_per_post=sum(by_model.values()) if by_model else None,
+        cpu_ms_per_post_by_model=by_model,
         client_cpu_ms_per_post=client_cpu * 1e3 / issued,
     )
     return point, embeddings
@@ -249,34 +249,6 @@ async def sweep_ensemble(
 
 
 # --------------------------------------------------------------------------- repository and server
-
-
-def process_group_cpu(group: int) -> CpuClock | None:
-    """A clock of the CPU seconds used by the processes of a process group (Linux /proc); None elsewhere.
-
-    tritonserver runs in its own process group with its Python-backend stubs, so this
-    counts every model's work.
-    """
-    proc = Path("/proc")
-    if not (proc / str(group) / "stat").is_file():
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def clock() -> float:
-        ticks = 0
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # exited meanwhile
-            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp ...
-            if int(fields[2]) == group:
-                ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        return ticks / tick
-
-    return clock
 
 
 def _link_or_copy(source: str, target: str) -> None:

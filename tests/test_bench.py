@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from rich.console import Console
 
 from postsim.bench.baselines import BaselineSettings
+from postsim.bench.cpu import cpu_ms_per_post
 from postsim.bench.report import JSON_NAME, PLOT_NAME, format_markdown, format_report, write_outputs
 from postsim.bench.results import (
     ORT_IN_PROCESS,
@@ -85,6 +87,14 @@ def test_run_level_counts_errors() -> None:
     assert point.posts == 4
 
 
+def test_cpu_per_post_by_model_survives_processes_coming_and_going() -> None:
+    before = {1: ("tritonserver", 1.0), 2: ("image_encoder", 5.0), 3: ("retrieval", 2.0)}
+    after = {1: ("tritonserver", 1.5), 2: ("image_encoder", 9.0), 4: ("retrieval", 0.2)}  # retrieval reloaded
+    assert cpu_ms_per_post(before, after, posts=10) == pytest.approx(
+        {"image_encoder": 400.0, "retrieval": 20.0, "tritonserver": 50.0}
+    )
+
+
 def test_settings_refuse_what_cannot_run() -> None:
     with pytest.raises(BenchError, match="repository"):
         ServingBenchSettings()
@@ -132,6 +142,10 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
             assert 0 < point.latency.p50_ms <= point.latency.p95_ms <= point.latency.p99_ms
             assert point.posts_per_s > 0
     assert [p.concurrency for p in report.configurations[2].points] == [1, 2]
+    if sys.platform == "linux":  # CPU time comes from /proc
+        by_model = report.configurations[2].points[0].cpu_ms_per_post_by_model
+        assert {"image_encoder", "text_encoder", "fuser", "tritonserver"} <= set(by_model)
+        assert all(value >= 0 for value in by_model.values())
     assert report.precision == "fp32" and report.serving["image_encoder"]["instances"] >= 1
 
     outputs = write_outputs(report, tmp_path / "out")
