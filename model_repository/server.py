@@ -364,6 +364,10 @@ class StubWatchdog:
         self.check()  # note the stubs of the models loaded at start
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stopping.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
