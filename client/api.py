@@ -218,8 +218,8 @@ def map_server_error(
     if dead_stub:
         return ServerError(
             f"model '{dead_stub.group(1)}' lost its process on the server at {url} (it crashed or was killed) "
-            f"and failed {subject}{part}: `postsim serve` reloads it within seconds, so retry; if this persists, "
-            "restart the server and read its log",
+            f"and failed {subject}{part}: `postsim serve` reloads it within seconds, so retry; if this persists "
+            "(or the server is a bare tritonserver, which never does), restart the server and read its log",
             status=status,
         )
     if is_shared_memory_error(message):
