@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.model_repository import contract
 from postsim.model_repository.errors import (
+    NO_INDEX_MESSAGE,
     InvalidPostError,
     PostSimError,
     ServerError,
@@ -214,6 +215,8 @@ def map_server_error(
         else:
             hint = _short(message)
         return ServerError(f"model '{model}' is not loaded on the server at {url}: {hint}", status=status)
+    if NO_INDEX_MESSAGE in message:
+        return ServerError(f"{subject} cannot answer{part}: {NO_INDEX_MESSAGE}, then retry", status=status)
     dead_stub = _DEAD_STUB.search(message)
     if dead_stub:
         return ServerError(

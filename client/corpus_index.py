@@ -4,14 +4,17 @@ Posts go to ``post_embedding`` in batches, several batches in flight at once. A 
 server refuses as invalid is retried post by post, so one bad post is reported by its id
 and the others are indexed. Nothing is written until every post has been tried; the index
 directory is then written atomically, so an interrupted build leaves the output as it was.
+Ctrl-C stops sending and lets the requests in flight finish before the build stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +90,12 @@ async def embed_corpus(
     batch_size: int,
     concurrency: int,
     on_progress: ProgressCallback | None = None,
+    stop: asyncio.Event | None = None,
 ) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
-    """Every post's embedding, in corpus order, and the posts the server refused."""
+    """Every post's embedding, in corpus order, and the posts the server refused.
+
+    Once ``stop`` is set, no further batch is sent and the batches in flight finish.
+    """
     batches = [posts[start : start + batch_size] for start in range(0, len(posts), batch_size)]
     gate = asyncio.Semaphore(concurrency)
     done = 0
@@ -96,6 +103,8 @@ async def embed_corpus(
     async def run(batch: list[CorpusPost]) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
         nonlocal done
         async with gate:
+            if stop is not None and stop.is_set():
+                return [], []
             try:
                 outcome = await _embed_batch(client, batch)
             except InvalidPostError as error:
@@ -109,6 +118,33 @@ async def embed_corpus(
     embedded = [item for batch_embedded, _ in outcomes for item in batch_embedded]
     failures = [failure for _, batch_failures in outcomes for failure in batch_failures]
     return embedded, failures
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[asyncio.Event]:
+    """Ctrl-C (SIGINT) sets the event instead of cancelling the requests in flight; a second one cancels.
+
+    A request cancelled inside a Triton 2.51 ensemble can crash the server, so a build
+    the user interrupts stops sending, lets what is in flight finish, and then stops.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def interrupted() -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        LOGGER.warning("interrupted: finishing the requests in flight (Ctrl-C again to cancel them)")
+        stop.set()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread: no handler to install
+        yield stop
+        return
+    try:
+        yield stop
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def build_corpus_index(
@@ -132,13 +168,17 @@ def build_corpus_index(
                     f"the server at {settings.url} does not say which weights it serves (no postsim_fingerprint "
                     "in post_embedding's config): export the repository again with this version of postsim"
                 )
-            embedded, failures = await embed_corpus(
-                posts,
-                client,
-                batch_size=settings.batch_size,
-                concurrency=settings.concurrency,
-                on_progress=on_progress,
-            )
+            with _stop_on_interrupt() as stop:
+                embedded, failures = await embed_corpus(
+                    posts,
+                    client,
+                    batch_size=settings.batch_size,
+                    concurrency=settings.concurrency,
+                    on_progress=on_progress,
+                    stop=stop,
+                )
+            if stop.is_set():
+                raise KeyboardInterrupt
             return info.fingerprint, embedded, failures
 
     fingerprint, embedded, failures = asyncio.run(embed_all())

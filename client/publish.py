@@ -6,6 +6,9 @@ version) and asks the running server to load it. Triton loads the new version wh
 old one keeps serving and then retires the old one, so queries never fail during the
 swap. A version the server refuses is moved aside, and the server keeps the one it had.
 Old versions stay on disk; rollback moves the newest aside and reloads.
+
+``similar_posts`` reaches ``retrieval`` through ``retrieval_gateway``, so no ensemble
+names it and a publish loads ``retrieval`` alone.
 """
 
 from __future__ import annotations
@@ -73,12 +76,10 @@ def install_version(index_dir: Path, repository: Path) -> Path:
 
 
 def _load_and_check(client: PostSimClient, version: int) -> None:
-    """Load retrieval (and the ensemble that needs it); raise unless ``version`` is what serves."""
+    """Reload retrieval; raise unless ``version`` is what serves."""
     client.load_model(contract.RETRIEVAL)
     if not client.is_model_ready(contract.RETRIEVAL, str(version)):
         raise SearchIndexError(f"the server did not bring retrieval version {version} up")
-    if not client.is_model_ready(contract.SIMILAR_POSTS):
-        client.load_model(contract.SIMILAR_POSTS)
 
 
 def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | None = None) -> PublishReport:
@@ -104,9 +105,7 @@ def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> 
     model_dir = _retrieval_dir(repository)
     versions = version_dirs(model_dir)
     if len(versions) < 2:
-        raise SearchIndexError(
-            f"{model_dir} holds {len(versions)} index version(s): there is no previous version to roll back to"
-        )
+        raise SearchIndexError(f"{model_dir} holds {len(versions)} published index version(s): nothing to roll back to")
     newest, previous = versions[-1], versions[-2]
     aside = _set_aside(newest, "rolled-back")
     LOGGER.info("retired retrieval version %s (kept in %s)", newest.name, aside)

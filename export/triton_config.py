@@ -109,21 +109,10 @@ ENSEMBLE_STEPS: dict[str, tuple[str, ...]] = {
         contract.IMAGE_ENCODER,
         contract.TEXT_ENCODER,
         contract.FUSER,
-        contract.RETRIEVAL,
+        contract.RETRIEVAL_GATEWAY,
     ),
 }
 """The models each ensemble chains. Tensors flow between steps by their contract names."""
-
-STEP_ORDER: dict[str, tuple[TensorSpec, ...]] = {contract.TOKENIZE: (contract.IMAGE_MASK,)}
-"""Outputs of earlier steps a step waits for without reading them (optional inputs of its config).
-
-Triton 2.51 mishandles an ensemble request that fails in one step while a parallel step of
-it is still queued: the orphaned step later runs on the request's freed buffers (a request
-batched with it failed with "unexpected number of string elements 2 for inference input
-'TEXT'") and the request is never counted as finished (shutdown waits out its exit
-timeout). So ``preprocess_image`` checks every post first and ``tokenize`` starts after
-it; the two encoders, which never refuse checked inputs, still run in parallel.
-"""
 
 
 def _input_config(tensor: TensorSpec) -> pb.ModelInput:
@@ -189,15 +178,17 @@ def onnxruntime_model_config(
     return config
 
 
-def ensemble_config(
-    spec: ModelSpec, step_specs: Iterable[ModelSpec], order: Mapping[str, tuple[TensorSpec, ...]] = STEP_ORDER
-) -> pb.ModelConfig:
-    """An ensemble whose steps exchange tensors under their contract names; ``order`` adds waits."""
+def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.ModelConfig:
+    """An ensemble whose steps exchange tensors under their contract names.
+
+    Steps are wired by data alone: Triton 2.51 crashes when it re-creates an ensemble (as it
+    does when an index version of `retrieval` is loaded) whose steps map optional inputs.
+    """
     config = _base_config(spec)
     config.platform = "ensemble"
     for step in step_specs:
         step_config = config.ensemble_scheduling.step.add(model_name=step.name, model_version=-1)
-        for tensor in (*step.inputs, *order.get(step.name, ())):
+        for tensor in step.inputs:
             step_config.input_map[tensor.name] = tensor.name
         for tensor in step.outputs:
             step_config.output_map[tensor.name] = tensor.name
@@ -241,10 +232,6 @@ def repository_configs(
     configs: dict[str, pb.ModelConfig] = {}
     for name in (contract.PREPROCESS_IMAGE, contract.TOKENIZE):
         configs[name] = python_model_config(specs[name], settings, parameters=input_limits.parameters(name))
-    for name, waits_for in STEP_ORDER.items():
-        for tensor in waits_for:
-            configs[name].input.append(_input_config(tensor))
-            configs[name].input[-1].optional = True
     for name in contract.ONNX_MODELS:
         if target is Target.TRITON:
             configs[name] = onnxruntime_model_config(specs[name], settings)
@@ -258,6 +245,7 @@ def repository_configs(
     )
     if include_retrieval:
         configs[contract.RETRIEVAL] = retrieval_config(dim, settings, target=target, limits=input_limits)
+        configs[contract.RETRIEVAL_GATEWAY] = python_model_config(specs[contract.RETRIEVAL_GATEWAY], settings)
         configs[contract.SIMILAR_POSTS] = ensemble_config(
             specs[contract.SIMILAR_POSTS], [specs[step] for step in ENSEMBLE_STEPS[contract.SIMILAR_POSTS]]
         )

@@ -23,7 +23,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from postsim.model_repository import contract
-from postsim.model_repository.errors import InvalidPostError, PostSimError, RepositoryError
+from postsim.model_repository.errors import (
+    InvalidPostError,
+    NoIndexPublishedError,
+    PostSimError,
+    RepositoryError,
+)
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
 LOGGER = logging.getLogger("postsim")
@@ -52,6 +57,8 @@ def _error_response(error: Exception) -> Any:
     """INVALID_ARG for bad input; INTERNAL (with a generic message) for anything else."""
     if isinstance(error, InvalidPostError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+    if isinstance(error, NoIndexPublishedError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
     LOGGER.exception("request failed", exc_info=error)
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError("internal error; the server log has the details", pb_utils.TritonError.INTERNAL)
@@ -116,8 +123,8 @@ class PreprocessImageModel(_PerRequestModel):
     Every per-post check of the ensembles happens here, in their first step (posts with
     neither modality, images, texts that are not UTF-8), before any other step is
     scheduled: Triton 2.51 mishandles an ensemble request that fails in one step while a
-    parallel step of it is still queued (see ``STEP_ORDER`` in
-    ``postsim.export.triton_config``).
+    parallel step of it is still queued. The checked text goes on as CHECKED_TEXT, which
+    ``tokenize`` reads, so it starts only after the checks.
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -152,6 +159,7 @@ class PreprocessImageModel(_PerRequestModel):
         return [
             pb_utils.Tensor(contract.PIXEL_VALUES.name, pixels),
             pb_utils.Tensor(contract.IMAGE_MASK.name, mask),
+            pb_utils.Tensor(contract.CHECKED_TEXT.name, np.array(texts, dtype=np.object_).reshape(-1, 1)),
         ]
 
 
@@ -176,7 +184,8 @@ class TokenizeModel(_PerRequestModel):
         self.tokenizer = TextTokenizer.from_file(_version_dir(args) / "tokenizer.json", max_chars=max_chars)
 
     def _run(self, request: Any) -> list[Any]:
-        input_ids, attention_mask, text_mask, errors = self.tokenizer.encode(_strings(request, contract.TEXT.name))
+        texts = _strings(request, contract.CHECKED_TEXT.name)
+        input_ids, attention_mask, text_mask, errors = self.tokenizer.encode(texts)
         _first_error(errors, contract.TEXT.name)
         return [
             pb_utils.Tensor(contract.INPUT_IDS.name, input_ids),
@@ -390,6 +399,47 @@ class RetrievalModel(_PerRequestModel):
             pb_utils.Tensor(contract.IDS.name, ids.reshape(len(results), width)),
             pb_utils.Tensor(contract.SCORES.name, scores.reshape(len(results), width)),
         ]
+
+
+class RetrievalGatewayModel:
+    """The last step of ``similar_posts``: forwards each request to ``retrieval`` (a BLS call).
+
+    ``retrieval`` is loaded once the first index is published; until then this answers
+    UNAVAILABLE with a message that says to publish one. The ensemble names this model,
+    not ``retrieval``, so a new index version loads by
+    swapping ``retrieval`` alone, the way Triton swaps versions of any model: requests in
+    flight finish on the old version, new ones reach the new one. (Triton 2.51 re-creates an
+    ensemble that names a model whenever a version of that model loads, and crashes when a
+    query reaches the ensemble it is retiring.) Errors of ``retrieval`` come back unchanged.
+    """
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.output_names = [contract.IDS.name, contract.SCORES.name]
+
+    async def execute(self, requests: list[Any]) -> list[Any]:
+        import asyncio
+
+        return list(await asyncio.gather(*(self._forward(request) for request in requests)))
+
+    async def _forward(self, request: Any) -> Any:
+        try:
+            inputs = [
+                pb_utils.Tensor(name, _input(request, name)) for name in (contract.EMBEDDING_NAME, contract.TOP_K.name)
+            ]
+        except InvalidPostError as error:
+            return _error_response(error)
+        call = pb_utils.InferenceRequest(
+            model_name=contract.RETRIEVAL, requested_output_names=self.output_names, inputs=inputs
+        )
+        answer = await call.async_exec()
+        if answer.has_error():
+            reason = answer.error().message().lower()
+            if "unknown model" in reason or "is not ready" in reason:  # retrieval loads with the first index
+                return _error_response(NoIndexPublishedError())
+            return pb_utils.InferenceResponse(error=answer.error())
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in self.output_names]
+        )
 
 
 def _single_top_k(top_k: np.ndarray, limit: int) -> int:

@@ -39,6 +39,16 @@ class SearchIndexError(PostSimError):
     """Building, verifying, publishing or loading a FAISS index failed."""
 
 
+NO_INDEX_MESSAGE = "no index is published yet: publish one with `postsim index publish`"
+
+
+class NoIndexPublishedError(SearchIndexError):
+    """similar_posts was asked before any index was published (retrieval serves its empty placeholder)."""
+
+    def __init__(self) -> None:
+        super().__init__(NO_INDEX_MESSAGE)
+
+
 class ServerError(PostSimError):
     """The server answered a request with an error.
 

@@ -20,6 +20,7 @@ PYTHON_BACKEND_CLASSES = {
     contract.TEXT_ENCODER: "OnnxRuntimeModel",
     contract.FUSER: "OnnxRuntimeModel",
     contract.RETRIEVAL: "RetrievalModel",
+    contract.RETRIEVAL_GATEWAY: "RetrievalGatewayModel",
 }
 """The class serving each Python-backend model (every model of the embedded target but the ensembles)."""
 
@@ -31,6 +32,7 @@ LOAD_ORDER = (
     contract.FUSER,
     contract.POST_EMBEDDING,
     contract.RETRIEVAL,
+    contract.RETRIEVAL_GATEWAY,
     contract.SIMILAR_POSTS,
 )
 
@@ -54,7 +56,8 @@ def version_dirs(model_dir: Path) -> list[Path]:
 def loadable_models(repository: Path) -> list[str]:
     """Models with a config and at least one version folder, in dependency order.
 
-    ``similar_posts`` is loadable only once ``retrieval`` has an index version.
+    ``retrieval`` is loadable once an index is published; ``similar_posts`` reaches it through
+    ``retrieval_gateway`` (which answers "publish an index" until then).
     """
     found = []
     for model in LOAD_ORDER:
@@ -63,6 +66,6 @@ def loadable_models(repository: Path) -> list[str]:
             continue
         if version_dirs(model_dir):
             found.append(model)
-    if contract.SIMILAR_POSTS in found and contract.RETRIEVAL not in found:
+    if contract.SIMILAR_POSTS in found and contract.RETRIEVAL_GATEWAY not in found:
         found.remove(contract.SIMILAR_POSTS)
     return found

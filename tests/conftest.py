@@ -42,7 +42,8 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> ExportedRep
 def server_settings(repository: Path, **overrides: object) -> ServerSettings:
     """Settings for a test server on free ports, listening on loopback only."""
     ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
-    return ServerSettings(repository=repository, address="127.0.0.1", **{**ports, **overrides})  # type: ignore[arg-type]
+    settings = {"repository": repository, "address": "127.0.0.1", **ports, **overrides}
+    return ServerSettings(**settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

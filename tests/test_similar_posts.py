@@ -18,7 +18,7 @@ from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
 from postsim.client.posts import Post
 from postsim.client.publish import install_version, publish_index, rollback_index
 from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
-from postsim.model_repository.errors import PostSimError, SearchIndexError
+from postsim.model_repository.errors import PostSimError, SearchIndexError, ServerError
 from postsim.model_repository.search_index import IndexType, read_manifest
 from postsim.model_repository.server import TritonServer
 
@@ -47,6 +47,16 @@ def published(server: TritonServer, corpus_dir: Path, tmp_path_factory: pytest.T
     with PostSimClient(server.endpoints.grpc) as client:
         publish_index(index_dir, server.repository, client=client)
     return PublishedCorpus(posts=list(read_posts(corpus_dir / "posts.jsonl")), index_dir=index_dir)
+
+
+def test_before_any_publish_similar_posts_says_to_publish_an_index(server: TritonServer) -> None:
+    """Runs before the module's `published` fixture: retrieval is not loaded yet."""
+    with PostSimClient(server.endpoints.grpc) as client:
+        assert client.is_model_ready("similar_posts")
+        with pytest.raises(ServerError, match="postsim index publish"):
+            client.similar(Post(text="sunset over the sea"), k=3)
+        with pytest.raises(SearchIndexError, match="nothing to roll back"):
+            rollback_index(server.repository, client=client)
 
 
 def test_an_indexed_post_finds_itself_first(server: TritonServer, published: PublishedCorpus) -> None:
@@ -102,14 +112,21 @@ def test_an_interrupted_build_leaves_the_output_as_it_was(
     shutil.copytree(published.index_dir, out_dir)
     before = {path.name: path.read_bytes() for path in out_dir.iterdir()}
 
+    pressed = []
+
     def interrupt(done: int, total: int) -> None:
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as a user would press it mid-build
+        if not pressed:  # Ctrl-C once, as a user would press it mid-build
+            pressed.append(done)
+            os.kill(os.getpid(), signal.SIGINT)
 
     settings = CorpusIndexSettings(corpus=corpus_dir / "posts.jsonl", out_dir=out_dir, url=server.endpoints.grpc)
     with pytest.raises(KeyboardInterrupt):
         build_corpus_index(settings, on_progress=interrupt)
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
+    # The requests in flight were let finish, not cancelled: the server still answers.
+    with PostSimClient(server.endpoints.grpc) as client:
+        assert client.embed([Post(text="still up")])[0].text_weight == 1.0
 
 
 @pytest.fixture
