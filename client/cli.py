@@ -150,6 +150,9 @@ def serve(
     log_file: Annotated[
         Path | None, typer.Option(help="Where tritonserver's log goes (default: a temporary file).")
     ] = None,
+    shm_default_bytes: Annotated[
+        int, typer.Option(min=4 << 20, help="Shared memory each Python-backend model instance starts with.")
+    ] = 16 << 20,
 ) -> None:
     """Start tritonserver on the repository and serve until SIGINT or SIGTERM."""
     from postsim.model_repository.server import ServerSettings, TlsSettings, TritonServer
@@ -166,6 +169,7 @@ def serve(
         metrics_port=metrics_port,
         tls=tls,
         admin_key=admin_key,
+        shm_default_bytes=shm_default_bytes,
     )
     server = TritonServer(settings, log_path=log_file)
     stop_requested = threading.Event()
@@ -390,6 +394,56 @@ def demo(
     _print_neighbors(result.neighbors, result.captions)
 
 
+@bench_app.command("index")
+@reports_errors
+def bench_index(
+    count: Annotated[int, typer.Option(min=1, help="Random unit vectors in the index.")] = 1_000_000,
+    dim: Annotated[int, typer.Option(min=1, help="Their dimension.")] = contract.DEFAULT_EMBEDDING_DIM,
+    queries: Annotated[int, typer.Option(min=1, help="Queries for latency and recall.")] = 1000,
+    index_type: Annotated[list[str] | None, typer.Option(help="flat, hnsw, ivfpq (repeat); default all.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="FAISS threads (default: all cores).")] = None,
+) -> None:
+    """Build time, p50 latency and recall@10 against exact search for each index type (CPU, and GPU if present)."""
+    from postsim.bench.index_bench import DEFAULT_INDEX_TYPES, format_table, run_index_benchmark
+    from postsim.model_repository.search_index import IndexType
+
+    types = [_choice(IndexType, value, "--index-type") for value in index_type] if index_type else DEFAULT_INDEX_TYPES
+    results = run_index_benchmark(count=count, dim=dim, queries=queries, index_types=types, threads=threads)
+    stdout.print(format_table(results), highlight=False, markup=False, soft_wrap=True)
+
+
+@bench_app.command("soak")
+@reports_errors
+def bench_soak(
+    url: UrlOption = "localhost:8001",
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests held in flight.")] = 16,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to hold the load, after the warm-up.")] = 600.0,
+    interval: Annotated[float, typer.Option(min=1, help="Seconds per reported interval.")] = 30.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds of load before measuring.")] = 30.0,
+    server_pid: Annotated[
+        int | None, typer.Option(help="tritonserver's pid, to report its and its stubs' memory.")
+    ] = None,
+) -> None:
+    """Hold a concurrency of requests for a while; report latency over time, errors and memory. Exit 1 on any error."""
+    from postsim.bench.soak import format_soak, run_soak
+
+    def show(interval_stats: Any) -> None:
+        LOGGER.info("%s", interval_stats)
+
+    report = run_soak(
+        url,
+        concurrency=concurrency,
+        duration_s=duration,
+        interval_s=interval,
+        warmup_s=warmup,
+        server_pid=server_pid,
+        on_interval=show,
+    )
+    stdout.print(format_soak(report), highlight=False, markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @contextlib.contextmanager
 def _admin_client(url: str | None, admin_key: str | None) -> Iterator[Any]:
     """A client for model control, or None when no server is named."""
@@ -397,10 +451,8 @@ def _admin_client(url: str | None, admin_key: str | None) -> Iterator[Any]:
         yield None
         return
     from postsim.client.api import PostSimClient
-    from postsim.model_repository.server import RESTRICTED_HEADER
 
-    headers = {RESTRICTED_HEADER: admin_key} if admin_key else None
-    with PostSimClient(url, headers=headers) as client:
+    with PostSimClient(url, admin_key=admin_key) as client:
         yield client
 
 
