@@ -91,6 +91,7 @@ class InputLimits:
             },
             contract.TOKENIZE: {"max_text_chars": str(self.max_text_chars)},
             contract.RETRIEVAL: {"max_top_k": str(self.max_top_k)},
+            contract.RETRIEVAL_GATEWAY: {"max_top_k": str(self.max_top_k)},  # checked before calling retrieval
         }
         return by_model.get(model, {})
 
@@ -245,7 +246,9 @@ def repository_configs(
     )
     if include_retrieval:
         configs[contract.RETRIEVAL] = retrieval_config(dim, settings, target=target, limits=input_limits)
-        configs[contract.RETRIEVAL_GATEWAY] = python_model_config(specs[contract.RETRIEVAL_GATEWAY], settings)
+        configs[contract.RETRIEVAL_GATEWAY] = python_model_config(
+            specs[contract.RETRIEVAL_GATEWAY], settings, parameters=input_limits.parameters(contract.RETRIEVAL_GATEWAY)
+        )
         configs[contract.SIMILAR_POSTS] = ensemble_config(
             specs[contract.SIMILAR_POSTS], [specs[step] for step in ENSEMBLE_STEPS[contract.SIMILAR_POSTS]]
         )
@@ -276,7 +279,7 @@ def apply_input_limits(repository: Path, limits: InputLimits) -> list[str]:
     models are loaded again (``load_model``, or a restart).
     """
     changed = []
-    for model in (contract.PREPROCESS_IMAGE, contract.TOKENIZE, contract.RETRIEVAL):
+    for model in (contract.PREPROCESS_IMAGE, contract.TOKENIZE, contract.RETRIEVAL, contract.RETRIEVAL_GATEWAY):
         config_path = repository / model / CONFIG_NAME
         if not config_path.is_file():
             continue

@@ -415,6 +415,7 @@ class RetrievalGatewayModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.output_names = [contract.IDS.name, contract.SCORES.name]
+        self.max_top_k = int(_parameters(args).get("max_top_k", "1000"))
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         import asyncio
@@ -422,9 +423,12 @@ class RetrievalGatewayModel:
         return list(await asyncio.gather(*(self._forward(request) for request in requests)))
 
     async def _forward(self, request: Any) -> Any:
-        try:
+        try:  # bad input is refused here: an error raised inside the call would reach the client as INTERNAL
+            top_k = _input(request, contract.TOP_K.name)
+            _single_top_k(top_k.reshape(-1), self.max_top_k)
             inputs = [
-                pb_utils.Tensor(name, _input(request, name)) for name in (contract.EMBEDDING_NAME, contract.TOP_K.name)
+                pb_utils.Tensor(contract.EMBEDDING_NAME, _input(request, contract.EMBEDDING_NAME)),
+                pb_utils.Tensor(contract.TOP_K.name, top_k),
             ]
         except InvalidPostError as error:
             return _error_response(error)
@@ -436,7 +440,8 @@ class RetrievalGatewayModel:
             reason = answer.error().message().lower()
             if "unknown model" in reason or "is not ready" in reason:  # retrieval loads with the first index
                 return _error_response(NoIndexPublishedError())
-            return pb_utils.InferenceResponse(error=answer.error())
+            error = answer.error()
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message(), error.code()))
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in self.output_names]
         )

@@ -214,5 +214,5 @@ def test_the_launcher_uses_the_admin_key_for_its_own_model_control(
     assert after - before, "no new tokenize process: the model was not reloaded"
     with caplog.at_level(logging.INFO, logger="postsim"):
         assert tls_server.stop() == 0
-    assert "stopping: post_embedding refuse new requests" in caplog.text
+    assert "stopping: post_embedding, similar_posts refuse new requests" in caplog.text
     assert "could not drain" not in caplog.text
