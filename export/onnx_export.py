@@ -26,6 +26,7 @@ import onnx
 import onnxruntime as ort
 
 from postsim.export.models import TextEncoder, torch_required
+from postsim.export.quantize import row_cosines
 from postsim.export.weights import PostSimModels
 from postsim.model_repository.contract import (
     ATTENTION_MASK,
@@ -297,13 +298,7 @@ def _compare(model: str, name: str, expected: np.ndarray, actual: np.ndarray) ->
 
 
 def _min_row_cosine(expected: np.ndarray, actual: np.ndarray) -> float:
-    rows_expected = expected.reshape(len(expected), -1).astype(np.float64)
-    rows_actual = actual.reshape(len(actual), -1).astype(np.float64)
-    norms = np.linalg.norm(rows_expected, axis=1) * np.linalg.norm(rows_actual, axis=1)
-    dots = (rows_expected * rows_actual).sum(axis=1)
-    both_zero = ~rows_expected.any(axis=1) & ~rows_actual.any(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosines = np.where(both_zero, 1.0, dots / norms)
+    cosines = row_cosines(expected, actual)
     return float(cosines.min()) if cosines.size else 1.0
 
 

@@ -440,8 +440,8 @@ class RetrievalGatewayModel:
             reason = answer.error().message().lower()
             if "unknown model" in reason or "is not ready" in reason:  # retrieval loads with the first index
                 return _error_response(NoIndexPublishedError())
-            error = answer.error()
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(error.message(), error.code()))
+            failure = answer.error()
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure.message(), failure.code()))
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in self.output_names]
         )

@@ -22,7 +22,6 @@ the cosine similarity of the query and the post.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ import faiss
 import numpy as np
 
 from postsim.model_repository.errors import SearchIndexError
+from postsim.model_repository.manifest import sha256_file
 
 logger = logging.getLogger("postsim")
 
@@ -174,15 +174,6 @@ def _check_field_types(data: dict[str, Any]) -> None:
     for key, value in data["params"].items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise SearchIndexError(f"{MANIFEST_FILE}: parameter {key!r} must be an integer, got {type(value).__name__}")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def configure_search(index: faiss.Index, index_type: IndexType, params: dict[str, int]) -> None:
@@ -416,15 +407,6 @@ def index_to_gpu(index: faiss.Index) -> tuple[faiss.Index, Any]:
             index.ntotal,
         )
     return gpu_index, resources
-
-
-def latest_version_dir(model_dir: str | Path) -> Path | None:
-    """The highest-numbered version folder of a Triton model folder, or ``None`` if it has none."""
-    directory = Path(model_dir)
-    if not directory.is_dir():
-        return None
-    versions = [child for child in directory.iterdir() if child.is_dir() and child.name.isdigit()]
-    return max(versions, key=lambda child: int(child.name), default=None)
 
 
 def version_index_dir(version_dir: str | Path) -> Path:

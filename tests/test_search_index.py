@@ -25,13 +25,13 @@ from postsim.client.indexing import (
     write_index_dir,
 )
 from postsim.model_repository.errors import SearchIndexError
+from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.search_index import (
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
     IndexManifest,
     gpu_available,
-    latest_version_dir,
     load_index_dir,
     sha256_file,
     version_index_dir,
@@ -383,14 +383,14 @@ def test_index_is_searched_on_the_gpu_when_present(tmp_path: Path, index_type: I
 # --- version folders and the benchmark -------------------------------------------------
 
 
-def test_latest_version_dir_is_the_highest_number(tmp_path: Path) -> None:
-    assert latest_version_dir(tmp_path / "retrieval") is None
+def test_version_folders_are_the_numbered_ones_in_numeric_order(tmp_path: Path) -> None:
+    assert version_dirs(tmp_path / "retrieval") == []
     for name in ["1", "2", "10", "notes", "3a"]:
         (tmp_path / "retrieval" / name).mkdir(parents=True)
     (tmp_path / "retrieval" / "99").write_text("a file, not a version")
-    latest = latest_version_dir(tmp_path / "retrieval")
-    assert latest == tmp_path / "retrieval" / "10"
-    assert version_index_dir(latest) == latest / "index"
+    versions = version_dirs(tmp_path / "retrieval")
+    assert [path.name for path in versions] == ["1", "2", "10"]
+    assert version_index_dir(versions[-1]) == versions[-1] / "index"
 
 
 def test_benchmark_reports_every_index_type(caplog: pytest.LogCaptureFixture) -> None:
