@@ -394,6 +394,39 @@ def demo(
     _print_neighbors(result.neighbors, result.captions)
 
 
+@bench_app.command("serve")
+@reports_errors
+def bench_serve(
+    repository: Annotated[
+        Path | None, typer.Option(help="Repository to serve (on a scratch copy) and to run the baselines from.")
+    ] = REPOSITORY_DIR,
+    url: Annotated[str | None, typer.Option(help="Measure this running server instead (no baselines).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for serving-bench.json and serving-bench.png.")] = Path(
+        "runs/bench"
+    ),
+    concurrency: Annotated[
+        list[int] | None, typer.Option(help="Concurrency levels (repeat); default 1 2 4 8 16.")
+    ] = None,
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests per level.")] = 64,
+    posts: Annotated[int, typer.Option(min=1, help="Bench corpus size (JPEG ~640×480, 20–60 words).")] = 64,
+) -> None:
+    """Latency and throughput of post_embedding and similar_posts through Triton, against in-process
+    ONNX Runtime and PyTorch eager on the same posts: a table, a JSON file and a plot."""
+    from postsim.bench.report import format_report, write_outputs
+    from postsim.bench.serving import ServingBenchSettings, SweepSettings, run_serving_benchmark
+
+    sweep = (
+        SweepSettings(concurrency=tuple(concurrency), requests=requests)
+        if concurrency
+        else SweepSettings(requests=requests)
+    )
+    settings = ServingBenchSettings(repository=None if url else repository, url=url, posts=posts, sweep=sweep)
+    report = run_serving_benchmark(settings)
+    stdout.print(format_report(report))
+    outputs = write_outputs(report, out)
+    stdout.print(f"wrote {outputs.json} and {outputs.plot}")
+
+
 @bench_app.command("index")
 @reports_errors
 def bench_index(
