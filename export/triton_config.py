@@ -39,18 +39,50 @@ class Target(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ServingSettings:
-    """How the server schedules each model: batching, instances, threads."""
+    """How the server schedules each model: batching, instances, threads.
 
-    max_queue_delay_us: int = 2000
-    """How long the dynamic batcher waits to fill a batch."""
-    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16)
-    instances: Mapping[str, int] = field(default_factory=lambda: {contract.PREPROCESS_IMAGE: 2, contract.TOKENIZE: 1})
-    """Instance count per model; models not named get one instance."""
-    intra_op_threads: Mapping[str, int] = field(default_factory=dict)
-    """ONNX Runtime intra-op threads per model (embedded target); 0 or absent = ONNX Runtime's choice."""
+    The defaults are measured for the embedded target on CPU (2-core AMD EPYC, full-size
+    models, ``postsim bench serve``; the numbers are in bench/TUNING.md). There a model's
+    CPU time per post does not shrink with the batch size, so batching only has to spread
+    the work over the instances, and every ONNX Runtime session runs on one thread: with
+    more, the encoders' spinning thread pools fight over the cores (server CPU per post
+    ~290 ms with ONNX Runtime's default threads, ~130 ms with one). For the ``triton``
+    target (GPU, TensorRT), use :meth:`for_target`.
+    """
+
+    max_queue_delay_us: int = 500
+    """How long the dynamic batcher waits to fill a batch. On CPU waiting buys nothing (see
+    above); 500 µs costs at most 1.5 ms over the three batched stages of a lone request."""
+    preferred_batch_sizes: tuple[int, ...] = (4,)
+    """Batch sizes the batcher forms when enough requests wait. Capping batches at 4 lets a
+    queue be split over both image_encoder instances instead of going to one as a batch of
+    16 (peak 12–15 posts/s against 7–9 with (4, 8, 16) or none, at 2 instances)."""
+    instances: Mapping[str, int] = field(default_factory=lambda: {contract.IMAGE_ENCODER: 2})
+    """Instance count per model; models not named get one instance. ResNet-101 takes ~75 of
+    the ~125 CPU ms a post costs: one single-threaded instance caps the server at ~13
+    posts/s, two let it use both cores. preprocess_image (~7 ms/post) and text_encoder
+    (~35 ms/post) keep up with one each."""
+    intra_op_threads: Mapping[str, int] = field(
+        default_factory=lambda: {contract.IMAGE_ENCODER: 1, contract.TEXT_ENCODER: 1, contract.FUSER: 1}
+    )
+    """ONNX Runtime intra-op threads per model (embedded target); 0 or absent = ONNX Runtime's
+    choice (one per core, spinning). One: the ensemble already runs the two encoders at once."""
 
     def instance_count(self, model: str) -> int:
         return self.instances.get(model, 1)
+
+    @classmethod
+    def for_target(cls, target: Target) -> ServingSettings:
+        """The defaults for ``target``: the measured CPU ones for ``embedded``; for ``triton``
+        (GPU, TensorRT, where larger batches do pay) the batching it had before, unmeasured here."""
+        if target is Target.TRITON:
+            return cls(
+                max_queue_delay_us=2000,
+                preferred_batch_sizes=(4, 8, 16),
+                instances={contract.PREPROCESS_IMAGE: 2, contract.TOKENIZE: 1},
+                intra_op_threads={},
+            )
+        return cls()
 
 
 DEFAULT_MAX_TOP_K = 1000
