@@ -148,7 +148,7 @@ _COLUMNS = (
     "p99 ms",
     "posts/s",
     "CPU ms/post",
-    "|Δ| vs ORT",
+    "max Δ vs ORT",
 )
 
 
