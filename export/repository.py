@@ -44,7 +44,8 @@ class ExportOptions:
     repository: Path
     target: Target = Target.EMBEDDED
     models: ModelSettings = field(default_factory=ModelSettings)
-    serving: ServingSettings = field(default_factory=ServingSettings)
+    serving: ServingSettings | None = None
+    """Batching, instances and threads; None: the measured defaults of the target (ServingSettings.for_target)."""
     precision: Precision = Precision.FP32
     """Number format of the encoders; int8 is for CPU serving (embedded target), fp16 for GPU."""
     precision_settings: PrecisionSettings = field(default_factory=PrecisionSettings)
@@ -126,7 +127,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
     configs = repository_configs(
         target=options.target,
         dim=options.models.dim,
-        settings=options.serving,
+        settings=options.serving or ServingSettings.for_target(options.target),
         weights_label=manifest.weights_label,
         fingerprint=manifest.fingerprint,
         include_retrieval=True,
