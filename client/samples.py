@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from postsim.client.posts import Post
 from postsim.model_repository.errors import InvalidPostError
+from postsim.model_repository.files import write_text_atomic
 
 logger = logging.getLogger("postsim")
 
@@ -104,7 +103,7 @@ def write_sample_posts(
             image_name = f"{IMAGES_DIR}/{sample.id}.{image_format.extension}"
             image_format.save(sample.image, out_dir / image_name)
         records.append({"id": sample.id, "text": sample.text, "image": image_name, "topic": sample.topic})
-    _write_jsonl_atomically(posts_path, records)
+    _write_jsonl(posts_path, records)
     logger.info("wrote %d sample posts (%d images) to %s", n, image_count, posts_path)
     return posts_path
 
@@ -158,21 +157,8 @@ def _optional_string(record: dict[str, Any], key: str, where: str) -> str | None
     return value
 
 
-def _write_jsonl_atomically(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``."""
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as temporary:
-        try:
-            for record in records:
-                temporary.write(json.dumps(record, ensure_ascii=False) + "\n")
-            temporary.flush()
-            os.fsync(temporary.fileno())
-        except BaseException:
-            temporary.close()
-            os.unlink(temporary.name)
-            raise
-    os.replace(temporary.name, path)
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 # --- One sample post ---------------------------------------------------------------------

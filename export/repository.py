@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -32,6 +31,7 @@ from postsim.export.triton_config import ENSEMBLE_STEPS, ServingSettings, Target
 from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository import contract
 from postsim.model_repository.errors import ExportError
+from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
 from postsim.model_repository.manifest import MANIFEST_NAME, WeightsManifest, fingerprint_of, sha256_file
 
@@ -64,19 +64,6 @@ class ExportReport:
     """The PyTorch models the repository holds (the reference the tests compare the server with)."""
     agreement: AgreementReport | None = None
     """How the converted encoders agree with fp32 on sample posts; None at fp32."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary sibling and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def onnx_paths(repository: Path) -> dict[str, Path]:

@@ -16,7 +16,6 @@ Nothing here imports torch: ``postsim index publish`` writes the retrieval confi
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from postsim.model_repository import contract
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.errors import RepositoryError
+from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.preprocessing import DEFAULT_IMAGE_LIMITS
 from postsim.model_repository.tokenization import MAX_TEXT_CHARS
@@ -318,9 +318,7 @@ def apply_input_limits(repository: Path, limits: InputLimits) -> list[str]:
             continue
         config = parse_pbtxt(config_path.read_text())
         _set_parameters(config, limits.parameters(model))
-        staging = config_path.with_name(f".{CONFIG_NAME}.limits")
-        staging.write_text(to_pbtxt(config))
-        os.replace(staging, config_path)
+        write_text_atomic(config_path, to_pbtxt(config))
         changed.append(model)
     if contract.PREPROCESS_IMAGE not in changed:
         raise RepositoryError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from postsim.model_repository.errors import RepositoryError
+from postsim.model_repository.files import write_text_atomic
 
 LOGGER = logging.getLogger("postsim")
 MANIFEST_NAME = "weights.json"
@@ -71,7 +72,7 @@ class WeightsManifest:
 
     def write(self, repository: Path) -> Path:
         path = repository / MANIFEST_NAME
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        write_text_atomic(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

@@ -47,7 +47,7 @@ from types import TracebackType
 
 from postsim.model_repository import contract
 from postsim.model_repository.errors import PostSimError, RepositoryError, ServeError
-from postsim.model_repository.layout import CONFIG_NAME, loadable_models
+from postsim.model_repository.layout import CONFIG_NAME, loadable_models, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
 LOGGER = logging.getLogger("postsim")
@@ -626,11 +626,8 @@ class TritonServer:
         self._http("POST", f"/v2/repository/models/{quoted}/load", timeout_s=self.settings.startup_timeout_s)
 
     def _newest_model_file(self, model: str) -> Path | None:
-        files = sorted(
-            (path for path in (self.repository / model).glob("*/model.py") if path.parent.name.isdigit()),
-            key=lambda path: int(path.parent.name),
-        )
-        return files[-1] if files else None
+        files = [version / "model.py" for version in version_dirs(self.repository / model)]
+        return next((path for path in reversed(files) if path.is_file()), None)
 
     def stubs(self) -> list[StubProcess]:
         """The server's live Python-backend stub processes (empty when it is not running)."""
