@@ -50,7 +50,7 @@ from postsim.model_repository import contract
 from postsim.model_repository.errors import PostSimError
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.server import ServerSettings, TritonServer, free_port
+from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
 
 if TYPE_CHECKING:
     from postsim.export.weights import PostSimModels
@@ -385,12 +385,13 @@ def run_serving_benchmark(
             served = scratch_repository(repository, work_dir / "repository")
             if settings.serving is not None:
                 apply_serving_settings(served, settings.serving)
+            grpc_port, http_port, metrics_port = free_ports(3)
             server_settings = ServerSettings(
                 repository=served,
                 address="127.0.0.1",
-                grpc_port=free_port(),
-                http_port=free_port(),
-                metrics_port=free_port(),
+                grpc_port=grpc_port,
+                http_port=http_port,
+                metrics_port=metrics_port,
             )
             server = stack.enter_context(TritonServer(server_settings, log_path=work_dir / "tritonserver.log"))
             url = server.endpoints.grpc

@@ -237,6 +237,14 @@ def map_server_error(
             "or against another server",
             status=status,
         )
+    if status == "CANCELLED":
+        # postsim's clients never cancel a call (Triton 2.51 crashes on it, see README), so the
+        # server ended it: its gRPC front end cancels what is still open when it shuts down.
+        return ServerUnavailableError(
+            f"the server at {url} ended {subject}{part} before answering: it is most likely shutting down; "
+            "retry once it is back, or against another server",
+            status=status,
+        )
     if status == "UNAVAILABLE":
         if "queue" in message.lower():
             return ServerUnavailableError(

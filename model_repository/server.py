@@ -163,11 +163,17 @@ def check_port_free(port: int, option: str, address: str = "0.0.0.0") -> None:
             raise ServeError(f"cannot use port {port} ({error.strerror}): choose another with {option}") from None
 
 
-def free_port() -> int:
-    """A port free right now on this machine (for tests and benchmarks)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free right now on this machine (for tests and benchmarks).
+
+    All probes stay bound until every port is picked: picked one at a time, the kernel may hand
+    out the same port twice, and tritonserver refuses to serve gRPC and HTTP on one port.
+    """
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
 
 
 _LOAD_FAILURE = re.compile(r"(?:failed to load|load failed for model) '([^']+)'[^:]*: (.*)")

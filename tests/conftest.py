@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from postsim.model_repository.server import ServerSettings, TritonServer, free_port
+from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
 
 TEST_SIZE = os.environ.get("POSTSIM_TEST_SIZE", "tiny")
 
@@ -41,7 +41,8 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> ExportedRep
 
 def server_settings(repository: Path, **overrides: object) -> ServerSettings:
     """Settings for a test server on free ports, listening on loopback only."""
-    ports = {"grpc_port": free_port(), "http_port": free_port(), "metrics_port": free_port()}
+    grpc_port, http_port, metrics_port = free_ports(3)
+    ports = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port}
     settings = {"repository": repository, "address": "127.0.0.1", **ports, **overrides}
     return ServerSettings(**settings)  # type: ignore[arg-type]
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from postsim.client.api import PostSimClient
 from postsim.client.cli import app
-from postsim.model_repository.server import free_port
+from postsim.model_repository.server import free_ports
 
 runner = CliRunner()
 
@@ -44,7 +44,7 @@ def test_serve_on_a_repository_never_exported_says_to_export(tmp_path: Path) -> 
 
 
 def test_embed_without_a_server_says_how_to_start_one() -> None:
-    code, output = _postsim("embed", "--text", "hello", "--url", f"localhost:{free_port()}")
+    code, output = _postsim("embed", "--text", "hello", "--url", f"localhost:{free_ports(1)[0]}")
     assert code == 1
     assert "postsim serve" in output
 
@@ -66,7 +66,7 @@ def test_serve_reports_the_failing_models_own_error(exported_repository, tmp_pat
     shutil.copytree(exported_repository.path, repository)
     config = repository / "fuser" / "config.pbtxt"
     config.write_text(config.read_text().replace('string_value: "model.onnx"', 'string_value: "missing.onnx"'))
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(port) for port in free_ports(3)]
     code, output = _postsim(
         "serve",
         "--repository",
@@ -84,7 +84,7 @@ def test_serve_reports_the_failing_models_own_error(exported_repository, tmp_pat
 
 @pytest.mark.integration
 def test_serve_stops_cleanly_on_sigterm(exported_repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_ports(3)
     command = [
         sys.executable, "-m", "postsim.client.cli", "serve",
         "--repository", str(exported_repository.path),

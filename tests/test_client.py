@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from postsim.model_repository.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from postsim.model_repository.server import free_ports
 
 URL = "triton.example:8001"
 DIM = 8
@@ -206,12 +206,6 @@ def grpc_exception(code: grpc.StatusCode, details: str) -> InferenceServerExcept
             return f"debug: {details}"
 
     return get_error_grpc(RpcError())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- posts
@@ -470,6 +464,15 @@ def test_deadline_exceeded_maps_to_server_unavailable_with_the_timeout() -> None
     assert "within 2.5 s" in str(error) and "posts 0..15" in str(error) and URL in str(error)
 
 
+def test_cancelled_by_the_server_maps_to_server_unavailable_that_says_it_is_stopping() -> None:
+    error = map_server_error(
+        grpc_exception(grpc.StatusCode.CANCELLED, "CANCELLED"), url=URL, model="post_embedding", what="posts 0..7"
+    )
+    assert type(error) is ServerUnavailableError
+    assert error.status == "CANCELLED"
+    assert "shutting down" in str(error) and "posts 0..7" in str(error) and URL in str(error)
+
+
 def test_invalid_argument_maps_to_invalid_post_and_keeps_the_server_message() -> None:
     message = "in ensemble 'post_embedding', IMAGE: post 2 is not a decodable image (cannot identify image file)"
     error = map_server_error(
@@ -541,7 +544,7 @@ def test_client_raises_mapped_errors_from_none(client: PostSimClient, fake: Fake
 
 
 def test_sync_client_against_a_closed_port() -> None:
-    url = f"127.0.0.1:{free_port()}"
+    url = f"127.0.0.1:{free_ports(1)[0]}"
     with PostSimClient(url, timeout_s=2) as client:
         started = time.monotonic()
         with pytest.raises(
@@ -560,7 +563,7 @@ def test_sync_client_against_a_closed_port() -> None:
 
 
 def test_async_client_against_a_closed_port() -> None:
-    url = f"127.0.0.1:{free_port()}"
+    url = f"127.0.0.1:{free_ports(1)[0]}"
 
     async def scenario() -> None:
         async with AsyncPostSimClient(url, timeout_s=2) as client:
