@@ -19,7 +19,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +250,8 @@ class BaselineResults:
     reference: dict[str, np.ndarray]
     """Each post's embedding from in-process ONNX Runtime (what the other configurations are compared with)."""
     skipped: dict[str, str]
+    torch_fp32: dict[str, np.ndarray] = field(default_factory=dict)
+    """Each post's embedding from the PyTorch eager fp32 pipeline (empty when it did not run)."""
 
 
 def run_baselines(
@@ -301,6 +303,9 @@ def run_baselines(
                     max_abs_diff=max_abs_diff(torch_embeddings, reference),
                 )
             )
+            return BaselineResults(
+                configurations=configurations, reference=reference, skipped=skipped, torch_fp32=torch_embeddings
+            )
     return BaselineResults(configurations=configurations, reference=reference, skipped=skipped)
 
 
@@ -333,6 +338,17 @@ def _sweep_batches(
         for post_id, row in seen.items():
             embeddings.setdefault(post_id, row)
     return points, embeddings
+
+
+def mean_cosine(embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float | None:
+    """Mean cosine similarity over the posts both have; None when they share none."""
+    shared = sorted(embeddings.keys() & reference.keys())
+    if not shared:
+        return None
+    ours = np.stack([embeddings[key] for key in shared]).astype(np.float64)
+    theirs = np.stack([reference[key] for key in shared]).astype(np.float64)
+    norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+    return float(np.mean(np.sum(ours * theirs, axis=1) / np.maximum(norms, 1e-12)))
 
 
 def max_abs_diff(embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float | None:

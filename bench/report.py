@@ -21,6 +21,7 @@ from rich.text import Text
 
 from postsim.bench.results import (
     ORT_IN_PROCESS,
+    TORCH_EAGER,
     TRITON_POST_EMBEDDING,
     BenchPoint,
     ConfigurationResult,
@@ -34,6 +35,10 @@ LATENCY_TARGET = 1.15
 """Triton post_embedding p50 at concurrency 1, at most this times the in-process ORT p50 at batch 1."""
 THROUGHPUT_TARGET = 0.85
 """Peak Triton post_embedding throughput, at least this times in-process ORT throughput at batch 8."""
+QUANTISED_SPEEDUP_TARGET = 4.0
+"""A quantised repository: Triton post_embedding p50 at c=1 at least this many times below PyTorch eager fp32 at batch 1."""
+QUANTISED_COSINE_TARGET = 0.99
+"""A quantised repository: mean cosine of the served embeddings to PyTorch eager fp32's, at least this."""
 JSON_NAME = "serving-bench.json"
 PLOT_NAME = "serving-bench.png"
 
@@ -45,7 +50,7 @@ class BenchOutputs:
 
 
 def target_checks(report: ServingBenchReport) -> list[TargetCheck]:
-    """The issue's two targets, for the configurations the report holds."""
+    """The issue's targets (latency, throughput; speed-up and agreement when quantised), as far as the report holds them."""
     triton = report.configuration(TRITON_POST_EMBEDDING)
     ort = report.configuration(ORT_IN_PROCESS)
     if triton is None or ort is None:
@@ -71,6 +76,37 @@ def target_checks(report: ServingBenchReport) -> list[TargetCheck]:
                 target=THROUGHPUT_TARGET,
                 higher_is_better=True,
                 detail=f"{triton_peak.posts_per_s:.2f} posts/s ({triton.label(triton_peak)}) / {ort_b8.posts_per_s:.2f} posts/s",
+            )
+        )
+    return checks + _quantised_checks(report, triton)
+
+
+def _quantised_checks(report: ServingBenchReport, triton: ConfigurationResult) -> list[TargetCheck]:
+    """For an int8 or fp16 repository: the speed-up over PyTorch eager fp32 at c=1, and the agreement it costs."""
+    torch_eager = report.configuration(TORCH_EAGER)
+    if report.precision == "fp32" or torch_eager is None:
+        return []
+    checks = []
+    triton_c1, torch_b1 = triton.point(concurrency=1), torch_eager.point(batch_size=1)
+    if triton_c1 is not None and torch_b1 is not None:
+        checks.append(
+            TargetCheck(
+                name=f"speed-up: PyTorch eager fp32 p50 at batch 1 / Triton post_embedding ({report.precision}) p50 at c=1",
+                measured=_ratio(torch_b1.latency.p50_ms, triton_c1.latency.p50_ms),
+                target=QUANTISED_SPEEDUP_TARGET,
+                higher_is_better=True,
+                detail=f"{torch_b1.latency.p50_ms:.1f} ms / {triton_c1.latency.p50_ms:.1f} ms",
+            )
+        )
+    if triton.mean_cosine_to_torch_fp32 is not None:
+        checks.append(
+            TargetCheck(
+                name=f"agreement: mean cosine of Triton post_embedding ({report.precision}) to PyTorch eager fp32",
+                measured=triton.mean_cosine_to_torch_fp32,
+                target=QUANTISED_COSINE_TARGET,
+                higher_is_better=True,
+                detail=f"{report.corpus_posts} posts",
+                decimals=4,
             )
         )
     return checks
@@ -238,9 +274,8 @@ def format_report(report: ServingBenchReport) -> RenderableType:
         for column in ("target", "measured", "goal", ""):
             targets.add_column(column)
         for check in checks:
-            goal = f"{'≥' if check.higher_is_better else '≤'} {check.target:.2f}"
             verdict = Text("met", style="green") if check.met else Text("missed", style="red")
-            targets.add_row(check.name, f"{check.measured:.2f} ({check.detail})", goal, verdict)
+            targets.add_row(check.name, check.measured_text, check.goal_text, verdict)
         parts.append(targets)
     parts += [Text(note, style="dim") for note in _notes(report)]
     return Group(*parts)
@@ -258,9 +293,7 @@ def format_markdown(report: ServingBenchReport) -> str:
     if checks:
         lines += ["", "| target | measured | goal | |", "|---|---|---|---|"]
         for check in checks:
-            goal = f"{'≥' if check.higher_is_better else '≤'} {check.target:.2f}"
-            lines.append(
-                f"| {check.name} | {check.measured:.2f} ({check.detail}) | {goal} | {'met' if check.met else 'missed'} |"
-            )
+            verdict = "met" if check.met else "missed"
+            lines.append(f"| {check.name} | {check.measured_text} | {check.goal_text} | {verdict} |")
     lines += ["", *(f"- {note}" for note in _notes(report))]
     return "\n".join(lines)

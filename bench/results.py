@@ -98,6 +98,9 @@ class ConfigurationResult:
     points: list[BenchPoint]
     max_abs_diff: float | None = None
     """Largest difference of its embeddings from the in-process ONNX Runtime ones, on the same posts."""
+    mean_cosine_to_torch_fp32: float | None = None
+    """Mean cosine of its embeddings to the PyTorch eager fp32 ones, on the same posts: how much a
+    quantised repository agrees with the models it was exported from (None without that baseline)."""
 
     def label(self, point: BenchPoint) -> str:
         """``c=4`` for a concurrency level of a server, ``b=8`` for a batch size in process."""
@@ -122,6 +125,7 @@ class ConfigurationResult:
             "kind": self.kind.value,
             "description": self.description,
             "max_abs_diff": self.max_abs_diff,
+            "mean_cosine_to_torch_fp32": self.mean_cosine_to_torch_fp32,
             "points": [point.to_dict() for point in self.points],
         }
 
@@ -181,6 +185,16 @@ class TargetCheck:
     target: float
     higher_is_better: bool
     detail: str
+    decimals: int = 2
+    """Decimals shown (a cosine of 0.9996 is not 1.00)."""
+
+    @property
+    def measured_text(self) -> str:
+        return f"{self.measured:.{self.decimals}f} ({self.detail})"
+
+    @property
+    def goal_text(self) -> str:
+        return f"{'≥' if self.higher_is_better else '≤'} {self.target:.2f}"
 
     @property
     def met(self) -> bool:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from postsim.bench.baselines import BaselineSettings, max_abs_diff, run_baselines
+from postsim.bench.baselines import BaselineSettings, max_abs_diff, mean_cosine, run_baselines
 from postsim.bench.cpu import CpuClock, cpu_ms_per_post, process_group_cpu
 from postsim.bench.results import (
     TRITON_POST_EMBEDDING,
@@ -292,6 +292,7 @@ def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
             group.count = serving.instance_count(name)
         if "intra_op_threads" in config.parameters:
             config.parameters["intra_op_threads"].string_value = str(serving.intra_op_threads.get(name, 0))
+            config.parameters["intra_op_spinning"].string_value = "1" if serving.intra_op_spinning else "0"
         staging = config_path.with_name(f".{CONFIG_NAME}.bench")
         staging.write_text(to_pbtxt(config))
         os.replace(staging, config_path)  # never through the hard link: the original stays as it was
@@ -310,6 +311,8 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
             entry["preferred_batch_sizes"] = list(config.dynamic_batching.preferred_batch_size)
         if "intra_op_threads" in config.parameters:
             entry["intra_op_threads"] = int(config.parameters["intra_op_threads"].string_value or 0)
+        if "intra_op_spinning" in config.parameters:
+            entry["intra_op_spinning"] = config.parameters["intra_op_spinning"].string_value == "1"
         summary[config.name] = entry
     return summary
 
@@ -368,12 +371,13 @@ def run_serving_benchmark(
         configurations: list[ConfigurationResult] = []
         skipped: dict[str, str] = {}
         reference: dict[str, np.ndarray] = {}
+        torch_fp32: dict[str, np.ndarray] = {}
         repository = settings.repository.resolve() if settings.repository is not None else None
         if repository is not None:
             baselines = run_baselines(repository, posts, settings.baselines, torch_models=torch_models)
             configurations += baselines.configurations
             skipped.update(baselines.skipped)
-            reference = baselines.reference
+            reference, torch_fp32 = baselines.reference, baselines.torch_fp32
         else:
             skipped["baselines"] = "no repository given: the in-process baselines need its model files"
 
@@ -413,6 +417,7 @@ def run_serving_benchmark(
                     description=f"{ensemble} over gRPC at {url}, one post per request",
                     points=points,
                     max_abs_diff=max_abs_diff(embeddings, reference),
+                    mean_cosine_to_torch_fp32=mean_cosine(embeddings, torch_fp32),
                 )
             )
         manifest = WeightsManifest.read(served) if served is not None else None

@@ -69,6 +69,11 @@ class ServingSettings:
     """ONNX Runtime intra-op threads per model (embedded target); 0 or absent = ONNX Runtime's
     choice (one per core, spinning). One: the ensemble already runs the two encoders at once."""
 
+    intra_op_spinning: bool = False
+    """Whether idle ONNX Runtime pool threads spin (ONNX Runtime's default) or sleep. Spinning
+    buys microseconds per operator when a session has the cores to itself; beside the other
+    models' processes it burns the cores they need."""
+
     def instance_count(self, model: str) -> int:
         return self.instances.get(model, 1)
 
@@ -272,7 +277,13 @@ def repository_configs(
         else:
             threads = settings.intra_op_threads.get(name, 0)
             configs[name] = python_model_config(
-                specs[name], settings, parameters={"onnx_file": "model.onnx", "intra_op_threads": str(threads)}
+                specs[name],
+                settings,
+                parameters={
+                    "onnx_file": "model.onnx",
+                    "intra_op_threads": str(threads),
+                    "intra_op_spinning": "1" if settings.intra_op_spinning else "0",
+                },
             )
     configs[contract.POST_EMBEDDING] = ensemble_config(
         specs[contract.POST_EMBEDDING], [specs[step] for step in ENSEMBLE_STEPS[contract.POST_EMBEDDING]]

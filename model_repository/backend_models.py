@@ -225,6 +225,9 @@ class OnnxRuntimeModel:
         threads = int(parameters.get("intra_op_threads", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
+        if parameters.get("intra_op_spinning", "1") == "0":
+            # Idle pool threads sleep instead of spinning: the other models' processes get the cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = _execution_providers(ort.get_available_providers(), args)

@@ -20,13 +20,18 @@ from rich.console import Console
 
 from postsim.bench.baselines import BaselineSettings
 from postsim.bench.cpu import cpu_ms_per_post
-from postsim.bench.report import JSON_NAME, PLOT_NAME, format_markdown, format_report, write_outputs
+from postsim.bench.report import JSON_NAME, PLOT_NAME, format_markdown, format_report, target_checks, write_outputs
 from postsim.bench.results import (
     ORT_IN_PROCESS,
     TORCH_EAGER,
     TRITON_POST_EMBEDDING,
     TRITON_SIMILAR_POSTS,
+    BenchPoint,
+    ConfigurationKind,
+    ConfigurationResult,
     LatencyStats,
+    MachineInfo,
+    ServingBenchReport,
 )
 from postsim.bench.serving import (
     ServingBenchSettings,
@@ -104,6 +109,55 @@ def test_settings_refuse_what_cannot_run() -> None:
         ServingBenchSettings(url="localhost:1", ensembles=("fuser",))
 
 
+def _point(p50_ms: float, *, concurrency: int = 1, batch_size: int = 1) -> BenchPoint:
+    latency = LatencyStats(count=10, p50_ms=p50_ms, p95_ms=p50_ms, p99_ms=p50_ms, mean_ms=p50_ms, max_ms=p50_ms)
+    seconds = 10 * p50_ms / 1e3 / concurrency
+    return BenchPoint(
+        concurrency=concurrency, batch_size=batch_size, requests=10, errors=0, seconds=seconds, latency=latency
+    )
+
+
+def _report(precision: str, *, torch_ms: float, triton_ms: float, cosine: float) -> ServingBenchReport:
+    def configuration(name: str, points: list[BenchPoint], **extra: Any) -> ConfigurationResult:
+        kind = ConfigurationKind.TRITON if name.startswith("Triton") else ConfigurationKind.IN_PROCESS
+        return ConfigurationResult(name=name, kind=kind, description="", points=points, **extra)
+
+    return ServingBenchReport(
+        machine=MachineInfo.current(),
+        repository="repo",
+        precision=precision,
+        models="random",
+        serving={},
+        corpus_posts=10,
+        configurations=[
+            configuration(ORT_IN_PROCESS, [_point(50.0), _point(300.0, batch_size=8)]),
+            configuration(TORCH_EAGER, [_point(torch_ms)]),
+            configuration(
+                TRITON_POST_EMBEDDING,
+                [_point(triton_ms), _point(triton_ms, concurrency=4)],
+                mean_cosine_to_torch_fp32=cosine,
+            ),
+        ],
+    )
+
+
+def test_quantised_repository_is_checked_for_speed_up_and_agreement_with_torch_fp32() -> None:
+    checks = {
+        check.name.split(":")[0]: check
+        for check in target_checks(_report("int8", torch_ms=135.0, triton_ms=30.0, cosine=0.995))
+    }
+    assert set(checks) == {"latency", "throughput", "speed-up", "agreement"}
+    assert checks["speed-up"].measured == pytest.approx(4.5) and checks["speed-up"].met
+    assert checks["agreement"].measured == 0.995 and checks["agreement"].met
+    slow = {
+        check.name.split(":")[0]: check
+        for check in target_checks(_report("int8", torch_ms=135.0, triton_ms=40.0, cosine=0.98))
+    }
+    assert not slow["speed-up"].met and not slow["agreement"].met
+    fp32 = target_checks(_report("fp32", torch_ms=135.0, triton_ms=30.0, cosine=1.0))
+    assert {check.name.split(":")[0] for check in fp32} == {"latency", "throughput"}
+
+
 def test_serving_settings_rewrite_only_the_scratch_copy(exported_repository: Any, tmp_path: Path) -> None:
     original = serving_summary(exported_repository.path)
     copy = scratch_repository(exported_repository.path, tmp_path / "copy")
@@ -112,11 +166,14 @@ def test_serving_settings_rewrite_only_the_scratch_copy(exported_repository: Any
         preferred_batch_sizes=(2, 32),
         instances={"image_encoder": 2},
         intra_op_threads={"text_encoder": 1},
+        intra_op_spinning=True,
     )
     apply_serving_settings(copy, serving)
     summary = serving_summary(copy)
     assert summary["image_encoder"]["instances"] == 2
     assert summary["text_encoder"]["intra_op_threads"] == 1
+    assert summary["text_encoder"]["intra_op_spinning"] is True
+    assert original["text_encoder"]["intra_op_spinning"] is False
     assert summary["fuser"]["max_queue_delay_us"] == 500
     assert summary["fuser"]["preferred_batch_sizes"] == [2]  # 32 is above max_batch_size
     assert serving_summary(exported_repository.path) == original  # hard links were not written through
@@ -137,6 +194,9 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
     assert names == [ORT_IN_PROCESS, TORCH_EAGER, TRITON_POST_EMBEDDING, TRITON_SIMILAR_POSTS]
     for configuration in report.configurations:
         assert configuration.max_abs_diff is not None and configuration.max_abs_diff < 1e-3, configuration.name
+        if configuration.kind is ConfigurationKind.TRITON:
+            assert configuration.mean_cosine_to_torch_fp32 is not None
+            assert configuration.mean_cosine_to_torch_fp32 > 0.999, configuration.name
         for point in configuration.points:
             assert point.errors == 0, point.first_error
             assert 0 < point.latency.p50_ms <= point.latency.p95_ms <= point.latency.p99_ms
