@@ -1,14 +1,20 @@
 """Retrieval benchmark: build time, latency, throughput, recall and size of each index type.
 
-Runs on random unit vectors, the hardest case for approximate search (no clusters, every
-direction equally likely), with the parameters :func:`postsim.client.indexing.choose_index`
-picks for the corpus size. Each index is measured on the CPU and, when FAISS sees a GPU,
-again after moving it there the way the ``retrieval`` model does. ``postsim bench index``
-calls :func:`run_index_benchmark` and prints :func:`format_table`.
+Two kinds of data (:class:`BenchData`). ``random``: unit vectors with every direction
+equally likely, the hardest case for approximate search (no structure to exploit).
+``clustered``: unit vectors drawn the way post embeddings fall, around subjects grouped
+under broad topics (:class:`ClusteredVectors`); the queries are new posts on the same
+subjects, never in the index. Each index is built as ``postsim index build`` builds it:
+the parameters :func:`postsim.client.indexing.choose_index` picks for the corpus size,
+then the search tuned on the corpus by :func:`postsim.client.indexing.tune_search`. It is
+measured on the CPU and, when FAISS sees a GPU, again after moving it there the way the
+``retrieval`` model does. ``postsim bench index`` calls :func:`run_index_benchmark` and
+prints :func:`format_table`.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from postsim.client.indexing import IndexPlan, IndexType, choose_index, new_index, train_index
+from postsim.client.indexing import IndexPlan, IndexType, choose_index, new_index, train_index, tune_search
 from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.search_index import gpu_available, index_to_gpu
 
@@ -29,6 +35,68 @@ LATENCY_BUDGET_S = 30.0
 MIN_LATENCY_QUERIES = 20
 
 
+class BenchData(enum.Enum):
+    RANDOM = "random"
+    """Uniformly random unit vectors: no structure, the worst case for approximate search."""
+    CLUSTERED = "clustered"
+    """Unit vectors around subjects grouped under topics, as post embeddings fall: :class:`ClusteredVectors`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusteredVectors:
+    """Synthetic post embeddings: ``subjects`` subjects under ``topics`` broad topics.
+
+    Each topic is a random direction; each subject is its topic's direction plus noise
+    (``subject_spread``); each post is its subject's direction plus noise (``post_spread``),
+    normalised. Subject sizes follow a Zipf law (a few subjects hold many posts, as on a
+    social network). With the defaults a post's cosine to its subject's other posts is
+    about 0.5, to its topic's other posts about 0.25, to anything else about 0: the nearest
+    neighbours of a post are posts on the same subject, some of them from neighbouring
+    subjects of its topic. Noise is isotropic, so the spreads are in units of the direction
+    they perturb: cosine to it ≈ 1 / sqrt(1 + spread²).
+    """
+
+    dim: int
+    topics: int = 200
+    subjects: int = 20_000
+    subject_spread: float = 1.0
+    post_spread: float = 1.0
+    zipf_exponent: float = 1.0
+    seed: int = 0
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """The subjects' directions (unit rows) and each subject's share of the posts."""
+        rng = np.random.default_rng(self.seed)
+        topics = random_unit_vectors(rng, self.topics, self.dim)
+        topic_of_subject = rng.integers(0, self.topics, size=self.subjects)
+        subjects = topics[topic_of_subject] + _noise(rng, self.subjects, self.dim, self.subject_spread)
+        faiss.normalize_L2(subjects)
+        weights = 1.0 / np.arange(1, self.subjects + 1) ** self.zipf_exponent
+        return subjects, rng.permutation(weights / weights.sum())
+
+    def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """``count`` posts (unit rows, float32) on subjects drawn by their share."""
+        subjects, shares = self.centres()
+        subject_of_post = rng.choice(self.subjects, size=count, p=shares)
+        vectors = np.empty((count, self.dim), dtype=np.float32)
+        for start in range(0, count, _CHUNK):  # the noise in chunks: a second 1M × 256 array is 1 GB
+            rows = slice(start, min(start + _CHUNK, count))
+            chunk = subjects[subject_of_post[rows]] + _noise(rng, rows.stop - rows.start, self.dim, self.post_spread)
+            faiss.normalize_L2(chunk)
+            vectors[rows] = chunk
+        return vectors
+
+
+_CHUNK = 65_536
+
+
+def _noise(rng: np.random.Generator, count: int, dim: int, spread: float) -> np.ndarray:
+    """Isotropic Gaussian noise whose expected norm is ``spread``."""
+    noise = rng.standard_normal((count, dim), dtype=np.float32)
+    noise *= np.float32(spread / np.sqrt(dim))
+    return noise
+
+
 @dataclass(frozen=True, kw_only=True)
 class IndexBenchResult:
     index_type: IndexType
@@ -38,7 +106,13 @@ class IndexBenchResult:
     """The FAISS class that answered the queries (GPU runs may search the exact vectors)."""
     count: int
     dim: int
+    data: BenchData
     params: dict[str, int] = field(default_factory=dict)
+    """As the index was searched: the search parameter as :func:`tune_search` chose it."""
+    tuned_recall: float
+    """Recall@10 :func:`tune_search` measured on posts of the index itself, for ``params``."""
+    tune_s: float
+    """Tuning the search on the corpus (0 for exact search)."""
     train_s: float
     """Training (IVF centroids, PQ codebooks); 0 for indexes without training. On the CPU."""
     add_s: float
@@ -67,10 +141,11 @@ def run_index_benchmark(
     k: int = 10,
     seed: int = 0,
     *,
+    data: BenchData = BenchData.RANDOM,
     use_gpu: bool | None = None,
     threads: int | None = None,
 ) -> list[IndexBenchResult]:
-    """Benchmark each index type on ``count`` random unit vectors and ``queries`` queries.
+    """Benchmark each index type on ``count`` vectors of ``data`` and ``queries`` other queries.
 
     ``use_gpu``: ``None`` adds GPU rows when FAISS sees a GPU, ``False`` skips them,
     ``True`` requires a GPU. ``threads`` sets FAISS's OpenMP threads for the run (default:
@@ -86,24 +161,30 @@ def run_index_benchmark(
     if threads is not None:
         faiss.omp_set_num_threads(threads)
     try:
-        return _run(count, dim, queries, index_types, k, seed, with_gpu=with_gpu)
+        return _run(count, dim, queries, index_types, k, seed, data=data, with_gpu=with_gpu)
     finally:
         faiss.omp_set_num_threads(previous_threads)
 
 
 def _run(
-    count: int, dim: int, queries: int, index_types: Sequence[IndexType], k: int, seed: int, *, with_gpu: bool
+    count: int,
+    dim: int,
+    queries: int,
+    index_types: Sequence[IndexType],
+    k: int,
+    seed: int,
+    *,
+    data: BenchData,
+    with_gpu: bool,
 ) -> list[IndexBenchResult]:
-    rng = np.random.default_rng(seed)
-    base = random_unit_vectors(rng, count, dim)
-    probes = random_unit_vectors(rng, queries, dim)
+    base, probes = bench_vectors(data, count, queries, dim, seed)
     logger.info("exact search for the ground truth of %d queries over %d vectors", queries, count)
     _, truth = faiss.knn(probes, base, min(k, count), metric=faiss.METRIC_INNER_PRODUCT)
 
     results = []
     for index_type in index_types:
         plan = choose_index(count, dim, index_type)
-        index, built = _build(plan, base, seed)
+        index, built = _build(plan, base, seed, data)
         results.append(_measure(index, "cpu", probes, truth, k, built))
         if with_gpu:
             gpu_index, resources = index_to_gpu(index)
@@ -111,6 +192,15 @@ def _run(
             del gpu_index, resources
         del index
     return results
+
+
+def bench_vectors(data: BenchData, count: int, queries: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indexed vectors and the queries (drawn alike, never the same vectors), unit rows."""
+    rng = np.random.default_rng(seed)
+    if data is BenchData.RANDOM:
+        return random_unit_vectors(rng, count, dim), random_unit_vectors(rng, queries, dim)
+    clustered = ClusteredVectors(dim=dim, seed=seed)
+    return clustered.sample(count, rng), clustered.sample(queries, rng)
 
 
 def random_unit_vectors(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
@@ -122,12 +212,15 @@ def random_unit_vectors(rng: np.random.Generator, count: int, dim: int) -> np.nd
 @dataclass(frozen=True)
 class _Built:
     plan: IndexPlan
+    data: BenchData
     train_s: float
     add_s: float
+    tune_s: float
+    tuned_recall: float
     memory_bytes: int
 
 
-def _build(plan: IndexPlan, base: np.ndarray, seed: int) -> tuple[faiss.Index, _Built]:
+def _build(plan: IndexPlan, base: np.ndarray, seed: int, data: BenchData) -> tuple[faiss.Index, _Built]:
     logger.info("building %s (%s) over %d vectors", plan.index_type.value, plan.factory_string, len(base))
     index = new_index(plan)
     started = time.perf_counter()
@@ -135,8 +228,10 @@ def _build(plan: IndexPlan, base: np.ndarray, seed: int) -> tuple[faiss.Index, _
     trained = time.perf_counter()
     index.add(base)
     added = time.perf_counter()
+    tuning = tune_search(index, plan, base, seed=seed)
+    tuned = time.perf_counter()
     memory = int(faiss.serialize_index(index).nbytes)
-    return index, _Built(plan, trained - started, added - trained, memory)
+    return index, _Built(tuning.plan, data, trained - started, added - trained, tuned - added, tuning.recall, memory)
 
 
 def _measure(
@@ -155,7 +250,10 @@ def _measure(
         searched_as=type(faiss.downcast_index(index)).__name__,
         count=index.ntotal,
         dim=plan.dimension,
+        data=built.data,
         params=dict(plan.params),
+        tuned_recall=built.tuned_recall,
+        tune_s=built.tune_s,
         train_s=built.train_s,
         add_s=built.add_s,
         p50_ms=float(np.percentile(latencies, 50) * 1e3),
@@ -198,6 +296,7 @@ def format_table(results: Sequence[IndexBenchResult]) -> str:
         "params",
         "train s",
         "add s",
+        "tune s",
         "p50 ms",
         "p95 ms",
         "batch q/s",
@@ -216,6 +315,7 @@ def format_table(results: Sequence[IndexBenchResult]) -> str:
                 params,
                 f"{r.train_s:.1f}",
                 f"{r.add_s:.1f}",
+                f"{r.tune_s:.1f}",
                 f"{r.p50_ms:.2f}",
                 f"{r.p95_ms:.2f}",
                 f"{r.batch_qps:,.0f}",
@@ -229,5 +329,5 @@ def format_table(results: Sequence[IndexBenchResult]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     if results:
         first = results[0]
-        lines.append(f"{first.count:,} random unit vectors of {first.dim} floats")
+        lines.append(f"{first.count:,} {first.data.value} unit vectors of {first.dim} floats")
     return "\n".join(lines)

@@ -430,18 +430,28 @@ def bench_serve(
 @bench_app.command("index")
 @reports_errors
 def bench_index(
-    count: Annotated[int, typer.Option(min=1, help="Random unit vectors in the index.")] = 1_000_000,
+    count: Annotated[int, typer.Option(min=1, help="Unit vectors in the index.")] = 1_000_000,
     dim: Annotated[int, typer.Option(min=1, help="Their dimension.")] = contract.DEFAULT_EMBEDDING_DIM,
     queries: Annotated[int, typer.Option(min=1, help="Queries for latency and recall.")] = 1000,
     index_type: Annotated[list[str] | None, typer.Option(help="flat, hnsw, ivfpq (repeat); default all.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="FAISS threads (default: all cores).")] = None,
+    data: Annotated[
+        str, typer.Option(help="random (no structure, the worst case) or clustered (like post embeddings).")
+    ] = "random",
 ) -> None:
     """Build time, p50 latency and recall@10 against exact search for each index type (CPU, and GPU if present)."""
-    from postsim.bench.index_bench import DEFAULT_INDEX_TYPES, format_table, run_index_benchmark
+    from postsim.bench.index_bench import DEFAULT_INDEX_TYPES, BenchData, format_table, run_index_benchmark
     from postsim.model_repository.search_index import IndexType
 
     types = [_choice(IndexType, value, "--index-type") for value in index_type] if index_type else DEFAULT_INDEX_TYPES
-    results = run_index_benchmark(count=count, dim=dim, queries=queries, index_types=types, threads=threads)
+    results = run_index_benchmark(
+        count=count,
+        dim=dim,
+        queries=queries,
+        index_types=types,
+        threads=threads,
+        data=_choice(BenchData, data, "--data"),
+    )
     stdout.print(format_table(results), highlight=False, markup=False, soft_wrap=True)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from postsim.client.api import AsyncPostSimClient
-from postsim.client.indexing import build_index, choose_index, new_manifest, write_index_dir
+from postsim.client.indexing import build_index_dir
 from postsim.client.samples import CorpusPost, read_posts
 from postsim.model_repository.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.search_index import IndexManifest, IndexType
@@ -188,9 +188,9 @@ def build_corpus_index(
         raise SearchIndexError(f"no post of {settings.corpus} could be embedded ({len(failures)} failed)")
     ids = [post_id for post_id, _ in embedded]
     vectors = np.stack([vector for _, vector in embedded]).astype(np.float32)
-    plan = choose_index(len(ids), vectors.shape[1], settings.index_type)
-    index = build_index(ids, vectors, plan)
-    manifest = write_index_dir(settings.out_dir, index, ids, new_manifest(plan, len(ids), fingerprint))
+    manifest = build_index_dir(
+        settings.out_dir, ids, vectors, weights_fingerprint=fingerprint, index_type=settings.index_type
+    )
     return CorpusIndexReport(
         index_dir=settings.out_dir,
         manifest=manifest,

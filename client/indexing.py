@@ -47,6 +47,7 @@ __all__ = [
     "EXACT_SEARCH_MAX_COUNT",
     "IndexPlan",
     "IndexType",
+    "SearchTuning",
     "build_index",
     "build_index_dir",
     "choose_index",
@@ -54,6 +55,7 @@ __all__ = [
     "new_index",
     "new_manifest",
     "train_index",
+    "tune_search",
     "write_index_dir",
 ]
 
@@ -62,7 +64,7 @@ logger = logging.getLogger("postsim")
 EXACT_SEARCH_MAX_COUNT = 50_000
 """AUTO uses exact search below this many posts, an approximate index from here on."""
 
-# Defaults measured on 1M random unit vectors of 256 floats (the hardest case for
+# Starting points measured on 1M random unit vectors of 256 floats (the hardest case for
 # approximate search) on 2 shared CPU cores; `postsim bench index`, single-query p50:
 #   Flat (exact)                                        recall@10 1.000  p50 45 ms (1 thread)
 #   IVF1024,PQ128x4fs,RFlat nprobe 1024, k_factor 40:  recall@10 0.983  p50  8 ms (1 thread)
@@ -71,7 +73,8 @@ EXACT_SEARCH_MAX_COUNT = 50_000
 #   HNSW32, efConstruction 40 (9 to 14 min to build):   recall@10 0.17 at efSearch 512,
 #                                                       0.47 at 2048, 0.67 at 4096 (84 ms)
 # No index reached recall 0.95 within 1 ms on this data: random vectors have no structure
-# for an index to exploit. Real embeddings are far easier; lower nprobe (or use HNSW) there.
+# for an index to exploit. Real embeddings are far easier: build_index_dir() tunes nprobe
+# (efSearch for HNSW) down on the corpus itself, see tune_search().
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 512
@@ -85,6 +88,15 @@ PQ_NBITS = 4
 REFINE_K_FACTOR = 40
 """The PQ search keeps k × this candidates, reranked on the exact vectors."""
 TRAINING_POINTS_PER_LIST = 64
+TUNING_RECALL = 0.97
+"""Recall@10 :func:`tune_search` asks of the search on posts of the corpus: the 0.95 postsim
+promises plus a margin for estimating it from a sample."""
+TUNING_QUERIES = 500
+"""Posts of the corpus :func:`tune_search` uses as queries (500: recall known to about ±0.01)."""
+TUNING_K = 10
+HNSW_MAX_EF_SEARCH = 4096
+_TUNED_PARAM = {IndexType.IVFPQ: "nprobe", IndexType.HNSW: "efSearch"}
+"""The search parameter :func:`tune_search` lowers, per approximate index type."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,9 +189,13 @@ def build_index(ids: Sequence[str], embeddings: np.ndarray, plan: IndexPlan) -> 
     """Build the planned index over ``embeddings``; row i is the post ``ids[i]``.
 
     ``embeddings`` is ``[len(ids), plan.dimension]`` float32 with finite, non-zero rows; the
-    rows are L2-normalised (on a copy) so inner product is cosine similarity.
+    rows are L2-normalised (on a copy) so inner product is cosine similarity. The search
+    parameters are the plan's, untuned; :func:`build_index_dir` also tunes them.
     """
-    vectors = _checked_unit_vectors(ids, embeddings, plan.dimension)
+    return _build(_checked_unit_vectors(ids, embeddings, plan.dimension), plan)
+
+
+def _build(vectors: np.ndarray, plan: IndexPlan) -> faiss.Index:
     index = new_index(plan)
     started = time.perf_counter()
     train_index(index, vectors)
@@ -264,6 +280,98 @@ def measure_recall(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarr
     _, found = index.search(probes, k)
     hits = sum(len(set(truth) & set(row[row >= 0])) for truth, row in zip(exact, found, strict=True))
     return hits / (k * len(probes))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchTuning:
+    """What :func:`tune_search` chose, and the recall it measured for it."""
+
+    plan: IndexPlan
+    """The plan with the chosen search parameter (the one to write into the manifest)."""
+    recall: float
+    """Recall@k of the chosen setting on the sampled posts; 1.0 for exact search."""
+    queries: int
+    """How many posts of the corpus it was measured on (0 for exact search)."""
+    reached: bool
+    """Whether ``recall`` reached the target asked for."""
+
+
+def tune_search(
+    index: faiss.Index,
+    plan: IndexPlan,
+    vectors: np.ndarray,
+    *,
+    recall_target: float = TUNING_RECALL,
+    queries: int = TUNING_QUERIES,
+    k: int = TUNING_K,
+    seed: int = 0,
+) -> SearchTuning:
+    """The cheapest search setting of ``index`` whose recall@k reaches ``recall_target`` on this corpus.
+
+    How far an approximate index must search depends on the data: random vectors need every
+    IVF list probed, real embeddings cluster and need a few. So the search is tuned on the
+    corpus itself: ``queries`` of its own (L2-normalised) ``vectors`` are searched, each
+    without itself, against exact search, raising ``nprobe`` (``efSearch`` for HNSW) in
+    powers of two until the recall reaches the target. ``index`` is left configured with the
+    setting chosen; when none reaches the target, the largest one tried is kept and a
+    warning says so. Exact indexes are returned as they are.
+    """
+    name = _TUNED_PARAM.get(plan.index_type)
+    k = min(k, len(vectors) - 1)
+    if name is None or k < 1:
+        return SearchTuning(plan=plan, recall=1.0, queries=0, reached=True)
+    sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(queries, len(vectors)), replace=False))
+    probes = np.ascontiguousarray(vectors[sample])
+    _, exact = faiss.knn(probes, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = _without_self(exact, sample, k)
+    started = time.perf_counter()
+    tuned, recall = plan, 0.0
+    for value in _search_ladder(plan):
+        tuned = dataclasses.replace(plan, params={**plan.params, name: value})
+        configure_search(index, tuned.index_type, tuned.params)
+        _, found = index.search(probes, k + 1)
+        recall = _recall(truth, _without_self(found, sample, k))
+        logger.debug("%s %s=%d: recall@%d %.3f on %d posts", plan.index_type.value, name, value, k, recall, len(sample))
+        if recall >= recall_target:
+            break
+    reached = recall >= recall_target
+    log = logger.info if reached else logger.warning
+    log(
+        "tuned %s search: %s=%d reaches recall@%d %.3f on %d posts of the corpus (target %.2f%s; %.1f s)",
+        plan.index_type.value,
+        name,
+        tuned.params[name],
+        k,
+        recall,
+        len(sample),
+        recall_target,
+        "" if reached else ", NOT reached: consider --index-type flat",
+        time.perf_counter() - started,
+    )
+    return SearchTuning(plan=tuned, recall=recall, queries=len(sample), reached=reached)
+
+
+def _search_ladder(plan: IndexPlan) -> list[int]:
+    """Values of the tuned parameter to try, cheapest first: powers of two up to the most useful."""
+    most = plan.params["nlist"] if plan.index_type is IndexType.IVFPQ else HNSW_MAX_EF_SEARCH
+    start = 1 if plan.index_type is IndexType.IVFPQ else TUNING_K
+    ladder = [2**power for power in range(math.ceil(math.log2(start)), math.ceil(math.log2(most)))]
+    return [*ladder, most]
+
+
+def _without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[set[int]]:
+    """Each query's first ``k`` neighbours other than itself (and FAISS's -1 padding)."""
+    return [
+        {int(row) for row in found if row >= 0 and row != query_row}
+        if query_row in found[: k + 1]
+        else {int(row) for row in found[:k] if row >= 0}
+        for found, query_row in zip(neighbours, query_rows, strict=True)
+    ]
+
+
+def _recall(truth: list[set[int]], found: list[set[int]]) -> float:
+    expected = sum(len(rows) for rows in truth)
+    return sum(len(rows & hits) for rows, hits in zip(truth, found, strict=True)) / max(expected, 1)
 
 
 def postsim_version() -> str:
@@ -388,9 +496,13 @@ def build_index_dir(
     weights_fingerprint: str,
     index_type: IndexType = IndexType.AUTO,
 ) -> IndexManifest:
-    """Choose, build and atomically write an index directory; return its manifest."""
-    if embeddings.ndim != 2:
-        raise SearchIndexError(f"embeddings must be a 2-D [count, dim] array, got shape {embeddings.shape}")
+    """Choose, build, tune (:func:`tune_search`) and atomically write an index directory; return its manifest."""
+    if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
+        shape = getattr(embeddings, "shape", type(embeddings).__name__)
+        raise SearchIndexError(f"embeddings must be a 2-D [count, dim] array, got shape {shape}")
     plan = choose_index(len(ids), embeddings.shape[1], index_type)
-    index = build_index(ids, embeddings, plan)
-    return write_index_dir(out_dir, index, ids, new_manifest(plan, len(ids), weights_fingerprint))
+    vectors = _checked_unit_vectors(ids, embeddings, plan.dimension)
+    index = _build(vectors, plan)
+    tuning = tune_search(index, plan, vectors)
+    del vectors
+    return write_index_dir(out_dir, index, ids, new_manifest(tuning.plan, len(ids), weights_fingerprint))

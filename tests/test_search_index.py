@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
-from postsim.bench.index_bench import format_table, run_index_benchmark
+from postsim.bench.index_bench import BenchData, ClusteredVectors, format_table, run_index_benchmark
 from postsim.client import indexing
 from postsim.client.indexing import (
     EXACT_SEARCH_MAX_COUNT,
@@ -22,6 +22,7 @@ from postsim.client.indexing import (
     choose_index,
     measure_recall,
     new_manifest,
+    tune_search,
     write_index_dir,
 )
 from postsim.model_repository.errors import SearchIndexError
@@ -142,6 +143,80 @@ def test_default_ann_index_reaches_recall_095_on_100k_random_unit_vectors() -> N
     index = build_index(post_ids(count), vectors, plan)
     recall = measure_recall(index, vectors, unit_vectors(200, dim=dim, seed=1), 10)
     assert recall >= 0.95, f"recall@10 {recall:.3f} with {plan.params}"
+
+
+# --- tuning the search on the corpus ------------------------------------------------------
+
+
+def clustered(count: int, queries: int, dim: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    data = ClusteredVectors(dim=dim, topics=20, subjects=400)
+    rng = np.random.default_rng(0)
+    return data.sample(count, rng), data.sample(queries, rng)
+
+
+def ivf_plan(count: int, dim: int, nlist: int) -> IndexPlan:
+    plan = choose_index(count, dim, IndexType.IVFPQ)
+    return dataclasses.replace(plan, params={**plan.params, "nlist": nlist, "nprobe": nlist})
+
+
+def test_tuning_probes_fewer_lists_on_clustered_data_than_on_random_and_keeps_recall() -> None:
+    count, dim = 20_000, 64
+    base, queries = clustered(count, 200, dim)
+    plan = ivf_plan(count, dim, 128)
+    index = build_index(post_ids(count), base, plan)
+    tuning = tune_search(index, plan, base)
+    assert tuning.reached and tuning.recall >= indexing.TUNING_RECALL and tuning.queries == indexing.TUNING_QUERIES
+    assert tuning.plan.params["nprobe"] < 128 / 4, tuning
+    assert faiss.extract_index_ivf(faiss.downcast_index(index).base_index).nprobe == tuning.plan.params["nprobe"]
+    # Held-out posts, never in the index, find their neighbours as well as the corpus's own did.
+    assert measure_recall(index, base, queries, 10) >= 0.95
+
+    random = unit_vectors(count, dim=dim)
+    random_index = build_index(post_ids(count), random, plan)
+    random_tuning = tune_search(random_index, plan, random)
+    assert random_tuning.plan.params["nprobe"] > tuning.plan.params["nprobe"] * 2, (random_tuning, tuning)
+
+
+def test_tuning_hnsw_raises_ef_search_until_the_target_and_leaves_exact_search_alone() -> None:
+    base, _ = clustered(5000, 1, 32)
+    plan = choose_index(5000, 32, IndexType.HNSW)
+    tuning = tune_search(build_index(post_ids(5000), base, plan), plan, base, queries=200)
+    assert tuning.reached and tuning.plan.params["efSearch"] in {16, 32, 64, 128, 256, 512, 1024, 2048, 4096}
+    flat = choose_index(5000, 32, IndexType.FLAT)
+    assert tune_search(build_index(post_ids(5000), base, flat), flat, base).plan == flat
+
+
+def test_tuning_that_cannot_reach_the_target_keeps_the_widest_search_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    vectors = unit_vectors(4000)
+    plan = ivf_plan(4000, DIM, 32)
+    index = build_index(post_ids(4000), vectors, plan)
+    tuning = tune_search(index, plan, vectors, recall_target=1.01, queries=100)
+    assert not tuning.reached and tuning.plan.params["nprobe"] == 32
+    assert "NOT reached" in caplog.text
+
+
+def test_built_index_directory_serves_with_the_tuned_search(tmp_path: Path) -> None:
+    count = EXACT_SEARCH_MAX_COUNT  # the smallest corpus AUTO gives an approximate index
+    base, queries = clustered(count, 100, DIM)
+    manifest = build_index_dir(tmp_path / "index", post_ids(count), base, weights_fingerprint=FINGERPRINT)
+    assert manifest.index_type is IndexType.IVFPQ
+    assert manifest.params["nprobe"] < manifest.params["nlist"]
+    loaded = load_index_dir(tmp_path / "index", FINGERPRINT)
+    assert faiss.extract_index_ivf(faiss.downcast_index(loaded.index).base_index).nprobe == manifest.params["nprobe"]
+    assert measure_recall(loaded.index, base, queries, 10) >= 0.95
+
+
+def test_clustered_vectors_are_unit_rows_whose_neighbours_share_a_subject() -> None:
+    data = ClusteredVectors(dim=64, topics=10, subjects=100)
+    subjects, shares = data.centres()
+    assert subjects.shape == (100, 64) and shares.sum() == pytest.approx(1.0)
+    vectors = data.sample(2000, np.random.default_rng(1))
+    assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    scores, _ = faiss.knn(vectors[:50], vectors, 2, metric=faiss.METRIC_INNER_PRODUCT)
+    assert 0.3 < float(np.median(scores[:, 1])) < 0.95  # a near neighbour, not a duplicate
+    assert abs(float(np.mean(vectors[:500] @ vectors[500:1000].T))) < 0.1
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -400,4 +475,14 @@ def test_benchmark_reports_every_index_type(caplog: pytest.LogCaptureFixture) ->
     assert flat.recall == 1.0 and flat.device == "cpu" and flat.memory_bytes >= 2000 * DIM * 4
     assert all(r.p50_ms > 0 and r.batch_qps > 0 and r.threads == 1 for r in results)
     table = format_table(results)
-    assert "ivfpq" in table and "recall@k" in table
+    assert "ivfpq" in table and "recall@k" in table and "random unit vectors" in table
+    ivfpq = results[2]
+    assert ivfpq.data is BenchData.RANDOM and ivfpq.tune_s > 0 and 0 < ivfpq.tuned_recall <= 1
+
+
+def test_benchmark_on_clustered_data_tunes_the_search_down() -> None:
+    results = run_index_benchmark(
+        count=20_000, dim=DIM, queries=50, index_types=[IndexType.IVFPQ], data=BenchData.CLUSTERED, use_gpu=False
+    )
+    assert results[0].params["nprobe"] < results[0].params["nlist"] and results[0].recall >= 0.9
+    assert "clustered unit vectors" in format_table(results)
