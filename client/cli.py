@@ -304,8 +304,9 @@ def index_build(
 
         report = build_corpus_index(settings, on_progress=on_progress)
     manifest = report.manifest
+    params = "".join(f" {name}={value}" for name, value in manifest.params.items())
     stdout.print(
-        f"indexed {report.indexed} posts into {report.index_dir} ({manifest.index_type.value}, dim "
+        f"indexed {report.indexed} posts into {report.index_dir} ({manifest.index_type.value}{params}, dim "
         f"{manifest.dimension}) in {report.seconds:.1f} s, {report.posts_per_second:.1f} posts/s"
     )
     if report.failures:
