@@ -15,6 +15,7 @@ prints :func:`format_table`.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -64,8 +65,9 @@ class ClusteredVectors:
     zipf_exponent: float = 1.0
     seed: int = 0
 
+    @functools.cached_property
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """The subjects' directions (unit rows) and each subject's share of the posts."""
+        """The subjects' directions (unit rows) and each subject's share of the posts (drawn once)."""
         rng = np.random.default_rng(self.seed)
         topics = random_unit_vectors(rng, self.topics, self.dim)
         topic_of_subject = rng.integers(0, self.topics, size=self.subjects)
@@ -76,7 +78,7 @@ class ClusteredVectors:
 
     def sample(self, count: int, rng: np.random.Generator) -> np.ndarray:
         """``count`` posts (unit rows, float32) on subjects drawn by their share."""
-        subjects, shares = self.centres()
+        subjects, shares = self.centres
         subject_of_post = rng.choice(self.subjects, size=count, p=shares)
         vectors = np.empty((count, self.dim), dtype=np.float32)
         for start in range(0, count, _CHUNK):  # the noise in chunks: a second 1M × 256 array is 1 GB

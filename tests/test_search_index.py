@@ -210,7 +210,7 @@ def test_built_index_directory_serves_with_the_tuned_search(tmp_path: Path) -> N
 
 def test_clustered_vectors_are_unit_rows_whose_neighbours_share_a_subject() -> None:
     data = ClusteredVectors(dim=64, topics=10, subjects=100)
-    subjects, shares = data.centres()
+    subjects, shares = data.centres
     assert subjects.shape == (100, 64) and shares.sum() == pytest.approx(1.0)
     vectors = data.sample(2000, np.random.default_rng(1))
     assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
