@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from postsim.client.indexing import IndexPlan, IndexType, choose_index, new_index, train_index, tune_search
+from postsim.client.indexing import (
+    IndexPlan,
+    IndexType,
+    choose_index,
+    new_index,
+    recall_of,
+    train_index,
+    tune_search,
+)
 from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.search_index import gpu_available, index_to_gpu
 
@@ -262,7 +270,7 @@ def _measure(
         p95_ms=float(np.percentile(latencies, 95) * 1e3),
         latency_queries=len(latencies),
         batch_qps=len(probes) / batch_s,
-        recall=_recall(found, truth),
+        recall=recall_of(truth, found),
         k=k,
         memory_bytes=built.memory_bytes,
         threads=faiss.omp_get_max_threads(),
@@ -282,11 +290,6 @@ def _single_query_latencies(index: faiss.Index, probes: np.ndarray, k: int) -> l
         if len(latencies) >= MIN_LATENCY_QUERIES and time.perf_counter() > deadline:
             break
     return latencies
-
-
-def _recall(found: np.ndarray, truth: np.ndarray) -> float:
-    hits = sum(len(set(expected) & set(row[row >= 0])) for expected, row in zip(truth, found, strict=True))
-    return hits / truth.size
 
 
 def format_table(results: Sequence[IndexBenchResult]) -> str:

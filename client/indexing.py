@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -54,6 +54,7 @@ __all__ = [
     "measure_recall",
     "new_index",
     "new_manifest",
+    "recall_of",
     "train_index",
     "tune_search",
     "write_index_dir",
@@ -278,8 +279,18 @@ def measure_recall(index: faiss.Index, embeddings: np.ndarray, queries: np.ndarr
     faiss.normalize_L2(probes)
     _, exact = faiss.knn(probes, base, k, metric=faiss.METRIC_INNER_PRODUCT)
     _, found = index.search(probes, k)
-    hits = sum(len(set(truth) & set(row[row >= 0])) for truth, row in zip(exact, found, strict=True))
-    return hits / (k * len(probes))
+    return recall_of(exact, found)
+
+
+def recall_of(truth: Iterable[Iterable[int]], found: Iterable[Iterable[int]]) -> float:
+    """The share of the true neighbours found, over all queries: one row of ids per query,
+    FAISS's -1 padding ignored."""
+    expected = hits = 0
+    for true_rows, found_rows in zip(truth, found, strict=True):
+        true_set = {int(row) for row in true_rows if row >= 0}
+        expected += len(true_set)
+        hits += len(true_set & {int(row) for row in found_rows})
+    return hits / max(expected, 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -330,7 +341,7 @@ def tune_search(
         tuned = dataclasses.replace(plan, params={**plan.params, name: value})
         configure_search(index, tuned.index_type, tuned.params)
         _, found = index.search(probes, k + 1)
-        recall = _recall(truth, _without_self(found, sample, k))
+        recall = recall_of(truth, _without_self(found, sample, k))
         logger.debug("%s %s=%d: recall@%d %.3f on %d posts", plan.index_type.value, name, value, k, recall, len(sample))
         if recall >= recall_target:
             break
@@ -359,19 +370,9 @@ def _search_ladder(plan: IndexPlan) -> list[int]:
     return [*ladder, most]
 
 
-def _without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[set[int]]:
-    """Each query's first ``k`` neighbours other than itself (and FAISS's -1 padding)."""
-    return [
-        {int(row) for row in found if row >= 0 and row != query_row}
-        if query_row in found[: k + 1]
-        else {int(row) for row in found[:k] if row >= 0}
-        for found, query_row in zip(neighbours, query_rows, strict=True)
-    ]
-
-
-def _recall(truth: list[set[int]], found: list[set[int]]) -> float:
-    expected = sum(len(rows) for rows in truth)
-    return sum(len(rows & hits) for rows, hits in zip(truth, found, strict=True)) / max(expected, 1)
+def _without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[np.ndarray]:
+    """Each query's first ``k`` neighbours other than itself."""
+    return [found[found != query_row][:k] for found, query_row in zip(neighbours, query_rows, strict=True)]
 
 
 def postsim_version() -> str:
