@@ -291,8 +291,8 @@ def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
         for group in config.instance_group:
             group.count = serving.instance_count(name)
         if "intra_op_threads" in config.parameters:
-            config.parameters["intra_op_threads"].string_value = str(serving.intra_op_threads.get(name, 0))
-            config.parameters["intra_op_spinning"].string_value = "1" if serving.intra_op_spinning else "0"
+            for key, value in serving.session_parameters(name).items():
+                config.parameters[key].string_value = value
         staging = config_path.with_name(f".{CONFIG_NAME}.bench")
         staging.write_text(to_pbtxt(config))
         os.replace(staging, config_path)  # never through the hard link: the original stays as it was

@@ -77,6 +77,13 @@ class ServingSettings:
     def instance_count(self, model: str) -> int:
         return self.instances.get(model, 1)
 
+    def session_parameters(self, model: str) -> dict[str, str]:
+        """The config parameters with which an embedded ONNX model sets up its ONNX Runtime session."""
+        return {
+            "intra_op_threads": str(self.intra_op_threads.get(model, 0)),
+            "intra_op_spinning": "1" if self.intra_op_spinning else "0",
+        }
+
     @classmethod
     def for_target(cls, target: Target) -> ServingSettings:
         """The defaults for ``target``: the measured CPU ones for ``embedded``; for ``triton``
@@ -275,15 +282,8 @@ def repository_configs(
         if target is Target.TRITON:
             configs[name] = onnxruntime_model_config(specs[name], settings)
         else:
-            threads = settings.intra_op_threads.get(name, 0)
             configs[name] = python_model_config(
-                specs[name],
-                settings,
-                parameters={
-                    "onnx_file": "model.onnx",
-                    "intra_op_threads": str(threads),
-                    "intra_op_spinning": "1" if settings.intra_op_spinning else "0",
-                },
+                specs[name], settings, parameters={"onnx_file": "model.onnx", **settings.session_parameters(name)}
             )
     configs[contract.POST_EMBEDDING] = ensemble_config(
         specs[contract.POST_EMBEDDING], [specs[step] for step in ENSEMBLE_STEPS[contract.POST_EMBEDDING]]
