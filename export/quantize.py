@@ -561,7 +561,13 @@ def quantize_image_encoder(
 
 
 def quantize_text_encoder(source: Path, destination: Path, *, work_dir: Path) -> None:
-    """Dynamic INT8: per-channel signed weights (MatMulInteger), activations quantised per call.
+    """Dynamic INT8: per-channel signed 7-bit weights (MatMulInteger), activations quantised per call.
+
+    The weights use 7 of their 8 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2
+    only), ONNX Runtime multiplies u8 activations by s8 weights with ``vpmaddubsw``, whose
+    int16 pair sums saturate with full-range weights (bench/TUNING.md has the measurement).
+    The export's agreement check runs on the exporting machine, so the model must hold on
+    the CPUs it will be served on as well.
 
     On the graph as exported: ONNX Runtime's offline transformer fusions (QAttention after
     quantisation) measured 10 to 15 % slower on CPU than the unfused quantised graph, which
@@ -574,7 +580,7 @@ def quantize_text_encoder(source: Path, destination: Path, *, work_dir: Path) ->
     started = time.perf_counter()
     logger.info("int8: quantising %s (dynamic, per channel)", TEXT_ENCODER)
     try:
-        quantize_dynamic(prepared, destination, per_channel=True, weight_type=QuantType.QInt8)
+        quantize_dynamic(prepared, destination, per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
     except _CONVERSION_ERRORS as error:
         raise ExportError(f"quantising {TEXT_ENCODER} to int8 failed: {error}") from error
     _log_written(TEXT_ENCODER, "int8", source, destination, started)
