@@ -123,9 +123,10 @@ class OrtPostPipeline:
             name: ort_session(served_onnx_file(repository, name), threads=threads) for name in contract.ONNX_MODELS
         }
 
-    def _run(self, model: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outputs: list[np.ndarray] = self.sessions[model].run(None, feed)
-        return outputs
+    def _run(self, model: str, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+        """The ``outputs`` of ``model`` (all of them when None), in order."""
+        results: list[np.ndarray] = self.sessions[model].run(outputs, feed)
+        return results
 
     def embed(self, posts: Sequence[BenchPost]) -> np.ndarray:
         tensors = self.preprocess(posts)
@@ -134,7 +135,7 @@ class OrtPostPipeline:
             contract.TEXT_ENCODER,
             {contract.INPUT_IDS.name: tensors.input_ids, contract.ATTENTION_MASK.name: tensors.attention_mask},
         )
-        embedding, _weights = self._run(
+        (embedding,) = self._run(
             contract.FUSER,
             {
                 _IMAGE_EMBEDDING: image,
@@ -142,6 +143,7 @@ class OrtPostPipeline:
                 contract.IMAGE_MASK.name: tensors.image_mask,
                 contract.TEXT_MASK.name: tensors.text_mask,
             },
+            [contract.EMBEDDING_NAME],
         )
         return embedding
 

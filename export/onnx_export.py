@@ -4,7 +4,9 @@ Names, dtypes, dynamic axes, opset and tolerances all come from the contract's
 :class:`ModelSpec`. Every exported file is then run in ONNX Runtime on fresh random inputs
 of another batch size (and sequence length) than the export example, and compared with
 the module: a signature or shape mismatch, or a difference outside the spec's tolerance,
-raises :class:`ExportMismatchError`.
+raises :class:`ExportMismatchError`. An output the spec declares as a ``copy_of`` another
+(the fuser's ``QUERY_EMBEDDING``) is not computed by the module: it is added to the
+exported graph as an Identity of its source.
 
 The exporter is TorchScript-based (``dynamo=False``): it exports ResNet-101 and the
 BERT family with dynamic batch and sequence axes in seconds, and needs nothing beyond
@@ -141,7 +143,10 @@ def export_onnx_model(module: nn.Module, spec: ModelSpec, path: Path) -> None:
     if tolerance.opset < MIN_OPSET:
         raise ExportError(f"{spec.name}: opset {tolerance.opset} is too old; use {MIN_OPSET} or newer")
     example = sample_inputs(spec, batch=EXPORT_BATCH, sequence=EXPORT_SEQUENCE, vocab_size=_vocab_size(module))
-    dynamic_axes = {tensor.name: tensor.dynamic_axes() for tensor in (*spec.inputs, *spec.outputs)}
+    exported = {*spec.input_names, *_computed(spec)}
+    dynamic_axes = {
+        tensor.name: tensor.dynamic_axes() for tensor in (*spec.inputs, *spec.outputs) if tensor.name in exported
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("exporting %s to %s (opset %d)", spec.name, path, tolerance.opset)
     module.eval()
@@ -152,12 +157,13 @@ def export_onnx_model(module: nn.Module, spec: ModelSpec, path: Path) -> None:
                 _to_torch(example, spec),
                 str(path),
                 input_names=spec.input_names,
-                output_names=spec.output_names,
+                output_names=_computed(spec),
                 dynamic_axes=dynamic_axes,
                 opset_version=tolerance.opset,
                 do_constant_folding=True,
                 dynamo=False,
             )
+        _add_copies(spec, path)
         onnx.checker.check_model(str(path))
     except (RuntimeError, onnx.checker.ValidationError) as error:
         raise ExportError(f"exporting {spec.name} to ONNX failed: {error}") from error
@@ -271,16 +277,45 @@ def _to_torch(inputs: dict[str, np.ndarray], spec: ModelSpec) -> tuple[torch.Ten
     return tuple(torch.from_numpy(inputs[name]) for name in spec.input_names)
 
 
+def _computed(spec: ModelSpec) -> list[str]:
+    """The outputs the PyTorch module returns, in order: the spec's outputs that copy no other."""
+    return [tensor.name for tensor in spec.outputs if tensor.copy_of is None]
+
+
 def _run_torch(module: nn.Module, spec: ModelSpec, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of the spec, by name: what the module returns, and each copy of it."""
     with torch.inference_mode():
         outputs = module(*_to_torch(inputs, spec))
     if isinstance(outputs, torch.Tensor):
         outputs = (outputs,)
-    if len(outputs) != len(spec.outputs):
+    computed = _computed(spec)
+    if len(outputs) != len(computed):
         raise ExportMismatchError(
-            f"{spec.name}: the PyTorch module returns {len(outputs)} outputs, the spec has {spec.output_names}"
+            f"{spec.name}: the PyTorch module returns {len(outputs)} outputs, the spec computes {computed}"
         )
-    return {name: output.numpy() for name, output in zip(spec.output_names, outputs, strict=True)}
+    by_name = {name: output.numpy() for name, output in zip(computed, outputs, strict=True)}
+    return {tensor.name: by_name[tensor.copy_of or tensor.name] for tensor in spec.outputs}
+
+
+def _add_copies(spec: ModelSpec, path: Path) -> None:
+    """Append the spec's copied outputs to the exported graph (one Identity node each), outputs in spec order."""
+    copies = [tensor for tensor in spec.outputs if tensor.copy_of is not None]
+    if not copies:
+        return
+    model = onnx.load(str(path))
+    graph = model.graph
+    declared = {value.name: value for value in graph.output}
+    for tensor in copies:
+        source = str(tensor.copy_of)
+        graph.node.append(onnx.helper.make_node("Identity", [source], [tensor.name], name=f"copy_{tensor.name}"))
+        value = onnx.ValueInfoProto()
+        value.CopyFrom(declared[source])
+        value.name = tensor.name
+        declared[tensor.name] = value
+    ordered = [declared[name] for name in spec.output_names]
+    del graph.output[:]
+    graph.output.extend(ordered)
+    onnx.save(model, str(path))
 
 
 def _compare(model: str, name: str, expected: np.ndarray, actual: np.ndarray) -> OutputComparison:

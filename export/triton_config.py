@@ -229,28 +229,46 @@ def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.Mode
 
     Steps are wired by data alone: Triton 2.51 crashes when it re-creates an ensemble (as it
     does when an index version of `retrieval` is loaded) whose steps map optional inputs.
+    A step output that neither a later step nor the ensemble's outputs use is left unmapped
+    (Triton refuses unused ensemble tensors; the step is then not asked for it).
     """
+    steps = list(step_specs)
     config = _base_config(spec)
     config.platform = "ensemble"
-    for step in step_specs:
+    used = {tensor.name for tensor in spec.outputs} | {tensor.name for step in steps for tensor in step.inputs}
+    for step in steps:
         step_config = config.ensemble_scheduling.step.add(model_name=step.name, model_version=-1)
         for tensor in step.inputs:
             step_config.input_map[tensor.name] = tensor.name
         for tensor in step.outputs:
-            step_config.output_map[tensor.name] = tensor.name
+            if tensor.name in used:
+                step_config.output_map[tensor.name] = tensor.name
     _check_ensemble_wiring(config)
     return config
 
 
 def _check_ensemble_wiring(config: pb.ModelConfig) -> None:
-    """Every step input is an ensemble input or an earlier step's output; every output is produced."""
+    """Every step input is an ensemble input or an earlier step's output; every output is produced,
+    and goes to the client only.
+
+    An ensemble output that a step also reads deadlocks every request that leaves it out of
+    its requested outputs: Triton's ensemble scheduler then prunes the step that produces it
+    as if nothing needed it (see ``contract.query_embedding``).
+    """
+    outputs = {tensor.name for tensor in config.output}
     available = {tensor.name for tensor in config.input}
     for step in config.ensemble_scheduling.step:
         missing = set(step.input_map.values()) - available
         if missing:
             raise RepositoryError(f"ensemble '{config.name}': step '{step.model_name}' needs {sorted(missing)}")
+        shared = set(step.input_map.values()) & outputs
+        if shared:
+            raise RepositoryError(
+                f"ensemble '{config.name}': step '{step.model_name}' reads the ensemble output(s) {sorted(shared)}; "
+                "Triton deadlocks a request that does not ask for them: give the step its own copy of the tensor"
+            )
         available |= set(step.output_map.values())
-    unproduced = {tensor.name for tensor in config.output} - available
+    unproduced = outputs - available
     if unproduced:
         raise RepositoryError(f"ensemble '{config.name}': no step produces {sorted(unproduced)}")
 

@@ -430,7 +430,7 @@ class RetrievalGatewayModel:
             top_k = _input(request, contract.TOP_K.name)
             _single_top_k(top_k.reshape(-1), self.max_top_k)
             inputs = [
-                pb_utils.Tensor(contract.EMBEDDING_NAME, _input(request, contract.EMBEDDING_NAME)),
+                pb_utils.Tensor(contract.EMBEDDING_NAME, _input(request, contract.QUERY_EMBEDDING_NAME)),
                 pb_utils.Tensor(contract.TOP_K.name, top_k),
             ]
         except InvalidPostError as error:

@@ -67,6 +67,8 @@ class TensorSpec:
     """Per-item shape, without the batch dimension; -1 is variable."""
     dim_names: tuple[str, ...] = ()
     """Names of the variable dims, for ONNX dynamic axes (same length as the -1 entries)."""
+    copy_of: str | None = None
+    """For an output: the name of another output of the same model whose values it repeats."""
 
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes of the batched tensor: axis 0 is the batch."""
@@ -120,8 +122,10 @@ def _by_name(tensors: tuple[TensorSpec, ...], name: str, model: str) -> TensorSp
     raise KeyError(f"model '{model}' has no tensor '{name}'; it has {[t.name for t in tensors]}")
 
 
-def _tensor(name: str, dtype: DataType, *dims: int, dim_names: tuple[str, ...] = ()) -> TensorSpec:
-    return TensorSpec(name=name, dtype=dtype, dims=dims, dim_names=dim_names)
+def _tensor(
+    name: str, dtype: DataType, *dims: int, dim_names: tuple[str, ...] = (), copy_of: str | None = None
+) -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, dims=dims, dim_names=dim_names, copy_of=copy_of)
 
 
 # Raw post, as a client sends it: one encoded image and one UTF-8 text per post.
@@ -142,6 +146,7 @@ SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
 
 
 EMBEDDING_NAME = "EMBEDDING"
+QUERY_EMBEDDING_NAME = "QUERY_EMBEDDING"
 
 
 def image_embedding(dim: int) -> TensorSpec:
@@ -154,6 +159,18 @@ def text_embedding(dim: int) -> TensorSpec:
 
 def embedding(dim: int) -> TensorSpec:
     return _tensor(EMBEDDING_NAME, DataType.FP32, dim)
+
+
+def query_embedding(dim: int) -> TensorSpec:
+    """The fused embedding again, as the fuser's third output: the query ``retrieval_gateway`` reads.
+
+    No ensemble output may feed a later step: asked for some of its outputs only (the KServe
+    ``outputs`` field), Triton's ensemble scheduler prunes the step behind each output not asked
+    for, even when a later step reads that output, and the request then deadlocks
+    ("at least one output is not set while no more ensemble steps can be made"). With its own
+    tensor, the query is pruned only when no retrieval output is asked for.
+    """
+    return _tensor(QUERY_EMBEDDING_NAME, DataType.FP32, dim, copy_of=EMBEDDING_NAME)
 
 
 def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:
@@ -179,7 +196,7 @@ def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:
         ModelSpec(
             name=FUSER,
             inputs=(image_embedding(dim), text_embedding(dim), IMAGE_MASK, TEXT_MASK),
-            outputs=(embedding(dim), MODALITY_WEIGHTS),
+            outputs=(embedding(dim), MODALITY_WEIGHTS, query_embedding(dim)),
             onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
         ),
         ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=(embedding(dim), MODALITY_WEIGHTS)),
@@ -187,7 +204,7 @@ def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:
         # similar_posts reaches retrieval through this step (a call, not an ensemble edge): Triton 2.51
         # re-creates every ensemble that names a model when a new version of it loads, and crashes
         # when a query reaches the ensemble being retired. So publishing an index swaps retrieval alone.
-        ModelSpec(name=RETRIEVAL_GATEWAY, inputs=(embedding(dim), TOP_K), outputs=(IDS, SCORES)),
+        ModelSpec(name=RETRIEVAL_GATEWAY, inputs=(query_embedding(dim), TOP_K), outputs=(IDS, SCORES)),
         ModelSpec(
             name=SIMILAR_POSTS,
             inputs=(IMAGE, TEXT, TOP_K),

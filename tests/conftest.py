@@ -8,6 +8,7 @@ DistilBERT, which the export tests export in any case).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from postsim.model_repository import contract
 from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
 
 TEST_SIZE = os.environ.get("POSTSIM_TEST_SIZE", "tiny")
@@ -37,6 +39,12 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> ExportedRep
     path = tmp_path_factory.mktemp("repository")
     report = export_repository(ExportOptions(repository=path, models=settings))
     return ExportedRepository(path=path, models=report.models)
+
+
+def output_subsets(model: str) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``model``'s outputs, each one a client may ask for (KServe ``outputs``)."""
+    names = contract.model_specs()[model].output_names
+    return [subset for size in range(1, len(names) + 1) for subset in itertools.combinations(names, size)]
 
 
 def server_settings(repository: Path, **overrides: object) -> ServerSettings:

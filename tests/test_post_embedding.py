@@ -7,11 +7,13 @@ import io
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import output_subsets
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient
 from postsim.client.posts import Post
+from postsim.model_repository import contract
 from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.preprocessing import ImageLimits, preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
@@ -103,3 +105,25 @@ def test_an_empty_post_is_invalid_argument(grpc_url: str) -> None:
 def test_an_undecodable_image_is_invalid_argument_naming_the_input(grpc_url: str) -> None:
     with PostSimClient(grpc_url) as client, pytest.raises(InvalidPostError, match="IMAGE"):
         client.embed([Post(text="caption", image=b"<html>not an image</html>")])
+
+
+def _requesting(url: str, outputs: tuple[str, ...]) -> grpcclient.InferResult:
+    """post_embedding asked, through the KServe ``outputs`` field, for ``outputs`` only."""
+    inputs = []
+    for name, value in (("IMAGE", POSTS[0].image_bytes()), ("TEXT", (POSTS[0].text or "").encode())):
+        tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+        inputs.append(tensor)
+    with grpcclient.InferenceServerClient(url) as client:
+        return client.infer(
+            contract.POST_EMBEDDING, inputs, outputs=[grpcclient.InferRequestedOutput(name) for name in outputs]
+        )
+
+
+@pytest.mark.parametrize("outputs", output_subsets(contract.POST_EMBEDDING), ids="+".join)
+def test_every_subset_of_outputs_can_be_requested(grpc_url: str, outputs: tuple[str, ...]) -> None:
+    result = _requesting(grpc_url, outputs)
+    assert {output.name for output in result.get_response().outputs} == set(outputs)
+    for name in outputs:
+        array = result.as_numpy(name)
+        assert array is not None and array.shape[0] == 1 and np.isfinite(array).all()

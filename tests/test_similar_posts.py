@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
+from conftest import output_subsets
 
-from postsim.client.api import PostSimClient
+from postsim.client.api import PostSimClient, build_inputs
 from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
 from postsim.client.posts import Post
 from postsim.client.publish import install_version, publish_index, rollback_index
 from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
+from postsim.model_repository import contract
 from postsim.model_repository.errors import PostSimError, SearchIndexError, ServerError
 from postsim.model_repository.search_index import IndexType, read_manifest
 from postsim.model_repository.server import TritonServer
@@ -67,6 +70,24 @@ def test_an_indexed_post_finds_itself_first(server: TritonServer, published: Pub
             assert neighbors[0].score >= 0.99
             scores = [n.score for n in neighbors]
             assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("outputs", output_subsets(contract.SIMILAR_POSTS), ids="+".join)
+def test_every_subset_of_outputs_can_be_requested(
+    server: TritonServer, published: PublishedCorpus, outputs: tuple[str, ...]
+) -> None:
+    """The KServe ``outputs`` field with any non-empty subset of outputs: exactly those come back."""
+    post = published.posts[0]
+    inputs = build_inputs([post.to_post()], k=3)
+    requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+    with grpcclient.InferenceServerClient(server.endpoints.grpc) as client:
+        result = client.infer(contract.SIMILAR_POSTS, inputs, outputs=requested)
+    assert {output.name for output in result.get_response().outputs} == set(outputs)
+    for name in outputs:
+        array = result.as_numpy(name)
+        assert array is not None and array.shape[0] == 1
+    if contract.IDS.name in outputs:
+        assert result.as_numpy(contract.IDS.name)[0, 0].decode() == post.id
 
 
 def test_k_above_the_index_size_returns_every_post_once(server: TritonServer, published: PublishedCorpus) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -132,6 +134,32 @@ def test_ensemble_wiring_is_checked() -> None:
     steps = [specs[name] for name in ("preprocess_image", "tokenize", "image_encoder", "text_encoder")]
     with pytest.raises(RepositoryError, match="no step produces"):
         ensemble_config(specs[contract.POST_EMBEDDING], steps)
+
+
+@pytest.mark.parametrize("target", list(Target))
+def test_ensemble_outputs_go_to_the_client_only_and_every_mapped_tensor_is_used(target: Target) -> None:
+    """What keeps every subset of requested outputs working (Triton prunes unrequested outputs' steps)."""
+    for name in (contract.POST_EMBEDDING, contract.SIMILAR_POSTS):
+        config = _configs(target)[name]
+        outputs = {tensor.name for tensor in config.output}
+        read = {tensor for step in config.ensemble_scheduling.step for tensor in step.input_map.values()}
+        written = {tensor for step in config.ensemble_scheduling.step for tensor in step.output_map.values()}
+        assert not read & outputs, name
+        assert written == (read | outputs) - {tensor.name for tensor in config.input}, name
+    (gateway,) = [
+        step
+        for step in _configs(target)[contract.SIMILAR_POSTS].ensemble_scheduling.step
+        if step.model_name == contract.RETRIEVAL_GATEWAY
+    ]
+    assert dict(gateway.input_map) == {"QUERY_EMBEDDING": "QUERY_EMBEDDING", "TOP_K": "TOP_K"}
+
+
+def test_a_step_reading_an_ensemble_output_is_refused() -> None:
+    specs = contract.model_specs(DIM)
+    gateway = dataclasses.replace(specs[contract.RETRIEVAL_GATEWAY], inputs=(contract.embedding(DIM), contract.TOP_K))
+    steps = [specs[name] for name in ("preprocess_image", "tokenize", "image_encoder", "text_encoder", "fuser")]
+    with pytest.raises(RepositoryError, match=r"retrieval_gateway' reads the ensemble output\(s\) \['EMBEDDING'\]"):
+        ensemble_config(specs[contract.SIMILAR_POSTS], [*steps, gateway])
 
 
 def test_malformed_pbtxt_is_a_repository_error() -> None:
