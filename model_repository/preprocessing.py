@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
+import re
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
@@ -82,8 +84,8 @@ class ImageLimits:
     max_pixels: int = 40_000_000
     """Largest width × height accepted, read from the header before decoding.
 
-    Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, about 89 million
-    pixels) still applies above this and is reported the same way.
+    Pillow refuses to open an image of more than twice ``Image.MAX_IMAGE_PIXELS`` (about
+    179 million pixels) whatever this says; that refusal quotes this limit too.
     """
 
     def __post_init__(self) -> None:
@@ -134,18 +136,21 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> Ima
     """Decode one JPEG, PNG, WebP, BMP or GIF (its first frame) into an upright RGB image.
 
     Raises InvalidPostError, before decoding any pixel, for data over
-    ``limits.max_bytes``, a header over ``limits.max_pixels`` or data Pillow cannot
-    identify; and for a file that turns out truncated or corrupt while decoding.
+    ``limits.max_bytes``, a header over ``limits.max_pixels``, data Pillow cannot
+    identify or too few bytes to hold the pixels the header announces (a truncated PNG or
+    JPEG); and for a file that turns out truncated or corrupt while decoding, including a
+    PNG whose pixel data ends cleanly before its last row.
     """
     if not data:
         raise InvalidPostError(f"{IMAGE.name}: empty (0 bytes); send an encoded image or no image at all")
     if len(data) > limits.max_bytes:
         raise InvalidPostError(f"{IMAGE.name}: {len(data):,} bytes is over the limit of {limits.max_bytes:,} bytes")
     _require_truncated_images_refused()
-    with _decompression_bombs_refused():
+    with _decompression_bombs_refused(limits):
         image = _open_header(data)
         _check_pixel_count(image, limits)
-        _load_pixels(image)
+        _check_encoded_size(image, data)
+        image = _load_pixels(image, data)
     _apply_exif_orientation(image)
     return to_rgb(image)
 
@@ -219,20 +224,29 @@ def _require_truncated_images_refused() -> None:
         )
 
 
-@contextlib.contextmanager
-def _decompression_bombs_refused() -> Iterator[None]:
-    """Pillow's decompression-bomb warning and error, inside the block, as InvalidPostError.
+_PILLOW_PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
 
-    The warning filter is scoped with ``catch_warnings``, so the rest of the process keeps
-    its own; ``catch_warnings`` is not thread-safe, which is fine in a Triton Python-backend
-    model (one thread per model instance).
+
+@contextlib.contextmanager
+def _decompression_bombs_refused(limits: ImageLimits) -> Iterator[None]:
+    """Pillow's decompression-bomb error, inside the block, as InvalidPostError quoting postsim's limit.
+
+    ``limits.max_pixels`` is the limit (:func:`_check_pixel_count`): Pillow's warning, above
+    ``Image.MAX_IMAGE_PIXELS``, is silenced; its error, above twice that, is refused with the
+    pixel count it names. The warning filter is scoped with ``catch_warnings``, so the rest of
+    the process keeps its own; ``catch_warnings`` is not thread-safe, which is fine in a
+    Triton Python-backend model (one thread per model instance).
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             yield
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InvalidPostError(f"{IMAGE.name}: too many pixels: {error}") from error
+        except Image.DecompressionBombError as error:
+            found = _PILLOW_PIXEL_COUNT.search(str(error))
+            count = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow opens"
+            raise InvalidPostError(
+                f"{IMAGE.name}: the header says {count}, which is over the limit of {limits.max_pixels:,} pixels"
+            ) from error
 
 
 def _open_header(data: bytes) -> ImageFile.ImageFile:
@@ -277,12 +291,104 @@ def _check_pixel_count(image: Image.Image, limits: ImageLimits) -> None:
         )
 
 
-def _load_pixels(image: ImageFile.ImageFile) -> None:
-    """Decode the (first frame's) pixels; a truncated or corrupt file raises."""
+_DEFLATE_MAX_RATIO = 1032
+"""The most bytes one byte of deflate data can stand for (a 258-byte match in two 1-bit codes)."""
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+"""Samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA)."""
+_JPEG_BLOCK = 8
+_JPEG_ARITHMETIC_FRAMES = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+"""Start-of-frame markers of arithmetic-coded JPEGs, whose data has no useful lower bound."""
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _check_encoded_size(image: ImageFile.ImageFile, data: bytes) -> None:
+    """Refuse, before decoding, a PNG or JPEG too short to hold the pixels its header announces.
+
+    Pillow decodes such a file as far as its data goes and leaves the rest black or grey
+    (a PNG whose compressed stream ends early, a JPEG whose scan stops at an early EOI), at
+    the cost of the whole image. The bounds are what the formats' best case needs: a
+    deflate byte stands for at most 1032 bytes of PNG rows; a Huffman-coded JPEG spends at
+    least one bit on each 8×8 block of its first component. GIF, BMP and WebP decoders
+    refuse data that ends early themselves.
+    """
+    width, height = image.size
+    if image.format == "PNG":
+        bits_per_pixel = data[24] * _PNG_CHANNELS.get(data[25], 1)  # IHDR's bit depth and colour type
+        needed = height * (1 + math.ceil(width * bits_per_pixel / 8)) // _DEFLATE_MAX_RATIO
+    elif image.format == "JPEG" and _jpeg_frame(data) not in _JPEG_ARITHMETIC_FRAMES:
+        needed = math.ceil(width / _JPEG_BLOCK) * math.ceil(height / _JPEG_BLOCK) // 8
+    else:
+        return
+    if len(data) < needed:
+        raise InvalidPostError(
+            f"{IMAGE.name}: truncated {image.format}: its header says {width}×{height} pixels, which take at "
+            f"least {needed:,} bytes, and it has {len(data):,}"
+        )
+
+
+def _jpeg_frame(data: bytes) -> int | None:
+    """The start-of-frame marker (0xC0..0xCF) of a JPEG, from its segments before the first scan."""
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _JPEG_FRAMES:
+            return marker
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return None
+
+
+_ROW_MARKS = (1, 0)
+"""Two sample values, distinct in every mode a PNG opens as (``1`` stores them as 255 and 0): no
+decoded row holds both in every sample."""
+
+
+def _load_pixels(image: ImageFile.ImageFile, data: bytes) -> ImageFile.ImageFile:
+    """Decode the (first frame's) pixels; a truncated or corrupt file raises.
+
+    Pillow's PNG decoder stops without a word when the compressed stream ends at a row
+    boundary before the last row, leaving the rows after it black: a PNG's last row is
+    marked before decoding, and one still marked afterwards was never written (a file whose
+    last row holds the mark's value itself is decoded again with the other mark).
+    """
     try:
-        image.load()
+        if image.format != "PNG":
+            image.load()
+            return image
+        row = _last_written_row(image)
+        for attempt, mark in enumerate(_ROW_MARKS):
+            candidate = image if attempt == 0 else _open_header(data)
+            if not _row_still_marked(candidate, row, mark):
+                return candidate
     except _PILLOW_ERRORS as error:
         raise InvalidPostError(f"{IMAGE.name}: truncated or corrupt {image.format}: {error}") from error
+    width, height = image.size
+    raise InvalidPostError(
+        f"{IMAGE.name}: truncated PNG: its pixel data ends before row {row + 1} of its {width}×{height} pixels"
+    )
+
+
+def _last_written_row(image: ImageFile.ImageFile) -> int:
+    """The row a PNG decoder writes last: the last one, or with Adam7 interlacing the last odd one."""
+    height = image.size[1]
+    if image.info.get("interlace") and height > 1:
+        return height - 1 if (height - 1) % 2 == 1 else height - 2
+    return height - 1
+
+
+def _row_still_marked(image: ImageFile.ImageFile, row: int, mark: int) -> bool:
+    """Fill ``row`` with ``mark`` in every sample, decode into that, and say whether the row kept it."""
+    width = image.size[0]
+    canvas = Image.new(image.mode, image.size)
+    marked = Image.new(image.mode, (width, 1), (mark,) * len(canvas.getbands()))
+    canvas.paste(marked, (0, row))
+    image.im = canvas.im  # Pillow decodes into an image it is given instead of a new one
+    image.load()
+    return image.crop((0, row, width, row + 1)).tobytes() == marked.tobytes()
 
 
 def _apply_exif_orientation(image: Image.Image) -> None:

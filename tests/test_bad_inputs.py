@@ -108,15 +108,16 @@ def _photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
 
 
-def _png_claiming(width: int, height: int) -> bytes:
+def _png_claiming(width: int, height: int, *, pixel_data: bytes = b"\x00" * 4096, iend: bool = True) -> bytes:
     """A few hundred bytes of PNG whose header says ``width`` × ``height`` (8-bit greyscale)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * 4096)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    rows = zlib.compress(pixel_data)
+    end = chunk(b"IEND", b"") if iend else b""
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + end
 
 
 def _animated_gif(colours: list[tuple[int, int, int]]) -> bytes:
@@ -179,7 +180,16 @@ BAD_POSTS = {
         b"caption",
         ["IMAGE", "2500×2000", "over the limit of 4,000,000 pixels"],
     ),
-    "header claims 20000×20000": (_png_claiming(20_000, 20_000), b"caption", ["IMAGE", "pixels"]),
+    "header claims 20000×20000": (
+        _png_claiming(20_000, 20_000),
+        b"caption",
+        ["IMAGE", "pixels", f"over the limit of {LIMITS.max_image_pixels:,} pixels"],
+    ),
+    "PNG whose pixel data stops short": (  # one whole row of 1900, no IEND: Pillow leaves the rest black
+        _png_claiming(2000, 1900, pixel_data=b"\x00" * 2001, iend=False),
+        b"caption",
+        ["IMAGE", "truncated PNG", "2000×1900"],
+    ),
     "over the byte limit": (
         JPEG + b"\x00" * (LIMITS.max_image_bytes + 1 - len(JPEG)),
         b"caption",

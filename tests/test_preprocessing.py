@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 from postsim.model_repository.errors import InvalidPostError, PostSimError
 from postsim.model_repository.preprocessing import (
@@ -238,6 +238,7 @@ def test_too_many_pixels_is_refused_from_the_header(width: int, height: int) -> 
     assert time.perf_counter() - started < 0.5  # nothing was allocated or decoded
     assert "pixels" in message
     assert f"{width * height}" in message.replace(",", "")
+    assert "over the limit of 40,000,000 pixels" in message  # postsim's limit, not Pillow's
     assert pillow_limit == Image.MAX_IMAGE_PIXELS
     assert warnings.filters == filters_before
 
@@ -266,6 +267,108 @@ def test_a_truncated_jpeg_is_refused_not_half_decoded(keep: float) -> None:
     data = jpeg_photo(320, 240)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
     assert "truncated or corrupt JPEG: image file is truncated" in refusal(data[: int(len(data) * keep)])
+
+
+def grey_png(pixels: np.ndarray, *, rows: int | None = None, interlaced: bool = False, iend: bool = True) -> bytes:
+    """An 8-bit greyscale PNG of ``pixels``, written here so its data can stop short.
+
+    ``rows`` keeps only that many rows of data (non-interlaced) or, interlaced, that many
+    Adam7 passes, in a complete compressed stream; ``iend=False`` leaves out the closing chunk.
+    """
+    height, width = pixels.shape
+    if interlaced:
+        passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+        parts = [pixels[y0::dy, x0::dx] for x0, y0, dx, dy in passes[:rows]]
+        raw = b"".join(b"\x00" + row.tobytes() for part in parts if part.size for row in part)
+    else:
+        raw = b"".join(b"\x00" + row.tobytes() for row in pixels[:rows])
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 1 if interlaced else 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + (png_chunk(b"IEND", b"") if iend else b"")
+    )
+
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+
+
+def test_a_png_whose_pixel_data_stops_short_is_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reported file: a header of 6000×6000 and one row of pixel data, no IEND, 73 bytes."""
+    data = grey_png(np.zeros((6000, 6000), np.uint8), rows=1, iend=False)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("the PNG was decoded"))
+    message = refusal(data)
+    assert (
+        f"truncated PNG: its header says 6000×6000 pixels, which take at least 34,889 bytes, and it has {len(data)}"
+        in message
+    )
+
+
+def test_a_jpeg_whose_scan_stops_at_an_early_end_marker_is_refused_without_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    whole = encode(Image.new("RGB", (3000, 2000), (90, 120, 200)), "JPEG", quality=50)
+    scan = whole.index(b"\xff\xda")
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", lambda self: pytest.fail("the JPEG was decoded"))
+    assert "truncated JPEG: its header says 3000×2000 pixels, which take at least 11,718 bytes" in refusal(
+        whole[: scan + 200] + b"\xff\xd9"
+    )
+
+
+@pytest.mark.parametrize("interlaced", [False, True], ids=["sequential", "interlaced"])
+def test_a_png_whose_compressed_rows_end_early_is_refused(interlaced: bool) -> None:
+    """Enough data to pass for whole, but the stream ends cleanly before the last row (the last Adam7 pass)."""
+    pixels = noise(300, 200)
+    assert decode_image(grey_png(pixels, interlaced=interlaced)).size == (300, 200)
+    short = grey_png(pixels, rows=6 if interlaced else 150, interlaced=interlaced)
+    assert "truncated PNG: its pixel data ends before row" in refusal(short)
+
+
+@pytest.mark.parametrize("interlaced", [False, True], ids=["sequential", "interlaced"])
+def test_a_whole_png_is_decoded_exactly_even_when_its_last_row_looks_unwritten(interlaced: bool) -> None:
+    """A last row of the values the check marks it with is a real row: the image is decoded, unchanged."""
+    for value in (1, 0):
+        pixels = noise(64, 33)
+        pixels[-1 if not interlaced else -2 :] = value
+        decoded = decode_image(grey_png(pixels, interlaced=interlaced))
+        np.testing.assert_array_equal(np.asarray(decoded)[:, :, 0], pixels)
+    white = encode(Image.new("1", (40, 30), 1), "PNG")
+    assert decode_image(white).getextrema() == ((255, 255),) * 3
+
+
+@pytest.mark.parametrize(
+    ("image_format", "options"),
+    [("PNG", {"compress_level": 9}), ("JPEG", {"optimize": True}), ("JPEG", {"optimize": True, "progressive": True})],
+    ids=["png", "jpeg", "progressive-jpeg"],
+)
+def test_the_most_compressible_whole_image_passes_the_size_bound(image_format: str, options: dict[str, Any]) -> None:
+    """One flat colour, the best compression each format has: the bound refuses only what is short."""
+    for mode in ("1", "L", "RGB") if image_format == "PNG" else ("L", "RGB"):
+        data = encode(Image.new(mode, (3000, 2000), 0), image_format, **options)
+        assert decode_image(data).size == (3000, 2000), (mode, len(data))
+
+
+def _every_format() -> dict[str, bytes]:
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    return {
+        "JPEG": encode(photo, "JPEG", quality=90),
+        "progressive JPEG": encode(photo, "JPEG", quality=90, progressive=True),
+        "PNG": encode(photo, "PNG"),
+        "WebP": encode(photo, "WEBP", quality=80),
+        "lossless WebP": encode(photo, "WEBP", lossless=True),
+        "BMP": encode(photo, "BMP"),
+        "GIF": encode(photo.convert("P"), "GIF"),
+    }
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.95])
+@pytest.mark.parametrize("name", list(_every_format()))
+def test_a_truncated_image_of_every_accepted_format_is_refused(name: str, keep: float) -> None:
+    data = _every_format()[name]
+    assert decode_image(data).size == (160, 120)
+    assert "truncated" in refusal(data[: int(len(data) * keep)]) or "corrupt" in refusal(data[: int(len(data) * keep)])
 
 
 def test_decoding_refuses_to_run_with_truncated_images_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
