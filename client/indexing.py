@@ -32,6 +32,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from postsim.model_repository.contract import post_id_problem
 from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.search_index import (
     IDS_FILE,
@@ -262,6 +263,10 @@ def _check_ids(ids: Sequence[str]) -> None:
     not_strings = [post_id for post_id in ids if not isinstance(post_id, str)]
     if not_strings:
         raise SearchIndexError(f"ids must be strings, got {type(not_strings[0]).__name__} ({not_strings[0]!r})")
+    for position, post_id in enumerate(ids):
+        problem = post_id_problem(post_id)
+        if problem:
+            raise SearchIndexError(f"ids[{position}]: {problem}")
     if len(set(ids)) != len(ids):
         repeated = sorted(post_id for post_id, times in Counter(ids).items() if times > 1)
         raise SearchIndexError(f"ids must be unique; repeated: {repeated[:5]}")
@@ -434,6 +439,7 @@ def _check_writable_target(out_dir: Path, index: faiss.Index, ids: Sequence[str]
         )
     if index.d != manifest.dimension:
         raise SearchIndexError(f"index dimension {index.d} differs from the manifest's {manifest.dimension}")
+    _check_ids(ids)
     if out_dir.exists() and not out_dir.is_dir():
         raise SearchIndexError(f"{out_dir} exists and is not a directory; choose another output path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():

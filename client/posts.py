@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from postsim.model_repository.contract import post_id_problem
 from postsim.model_repository.errors import InvalidPostError
 
 __all__ = ["EmbeddingResult", "Neighbor", "Post", "SimilarResult"]
@@ -23,7 +24,8 @@ class Post:
     """One social-media post: an encoded image, a UTF-8 text, or both.
 
     ``image`` is the encoded image as bytes, or a :class:`~pathlib.Path` to a file read
-    lazily by :meth:`image_bytes`. ``id`` is the caller's identifier (used when indexing).
+    lazily by :meth:`image_bytes`. ``id`` is the caller's identifier (used when indexing), a
+    post id as :func:`~postsim.model_repository.contract.post_id_problem` defines it.
     """
 
     text: str | None = None
@@ -42,6 +44,9 @@ class Post:
             raise InvalidPostError(f"Post.image must be bytes, a pathlib.Path or None; got {type(self.image).__name__}")
         if self.id is not None and not isinstance(self.id, str):
             raise InvalidPostError(f"Post.id must be a str or None; got {type(self.id).__name__}")
+        problem = post_id_problem(self.id) if self.id is not None else None
+        if problem:
+            raise InvalidPostError(f"Post.id: {problem}")
         if not self.has_text and not self.has_image:
             raise InvalidPostError("a post needs an image, a text, or both")
 

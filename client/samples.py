@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from postsim.client.posts import Post
+from postsim.model_repository.contract import post_id_problem
 from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.files import write_text_atomic
 
@@ -112,9 +113,10 @@ def read_posts(path: Path | str) -> Iterator[CorpusPost]:
     """Parse a ``posts.jsonl`` corpus lazily, one :class:`CorpusPost` per non-blank line.
 
     Raises InvalidPostError naming the file and line for a line that is not UTF-8 or not a
-    JSON object, a missing or non-string id, a text or image that is neither a string nor
-    null, a post with neither text nor image, or an id seen on an earlier line. An empty
-    text counts as no text.
+    JSON object, a missing or non-string id, an id that is not a post id
+    (:func:`~postsim.model_repository.contract.post_id_problem`), a text or image that is
+    neither a string nor null, a post with neither text nor image, or an id seen on an
+    earlier line. An empty text counts as no text.
     """
     path = Path(path)
     first_line_of: dict[str, int] = {}
@@ -143,6 +145,9 @@ def _parse_line(line: bytes, folder: Path, where: str) -> CorpusPost:
     post_id = record.get("id")
     if not isinstance(post_id, str) or not post_id:
         raise InvalidPostError(f"{where}: 'id' must be a non-empty string, got {post_id!r}")
+    problem = post_id_problem(post_id)
+    if problem:
+        raise InvalidPostError(f"{where}: {problem}")
     text = _optional_string(record, "text", where) or None
     image = _optional_string(record, "image", where) or None
     if text is None and image is None:

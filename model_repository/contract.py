@@ -12,6 +12,7 @@ neighbour list).
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +144,33 @@ CHECKED_TEXT = _tensor("CHECKED_TEXT", DataType.STRING, 1)
 MODALITY_WEIGHTS = _tensor("MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES))
 IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbours",))
 SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
+
+
+MAX_POST_ID_CHARS = 128
+POST_ID_CHARACTERS = "letters A-Z and a-z, digits and - _ . : / @ + = ~"
+_POST_ID = re.compile(rf"[A-Za-z0-9_.:/@+=~-]{{1,{MAX_POST_ID_CHARS}}}")
+_SHOWN_ID_CHARS = 40
+
+
+def post_id_problem(post_id: str) -> str | None:
+    """Why ``post_id`` cannot be a post id (what ``IDS`` carries), or None when it can.
+
+    A post id is 1 to 128 characters, each a letter, a digit or one of ``- _ . : / @ + = ~``.
+    That takes numeric ids, UUIDs, slugs, namespaced ids (``reddit:t3_abc``) and URL paths
+    (``instagram.com/p/Cx1``), and keeps every id safe to print in a terminal table or a
+    log line, to put in a JSON file, a shell argument or a URL: no spaces, quotes, control
+    characters or look-alike letters from other scripts.
+    """
+    if _POST_ID.fullmatch(post_id):
+        return None
+    shown = repr(post_id if len(post_id) <= _SHOWN_ID_CHARS else post_id[:_SHOWN_ID_CHARS] + "...")
+    rule = f"a post id is 1 to {MAX_POST_ID_CHARS} characters: {POST_ID_CHARACTERS}"
+    if not post_id:
+        return f"a post id cannot be empty; {rule}"
+    if len(post_id) > MAX_POST_ID_CHARS:
+        return f"post id {shown} has {len(post_id):,} characters; {rule}"
+    bad = next(character for character in post_id if not _POST_ID.fullmatch(character))
+    return f"post id {shown} has the character {bad!r} (U+{ord(bad):04X}); {rule}"
 
 
 EMBEDDING_NAME = "EMBEDDING"

@@ -107,3 +107,13 @@ def test_serve_stops_cleanly_on_sigterm(exported_repository, tmp_path: Path) -> 
         probe.bind(("0.0.0.0", grpc_port))
     stubs = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub.*{tmp_path.name}"], capture_output=True)
     assert stubs.stdout == b""
+
+
+def test_index_build_refuses_a_post_id_by_its_line_before_embedding_anything(tmp_path: Path) -> None:
+    corpus = tmp_path / "posts.jsonl"
+    corpus.write_text('{"id": "post-1", "text": "fine"}\n{"id": "post-2\\nERROR: forged log line", "text": "x"}\n')
+    url = f"localhost:{free_ports(1)[0]}"  # nothing listens there: the corpus is read first
+    code, output = _postsim("index", "build", str(corpus), "--out", str(tmp_path / "index"), "--url", url)
+    assert code == 1
+    assert f"{corpus}:2: post id 'post-2\\nERROR: forged log line' has the character '\\n'" in output.replace("\n", "")
+    assert not (tmp_path / "index").exists()

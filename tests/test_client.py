@@ -228,6 +228,9 @@ def test_post_needs_image_or_text(fields: dict[str, Any]) -> None:
         ({"image": "photo.jpg"}, r"got str 'photo.jpg': wrap a file path in Path"),
         ({"image": bytearray(b"x")}, "Post.image must be bytes, a pathlib.Path or None; got bytearray"),
         ({"text": "hi", "id": 7}, "Post.id must be a str or None; got int"),
+        ({"text": "hi", "id": "a\nb"}, r"Post.id: post id 'a\\nb' has the character '\\n' \(U\+000A\)"),
+        ({"text": "hi", "id": "x" * 129}, "Post.id: post id 'x{40}...' has 129 characters; a post id is 1 to 128"),
+        ({"text": "hi", "id": ""}, "Post.id: a post id cannot be empty"),
     ],
 )
 def test_post_types_are_checked_with_got_and_expected(fields: dict[str, Any], expected: str) -> None:

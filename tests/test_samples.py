@@ -148,6 +148,10 @@ def test_blank_lines_absent_keys_and_empty_text(tmp_path: Path) -> None:
         (b'{"id": "b", "image": ["a.jpg"]}', "'image' must be a string or null, got list"),
         (b'{"id": "b", "text": null, "image": null}', "post 'b' has neither 'text' nor 'image'"),
         (b'{"id": "a", "text": "again"}', "duplicate id 'a' (first on line 1)"),
+        (b'{"id": "a\\nERROR forged", "text": "hi"}', "post id 'a\\nERROR forged' has the character '\\n' (U+000A)"),
+        (b'{"id": "' + b"x" * 10_000 + b'", "text": "hi"}', "post id '" + "x" * 40 + "...' has 10,000 characters"),
+        (b'{"id": "post 1", "text": "hi"}', "post id 'post 1' has the character ' ' (U+0020); a post id is 1 to 128"),
+        (b'{"id": "\xd0\xbf\xd0\xbe\xd1\x81\xd1\x82", "text": "hi"}', "post id 'пост' has the character 'п' (U+043F)"),
         (b'{"id": "b", "text": "caf\xe9"}', "not valid UTF-8 at byte 24 of the line"),
     ],
 )

@@ -109,6 +109,8 @@ def test_plan_checks_its_parameters(index_type: IndexType, params: dict[str, int
         (unit_vectors(3), post_ids(4), "got 3 embeddings for 4 ids"),
         (unit_vectors(3), ["a", "b", "a"], "ids must be unique; repeated: ['a']"),
         (unit_vectors(2), ["a", 7], "ids must be strings, got int"),
+        (unit_vectors(2), ["a", "b\nWARNING forged"], "ids[1]: post id 'b\\nWARNING forged' has the character '\\n'"),
+        (unit_vectors(2), ["a", "x" * 10_000], "ids[1]: post id 'xxxx"),
         (np.full((2, DIM), np.nan, dtype=np.float32), post_ids(2), "must be finite"),
         (np.zeros((2, DIM), dtype=np.float32), post_ids(2), "zero vectors"),
     ],
