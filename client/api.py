@@ -72,7 +72,7 @@ _WEIGHTS = contract.MODALITY_WEIGHTS.name
 _IMAGE_COLUMN = contract.MODALITIES.index("image")
 _TEXT_COLUMN = contract.MODALITIES.index("text")
 _EMBED_OUTPUTS = (_EMBEDDING, _WEIGHTS)
-_SIMILAR_OUTPUTS = (contract.IDS.name, contract.SCORES.name, _EMBEDDING, _WEIGHTS)
+_SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOUR_OUTPUTS), _EMBEDDING, _WEIGHTS)
 _INDEX_MODELS = (contract.SIMILAR_POSTS, contract.RETRIEVAL)
 """Models that exist on the server only once an index is published."""
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -385,12 +385,13 @@ def _embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResu
 def _similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
     ids = _output(result, contract.IDS.name, model, rows)
     scores = _output(result, contract.SCORES.name, model, rows, ids.shape[1])
+    captions = _output(result, contract.CAPTIONS.name, model, rows, ids.shape[1])
     embedded = _embedding_results(result, model, rows)
     similar = []
     for row, query in enumerate(embedded):
         neighbors = [
-            Neighbor(id=_decode_id(raw), score=float(score))
-            for raw, score in zip(ids[row], scores[row], strict=True)
+            Neighbor(id=_decode(raw), score=float(score), text=_decode(caption) or None)
+            for raw, score, caption in zip(ids[row], scores[row], captions[row], strict=True)
             # An index smaller than k pads its answer with empty ids: no neighbour there.
             if raw
         ]
@@ -405,7 +406,8 @@ def _similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
     return similar
 
 
-def _decode_id(raw: Any) -> str:
+def _decode(raw: Any) -> str:
+    """A BYTES element (an id, a caption) as text."""
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes | np.bytes_) else str(raw)
 
 

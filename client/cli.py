@@ -224,27 +224,34 @@ def similar(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     url: UrlOption = "localhost:8001",
 ) -> None:
-    """Find the indexed posts most similar to a post."""
+    """Find the indexed posts most similar to a post, with the start of each one's text when the index keeps it."""
     from postsim.client.api import PostSimClient
     from postsim.client.posts import Post
 
     with PostSimClient(url) as client:
         neighbors = client.similar(Post(text=text, image=image), k=k)
     if as_json:
-        json.dump([{"id": n.id, "score": round(n.score, 6)} for n in neighbors], sys.stdout)
+        json.dump([{"id": n.id, "score": round(n.score, 6), "text": n.text} for n in neighbors], sys.stdout)
         sys.stdout.write("\n")
         return
     _print_neighbors(neighbors)
 
 
-def _print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = None) -> None:
-    from rich.table import Table
+TABLE_TEXT_CHARS = 80
+"""Characters of a neighbour's text shown in the table (``--json`` has all the index keeps)."""
 
-    table = Table("rank", "id", "score", *(["text"] if captions else []))
-    for rank, neighbor in enumerate(neighbors, start=1):
-        row = [str(rank), neighbor.id, f"{neighbor.score:.4f}"]
-        if captions:
-            row.append(" · ".join(captions.get(neighbor.id, "").splitlines())[:80])
+
+def _print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = None) -> None:
+    """A table of the neighbours, with their text: ``captions`` by id when given, else what the index sent."""
+    from rich.table import Table
+    from rich.text import Text
+
+    texts = [(captions.get(n.id, "") if captions is not None else n.text) or "" for n in neighbors]
+    table = Table("rank", "id", "score", *(["text"] if any(texts) else []))
+    for rank, (neighbor, text) in enumerate(zip(neighbors, texts, strict=True), start=1):
+        row: list[str | Text] = [str(rank), Text(neighbor.id), f"{neighbor.score:.4f}"]  # Text: no markup from data
+        if any(texts):
+            row.append(Text(" · ".join(text.splitlines())[:TABLE_TEXT_CHARS]))
         table.add_row(*row)
     stdout.print(table)
 

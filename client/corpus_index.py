@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from postsim.client.api import AsyncPostSimClient
-from postsim.client.indexing import build_index_dir
+from postsim.client.indexing import build_index_dir, post_caption
 from postsim.client.samples import CorpusPost, read_posts
 from postsim.model_repository.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.search_index import IndexManifest, IndexType
@@ -188,8 +188,14 @@ def build_corpus_index(
         raise SearchIndexError(f"no post of {settings.corpus} could be embedded ({len(failures)} failed)")
     ids = [post_id for post_id, _ in embedded]
     vectors = np.stack([vector for _, vector in embedded]).astype(np.float32)
+    texts = {post.id: post.text for post in posts}
     manifest = build_index_dir(
-        settings.out_dir, ids, vectors, weights_fingerprint=fingerprint, index_type=settings.index_type
+        settings.out_dir,
+        ids,
+        vectors,
+        weights_fingerprint=fingerprint,
+        index_type=settings.index_type,
+        captions=[post_caption(texts[post_id]) for post_id in ids],
     )
     return CorpusIndexReport(
         index_dir=settings.out_dir,

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import numpy as np
 from postsim.model_repository.contract import post_id_problem
 from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.search_index import (
+    CAPTIONS_FILE,
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
@@ -55,6 +57,7 @@ __all__ = [
     "measure_recall",
     "new_index",
     "new_manifest",
+    "post_caption",
     "recall_of",
     "train_index",
     "tune_search",
@@ -402,12 +405,36 @@ def new_manifest(plan: IndexPlan, count: int, weights_fingerprint: str) -> Index
     )
 
 
+CAPTION_CHARS = 200
+"""Characters of a post's text that an index keeps to show with it."""
+
+
+def post_caption(text: str | None) -> str:
+    """What an index keeps of a post's text: its first 200 characters, on one line.
+
+    Runs of white space (line breaks included) become one space, and control and format
+    characters (bidirectional overrides, zero-width ones) are dropped, so a caption prints
+    as one safe line in a table or a log. A post without text gets ``""``.
+    """
+    if not text:
+        return ""
+    words = " ".join(text.split())
+    printable = "".join(character for character in words if unicodedata.category(character)[0] != "C")
+    return printable[:CAPTION_CHARS]
+
+
 def write_index_dir(
-    out_dir: str | Path, index: faiss.Index, ids: Sequence[str], manifest: IndexManifest
+    out_dir: str | Path,
+    index: faiss.Index,
+    ids: Sequence[str],
+    manifest: IndexManifest,
+    *,
+    captions: Sequence[str] | None = None,
 ) -> IndexManifest:
     """Write an index directory atomically and return its manifest, checksums filled in.
 
-    Everything is written into a temporary sibling directory and fsynced; the directory
+    ``captions`` (one string per id, see :func:`post_caption`) go into ``captions.json``,
+    checksummed like the other files; without them the index has none. Everything is written into a temporary sibling directory and fsynced; the directory
     then takes ``out_dir``'s place by rename. An existing index at ``out_dir`` stays
     untouched until that last step; an error or KeyboardInterrupt before it leaves
     ``out_dir`` as it was, with no partial files. (Replacing an existing directory takes
@@ -416,11 +443,15 @@ def write_index_dir(
     """
     out_dir = Path(out_dir)
     _check_writable_target(out_dir, index, ids, manifest)
+    if captions is not None and (
+        len(captions) != len(ids) or not all(isinstance(caption, str) for caption in captions)
+    ):
+        raise SearchIndexError(f"captions must be one string per id: got {len(captions)} for {len(ids)} ids")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     try:
-        written = _write_files(staging, index, ids, manifest)
+        written = _write_files(staging, index, ids, manifest, captions)
         _fsync_path(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -449,14 +480,19 @@ def _check_writable_target(out_dir: Path, index: faiss.Index, ids: Sequence[str]
         )
 
 
-def _write_files(staging: Path, index: faiss.Index, ids: Sequence[str], manifest: IndexManifest) -> IndexManifest:
+def _write_files(
+    staging: Path, index: faiss.Index, ids: Sequence[str], manifest: IndexManifest, captions: Sequence[str] | None
+) -> IndexManifest:
     faiss.write_index(index, str(staging / INDEX_FILE))
     _fsync_path(staging / INDEX_FILE)
     _write_text(staging / IDS_FILE, json.dumps(list(ids)))
+    if captions is not None:
+        _write_text(staging / CAPTIONS_FILE, json.dumps(list(captions), ensure_ascii=False))
     written = dataclasses.replace(
         manifest,
         index_sha256=sha256_file(staging / INDEX_FILE),
         ids_sha256=sha256_file(staging / IDS_FILE),
+        captions_sha256=sha256_file(staging / CAPTIONS_FILE) if captions is not None else "",
     )
     _write_text(staging / MANIFEST_FILE, written.to_json())
     return written
@@ -502,8 +538,12 @@ def build_index_dir(
     *,
     weights_fingerprint: str,
     index_type: IndexType = IndexType.AUTO,
+    captions: Sequence[str] | None = None,
 ) -> IndexManifest:
-    """Choose, build, tune (:func:`tune_search`) and atomically write an index directory; return its manifest."""
+    """Choose, build, tune (:func:`tune_search`) and atomically write an index directory; return its manifest.
+
+    ``captions``, one per id (:func:`post_caption`), are kept to be shown with the neighbours.
+    """
     if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
         shape = getattr(embeddings, "shape", type(embeddings).__name__)
         raise SearchIndexError(f"embeddings must be a 2-D [count, dim] array, got shape {shape}")
@@ -512,4 +552,5 @@ def build_index_dir(
     index = _build(vectors, plan)
     tuning = tune_search(index, plan, vectors)
     del vectors
-    return write_index_dir(out_dir, index, ids, new_manifest(tuning.plan, len(ids), weights_fingerprint))
+    manifest = new_manifest(tuning.plan, len(ids), weights_fingerprint)
+    return write_index_dir(out_dir, index, ids, manifest, captions=captions)

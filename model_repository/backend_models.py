@@ -396,11 +396,15 @@ class RetrievalModel(_PerRequestModel):
         k = _single_top_k(top_k, self.max_top_k)
         results = self.index.search(embeddings, k)
         width = min(len(neighbours) for neighbours in results)  # rows of one response share a width
-        ids = np.array([[post_id.encode() for post_id, _ in row[:width]] for row in results], dtype=np.object_)
-        scores = np.array([[score for _, score in row[:width]] for row in results], dtype=np.float32)
+        rows = [row[:width] for row in results]
+        ids = np.array([[n.id.encode() for n in row] for row in rows], dtype=np.object_)
+        scores = np.array([[n.score for n in row] for row in rows], dtype=np.float32)
+        captions = np.array([[n.caption.encode() for n in row] for row in rows], dtype=np.object_)
+        shape = (len(results), width)
         return [
-            pb_utils.Tensor(contract.IDS.name, ids.reshape(len(results), width)),
-            pb_utils.Tensor(contract.SCORES.name, scores.reshape(len(results), width)),
+            pb_utils.Tensor(contract.IDS.name, ids.reshape(shape)),
+            pb_utils.Tensor(contract.SCORES.name, scores.reshape(shape)),
+            pb_utils.Tensor(contract.CAPTIONS.name, captions.reshape(shape)),
         ]
 
 
@@ -417,7 +421,7 @@ class RetrievalGatewayModel:
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
-        self.output_names = [contract.IDS.name, contract.SCORES.name]
+        self.output_names = [tensor.name for tensor in contract.NEIGHBOUR_OUTPUTS]
         self.max_top_k = int(_parameters(args).get("max_top_k", "1000"))
 
     async def execute(self, requests: list[Any]) -> list[Any]:

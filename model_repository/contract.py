@@ -144,6 +144,10 @@ CHECKED_TEXT = _tensor("CHECKED_TEXT", DataType.STRING, 1)
 MODALITY_WEIGHTS = _tensor("MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES))
 IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbours",))
 SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
+CAPTIONS = _tensor("CAPTIONS", DataType.STRING, -1, dim_names=("neighbours",))
+"""Each neighbour's caption as its index keeps it (the first 200 characters of its text, one line); "" if none."""
+NEIGHBOUR_OUTPUTS = (IDS, SCORES, CAPTIONS)
+"""What retrieval answers for each query, and retrieval_gateway passes on."""
 
 
 MAX_POST_ID_CHARS = 128
@@ -228,15 +232,15 @@ def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:
             onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
         ),
         ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=(embedding(dim), MODALITY_WEIGHTS)),
-        ModelSpec(name=RETRIEVAL, inputs=(embedding(dim), TOP_K), outputs=(IDS, SCORES)),
+        ModelSpec(name=RETRIEVAL, inputs=(embedding(dim), TOP_K), outputs=NEIGHBOUR_OUTPUTS),
         # similar_posts reaches retrieval through this step (a call, not an ensemble edge): Triton 2.51
         # re-creates every ensemble that names a model when a new version of it loads, and crashes
         # when a query reaches the ensemble being retired. So publishing an index swaps retrieval alone.
-        ModelSpec(name=RETRIEVAL_GATEWAY, inputs=(query_embedding(dim), TOP_K), outputs=(IDS, SCORES)),
+        ModelSpec(name=RETRIEVAL_GATEWAY, inputs=(query_embedding(dim), TOP_K), outputs=NEIGHBOUR_OUTPUTS),
         ModelSpec(
             name=SIMILAR_POSTS,
             inputs=(IMAGE, TEXT, TOP_K),
-            outputs=(IDS, SCORES, embedding(dim), MODALITY_WEIGHTS),
+            outputs=(*NEIGHBOUR_OUTPUTS, embedding(dim), MODALITY_WEIGHTS),
         ),
     ]
     return {spec.name: spec for spec in specs}

@@ -5,12 +5,14 @@ index with :func:`load_index_dir` and answers queries with :meth:`LoadedIndex.se
 needs numpy and FAISS only. Building and writing index directories lives in
 ``postsim.client.indexing``.
 
-An index directory holds three files::
+An index directory holds three or four files::
 
     index.faiss     the FAISS index (``faiss.write_index``); row i is the post ids[i]
     ids.json        the post ids, strings, in index order
+    captions.json   a short caption of each post, in index order ("" when it has no text);
+                    indexes built before captions were kept have none
     manifest.json   what the index is, which encoders it belongs to, and the sha256 of
-                    the two files above
+                    the files above
 
 Inside a ``retrieval`` version folder the directory is ``<version>/index/``, next to the
 version's ``model.py``.
@@ -39,6 +41,7 @@ logger = logging.getLogger("postsim")
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
+CAPTIONS_FILE = "captions.json"
 MANIFEST_FILE = "manifest.json"
 INDEX_DIRNAME = "index"
 """Name of the index directory inside a ``retrieval`` version folder."""
@@ -90,6 +93,8 @@ class IndexManifest:
     index_sha256: str
     ids_sha256: str
     postsim_version: str
+    captions_sha256: str = ""
+    """sha256 of ``captions.json``; empty for an index without captions (built before they were kept)."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -131,6 +136,8 @@ class IndexManifest:
         for name in ("index_sha256", "ids_sha256"):
             if not _SHA256.fullmatch(getattr(self, name)):
                 raise SearchIndexError(f"{MANIFEST_FILE}: {name} must be 64 lowercase hex digits")
+        if self.captions_sha256 and not _SHA256.fullmatch(self.captions_sha256):
+            raise SearchIndexError(f"{MANIFEST_FILE}: captions_sha256 must be 64 lowercase hex digits or empty")
         missing = [name for name in SEARCH_PARAMS[self.index_type] if name not in self.params]
         if missing:
             raise SearchIndexError(
@@ -150,12 +157,15 @@ _FIELD_TYPES: dict[str, type] = {
     "index_sha256": str,
     "ids_sha256": str,
     "postsim_version": str,
+    "captions_sha256": str,
 }
+_OPTIONAL_FIELDS = frozenset({"captions_sha256"})
+"""Fields an older postsim did not write; the manifest's default stands in for them."""
 
 
 def _check_field_names(data: dict[str, Any]) -> None:
     expected = {f.name for f in fields(IndexManifest)}
-    missing = sorted(expected - data.keys())
+    missing = sorted(expected - data.keys() - _OPTIONAL_FIELDS)
     unknown = sorted(data.keys() - expected)
     if missing or unknown:
         raise SearchIndexError(
@@ -166,6 +176,8 @@ def _check_field_names(data: dict[str, Any]) -> None:
 
 def _check_field_types(data: dict[str, Any]) -> None:
     for name, expected in _FIELD_TYPES.items():
+        if name not in data:  # an optional field
+            continue
         value = data[name]
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise SearchIndexError(
@@ -194,6 +206,8 @@ class Neighbour(NamedTuple):
     id: str
     score: float
     """Cosine similarity to the query."""
+    caption: str = ""
+    """The post's caption as the index keeps it; empty when it has none."""
 
 
 @dataclass(eq=False)
@@ -203,6 +217,8 @@ class LoadedIndex:
     index: faiss.Index
     """The index searched: on the CPU, or its GPU copy."""
     ids: list[str]
+    captions: list[str]
+    """One per id, in the same order; all empty for an index without captions."""
     manifest: IndexManifest
     cpu_index: faiss.Index
     """The index as loaded; searched when ``k`` is beyond what FAISS GPU can select."""
@@ -236,7 +252,10 @@ class LoadedIndex:
         found = rows >= 0
         scores, rows = scores[found], rows[found]
         order = np.argsort(-scores, kind="stable")
-        return [Neighbour(self.ids[row], float(score)) for row, score in zip(rows[order], scores[order], strict=True)]
+        return [
+            Neighbour(self.ids[row], float(score), self.captions[row])
+            for row, score in zip(rows[order], scores[order], strict=True)
+        ]
 
 
 def _check_queries(queries: np.ndarray, dimension: int) -> np.ndarray:
@@ -258,9 +277,10 @@ def load_index_dir(path: str | Path, expected_fingerprint: str | None, *, use_gp
 
     Checks, in order: the manifest parses; its weights fingerprint equals
     ``expected_fingerprint`` (the encoders of this model repository; ``None`` skips the
-    check); the sha256 of ``index.faiss`` and ``ids.json`` match the manifest, before FAISS
-    reads a byte; the ids are unique strings; the index's dimension, size and metric
-    match the manifest. Every failure is a :class:`SearchIndexError` that says what to do.
+    check); the sha256 of ``index.faiss``, ``ids.json`` and ``captions.json`` (when the
+    manifest names one) match the manifest, before FAISS reads a byte; the ids are unique
+    strings, the captions one string per id; the index's dimension, size and metric match
+    the manifest. Every failure is a :class:`SearchIndexError` that says what to do.
 
     Security: ``faiss.read_index`` is not safe on untrusted input; a crafted file can
     crash the process or worse. The checksums catch corruption and mismatched files, not
@@ -280,11 +300,17 @@ def load_index_dir(path: str | Path, expected_fingerprint: str | None, *, use_gp
         )
     _verify_checksum(directory / INDEX_FILE, manifest.index_sha256)
     _verify_checksum(directory / IDS_FILE, manifest.ids_sha256)
-    ids = _read_ids(directory / IDS_FILE, manifest.count)
+    ids = _read_strings(directory / IDS_FILE, manifest.count)
+    if len(set(ids)) != len(ids):
+        raise SearchIndexError(f"{directory / IDS_FILE} holds duplicate ids; {_REBUILD_HINT}")
+    captions = [""] * manifest.count
+    if manifest.captions_sha256:
+        _verify_checksum(directory / CAPTIONS_FILE, manifest.captions_sha256)
+        captions = _read_strings(directory / CAPTIONS_FILE, manifest.count)
     index = _read_index(directory / INDEX_FILE)
     _check_index_matches(index, manifest, directory)
     configure_search(index, manifest.index_type, manifest.params)
-    loaded = LoadedIndex(index=index, ids=ids, manifest=manifest, cpu_index=index)
+    loaded = LoadedIndex(index=index, ids=ids, captions=captions, manifest=manifest, cpu_index=index)
     if use_gpu or (use_gpu is None and gpu_available()):
         loaded.index, loaded._gpu_resources = index_to_gpu(index)
         loaded.device = "gpu"
@@ -326,18 +352,17 @@ def _verify_checksum(path: Path, expected: str) -> None:
         )
 
 
-def _read_ids(path: Path, count: int) -> list[str]:
+def _read_strings(path: Path, count: int) -> list[str]:
+    """The JSON list of ``count`` strings in ``path`` (the ids, the captions)."""
     try:
-        ids = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SearchIndexError(f"{path} is not valid JSON ({error}); {_REBUILD_HINT}") from None
-    if not isinstance(ids, list) or not all(isinstance(post_id, str) for post_id in ids):
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
         raise SearchIndexError(f"{path} must hold a JSON list of strings; {_REBUILD_HINT}")
-    if len(ids) != count:
-        raise SearchIndexError(f"{path} holds {len(ids)} ids, the manifest expects {count}; {_REBUILD_HINT}")
-    if len(set(ids)) != len(ids):
-        raise SearchIndexError(f"{path} holds duplicate ids; {_REBUILD_HINT}")
-    return ids
+    if len(values) != count:
+        raise SearchIndexError(f"{path} holds {len(values)} entries, the manifest expects {count}; {_REBUILD_HINT}")
+    return values
 
 
 def _read_index(path: Path) -> faiss.Index:

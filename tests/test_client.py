@@ -123,6 +123,8 @@ class FakeTriton:
             ids = np.array([[f"{n}-a".encode(), f"{n}-b".encode()] for n in numbers], dtype=np.object_)
             answer[contract.IDS.name] = ids.reshape(len(numbers), 2)
             answer[contract.SCORES.name] = np.tile(np.array([[0.9, 0.5]], dtype=np.float32), (len(numbers), 1))
+            captions = np.array([[f"caption {n}".encode(), b""] for n in numbers], dtype=np.object_)
+            answer[contract.CAPTIONS.name] = captions.reshape(len(numbers), 2)
         return infer_result(answer)
 
     def get_server_metadata(self, headers: Any = None, client_timeout: Any = None) -> Any:
@@ -391,9 +393,11 @@ def test_similar_sends_top_k_and_returns_neighbours(client: PostSimClient, fake:
     neighbors = client.similar(Post(text="post 3"), k=2)
     assert all(isinstance(n, Neighbor) for n in neighbors)
     assert [(n.id, round(n.score, 3)) for n in neighbors] == [("3-a", 0.9), ("3-b", 0.5)]
+    assert [n.text for n in neighbors] == ["caption 3", None]  # "" on the wire: the index does not know it
     (call,) = fake.calls
     assert call["model"] == "similar_posts"
     assert [t.name() for t in call["inputs"]] == ["IMAGE", "TEXT", "TOP_K"]
+    assert call["outputs"] == ["IDS", "SCORES", "CAPTIONS", "EMBEDDING", "MODALITY_WEIGHTS"]
 
     many = client.similar_many(numbered(18), k=2)
     assert [len(tensor_values(call["inputs"][0])) for call in fake.calls[1:]] == [16, 2]

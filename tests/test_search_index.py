@@ -22,12 +22,14 @@ from postsim.client.indexing import (
     choose_index,
     measure_recall,
     new_manifest,
+    post_caption,
     tune_search,
     write_index_dir,
 )
 from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.search_index import (
+    CAPTIONS_FILE,
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
@@ -367,6 +369,60 @@ def test_manifest_count_must_match_the_index(tmp_path: Path) -> None:
     (directory / MANIFEST_FILE).write_text(forged.to_json())
     with pytest.raises(SearchIndexError, match="300 vectors, the manifest says 200"):
         load_index_dir(directory, FINGERPRINT)
+
+
+# --- captions --------------------------------------------------------------------------
+
+
+def test_captions_are_kept_checksummed_and_returned_with_the_neighbours(tmp_path: Path) -> None:
+    vectors = unit_vectors(20)
+    captions = [f"caption of post {i}" if i % 4 else "" for i in range(20)]
+    manifest = build_index_dir(
+        tmp_path / "index", post_ids(20), vectors, weights_fingerprint=FINGERPRINT, captions=captions
+    )
+    assert manifest.captions_sha256 == sha256_file(tmp_path / "index" / CAPTIONS_FILE)
+    loaded = load_index_dir(tmp_path / "index", FINGERPRINT, use_gpu=False)
+    (hits,) = loaded.search(vectors[5:6], 3)
+    assert hits[0] == ("post-5", pytest.approx(1.0, abs=1e-5), "caption of post 5")
+    (hits,) = loaded.search(vectors[4:5], 1)
+    assert hits[0].caption == ""
+    (tmp_path / "index" / CAPTIONS_FILE).write_text(json.dumps(["forged"] * 20))
+    with pytest.raises(SearchIndexError, match=f"sha256 checksum mismatch for .*{CAPTIONS_FILE}"):
+        load_index_dir(tmp_path / "index", FINGERPRINT)
+
+
+def test_captions_must_be_one_string_per_id(tmp_path: Path) -> None:
+    with pytest.raises(SearchIndexError, match="captions must be one string per id: got 2 for 3 ids"):
+        build_index_dir(
+            tmp_path / "index", post_ids(3), unit_vectors(3), weights_fingerprint=FINGERPRINT, captions=["a", "b"]
+        )
+
+
+def test_an_index_from_before_captions_still_loads(tmp_path: Path) -> None:
+    """An index whose manifest has no captions_sha256 field at all, as older postsim wrote it."""
+    directory = write_dir(tmp_path / "index", count=30)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    del manifest["captions_sha256"]
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert not (directory / CAPTIONS_FILE).exists()
+    loaded = load_index_dir(directory, FINGERPRINT, use_gpu=False)
+    assert loaded.manifest.captions_sha256 == ""
+    assert [hit.caption for hit in loaded.search(unit_vectors(1, seed=3), 5)[0]] == [""] * 5
+
+
+@pytest.mark.parametrize(
+    ("text", "caption"),
+    [
+        (None, ""),
+        ("", ""),
+        ("Sunset over the bay\nWhat a day.\n#summer #sea", "Sunset over the bay What a day. #summer #sea"),
+        ("tabs\tand  spaces\r\n", "tabs and spaces"),
+        ("bidi \u202eevil\u202c zero\u200bwidth \x1b[31mred", "bidi evil zerowidth [31mred"),
+        ("x" * 500, "x" * 200),
+    ],
+)
+def test_a_caption_is_the_first_200_characters_of_the_text_on_one_safe_line(text: str | None, caption: str) -> None:
+    assert post_caption(text) == caption
 
 
 # --- search ----------------------------------------------------------------------------

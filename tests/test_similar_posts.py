@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import output_subsets
+from typer.testing import CliRunner
 
 from postsim.client.api import PostSimClient, build_inputs
+from postsim.client.cli import app
 from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+from postsim.client.indexing import post_caption
 from postsim.client.posts import Post
 from postsim.client.publish import install_version, publish_index, rollback_index
 from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
@@ -88,6 +91,31 @@ def test_every_subset_of_outputs_can_be_requested(
         assert array is not None and array.shape[0] == 1
     if contract.IDS.name in outputs:
         assert result.as_numpy(contract.IDS.name)[0, 0].decode() == post.id
+
+
+def test_each_neighbour_comes_with_the_start_of_its_text(server: TritonServer, published: PublishedCorpus) -> None:
+    image_only = next(post for post in published.posts if post.text is None)
+    with PostSimClient(server.endpoints.grpc) as client:
+        for post in [*published.posts[:4], image_only]:
+            first = client.similar(post.to_post(), k=3)[0]
+            assert first.id == post.id
+            assert first.text == (post_caption(post.text) or None)
+    assert published.posts[0].text is not None and "\n" in published.posts[0].text  # captions are one line
+    assert first.text is None
+
+
+def test_the_cli_shows_the_neighbours_text(server: TritonServer, published: PublishedCorpus) -> None:
+    post = published.posts[0]
+    assert post.text is not None and post.image_path is not None
+    query = ["similar", "--text", post.text, "--image", str(post.image_path), "-k", "2"]
+    url = ["--url", server.endpoints.grpc]
+    as_json = CliRunner().invoke(app, [*query, "--json", *url])
+    assert as_json.exit_code == 0, as_json.output
+    first = json.loads(as_json.output)[0]
+    assert first == {"id": post.id, "score": pytest.approx(1.0, abs=1e-3), "text": post_caption(post.text)}
+    table = CliRunner().invoke(app, [*query, *url], terminal_width=200)
+    assert table.exit_code == 0, table.output
+    assert "text" in table.output and post_caption(post.text)[:40] in table.output
 
 
 def test_k_above_the_index_size_returns_every_post_once(server: TritonServer, published: PublishedCorpus) -> None:
