@@ -45,6 +45,7 @@ from postsim.model_repository.server import (
     SHARED_MEMORY_HINT,
     is_shared_memory_error,
 )
+from postsim.model_repository.triton_errors import explain
 
 from .posts import EmbeddingResult, Neighbor, Post, SimilarResult
 
@@ -263,8 +264,8 @@ def map_server_error(
             status=status,
         )
     if status == "INVALID_ARGUMENT":
-        # Triton's message names the input it rejected: keep it whole.
-        return InvalidPostError(f"{subject} rejected the request{part}: {message}")
+        # Triton's message names the input it rejected: keep it whole (two misleading ones reworded).
+        return InvalidPostError(f"{subject} rejected the request{part}: {explain(message)}")
     if status is None:
         # Raised by tritonclient itself while building the request, before sending it.
         return ServerError(f"could not build the request to {subject}{part}: {_short(message)}")

@@ -32,7 +32,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from postsim.client.api import AsyncPostSimClient, PostSimClient
+from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
 from postsim.client.indexing import build_index_dir
 from postsim.client.posts import Post
 from postsim.client.publish import publish_index
@@ -251,6 +251,32 @@ def test_a_malformed_request_is_invalid_argument_naming_the_input(url: str, case
     message = _invalid_argument(url, contract.POST_EMBEDDING, inputs)
     for fragment in expected:
         assert fragment in message, f"{case}: {fragment!r} not in {message!r}"
+    _still_serving(url)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        (
+            "an input too many",
+            "takes the inputs ['IMAGE', 'TEXT'] and no others: it does not take ['EXTRA']",
+        ),
+        ("a batch of 0", "the request holds no post (a batch of 0)"),
+    ],
+)
+def test_what_triton_refuses_itself_is_said_plainly_by_the_client(url: str, case: str, expected: str) -> None:
+    """Triton refuses these before any postsim model runs; its own words were "missing required input(s) ]."
+    and "expected 1 string elements ... got 0"."""
+    inputs = {
+        "an input too many": [*_post_tensors(b"", b"caption"), _bytes_tensor("EXTRA", [b"x"])],
+        "a batch of 0": [_tensor(name, np.empty((0, 1), np.object_), "BYTES") for name in ("IMAGE", "TEXT")],
+    }[case]
+    with grpcclient.InferenceServerClient(url) as client, pytest.raises(InferenceServerException) as raised:
+        client.infer(contract.POST_EMBEDDING, inputs)
+    error = map_server_error(raised.value, url=url, model=contract.POST_EMBEDDING)
+    assert isinstance(error, InvalidPostError)
+    assert expected in str(error)
+    assert "]." not in str(error) and "string elements" not in str(error)
     _still_serving(url)
 
 
