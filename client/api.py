@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.model_repository import contract
 from postsim.model_repository.errors import (
+    INDEX_NOT_LOADED_MESSAGE,
     NO_INDEX_MESSAGE,
     InvalidPostError,
     PostSimError,
@@ -210,7 +211,11 @@ def map_server_error(
         )
     if _is_unknown_model(message):
         if model in _INDEX_MODELS:
-            hint = "no index is published yet: publish one with `postsim index publish`, then retry"
+            # The client cannot see the server's disk: say what loads the model rather than that no index exists.
+            hint = (
+                "it is loaded once an index is published: publish one with `postsim index publish`, then retry "
+                "(if one is published, the server log says why it is not loaded)"
+            )
         elif model:
             hint = "the server may be stopping; otherwise check the log of `postsim serve` for why it did not load"
         else:
@@ -218,6 +223,8 @@ def map_server_error(
         return ServerError(f"model '{model}' is not loaded on the server at {url}: {hint}", status=status)
     if NO_INDEX_MESSAGE in message:
         return ServerError(f"{subject} cannot answer{part}: {NO_INDEX_MESSAGE}, then retry", status=status)
+    if INDEX_NOT_LOADED_MESSAGE in message:
+        return ServerError(f"{subject} cannot answer{part} on the server at {url}: {_short(message)}", status=status)
     dead_stub = _DEAD_STUB.search(message)
     if dead_stub:
         return ServerError(

@@ -24,11 +24,14 @@ import triton_python_backend_utils as pb_utils
 
 from postsim.model_repository import contract
 from postsim.model_repository.errors import (
+    IndexNotLoadedError,
     InvalidPostError,
     NoIndexPublishedError,
     PostSimError,
     RepositoryError,
+    SearchIndexError,
 )
+from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
 LOGGER = logging.getLogger("postsim")
@@ -57,7 +60,7 @@ def _error_response(error: Exception) -> Any:
     """INVALID_ARG for bad input; INTERNAL (with a generic message) for anything else."""
     if isinstance(error, InvalidPostError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-    if isinstance(error, NoIndexPublishedError):
+    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
     LOGGER.exception("request failed", exc_info=error)
     return pb_utils.InferenceResponse(
@@ -412,7 +415,9 @@ class RetrievalGatewayModel:
     """The last step of ``similar_posts``: forwards each request to ``retrieval`` (a BLS call).
 
     ``retrieval`` is loaded once the first index is published; until then this answers
-    UNAVAILABLE with a message that says to publish one. The ensemble names this model,
+    UNAVAILABLE with a message that says to publish one, and when ``retrieval`` has a version
+    on disk but is not loaded (an admin unloaded it, or it failed to load) UNAVAILABLE with
+    one that says so. The ensemble names this model,
     not ``retrieval``, so a new index version loads by
     swapping ``retrieval`` alone, the way Triton swaps versions of any model: requests in
     flight finish on the old version, new ones reach the new one. (Triton 2.51 re-creates an
@@ -423,6 +428,7 @@ class RetrievalGatewayModel:
     def initialize(self, args: dict[str, Any]) -> None:
         self.output_names = [tensor.name for tensor in contract.NEIGHBOUR_OUTPUTS]
         self.max_top_k = int(_parameters(args).get("max_top_k", "1000"))
+        self.retrieval_dir = _repository_dir(args) / contract.RETRIEVAL
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         import asyncio
@@ -446,12 +452,17 @@ class RetrievalGatewayModel:
         if answer.has_error():
             reason = answer.error().message().lower()
             if "unknown model" in reason or "is not ready" in reason:  # retrieval loads with the first index
-                return _error_response(NoIndexPublishedError())
+                return _error_response(self._unserved_index())
             failure = answer.error()
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure.message(), failure.code()))
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in self.output_names]
         )
+
+    def _unserved_index(self) -> SearchIndexError:
+        """Why retrieval does not answer: no index on disk, or one the server does not serve."""
+        published = version_dirs(self.retrieval_dir)
+        return IndexNotLoadedError(int(published[-1].name)) if published else NoIndexPublishedError()
 
 
 def _single_top_k(top_k: np.ndarray, limit: int) -> int:

@@ -40,13 +40,25 @@ class SearchIndexError(PostSimError):
 
 
 NO_INDEX_MESSAGE = "no index is published yet: publish one with `postsim index publish`"
+INDEX_NOT_LOADED_MESSAGE = "the published index is not loaded"
 
 
 class NoIndexPublishedError(SearchIndexError):
-    """similar_posts was asked before any index was published (retrieval serves its empty placeholder)."""
+    """similar_posts was asked before any index was published: ``retrieval`` has no version on disk."""
 
     def __init__(self) -> None:
         super().__init__(NO_INDEX_MESSAGE)
+
+
+class IndexNotLoadedError(SearchIndexError):
+    """similar_posts was asked while ``retrieval`` has a version on disk but is not loaded or not ready."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(
+            f"{INDEX_NOT_LOADED_MESSAGE}: retrieval version {version} is on disk, but the server does not serve "
+            "retrieval (an admin unloaded it, or it failed to load: the server log says which); "
+            "load model 'retrieval' again (model control, with the admin key) or restart `postsim serve`"
+        )
 
 
 class ServerError(PostSimError):

@@ -118,6 +118,24 @@ def test_the_cli_shows_the_neighbours_text(server: TritonServer, published: Publ
     assert "text" in table.output and post_caption(post.text)[:40] in table.output
 
 
+def test_an_unloaded_index_is_not_called_unpublished(server: TritonServer, published: PublishedCorpus) -> None:
+    """An admin unloads retrieval: similar_posts says the published index is not loaded, not that none is published."""
+    query = published.posts[0].to_post()
+    with PostSimClient(server.endpoints.grpc) as client:
+        with grpcclient.InferenceServerClient(server.endpoints.grpc) as admin:
+            admin.unload_model(contract.RETRIEVAL)
+        try:
+            with pytest.raises(ServerError) as raised:
+                client.similar(query, k=1)
+        finally:
+            client.load_model(contract.RETRIEVAL)
+        assert client.similar(query, k=1)[0].id == published.posts[0].id
+    message = str(raised.value)
+    assert raised.value.status == "UNAVAILABLE"
+    assert "the published index is not loaded: retrieval version" in message and "load model 'retrieval'" in message
+    assert "no index is published yet" not in message
+
+
 def test_k_above_the_index_size_returns_every_post_once(server: TritonServer, published: PublishedCorpus) -> None:
     with PostSimClient(server.endpoints.grpc) as client:
         neighbors = client.similar(Post(text="sunset over the sea"), k=500)
