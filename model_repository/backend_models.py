@@ -96,6 +96,23 @@ def _parameters(args: dict[str, Any]) -> dict[str, str]:
     return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
 
+def _check_contract(args: dict[str, Any]) -> None:
+    """Refuse to load under a config whose tensors are not this postsim's contract for the model.
+
+    A repository exported by another version of postsim would otherwise load and fail its
+    requests one by one (a step reading a tensor its ensemble no longer passes it).
+    """
+    config = json.loads(args["model_config"])
+    spec = contract.model_specs()[args["model_name"]]
+    declared = ([t["name"] for t in config["input"]], [t["name"] for t in config["output"]])
+    if declared != (spec.input_names, spec.output_names):
+        raise RepositoryError(
+            f"{spec.name}: config.pbtxt declares inputs {declared[0]} and outputs {declared[1]}, this postsim "
+            f"expects {spec.input_names} and {spec.output_names}: the repository was exported by another version "
+            "of postsim; export it again (`postsim export`)"
+        )
+
+
 def _version_dir(args: dict[str, Any]) -> Path:
     return Path(args["model_repository"]) / str(args["model_version"])
 
@@ -131,6 +148,7 @@ class PreprocessImageModel(_PerRequestModel):
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
+        _check_contract(args)
         from postsim.model_repository.preprocessing import ImageLimits
         from postsim.model_repository.tokenization import MAX_TEXT_CHARS
 
@@ -181,6 +199,7 @@ class TokenizeModel(_PerRequestModel):
     """UTF-8 text → token ids padded to the longest text of the request, and a presence mask."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        _check_contract(args)
         from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
 
         max_chars = int(_parameters(args).get("max_text_chars", MAX_TEXT_CHARS))
@@ -217,6 +236,7 @@ class OnnxRuntimeModel:
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
+        _check_contract(args)
         import onnxruntime as ort
 
         parameters = _parameters(args)
@@ -380,6 +400,7 @@ class RetrievalModel(_PerRequestModel):
     """Nearest indexed posts of a fused embedding, from this version's verified FAISS index."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        _check_contract(args)
         from postsim.model_repository.search_index import load_index_dir
 
         parameters = _parameters(args)
@@ -426,6 +447,7 @@ class RetrievalGatewayModel:
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
+        _check_contract(args)
         self.output_names = [tensor.name for tensor in contract.NEIGHBOUR_OUTPUTS]
         self.max_top_k = int(_parameters(args).get("max_top_k", "1000"))
         self.retrieval_dir = _repository_dir(args) / contract.RETRIEVAL

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from postsim.client.api import PostSimClient
 from postsim.client.cli import app
+from postsim.export.triton_config import parse_pbtxt, to_pbtxt
 from postsim.model_repository.server import free_ports
 
 runner = CliRunner()
@@ -117,3 +118,29 @@ def test_index_build_refuses_a_post_id_by_its_line_before_embedding_anything(tmp
     assert code == 1
     assert f"{corpus}:2: post id 'post-2\\nERROR: forged log line' has the character '\\n'" in output.replace("\n", "")
     assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.integration
+def test_serve_refuses_a_repository_exported_by_another_postsim(exported_repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The fuser's config as an export from before QUERY_EMBEDDING wrote it: the model says to export again."""
+    repository = tmp_path / "repository"
+    shutil.copytree(exported_repository.path, repository)
+    path = repository / "fuser" / "config.pbtxt"
+    config = parse_pbtxt(path.read_text())
+    del config.output[-1]
+    path.write_text(to_pbtxt(config))
+    ports = [str(port) for port in free_ports(3)]
+    code, output = _postsim(
+        "serve",
+        "--repository",
+        str(repository),
+        "--grpc-port",
+        ports[0],
+        "--http-port",
+        ports[1],
+        "--metrics-port",
+        ports[2],
+    )
+    assert code == 1
+    assert "model 'fuser'" in output and "exported by another version of postsim" in output
+    assert "postsim export" in output
