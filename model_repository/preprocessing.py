@@ -368,7 +368,7 @@ def _load_pixels(image: ImageFile.ImageFile, data: bytes) -> ImageFile.ImageFile
         raise InvalidPostError(f"{IMAGE.name}: truncated or corrupt {image.format}: {error}") from error
     width, height = image.size
     raise InvalidPostError(
-        f"{IMAGE.name}: truncated PNG: its pixel data ends before row {row + 1} of its {width}×{height} pixels"
+        f"{IMAGE.name}: truncated PNG: its pixel data ends before the last row of its {width}×{height} pixels"
     )
 
 

@@ -323,7 +323,7 @@ def test_a_png_whose_compressed_rows_end_early_is_refused(interlaced: bool) -> N
     pixels = noise(300, 200)
     assert decode_image(grey_png(pixels, interlaced=interlaced)).size == (300, 200)
     short = grey_png(pixels, rows=6 if interlaced else 150, interlaced=interlaced)
-    assert "truncated PNG: its pixel data ends before row" in refusal(short)
+    assert "truncated PNG: its pixel data ends before the last row of its 300×200 pixels" in refusal(short)
 
 
 @pytest.mark.parametrize("interlaced", [False, True], ids=["sequential", "interlaced"])
