@@ -110,8 +110,8 @@ class Neighbor:
     id: str
     score: float
     text: str | None = None
-    """The start of the post's text as the index keeps it (200 characters, one line); None when
-    the index does not know it (the post had no text, or the index was built without captions)."""
+    """The start of the post's text as the index keeps it (:func:`~postsim.client.indexing.post_caption`);
+    None when the index does not know it (the post had no text, or the index was built without captions)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -145,7 +145,7 @@ MODALITY_WEIGHTS = _tensor("MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES))
 IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbours",))
 SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
 CAPTIONS = _tensor("CAPTIONS", DataType.STRING, -1, dim_names=("neighbours",))
-"""Each neighbour's caption as its index keeps it (the first 200 characters of its text, one line); "" if none."""
+"""Each neighbour's caption as its index keeps it (``postsim.client.indexing.post_caption``); "" if none."""
 NEIGHBOUR_OUTPUTS = (IDS, SCORES, CAPTIONS)
 """What retrieval answers for each query, and retrieval_gateway passes on."""
 
