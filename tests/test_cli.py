@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,14 +62,14 @@ def test_serve_on_a_taken_port_names_the_port_and_the_option(exported_repository
     assert f"port {port} is already taken" in output and "--grpc-port" in output
 
 
-@pytest.mark.integration
-def test_serve_reports_the_failing_models_own_error(exported_repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _serve_with_fuser_config(source: Path, tmp_path: Path, edit: Callable[[str], str]) -> tuple[int, str]:
+    """`postsim serve` on a copy of the repository at ``source`` whose fuser config ``edit`` rewrote."""
     repository = tmp_path / "repository"
-    shutil.copytree(exported_repository.path, repository)
+    shutil.copytree(source, repository)
     config = repository / "fuser" / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "model.onnx"', 'string_value: "missing.onnx"'))
+    config.write_text(edit(config.read_text()))
     ports = [str(port) for port in free_ports(3)]
-    code, output = _postsim(
+    return _postsim(
         "serve",
         "--repository",
         str(repository),
@@ -78,6 +79,15 @@ def test_serve_reports_the_failing_models_own_error(exported_repository, tmp_pat
         ports[1],
         "--metrics-port",
         ports[2],
+    )
+
+
+@pytest.mark.integration
+def test_serve_reports_the_failing_models_own_error(exported_repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, output = _serve_with_fuser_config(
+        exported_repository.path,
+        tmp_path,
+        lambda text: text.replace('string_value: "model.onnx"', 'string_value: "missing.onnx"'),
     )
     assert code == 1
     assert "model 'fuser'" in output and "missing.onnx" in output
@@ -123,24 +133,13 @@ def test_index_build_refuses_a_post_id_by_its_line_before_embedding_anything(tmp
 @pytest.mark.integration
 def test_serve_refuses_a_repository_exported_by_another_postsim(exported_repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The fuser's config as an export from before QUERY_EMBEDDING wrote it: the model says to export again."""
-    repository = tmp_path / "repository"
-    shutil.copytree(exported_repository.path, repository)
-    path = repository / "fuser" / "config.pbtxt"
-    config = parse_pbtxt(path.read_text())
-    del config.output[-1]
-    path.write_text(to_pbtxt(config))
-    ports = [str(port) for port in free_ports(3)]
-    code, output = _postsim(
-        "serve",
-        "--repository",
-        str(repository),
-        "--grpc-port",
-        ports[0],
-        "--http-port",
-        ports[1],
-        "--metrics-port",
-        ports[2],
-    )
+
+    def without_query_embedding(text: str) -> str:
+        config = parse_pbtxt(text)
+        del config.output[-1]
+        return to_pbtxt(config)
+
+    code, output = _serve_with_fuser_config(exported_repository.path, tmp_path, without_query_embedding)
     assert code == 1
     assert "model 'fuser'" in output and "exported by another version of postsim" in output
     assert "postsim export" in output
