@@ -62,16 +62,18 @@ class SliceResult:
     """Queries left out: no other gallery post has their label."""
     per_label: Mapping[str, RetrievalScores] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, *, per_label: bool = True) -> dict[str, Any]:
+        data = {
             "name": self.name,
             "query_view": self.query_view,
             "gallery_view": self.gallery_view,
             "gallery_size": self.gallery_size,
             "excluded_queries": {"unlabelled": self.unlabelled_queries, "label_alone": self.lonely_queries},
             **self.scores.to_dict(),
-            "per_label": {label: scores.to_dict() for label, scores in self.per_label.items()},
         }
+        if per_label:
+            data["per_label"] = {label: scores.to_dict() for label, scores in self.per_label.items()}
+        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,12 +96,11 @@ class WeightSummary:
     overall: ModalityWeights
     per_label: Mapping[str, ModalityWeights] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "view": self.view,
-            **self.overall.to_dict(),
-            "per_label": {label: weights.to_dict() for label, weights in self.per_label.items()},
-        }
+    def to_dict(self, *, per_label: bool = True) -> dict[str, Any]:
+        data = {"view": self.view, **self.overall.to_dict()}
+        if per_label:
+            data["per_label"] = {label: weights.to_dict() for label, weights in self.per_label.items()}
+        return data
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,11 +118,12 @@ class EvaluationResult:
                 return result
         raise KeyError(f"no slice {name!r}; the slices are {[result.name for result in self.slices]}")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, per_label: bool = True) -> dict[str, Any]:
+        """JSON-ready; without ``per_label``, only each slice's and view's overall figures."""
         return {
             "ks": list(self.ks),
-            "slices": [result.to_dict() for result in self.slices],
-            "modality_weights": [summary.to_dict() for summary in self.modality_weights],
+            "slices": [result.to_dict(per_label=per_label) for result in self.slices],
+            "modality_weights": [summary.to_dict(per_label=per_label) for summary in self.modality_weights],
         }
 
 

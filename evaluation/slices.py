@@ -69,11 +69,16 @@ class EmbeddingView:
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """Search the posts of view ``query`` in view ``gallery``; reported as ``name``."""
+    """Search the posts of view ``query`` in view ``gallery``; reported as ``name``.
+
+    ``per_label`` off skips the per-label breakdown, e.g. where every label is a single
+    post's (instance retrieval) and the breakdown would be one row per post.
+    """
 
     name: str
     query: str
     gallery: str
+    per_label: bool = True
 
     @classmethod
     def within(cls, view: str) -> SliceSpec:
@@ -96,13 +101,21 @@ def evaluate_embeddings(
         for role, name in (("query", spec.query), ("gallery", spec.gallery)):
             if name not in by_name:
                 raise ValueError(f"slice {spec.name!r}: no {role} view {name!r}; the views are {sorted(by_name)}")
-    results = tuple(score_slice(by_name[spec.query], by_name[spec.gallery], ks=ks, name=spec.name) for spec in slices)
+    results = tuple(
+        score_slice(by_name[spec.query], by_name[spec.gallery], ks=ks, name=spec.name, per_label=spec.per_label)
+        for spec in slices
+    )
     weights = tuple(summary for view in views if (summary := summarise_weights(view)) is not None)
     return EvaluationResult(ks=ks, slices=results, modality_weights=weights)
 
 
 def score_slice(
-    query: EmbeddingView, gallery: EmbeddingView, *, ks: Sequence[int] = DEFAULT_KS, name: str | None = None
+    query: EmbeddingView,
+    gallery: EmbeddingView,
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    name: str | None = None,
+    per_label: bool = True,
 ) -> SliceResult:
     """Every metric at every k for ``query``'s posts searched in ``gallery``, overall and per label."""
     ks = check_ks(ks)
@@ -118,7 +131,8 @@ def score_slice(
 
     query_code, own_row = _query_codes(query, codes, row_of)
     own_same_label = (own_row >= 0) & (gallery_codes[np.maximum(own_row, 0)] == query_code)
-    relevant = np.where(query_code >= 0, members[np.maximum(query_code, 0)], 0) - own_same_label
+    members_or_none = np.append(members, 0)  # the last entry stands for "no label in the gallery"
+    relevant = members_or_none[np.where(query_code >= 0, query_code, len(codes))] - own_same_label
     unlabelled = np.array([label is None for label in query.labels], dtype=bool)
     evaluable = ~unlabelled & (relevant > 0)
 
@@ -128,9 +142,9 @@ def score_slice(
     values = per_query_metrics(hits, relevant[evaluable], ks)
 
     labels = np.array([label or "" for label in query.labels], dtype=object)[evaluable]
-    per_label = {
+    by_label = {
         label: _averaged(values, relevant[evaluable], candidates, ks, labels == label)
-        for label in sorted(set(labels.tolist()))
+        for label in (sorted(set(labels.tolist())) if per_label else ())
     }
     return SliceResult(
         name=name or (query.name if query is gallery else f"{query.name}->{gallery.name}"),
@@ -140,7 +154,7 @@ def score_slice(
         scores=_averaged(values, relevant[evaluable], candidates, ks, np.ones(len(labels), dtype=bool)),
         unlabelled_queries=int(unlabelled.sum()),
         lonely_queries=int((~unlabelled & (relevant <= 0)).sum()),
-        per_label=per_label,
+        per_label=by_label,
     )
 
 

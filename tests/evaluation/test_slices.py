@@ -65,6 +65,12 @@ def test_queries_without_label_or_alone_in_their_label_are_left_out_and_counted(
     assert set(result.per_label) == {"a"}
 
 
+def test_a_gallery_without_labels_leaves_every_query_out() -> None:
+    result = score_slice(_clustered_view("q", ["a", "b", None]), _clustered_view("g", [None, None, None]), ks=[1])
+    assert result.scores.queries == 0
+    assert (result.unlabelled_queries, result.lonely_queries) == (1, 2)
+
+
 def test_per_label_scores_split_the_queries() -> None:
     labels = ["a"] * 4 + ["b"] * 8
     result = score_slice(_clustered_view("v", labels, noise=0.8), _clustered_view("v", labels, noise=0.8), ks=[3])
