@@ -75,7 +75,8 @@ def per_query_metrics(
     discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2, dtype=np.float64))
     ideal_gains = np.cumsum(discounts)
     has_hit = found_at.any(axis=1)
-    first_rank = np.where(has_hit, found_at.argmax(axis=1) + 1, np.inf)
+    first_hit = found_at.argmax(axis=1) if depth else np.zeros(queries, dtype=np.int64)
+    first_rank = np.where(has_hit, first_hit + 1, np.inf)
     precision_at_ranks = found_at * cumulative / ranks
     metrics: dict[Metric, dict[int, np.ndarray]] = {metric: {} for metric in Metric}
     for k in ks:

@@ -130,7 +130,8 @@ def score_slice(
     row_of = {post_id: row for row, post_id in enumerate(gallery.ids)}
 
     query_code, own_row = _query_codes(query, codes, row_of)
-    own_same_label = (own_row >= 0) & (gallery_codes[np.maximum(own_row, 0)] == query_code)
+    own_code = np.append(gallery_codes, _UNLABELLED)[np.where(own_row >= 0, own_row, len(gallery_codes))]
+    own_same_label = (own_row >= 0) & (own_code == query_code)
     members_or_none = np.append(members, 0)  # the last entry stands for "no label in the gallery"
     relevant = members_or_none[np.where(query_code >= 0, query_code, len(codes))] - own_same_label
     unlabelled = np.array([label is None for label in query.labels], dtype=bool)

@@ -32,6 +32,12 @@ def test_a_first_hit_past_k_scores_zero_reciprocal_rank_and_precision_divides_by
     assert values[Metric.RECALL][10][0] == 1.0
 
 
+def test_an_empty_ranking_finds_nothing() -> None:
+    values = per_query_metrics(np.zeros((2, 0), dtype=bool), np.array([1, 3]), ks=[1, 10])
+    for metric in Metric:
+        assert values[metric][10].tolist() == [0.0, 0.0], metric
+
+
 @pytest.mark.slow
 def test_metrics_agree_with_sentence_transformers_information_retrieval_evaluator() -> None:
     evaluation = pytest.importorskip("sentence_transformers.evaluation")

@@ -71,6 +71,15 @@ def test_a_gallery_without_labels_leaves_every_query_out() -> None:
     assert (result.unlabelled_queries, result.lonely_queries) == (1, 2)
 
 
+def test_an_empty_view_scores_no_query_instead_of_failing() -> None:
+    empty = EmbeddingView(name="image", ids=[], labels=[], embeddings=np.zeros((0, 16)))
+    assert score_slice(empty, empty).scores.queries == 0
+    text = _clustered_view("text", ["a", "a", "b"])
+    assert score_slice(text, empty).lonely_queries == 3
+    only_itself = _clustered_view("one", ["a"])
+    assert score_slice(only_itself, only_itself).scores.queries == 0
+
+
 def test_per_label_scores_split_the_queries() -> None:
     labels = ["a"] * 4 + ["b"] * 8
     result = score_slice(_clustered_view("v", labels, noise=0.8), _clustered_view("v", labels, noise=0.8), ks=[3])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +97,20 @@ def test_without_labels_the_head_learns_the_alignment_only_and_says_so(make_feat
     assert outcome.best.held_out.slice(PAIR).scores.queries > 0
     assert outcome.epochs[1].losses["label"] == 0.0
     assert outcome.epochs[1].losses["alignment"] > 0.0
+
+
+def test_a_text_only_corpus_trains_on_its_labels(make_features: MakeFeatures) -> None:
+    features, labels = make_features(posts=200)
+    text_only = dataclasses.replace(
+        features,
+        image=np.zeros_like(features.image),
+        image_present=np.zeros_like(features.image_present),
+        text_present=np.ones_like(features.text_present),
+    )
+    outcome = HeadTrainer(_head(text_only), _data(text_only, labels), TrainingSettings(epochs=2, device="cpu")).fit()
+    assert outcome.epochs[1].losses["alignment"] == 0.0
+    assert outcome.best.held_out.slice(IMAGE).scores.queries == 0
+    assert outcome.best.held_out.slice(TEXT).scores.queries > 0
 
 
 def test_a_single_label_is_refused_with_what_to_do(make_features: MakeFeatures) -> None:
