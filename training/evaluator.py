@@ -2,7 +2,9 @@
 
 The held-out posts are embedded three ways: as they are (``post``: both modalities where
 they have both, as an index holds them), text only and image only. The slices are the
-fused search (``post``), each single modality, the two cross-modal searches, and ``pair``:
+fused search (``post``), each single modality, a text-only or image-only query against the
+posts as indexed (``text->post``, ``image->post``: what modality dropout is for), the two
+cross-modal searches, and ``pair``:
 each post's text-only view searching the image-only views for its own image (relevance:
 the same post), which measures the in-post alignment and works without labels.
 """
@@ -30,6 +32,8 @@ HELD_OUT_SLICES = (
     SliceSpec.within(POST),
     SliceSpec.within(TEXT),
     SliceSpec.within(IMAGE),
+    SliceSpec.across(TEXT, POST),
+    SliceSpec.across(IMAGE, POST),
     SliceSpec.across(TEXT, IMAGE),
     SliceSpec.across(IMAGE, TEXT),
     SliceSpec(PAIR, _PAIR_TEXT, _PAIR_IMAGE, per_label=False),  # each label is one post

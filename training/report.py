@@ -17,7 +17,7 @@ from typing import Any
 from postsim.evaluation.metrics import Metric
 from postsim.model_repository.files import write_text_atomic
 from postsim.training.data import TrainingMode
-from postsim.training.evaluator import HELD_OUT_SLICES, POST
+from postsim.training.evaluator import HELD_OUT_SLICES, PAIR, POST
 from postsim.training.features import BackboneFingerprints, ExtractionSummary
 from postsim.training.head import write_head
 from postsim.training.trainer import TrainingOutcome, TrainingSettings
@@ -113,6 +113,8 @@ def write_plot(report: TrainingReport, path: Path) -> Path:
     aligned_only = report.outcome.mode is TrainingMode.ALIGNMENT_ONLY
     metric, k = (Metric.NDCG, 10) if aligned_only else (Metric.PRECISION, 10)
     for spec in HELD_OUT_SLICES:
+        if spec.name == PAIR and not aligned_only:
+            continue  # one relevant post per query: its P@10 is at most 0.1, off the others' scale
         values = [record.held_out.slice(spec.name).scores.value(metric, k) for record in records]
         if not all(math.isnan(value) for value in values):
             scores.plot([r.epoch for r in records], values, marker=".", label=spec.name)
@@ -125,7 +127,10 @@ def write_plot(report: TrainingReport, path: Path) -> Path:
     scores.legend(fontsize=8)
     for axes in (losses, scores):
         axes.grid(True, alpha=0.3)
-    figure.suptitle(f"postsim head training: {report.corpus.name}, {report.posts['kept']} posts", fontsize=10)
+    corpus = f"{report.corpus.parent.name}/{report.corpus.name}"
+    figure.suptitle(
+        f"postsim head training: {corpus}, {report.posts['kept']} posts, {report.outcome.mode.value}", fontsize=10
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp.png")
