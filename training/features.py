@@ -244,21 +244,15 @@ class FeatureStore:
         """Writes the pending features as one new shard; past MAX_SHARDS, merges every shard into one."""
         if not self._pending:
             return
-        self._rows.update(self._pending)
-        self._pending = {}
+        pending, self._pending = self._pending, {}
+        self._rows.update(pending)
         shards = sorted(self.directory.glob("shard-*.npz"))
-        if len(shards) + 1 > MAX_SHARDS:
-            self._write(self._rows)
-            for shard in shards:
-                shard.unlink(missing_ok=True)
-        else:
-            self._write({key: self._rows[key] for key in self._rows.keys() - self._on_disk(shards)})
-
-    def _on_disk(self, shards: list[Path]) -> set[str]:
-        keys: set[str] = set()
+        if len(shards) < MAX_SHARDS:
+            self._write(pending)
+            return
+        self._write(self._rows)  # the merged shard is in place before the old ones go
         for shard in shards:
-            keys.update(self._read(shard))
-        return keys
+            shard.unlink(missing_ok=True)
 
     def _write(self, rows: dict[str, np.ndarray]) -> None:
         if not rows:

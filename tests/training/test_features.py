@@ -15,6 +15,7 @@ from postsim.export.models import ModelSize
 from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
+from postsim.training import features as features_module
 from postsim.training.features import (
     IMAGE,
     TEXT,
@@ -127,6 +128,18 @@ def test_a_text_without_tokens_is_skipped(models: PostSimModels, tmp_path: Path)
     features = extract_features([CorpusPost("blank", "\u200b\u200b", None)], models, cache_dir=tmp_path)
     assert features.ids == ()
     assert features.summary.skipped[0].modality == TEXT
+
+
+def test_shards_past_the_limit_are_merged_into_one(
+    models: PostSimModels, posts: list[CorpusPost], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(features_module, "MAX_SHARDS", 3)
+    for count in range(1, 7):  # each run adds new posts, so each writes a new shard per modality
+        extract_features(posts[: 2 * count], models, cache_dir=tmp_path)
+    image_shards = [shard for shard in _shards(tmp_path) if shard.parent.parent.name == IMAGE]
+    assert 1 <= len(image_shards) <= 3
+    again = extract_features(posts, models, cache_dir=tmp_path)
+    assert again.summary.computed == {IMAGE: 0, TEXT: 0}
 
 
 def test_an_unreadable_cache_shard_is_ignored_and_its_features_computed_again(
