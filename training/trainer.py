@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -148,7 +149,7 @@ class EpochRecord:
             "epoch": self.epoch,
             "losses": {name: round(value, 6) for name, value in self.losses.items()},
             "logit_scale": round(self.logit_scale, 4),
-            "selection": None if self.selection != self.selection else round(self.selection, 6),
+            "selection": None if math.isnan(self.selection) else round(self.selection, 6),
             "seconds": round(self.seconds, 3),
             "held_out": self.held_out.to_dict(per_label=False),
         }
