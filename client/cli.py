@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from postsim.model_repository import REPOSITORY_DIR, contract
+from postsim.model_repository import contract
 from postsim.model_repository.errors import PostSimError
+from postsim.model_repository.locations import default_repository, default_run_dir
 
 LOGGER = logging.getLogger("postsim")
 app = typer.Typer(
@@ -45,9 +46,22 @@ stdout = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 RepositoryOption = Annotated[
-    Path, typer.Option("--repository", help="Triton model repository folder.", show_default=True)
+    Path,
+    typer.Option(
+        "--repository",
+        default_factory=default_repository,
+        show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository",
+        help="Triton model repository folder. POSTSIM_HOME defaults to ~/.local/share/postsim.",
+    ),
 ]
 UrlOption = Annotated[str, typer.Option("--url", help="gRPC endpoint of a running postsim server (HOST:PORT).")]
+
+
+def _run_dir(name: str, description: str) -> Any:
+    """An output-folder option that defaults to ``$POSTSIM_HOME/runs/<name>``, outside the source tree."""
+    return typer.Option(
+        default_factory=lambda: default_run_dir(name), show_default=f"$POSTSIM_HOME/runs/{name}", help=description
+    )
 
 
 @app.callback()
@@ -74,7 +88,7 @@ def reports_errors(command: F) -> F:
 @app.command()
 @reports_errors
 def export(
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     target: Annotated[
         str, typer.Option(help="embedded (Python backend + ONNX Runtime) or triton (NGC, GPU, TensorRT).")
     ] = "embedded",
@@ -137,7 +151,7 @@ def _choice(enum_type: type[E], value: str, option: str) -> E:
 @app.command()
 @reports_errors
 def serve(
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="HTTP port (health, metadata).")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
@@ -252,8 +266,8 @@ def _print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = Non
 @app.command("sample-posts")
 @reports_errors
 def sample_posts(
+    out: Annotated[Path, _run_dir("sample-posts", "Folder for posts.jsonl and images/.")],
     n: Annotated[int, typer.Option("--n", min=1, help="How many posts.")] = 200,
-    out: Annotated[Path, typer.Option(help="Folder for posts.jsonl and images/.")] = Path("runs/sample-posts"),
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
 ) -> None:
     """Write N synthetic posts (procedurally drawn images, captions from a few topics) as a JSONL corpus."""
@@ -267,7 +281,7 @@ def sample_posts(
 @reports_errors
 def index_build(
     corpus: Annotated[Path, typer.Argument(help="JSONL corpus: one {id, text, image} object per line.")],
-    out: Annotated[Path, typer.Option(help="Index folder to write (replaced atomically).")],
+    out: Annotated[Path, _run_dir("index", "Index folder to write (replaced atomically).")],
     index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
     url: UrlOption = "localhost:8001",
     batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
@@ -322,7 +336,7 @@ def index_build(
 @reports_errors
 def index_publish(
     index_dir: Annotated[Path, typer.Argument(help="Index folder written by `postsim index build`.")],
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     url: Annotated[
         str | None, typer.Option(help="Running server to switch over (HOST:PORT); none: install only.")
     ] = None,
@@ -342,7 +356,7 @@ def index_publish(
 @index_app.command("rollback")
 @reports_errors
 def index_rollback(
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     url: Annotated[str | None, typer.Option(help="Running server to switch back (HOST:PORT).")] = None,
     admin_key: Annotated[
         str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="The server's admin key, if it has one.")
@@ -359,13 +373,11 @@ def index_rollback(
 @app.command()
 @reports_errors
 def demo(
+    repository: RepositoryOption,
+    work_dir: Annotated[Path, _run_dir("demo", "Where the sample corpus, the index and the server log go.")],
     weights: Annotated[
         str, typer.Option(help="pretrained (needs the Hugging Face hub), random, or a directory.")
     ] = "pretrained",
-    repository: RepositoryOption = REPOSITORY_DIR,
-    work_dir: Annotated[Path, typer.Option(help="Where the sample corpus, the index and the server log go.")] = Path(
-        "runs/demo"
-    ),
     posts: Annotated[int, typer.Option(min=2, help="Sample posts to index.")] = 200,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
@@ -398,13 +410,15 @@ def demo(
 @bench_app.command("serve")
 @reports_errors
 def bench_serve(
+    out: Annotated[Path, _run_dir("bench", "Folder for serving-bench.json and serving-bench.png.")],
     repository: Annotated[
-        Path | None, typer.Option(help="Repository to serve (on a scratch copy) and to run the baselines from.")
-    ] = REPOSITORY_DIR,
+        Path | None,
+        typer.Option(
+            help="Repository to serve (on a scratch copy) and to run the baselines from.",
+            show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository",
+        ),
+    ] = None,
     url: Annotated[str | None, typer.Option(help="Measure this running server instead (no baselines).")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for serving-bench.json and serving-bench.png.")] = Path(
-        "runs/bench"
-    ),
     concurrency: Annotated[
         list[int] | None, typer.Option(help="Concurrency levels (repeat); default 1 2 4 8 16.")
     ] = None,
@@ -421,7 +435,15 @@ def bench_serve(
         if concurrency
         else SweepSettings(requests=requests)
     )
-    settings = ServingBenchSettings(repository=None if url else repository, url=url, posts=posts, sweep=sweep)
+    if url is not None and repository is not None:
+        raise typer.BadParameter(
+            f"--url measures the server at {url} as it runs, so no repository is served or read for baselines: "
+            "drop --repository, or drop --url to bench that repository",
+            param_hint="--repository",
+        )
+    settings = ServingBenchSettings(
+        repository=None if url else (repository or default_repository()), url=url, posts=posts, sweep=sweep
+    )
     report = run_serving_benchmark(settings)
     stdout.print(format_report(report))
     outputs = write_outputs(report, out)

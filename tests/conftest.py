@@ -16,9 +16,25 @@ from pathlib import Path
 
 import pytest
 
+from postsim.model_repository.locations import HOME_ENV, REPOSITORY_ENV
 from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
 
 TEST_SIZE = os.environ.get("POSTSIM_TEST_SIZE", "tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postsim_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every command's default output folder, for the whole session: a temporary one, not the user's."""
+    home = tmp_path_factory.mktemp("postsim-home")
+    saved = {name: os.environ.pop(name, None) for name in (HOME_ENV, REPOSITORY_ENV)}
+    os.environ[HOME_ENV] = str(home)
+    try:
+        yield home
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 @dataclass(frozen=True)
