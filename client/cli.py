@@ -457,10 +457,9 @@ def bench_serve(
         else SweepSettings(requests=requests)
     )
     if url is not None and repository is not None:
-        raise typer.BadParameter(
-            f"--url measures the server at {url} as it runs, so no repository is served or read for baselines: "
-            "drop --repository, or drop --url to bench that repository",
-            param_hint="--repository",
+        raise SettingsError(
+            f"--repository would be ignored: --url measures the server at {url} as it runs, and no repository is "
+            "served or read for baselines then; drop --repository, or drop --url to bench that repository"
         )
     settings = ServingBenchSettings(
         repository=None if url else (repository or default_repository()), url=url, posts=posts, sweep=sweep

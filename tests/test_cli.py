@@ -176,3 +176,9 @@ def test_export_random_image_with_the_bundled_minilm_text(tmp_path: Path) -> Non
     with torch.inference_mode():
         expected = head.text_encoder.projection(pooled).numpy()
     np.testing.assert_allclose(exported, expected, atol=1e-4)
+
+
+def test_bench_serve_refuses_a_repository_it_would_not_read(tmp_path: Path) -> None:
+    code, output = _postsim("bench", "serve", "--url", "localhost:1", "--repository", str(tmp_path))
+    assert code == 2, output
+    assert "drop --repository" in " ".join(output.split())
