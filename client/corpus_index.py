@@ -162,7 +162,8 @@ def build_corpus_index(
 
     async def embed_all() -> tuple[str, list[tuple[str, np.ndarray]], list[FailedPost]]:
         async with AsyncPostSimClient(settings.url) as client:
-            info = await client.server_info()
+            # post_embedding's config, not the repository index: a server's admin key restricts the index.
+            info = await client.served_repository()
             if not info.fingerprint:
                 raise SearchIndexError(
                     f"the server at {settings.url} does not say which weights it serves (no postsim_fingerprint "

@@ -33,7 +33,13 @@ from postsim.model_repository import contract
 from postsim.model_repository.errors import ExportError, SettingsError
 from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
-from postsim.model_repository.manifest import MANIFEST_NAME, WeightsManifest, fingerprint_of, sha256_file
+from postsim.model_repository.manifest import (
+    MANIFEST_NAME,
+    WeightsManifest,
+    fingerprint_of,
+    repository_id_of,
+    sha256_file,
+)
 
 LOGGER = logging.getLogger("postsim")
 VERSION = "1"
@@ -80,6 +86,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
     models = build_models(options.models)
     repository = options.repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
+    repository_id = repository_id_of(repository)
     (repository / MANIFEST_NAME).unlink(missing_ok=True)  # the repository is incomplete until the end
 
     paths = onnx_paths(repository)
@@ -104,6 +111,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
         provenance=provenance,
         files=file_hashes,
         fingerprint=fingerprint_of(file_hashes),
+        repository_id=repository_id,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         postsim_version=version("postsim"),
     )
@@ -113,6 +121,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
         settings=options.serving or ServingSettings.for_target(options.target),
         weights_label=manifest.weights_label,
         fingerprint=manifest.fingerprint,
+        repository_id=manifest.repository_id,
         include_retrieval=True,
     )
     for name, config in configs.items():

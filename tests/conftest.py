@@ -76,3 +76,20 @@ def server(exported_repository: ExportedRepository, tmp_path_factory: pytest.Tem
 @pytest.fixture
 def grpc_url(server: TritonServer) -> str:
     return server.endpoints.grpc
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def admin_server(
+    exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """A tritonserver whose model control and repository index need ADMIN_KEY, on its own copy of the repository."""
+    repository = tmp_path_factory.mktemp("admin-served") / "repository"
+    shutil.copytree(exported_repository.path, repository)
+    triton = TritonServer(
+        server_settings(repository, admin_key=ADMIN_KEY), log_path=repository.parent / "tritonserver.log"
+    )
+    with triton:
+        yield triton
