@@ -15,7 +15,6 @@ Nothing here imports torch: ``postsim index publish`` writes the retrieval confi
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +26,10 @@ from postsim.model_repository import contract
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.errors import RepositoryError
 from postsim.model_repository.files import write_text_atomic
-from postsim.model_repository.layout import CONFIG_NAME
+from postsim.model_repository.layout import CONFIG_NAME, Target
 from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
 from postsim.model_repository.preprocessing import DEFAULT_IMAGE_LIMITS
 from postsim.model_repository.tokenization import MAX_TEXT_CHARS
-
-
-class Target(enum.Enum):
-    EMBEDDED = "embedded"
-    TRITON = "triton"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from postsim.model_repository.errors import RepositoryError
 from postsim.model_repository.files import write_text_atomic
+from postsim.model_repository.layout import Target
 
 LOGGER = logging.getLogger("postsim")
 MANIFEST_NAME = "weights.json"
@@ -102,6 +103,17 @@ class WeightsManifest:
             raise RepositoryError(
                 f"{path} is not a postsim weights manifest ({error}): export the repository again"
             ) from None
+
+    def require_embedded_target(self, repository: Path) -> None:
+        """``postsim serve`` runs the embedded target only: say where another target's export runs."""
+        if self.target == Target.EMBEDDED.value:
+            return
+        raise RepositoryError(
+            f"{repository} was exported with `--target {self.target}`, for Triton's onnxruntime backend with "
+            "TensorRT on a GPU, which the tritonserver behind `postsim serve` (the nvidia-pytriton wheel) does not "
+            "have: serve it with NGC's Triton container (docker/Dockerfile; see docker/README.md), or export again "
+            f"with `--target {Target.EMBEDDED.value}` to serve it here"
+        )
 
     def verify_files(self, repository: Path) -> None:
         """Check every recorded weight file is there and unchanged."""

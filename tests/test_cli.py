@@ -182,3 +182,22 @@ def test_bench_serve_refuses_a_repository_it_would_not_read(tmp_path: Path) -> N
     code, output = _postsim("bench", "serve", "--url", "localhost:1", "--repository", str(tmp_path))
     assert code == 2, output
     assert "drop --repository" in " ".join(output.split())
+
+
+@pytest.mark.integration
+def test_serve_on_a_triton_target_export_says_it_is_for_the_ngc_container(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    code, output = _postsim(
+        "export", "--repository", str(repository), "--target", "triton", "--weights", "random", "--size", "tiny"
+    )
+    assert code == 0, output
+    ports = [str(port) for port in free_ports(3)]
+    code, output = _postsim(
+        "serve", "--repository", str(repository),
+        "--grpc-port", ports[0], "--http-port", ports[1], "--metrics-port", ports[2],
+    )  # fmt: skip
+    output = " ".join(output.split())
+    assert code == 1, output
+    assert "exported with `--target triton`" in output and "NGC's Triton container" in output, output
+    assert "docker/README.md" in output and "--target embedded" in output
+    assert "tritonserver failed to start" not in output, "refused before any server starts"
