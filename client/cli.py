@@ -313,9 +313,8 @@ def index_build(
     max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
 ) -> None:
     """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+    from postsim.client.progress import ProgressReporter
     from postsim.model_repository.search_index import IndexType
 
     settings = CorpusIndexSettings(
@@ -326,21 +325,8 @@ def index_build(
         batch_size=batch_size,
         concurrency=concurrency,
     )
-    columns = (
-        TextColumn("embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} posts/s"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        task = progress.add_task("embed", total=None, rate=0.0)
-
-        def on_progress(done: int, total: int) -> None:
-            elapsed = progress.tasks[0].elapsed or 0.0
-            progress.update(task, completed=done, total=total, rate=done / elapsed if elapsed else 0.0)
-
-        report = build_corpus_index(settings, on_progress=on_progress)
+    with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
+        report = build_corpus_index(settings, on_progress=progress.update)
     manifest = report.manifest
     params = "".join(f" {name}={value}" for name, value in manifest.params.items())
     stdout.print(
@@ -410,6 +396,7 @@ def demo(
 ) -> None:
     """Export, serve, index sample posts and answer a similar-posts query, in one go."""
     from postsim.client.demo import DemoSettings, run_demo
+    from postsim.client.progress import ProgressReporter
     from postsim.model_repository.server import ServerSettings
 
     server = ServerSettings(repository=repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
@@ -424,7 +411,8 @@ def demo(
             while running.is_running():
                 time.sleep(1.0)
 
-    result = run_demo(settings, while_serving=serve_until_interrupted)
+    with ProgressReporter("embedding the sample posts", console=stderr, unit="posts") as progress:
+        result = run_demo(settings, while_serving=serve_until_interrupted, on_progress=progress.update)
     query = result.query
     caption = " · ".join((query.text or "").splitlines())
     stdout.print(f"\nquery post {query.id}: {caption} + {query.image_path}", soft_wrap=True)
