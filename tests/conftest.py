@@ -63,14 +63,22 @@ def server_settings(repository: Path, **overrides: object) -> ServerSettings:
     return ServerSettings(**settings)  # type: ignore[arg-type]
 
 
+def serve_a_copy(
+    exported: ExportedRepository, tmp_path_factory: pytest.TempPathFactory, name: str, **overrides: object
+) -> Iterator[TritonServer]:
+    """A tritonserver on a private copy of the exported repository (tests may publish into it), stopped after."""
+    repository = tmp_path_factory.mktemp(name) / "repository"
+    shutil.copytree(exported.path, repository)
+    with TritonServer(
+        server_settings(repository, **overrides), log_path=repository.parent / "tritonserver.log"
+    ) as triton:
+        yield triton
+
+
 @pytest.fixture(scope="session")
 def server(exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A tritonserver on a private copy of the exported repository (tests may publish into it)."""
-    repository = tmp_path_factory.mktemp("served") / "repository"
-    shutil.copytree(exported_repository.path, repository)
-    triton = TritonServer(server_settings(repository), log_path=repository.parent / "tritonserver.log")
-    with triton:
-        yield triton
+    yield from serve_a_copy(exported_repository, tmp_path_factory, "served")
 
 
 @pytest.fixture
@@ -86,10 +94,4 @@ def admin_server(
     exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TritonServer]:
     """A tritonserver whose model control and repository index need ADMIN_KEY, on its own copy of the repository."""
-    repository = tmp_path_factory.mktemp("admin-served") / "repository"
-    shutil.copytree(exported_repository.path, repository)
-    triton = TritonServer(
-        server_settings(repository, admin_key=ADMIN_KEY), log_path=repository.parent / "tritonserver.log"
-    )
-    with triton:
-        yield triton
+    yield from serve_a_copy(exported_repository, tmp_path_factory, "admin-served", admin_key=ADMIN_KEY)
