@@ -24,6 +24,7 @@ class Target(enum.Enum):
     TRITON = "triton"
     """Triton's onnxruntime backend with TensorRT on a GPU: NGC's Triton container (docker/)."""
 
+
 PYTHON_BACKEND_CLASSES = {
     contract.PREPROCESS_IMAGE: "PreprocessImageModel",
     contract.TOKENIZE: "TokenizeModel",
