@@ -99,6 +99,8 @@ async def embed_corpus(
     batches = [posts[start : start + batch_size] for start in range(0, len(posts), batch_size)]
     gate = asyncio.Semaphore(concurrency)
     done = 0
+    if on_progress is not None:
+        on_progress(0, len(posts))  # starts the clock of whoever shows progress
 
     async def run(batch: list[CorpusPost]) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
         nonlocal done

@@ -40,7 +40,9 @@ class ProgressReporter:
     """Shows how far one long task is: call :meth:`update` with (done, total) as the work advances.
 
     Use it as a context manager: the terminal bar (drawn from the first update on) is removed
-    when the task completes or the block ends. ``clock`` measures rate and intervals (tests give a fake one).
+    when the task completes or the block ends. Rate and time left are measured from the first
+    update, so work that starts late in the block (after an export, say) reports ``update(0, total)``
+    when it begins. ``clock`` measures rate and intervals (tests give a fake one).
     """
 
     def __init__(
@@ -57,7 +59,7 @@ class ProgressReporter:
         self.interval_s = interval_s
         self._console = console
         self._clock = clock
-        self._started = clock()
+        self._started: float | None = None
         self._last_line: float | None = None
         self._bar: Progress | None = None
         self._task: TaskID | None = None
@@ -67,7 +69,6 @@ class ProgressReporter:
         return self._console.is_terminal
 
     def __enter__(self) -> ProgressReporter:
-        self._started = self._clock()
         return self
 
     def __exit__(
@@ -83,6 +84,8 @@ class ProgressReporter:
     def update(self, done: int, total: int) -> None:
         """``done`` of ``total`` items are finished."""
         now = self._clock()
+        if self._started is None:
+            self._started = now
         elapsed = now - self._started
         rate = done / elapsed if elapsed > 0 else 0.0
         if self.on_terminal:

@@ -28,6 +28,8 @@ def test_without_a_terminal_it_logs_every_interval_and_at_the_end(caplog: pytest
     console = Console(file=io.StringIO(), force_terminal=False)
     reporter = ProgressReporter("embedding", console=console, unit="posts", interval_s=10, clock=clock)
     with caplog.at_level(logging.INFO, logger="postsim"), reporter as progress:
+        clock.now += 600  # other work first: the rate counts from the first update
+        progress.update(0, 200)
         for done in range(8, 201, 8):  # 25 updates, one every 2 s: 50 s in all
             clock.now += 2
             progress.update(done, 200)
