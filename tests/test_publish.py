@@ -57,25 +57,27 @@ def test_every_config_names_the_repository_and_a_new_export_keeps_its_id(
 
 @pytest.mark.integration
 def test_publish_and_rollback_refuse_a_repository_the_server_does_not_serve(
-    server: TritonServer, other_repository: Path, tmp_path: Path
+    admin_server: TritonServer, other_repository: Path, tmp_path: Path
 ) -> None:
+    """Against the admin-key server (whose repository no other test publishes into), with its key."""
     corpus = write_sample_posts(4, tmp_path / "corpus")
     index_dir = tmp_path / "index"
-    build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=server.endpoints.grpc))
-    url = server.endpoints.grpc
+    url = admin_server.endpoints.grpc
+    build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url))
+    key = ["--url", url, "--admin-key", str(admin_server.settings.admin_key)]
     retrieval = other_repository / contract.RETRIEVAL
     before = sorted(path.name for path in retrieval.iterdir())
 
-    code, output = _output("index", "publish", str(index_dir), "--repository", str(other_repository), "--url", url)
+    code, output = _output("index", "publish", str(index_dir), "--repository", str(other_repository), *key)
     assert code == 1, output
     assert f"the server at {url} serves another model repository than {other_repository}" in output
     assert "`--repository DIR`" in output
-    code, output = _output("index", "rollback", "--repository", str(other_repository), "--url", url)
+    code, output = _output("index", "rollback", "--repository", str(other_repository), *key)
     assert code == 1, output
     assert "serves another model repository" in output
     assert sorted(path.name for path in retrieval.iterdir()) == before, "nothing may be installed or retired"
 
-    code, output = _output("index", "publish", str(index_dir), "--repository", str(server.repository), "--url", url)
+    code, output = _output("index", "publish", str(index_dir), "--repository", str(admin_server.repository), *key)
     assert code == 0, output
     assert f"{url} serves it now" in output
 
