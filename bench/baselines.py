@@ -171,26 +171,33 @@ class TorchBaselinePipeline:
 def model_settings_from_manifest(manifest: WeightsManifest) -> ModelSettings:
     """The settings that rebuild the PyTorch models a repository was exported from."""
     from postsim.export.models import ModelSize
-    from postsim.export.weights import ModelSettings
+    from postsim.export.weights import RANDOM_BACKBONE, ModelSettings
 
     provenance = manifest.provenance
-    image = str(provenance[contract.IMAGE_ENCODER]["backbone"])
-    text = str(provenance[contract.TEXT_ENCODER]["backbone"])
+    image, text = (
+        _model_of(str(provenance[model]["backbone"])) for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
+    )
     head_source = str(provenance[contract.FUSER]["weights"])
     head = Path(head_source.removeprefix("checkpoint:")) if head_source.startswith("checkpoint:") else None
-    common: dict[str, Any] = {"dim": manifest.dim, "seed": int(provenance.get("seed", 0)), "head": head}
-    if image == "random" and text == "random":
-        return ModelSettings(weights="random", size=ModelSize(provenance.get("size", "full")), **common)
-    if image.startswith("pretrained:") and text.startswith("pretrained:"):
-        return ModelSettings(
-            weights="pretrained",
-            image_model=image.removeprefix("pretrained:"),
-            text_model=text.removeprefix("pretrained:"),
-            **common,
-        )
-    if image.startswith("dir:") and text.startswith("dir:"):
-        return ModelSettings(weights=Path(image.removeprefix("dir:")).parent, **common)
-    raise BenchError(f"cannot rebuild the PyTorch models of this repository from its provenance ({image}, {text})")
+    random = RANDOM_BACKBONE in (image, text)
+    return ModelSettings(
+        dim=manifest.dim,
+        image_model=image,
+        text_model=text,
+        head=head,
+        seed=int(provenance.get("seed", 0)) if random or head is None else None,
+        size=ModelSize(provenance.get("size", "full")) if random else None,
+    )
+
+
+def _model_of(backbone: str) -> str:
+    """What ``image_model`` / ``text_model`` rebuild a backbone from, given its provenance string."""
+    for prefix in ("pretrained:", "dir:"):
+        if backbone.startswith(prefix):
+            return backbone.removeprefix(prefix)
+    if backbone == "random" or backbone.startswith("bundled:"):
+        return backbone
+    raise BenchError(f"cannot rebuild the PyTorch model of this repository from its provenance ({backbone})")
 
 
 def measure_in_process(

@@ -40,6 +40,7 @@ from postsim.model_repository.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
 from postsim.model_repository.server import (
     GRPC_RESTRICTED_HEADER,
     RESTRICTED_HEADER,
@@ -56,6 +57,7 @@ __all__ = [
     "AsyncPostSimClient",
     "ModelStatus",
     "PostSimClient",
+    "ServedRepository",
     "ServerInfo",
     "map_server_error",
 ]
@@ -65,9 +67,6 @@ logger = logging.getLogger("postsim")
 DEFAULT_URL = "localhost:8001"
 DEFAULT_TIMEOUT_S = 60.0
 """End-to-end limit of one gRPC call (one chunk of at most ``max_batch_size`` posts)."""
-WEIGHTS_PARAMETER = "postsim_weights"
-FINGERPRINT_PARAMETER = "postsim_fingerprint"
-"""Parameter of the ``post_embedding`` config saying where the weights came from ("random" ...)."""
 
 _EMBEDDING = contract.EMBEDDING_NAME
 _WEIGHTS = contract.MODALITY_WEIGHTS.name
@@ -105,6 +104,24 @@ class ModelStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServedRepository:
+    """Which export the server serves, from the parameters of ``post_embedding``'s config.
+
+    Read through the model-config API, which a server's admin key does not restrict. Each
+    field is None when the config does not say (not loaded, or exported by an older postsim).
+    """
+
+    weights: str | None = None
+    """The ``postsim_weights`` parameter (e.g. ``random``)."""
+    fingerprint: str | None = None
+    """The ``postsim_fingerprint`` parameter: which exported weights the server holds."""
+    repository_id: str | None = None
+    """The ``postsim_repository_id`` parameter: which repository folder the server was started on."""
+    embedding_dim: int | None = None
+    """Length of ``EMBEDDING``."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerInfo:
     """What the server at ``url`` runs, from its metadata and repository index."""
 
@@ -113,12 +130,24 @@ class ServerInfo:
     """The server's name (``triton``)."""
     version: str
     models: tuple[ModelStatus, ...]
-    weights: str | None
-    """The ``postsim_weights`` parameter of ``post_embedding`` (e.g. ``random``); None if absent."""
-    fingerprint: str | None = None
-    """The ``postsim_fingerprint`` parameter: which exported weights the server holds; None if absent."""
-    embedding_dim: int | None
-    """Length of ``EMBEDDING`` in the ``post_embedding`` config; None if it is not loaded."""
+    served: ServedRepository
+    """What ``post_embedding``'s config says; all None when it is not loaded."""
+
+    @property
+    def weights(self) -> str | None:
+        return self.served.weights
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.served.fingerprint
+
+    @property
+    def repository_id(self) -> str | None:
+        return self.served.repository_id
+
+    @property
+    def embedding_dim(self) -> int | None:
+        return self.served.embedding_dim
 
     def is_ready(self, model: str) -> bool:
         return any(status.name == model and status.ready for status in self.models)
@@ -419,31 +448,32 @@ def _decode(raw: Any) -> str:
     return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes | np.bytes_) else str(raw)
 
 
-def _server_info(url: str, metadata: Any, index: Any, config: Any | None) -> ServerInfo:
+def _served_repository(config: Any) -> ServedRepository:
+    """What a ``post_embedding`` config says about its export."""
+
+    def parameter(name: str) -> str | None:
+        value = config.parameters[name].string_value if name in config.parameters else ""
+        return value or None
+
+    dims = [int(output.dims[-1]) for output in config.output if output.name == _EMBEDDING and len(output.dims) > 0]
+    return ServedRepository(
+        weights=parameter(WEIGHTS_PARAMETER),
+        fingerprint=parameter(FINGERPRINT_PARAMETER),
+        repository_id=parameter(REPOSITORY_ID_PARAMETER),
+        embedding_dim=dims[0] if dims else None,
+    )
+
+
+def _embedding_ready(index: Any) -> bool:
+    return any(entry.name == contract.POST_EMBEDDING and entry.state == "READY" for entry in index.models)
+
+
+def _server_info(url: str, metadata: Any, index: Any, served: ServedRepository) -> ServerInfo:
     models = tuple(
         ModelStatus(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
         for entry in index.models
     )
-    weights: str | None = None
-    fingerprint: str | None = None
-    dim: int | None = None
-    if config is not None:
-        if WEIGHTS_PARAMETER in config.parameters:
-            weights = config.parameters[WEIGHTS_PARAMETER].string_value
-        if FINGERPRINT_PARAMETER in config.parameters:
-            fingerprint = config.parameters[FINGERPRINT_PARAMETER].string_value
-        for output in config.output:
-            if output.name == _EMBEDDING and len(output.dims) > 0:
-                dim = int(output.dims[-1])
-    return ServerInfo(
-        url=url,
-        server=metadata.name,
-        version=metadata.version,
-        models=models,
-        weights=weights,
-        fingerprint=fingerprint,
-        embedding_dim=dim,
-    )
+    return ServerInfo(url=url, server=metadata.name, version=metadata.version, models=models, served=served)
 
 
 # --------------------------------------------------------------------------- settings
@@ -696,17 +726,17 @@ class PostSimClient:
         headers, timeout = self._settings.headers, self.timeout_s
         metadata = self._rpc(lambda: self._triton.get_server_metadata(headers=headers, client_timeout=timeout))
         index = self._rpc(lambda: self._triton.get_model_repository_index(headers=headers, client_timeout=timeout))
-        config = None
-        if any(entry.name == contract.POST_EMBEDDING and entry.state == "READY" for entry in index.models):
-            config = self._rpc(
-                lambda: (
-                    self._triton.get_model_config(
-                        contract.POST_EMBEDDING, headers=headers, client_timeout=timeout
-                    ).config
-                ),
-                model=contract.POST_EMBEDDING,
-            )
-        return _server_info(self.url, metadata, index, config)
+        served = self.served_repository() if _embedding_ready(index) else ServedRepository()
+        return _server_info(self.url, metadata, index, served)
+
+    def served_repository(self) -> ServedRepository:
+        """Which export ``post_embedding`` comes from (weights, fingerprint, repository id); needs no admin key."""
+        headers, timeout = self._settings.headers, self.timeout_s
+        response = self._rpc(
+            lambda: self._triton.get_model_config(contract.POST_EMBEDDING, headers=headers, client_timeout=timeout),
+            model=contract.POST_EMBEDDING,
+        )
+        return _served_repository(response.config)
 
     def load_model(self, model: str) -> None:
         """(Re)load a model through Triton's model-control API: new versions load while the old one serves.
@@ -916,11 +946,14 @@ class AsyncPostSimClient:
         index = await self._rpc(
             lambda: self._triton.get_model_repository_index(headers=headers, client_timeout=timeout)
         )
-        config = None
-        if any(entry.name == contract.POST_EMBEDDING and entry.state == "READY" for entry in index.models):
-            response = await self._rpc(
-                lambda: self._triton.get_model_config(contract.POST_EMBEDDING, headers=headers, client_timeout=timeout),
-                model=contract.POST_EMBEDDING,
-            )
-            config = response.config
-        return _server_info(self.url, metadata, index, config)
+        served = await self.served_repository() if _embedding_ready(index) else ServedRepository()
+        return _server_info(self.url, metadata, index, served)
+
+    async def served_repository(self) -> ServedRepository:
+        """Which export ``post_embedding`` comes from (weights, fingerprint, repository id); needs no admin key."""
+        headers, timeout = self._settings.headers, self.timeout_s
+        response = await self._rpc(
+            lambda: self._triton.get_model_config(contract.POST_EMBEDDING, headers=headers, client_timeout=timeout),
+            model=contract.POST_EMBEDDING,
+        )
+        return _served_repository(response.config)

@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from postsim.model_repository import REPOSITORY_DIR, contract
-from postsim.model_repository.errors import PostSimError
+from postsim.model_repository import contract
+from postsim.model_repository.errors import PostSimError, SettingsError
+from postsim.model_repository.locations import default_repository, default_run_dir
 
 LOGGER = logging.getLogger("postsim")
 app = typer.Typer(
@@ -45,20 +46,36 @@ stdout = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 
 RepositoryOption = Annotated[
-    Path, typer.Option("--repository", help="Triton model repository folder.", show_default=True)
+    Path,
+    typer.Option(
+        "--repository",
+        default_factory=default_repository,
+        show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository",
+        help="Triton model repository folder. POSTSIM_HOME defaults to ~/.local/share/postsim.",
+    ),
 ]
 UrlOption = Annotated[str, typer.Option("--url", help="gRPC endpoint of a running postsim server (HOST:PORT).")]
+
+
+def _run_dir(name: str, description: str) -> Any:
+    """An output-folder option that defaults to ``$POSTSIM_HOME/runs/<name>``, outside the source tree."""
+    return typer.Option(
+        default_factory=lambda: default_run_dir(name), show_default=f"$POSTSIM_HOME/runs/{name}", help=description
+    )
 
 
 @app.callback()
 def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")] = False) -> None:
     handler = RichHandler(console=stderr, show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    # huggingface_hub gives its logger a stderr handler of its own at import and lets records
+    # propagate to the root's as well: each of its messages would show twice.
+    logging.getLogger("huggingface_hub").propagate = False
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def reports_errors(command: F) -> F:
-    """Turn a PostSimError into one line on stderr and exit code 1, with no traceback."""
+    """Turn a PostSimError into one line on stderr and exit code 1 (2 for settings that contradict), no traceback."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,7 +83,7 @@ def reports_errors(command: F) -> F:
             return command(*args, **kwargs)
         except PostSimError as error:
             stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(error, SettingsError) else 1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -74,21 +91,42 @@ def reports_errors(command: F) -> F:
 @app.command()
 @reports_errors
 def export(
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     target: Annotated[
         str, typer.Option(help="embedded (Python backend + ONNX Runtime) or triton (NGC, GPU, TensorRT).")
     ] = "embedded",
     weights: Annotated[
-        str, typer.Option(help="pretrained (hub ids or local dirs), random, or a directory with image/ and text/.")
+        str,
+        typer.Option(
+            help="pretrained (each backbone from --image-model and --text-model), random (both backbones random), "
+            "or a directory with image/ and text/."
+        ),
     ] = "pretrained",
     dim: Annotated[int, typer.Option(help="Embedding size K.")] = contract.DEFAULT_EMBEDDING_DIM,
     text_model: Annotated[
-        str, typer.Option(help="Hub id or directory of any BERT-family encoder.")
-    ] = "distilbert-base-uncased",
-    image_model: Annotated[str, typer.Option(help="Hub id or directory of a ResNet.")] = "microsoft/resnet-101",
+        str | None,
+        typer.Option(
+            help="Hub id or directory of any BERT-family encoder, `random`, or `bundled:all-MiniLM-L6-v2` (real "
+            "weights shipped with the export extra).",
+            show_default="distilbert-base-uncased",
+        ),
+    ] = None,
+    image_model: Annotated[
+        str | None,
+        typer.Option(help="Hub id or directory of a ResNet, or `random`.", show_default="microsoft/resnet-101"),
+    ] = None,
     head: Annotated[Path | None, typer.Option(help="Checkpoint of the projections and the fuser.")] = None,
-    size: Annotated[str, typer.Option(help="full (ResNet-101, DistilBERT) or tiny (for tests).")] = "full",
-    seed: Annotated[int, typer.Option(help="Seed of random weights and of the head when no checkpoint is given.")] = 0,
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="Architecture of random backbones: full (ResNet-101, DistilBERT) or tiny (for tests).",
+            show_default="full",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of random backbones and of the head when no checkpoint is given.", show_default="0"),
+    ] = None,
     precision: Annotated[str, typer.Option(help="fp32; int8 (quantised encoders, CPU); fp16 (GPU).")] = "fp32",
     force_precision: Annotated[
         bool, typer.Option(help="Write int8/fp16 models even when they agree with fp32 below 0.99 mean cosine.")
@@ -112,7 +150,7 @@ def export(
             image_model=image_model,
             head=head,
             seed=seed,
-            size=_choice(ModelSize, size, "--size"),
+            size=None if size is None else _choice(ModelSize, size, "--size"),
         ),
     )
     report = export_repository(options)
@@ -137,7 +175,7 @@ def _choice(enum_type: type[E], value: str, option: str) -> E:
 @app.command()
 @reports_errors
 def serve(
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="HTTP port (health, metadata).")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
@@ -259,8 +297,8 @@ def _print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = Non
 @app.command("sample-posts")
 @reports_errors
 def sample_posts(
+    out: Annotated[Path, _run_dir("sample-posts", "Folder for posts.jsonl and images/.")],
     n: Annotated[int, typer.Option("--n", min=1, help="How many posts.")] = 200,
-    out: Annotated[Path, typer.Option(help="Folder for posts.jsonl and images/.")] = Path("runs/sample-posts"),
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
 ) -> None:
     """Write N synthetic posts (procedurally drawn images, captions from a few topics) as a JSONL corpus."""
@@ -274,7 +312,7 @@ def sample_posts(
 @reports_errors
 def index_build(
     corpus: Annotated[Path, typer.Argument(help="JSONL corpus: one {id, text, image} object per line.")],
-    out: Annotated[Path, typer.Option(help="Index folder to write (replaced atomically).")],
+    out: Annotated[Path, _run_dir("index", "Index folder to write (replaced atomically).")],
     index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
     url: UrlOption = "localhost:8001",
     batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
@@ -282,9 +320,8 @@ def index_build(
     max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
 ) -> None:
     """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+    from postsim.client.progress import ProgressReporter
     from postsim.model_repository.search_index import IndexType
 
     settings = CorpusIndexSettings(
@@ -295,21 +332,8 @@ def index_build(
         batch_size=batch_size,
         concurrency=concurrency,
     )
-    columns = (
-        TextColumn("embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} posts/s"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=stderr, transient=True) as progress:
-        task = progress.add_task("embed", total=None, rate=0.0)
-
-        def on_progress(done: int, total: int) -> None:
-            elapsed = progress.tasks[0].elapsed or 0.0
-            progress.update(task, completed=done, total=total, rate=done / elapsed if elapsed else 0.0)
-
-        report = build_corpus_index(settings, on_progress=on_progress)
+    with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
+        report = build_corpus_index(settings, on_progress=progress.update)
     manifest = report.manifest
     params = "".join(f" {name}={value}" for name, value in manifest.params.items())
     stdout.print(
@@ -329,7 +353,7 @@ def index_build(
 @reports_errors
 def index_publish(
     index_dir: Annotated[Path, typer.Argument(help="Index folder written by `postsim index build`.")],
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     url: Annotated[
         str | None, typer.Option(help="Running server to switch over (HOST:PORT); none: install only.")
     ] = None,
@@ -349,7 +373,7 @@ def index_publish(
 @index_app.command("rollback")
 @reports_errors
 def index_rollback(
-    repository: RepositoryOption = REPOSITORY_DIR,
+    repository: RepositoryOption,
     url: Annotated[str | None, typer.Option(help="Running server to switch back (HOST:PORT).")] = None,
     admin_key: Annotated[
         str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="The server's admin key, if it has one.")
@@ -366,13 +390,11 @@ def index_rollback(
 @app.command()
 @reports_errors
 def demo(
+    repository: RepositoryOption,
+    work_dir: Annotated[Path, _run_dir("demo", "Where the sample corpus, the index and the server log go.")],
     weights: Annotated[
         str, typer.Option(help="pretrained (needs the Hugging Face hub), random, or a directory.")
     ] = "pretrained",
-    repository: RepositoryOption = REPOSITORY_DIR,
-    work_dir: Annotated[Path, typer.Option(help="Where the sample corpus, the index and the server log go.")] = Path(
-        "runs/demo"
-    ),
     posts: Annotated[int, typer.Option(min=2, help="Sample posts to index.")] = 200,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
     http_port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
@@ -381,6 +403,7 @@ def demo(
 ) -> None:
     """Export, serve, index sample posts and answer a similar-posts query, in one go."""
     from postsim.client.demo import DemoSettings, run_demo
+    from postsim.client.progress import ProgressReporter
     from postsim.model_repository.server import ServerSettings
 
     server = ServerSettings(repository=repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
@@ -395,7 +418,8 @@ def demo(
             while running.is_running():
                 time.sleep(1.0)
 
-    result = run_demo(settings, while_serving=serve_until_interrupted)
+    with ProgressReporter("embedding the sample posts", console=stderr, unit="posts") as progress:
+        result = run_demo(settings, while_serving=serve_until_interrupted, on_progress=progress.update)
     query = result.query
     caption = " · ".join((query.text or "").splitlines())
     stdout.print(f"\nquery post {query.id}: {caption} + {query.image_path}", soft_wrap=True)
@@ -405,13 +429,15 @@ def demo(
 @bench_app.command("serve")
 @reports_errors
 def bench_serve(
+    out: Annotated[Path, _run_dir("bench", "Folder for serving-bench.json and serving-bench.png.")],
     repository: Annotated[
-        Path | None, typer.Option(help="Repository to serve (on a scratch copy) and to run the baselines from.")
-    ] = REPOSITORY_DIR,
+        Path | None,
+        typer.Option(
+            help="Repository to serve (on a scratch copy) and to run the baselines from.",
+            show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository",
+        ),
+    ] = None,
     url: Annotated[str | None, typer.Option(help="Measure this running server instead (no baselines).")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for serving-bench.json and serving-bench.png.")] = Path(
-        "runs/bench"
-    ),
     concurrency: Annotated[
         list[int] | None, typer.Option(help="Concurrency levels (repeat); default 1 2 4 8 16.")
     ] = None,
@@ -428,7 +454,14 @@ def bench_serve(
         if concurrency
         else SweepSettings(requests=requests)
     )
-    settings = ServingBenchSettings(repository=None if url else repository, url=url, posts=posts, sweep=sweep)
+    if url is not None and repository is not None:
+        raise SettingsError(
+            f"--repository would be ignored: --url measures the server at {url} as it runs, and no repository is "
+            "served or read for baselines then; drop --repository, or drop --url to bench that repository"
+        )
+    settings = ServingBenchSettings(
+        repository=None if url else (repository or default_repository()), url=url, posts=posts, sweep=sweep
+    )
     report = run_serving_benchmark(settings)
     stdout.print(format_report(report))
     outputs = write_outputs(report, out)

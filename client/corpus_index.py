@@ -99,6 +99,8 @@ async def embed_corpus(
     batches = [posts[start : start + batch_size] for start in range(0, len(posts), batch_size)]
     gate = asyncio.Semaphore(concurrency)
     done = 0
+    if on_progress is not None:
+        on_progress(0, len(posts))  # starts the clock of whoever shows progress
 
     async def run(batch: list[CorpusPost]) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
         nonlocal done
@@ -162,7 +164,8 @@ def build_corpus_index(
 
     async def embed_all() -> tuple[str, list[tuple[str, np.ndarray]], list[FailedPost]]:
         async with AsyncPostSimClient(settings.url) as client:
-            info = await client.server_info()
+            # post_embedding's config, not the repository index: a server's admin key restricts the index.
+            info = await client.served_repository()
             if not info.fingerprint:
                 raise SearchIndexError(
                     f"the server at {settings.url} does not say which weights it serves (no postsim_fingerprint "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postsim.client.api import PostSimClient
-from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
+from postsim.client.corpus_index import CorpusIndexSettings, ProgressCallback, build_corpus_index
 from postsim.client.posts import Neighbor
 from postsim.client.publish import publish_index
 from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
@@ -40,8 +40,14 @@ class DemoResult:
     captions: dict[str, str]
 
 
-def run_demo(settings: DemoSettings, *, while_serving: Callable[[TritonServer], None] | None = None) -> DemoResult:
-    """Run every step; ``while_serving`` is called with the live server before it stops."""
+def run_demo(
+    settings: DemoSettings,
+    *,
+    while_serving: Callable[[TritonServer], None] | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> DemoResult:
+    """Run every step; ``while_serving`` is called with the live server before it stops, ``on_progress``
+    with (posts embedded, posts in all) while the index is built."""
     from postsim.export.repository import ExportOptions, export_repository
     from postsim.export.weights import ModelSettings
 
@@ -58,7 +64,7 @@ def run_demo(settings: DemoSettings, *, while_serving: Callable[[TritonServer], 
         url = server.endpoints.grpc
         LOGGER.info("step 4/5: embed the corpus through %s and build the index", url)
         index_dir = settings.work_dir / "index"
-        build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url))
+        build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url), on_progress=on_progress)
         with PostSimClient(url) as client:
             publish_index(index_dir, server.repository, client=client)
             query = next(post for post in posts if post.text and post.image_path)

@@ -9,6 +9,11 @@ Old versions stay on disk; rollback moves the newest aside and reloads.
 
 ``similar_posts`` reaches ``retrieval`` through ``retrieval_gateway``, so no ensemble
 names it and a publish loads ``retrieval`` alone.
+
+Before anything is installed or retired, the running server must serve the repository
+being written to: its configs carry the repository id and weights fingerprint of the export
+it was started on, and both must be the repository's own. (A copy of a repository keeps
+its id: publish into the copy the server was started on.)
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from postsim.client.api import PostSimClient
+from postsim.client.api import PostSimClient, ServedRepository
 from postsim.model_repository import contract
 from postsim.model_repository.errors import PostSimError, RepositoryError, SearchIndexError
 from postsim.model_repository.layout import CONFIG_NAME, model_py_source, version_dirs
@@ -75,6 +80,35 @@ def install_version(index_dir: Path, repository: Path) -> Path:
     return model_dir / str(version)
 
 
+def check_served(repository: Path, served: ServedRepository, url: str) -> None:
+    """Raise RepositoryError unless ``served`` (what the server at ``url`` says it serves) is ``repository``."""
+    manifest = WeightsManifest.read(repository)
+    server = f"repository id {served.repository_id or 'none'}, weights fingerprint {served.fingerprint or 'none'}"
+    own = f"repository id {manifest.repository_id or 'none'}, weights fingerprint {manifest.fingerprint}"
+    if not served.repository_id or not manifest.repository_id:
+        older = "the server's repository" if not served.repository_id else str(repository)
+        raise RepositoryError(
+            f"cannot tell whether the server at {url} serves {repository} ({server}; {repository}: {own}): {older} "
+            "was exported by an older postsim, without a repository id; export it again and restart the server"
+        )
+    if served.repository_id != manifest.repository_id:
+        raise RepositoryError(
+            f"the server at {url} serves another model repository than {repository} (server: {server}; "
+            f"{repository}: {own}), so an index version installed there would never reach it: pass the folder that "
+            "server was started on (its `postsim serve --repository`) as `--repository DIR`, or POSTSIM_REPOSITORY"
+        )
+    if served.fingerprint != manifest.fingerprint:
+        raise RepositoryError(
+            f"{repository} was exported again after the server at {url} started on it ({server}; now: {own}): "
+            "restart `postsim serve` so it serves the new models, then build the index against it and publish"
+        )
+
+
+def _require_served(repository: Path, client: PostSimClient | None) -> None:
+    if client is not None:
+        check_served(repository, client.served_repository(), client.url)
+
+
 def _load_and_check(client: PostSimClient, version: int) -> None:
     """Reload retrieval; raise unless ``version`` is what serves."""
     client.load_model(contract.RETRIEVAL)
@@ -83,7 +117,11 @@ def _load_and_check(client: PostSimClient, version: int) -> None:
 
 
 def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | None = None) -> PublishReport:
-    """Install the index as the next retrieval version and, given a client, make the server serve it."""
+    """Install the index as the next retrieval version and, given a client, make the server serve it.
+
+    With a client, nothing is installed unless that server serves ``repository`` (:func:`check_served`).
+    """
+    _require_served(repository, client)
     version_dir = install_version(index_dir, repository)
     version = int(version_dir.name)
     if client is None:
@@ -102,6 +140,7 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
 
 def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> int:
     """Retire the newest retrieval version (kept on disk, hidden) and serve the one before; returns it."""
+    _require_served(repository, client)
     model_dir = _retrieval_dir(repository)
     versions = version_dirs(model_dir)
     if len(versions) < 2:

@@ -30,10 +30,16 @@ from postsim.export.quantize import (
 from postsim.export.triton_config import ENSEMBLE_STEPS, ServingSettings, Target, repository_configs, to_pbtxt
 from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository import contract
-from postsim.model_repository.errors import ExportError
+from postsim.model_repository.errors import ExportError, SettingsError
 from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
-from postsim.model_repository.manifest import MANIFEST_NAME, WeightsManifest, fingerprint_of, sha256_file
+from postsim.model_repository.manifest import (
+    MANIFEST_NAME,
+    WeightsManifest,
+    fingerprint_of,
+    repository_id_of,
+    sha256_file,
+)
 
 LOGGER = logging.getLogger("postsim")
 VERSION = "1"
@@ -75,17 +81,14 @@ def export_repository(options: ExportOptions) -> ExportReport:
     from postsim.export.onnx_export import export_onnx_models
 
     _check_precision(options)
+    # Weights that cannot be loaded (no hub, a wrong path) fail here, before the repository is touched.
+    LOGGER.info("building models (weights %s, dim %d)", options.models.weights, options.models.dim)
+    models = build_models(options.models)
     repository = options.repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
+    repository_id = repository_id_of(repository)
     (repository / MANIFEST_NAME).unlink(missing_ok=True)  # the repository is incomplete until the end
 
-    LOGGER.info(
-        "building models (%s weights, %s size, dim %d)",
-        options.models.weights,
-        options.models.size.value,
-        options.models.dim,
-    )
-    models = build_models(options.models)
     paths = onnx_paths(repository)
     validation = export_onnx_models(models, paths)
     provenance = dict(models.provenance)
@@ -108,6 +111,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
         provenance=provenance,
         files=file_hashes,
         fingerprint=fingerprint_of(file_hashes),
+        repository_id=repository_id,
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         postsim_version=version("postsim"),
     )
@@ -117,6 +121,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
         settings=options.serving or ServingSettings.for_target(options.target),
         weights_label=manifest.weights_label,
         fingerprint=manifest.fingerprint,
+        repository_id=manifest.repository_id,
         include_retrieval=True,
     )
     for name, config in configs.items():
@@ -131,6 +136,11 @@ def export_repository(options: ExportOptions) -> ExportReport:
 
 
 def _check_precision(options: ExportOptions) -> None:
+    if options.force_precision and options.precision is Precision.FP32:
+        raise SettingsError(
+            "--force-precision would be ignored: it keeps int8 or fp16 models that agree with fp32 below the "
+            "threshold, and at fp32 nothing is converted; drop it, or pass `--precision int8` or `--precision fp16`"
+        )
     if options.precision is Precision.INT8 and options.target is Target.TRITON:
         raise ExportError(
             "int8 models are for the embedded target (ONNX Runtime on CPU): the triton target runs TensorRT, "

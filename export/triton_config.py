@@ -15,7 +15,6 @@ Nothing here imports torch: ``postsim index publish`` writes the retrieval confi
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,10 @@ from postsim.model_repository import contract
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.errors import RepositoryError
 from postsim.model_repository.files import write_text_atomic
-from postsim.model_repository.layout import CONFIG_NAME
+from postsim.model_repository.layout import CONFIG_NAME, Target
+from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
 from postsim.model_repository.preprocessing import DEFAULT_IMAGE_LIMITS
 from postsim.model_repository.tokenization import MAX_TEXT_CHARS
-
-
-class Target(enum.Enum):
-    EMBEDDED = "embedded"
-    TRITON = "triton"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,12 +277,14 @@ def repository_configs(
     fingerprint: str,
     include_retrieval: bool,
     limits: InputLimits | None = None,
+    repository_id: str = "",
 ) -> dict[str, pb.ModelConfig]:
     """The configs of every model of the repository, by model name.
 
-    ``weights_label`` ("random", "pretrained", ...) and the weights ``fingerprint`` go into
-    every model's ``postsim_weights`` and ``postsim_fingerprint`` parameters, so a client
-    reading a config sees what it talks to, and an index records what it was built with.
+    ``weights_label`` ("random", "pretrained", ...), the weights ``fingerprint`` and the
+    ``repository_id`` go into every model's ``postsim_weights``, ``postsim_fingerprint`` and
+    ``postsim_repository_id`` parameters, so a client reading a config sees what it talks to
+    (and which repository folder), and an index records what it was built with.
     ``include_retrieval`` adds ``retrieval`` and ``similar_posts``, which need an index.
     ``limits`` (default :class:`InputLimits`) go into the parameters of the models that enforce them.
     """
@@ -315,8 +312,9 @@ def repository_configs(
             specs[contract.SIMILAR_POSTS], [specs[step] for step in ENSEMBLE_STEPS[contract.SIMILAR_POSTS]]
         )
     for config in configs.values():
-        config.parameters["postsim_weights"].string_value = weights_label
-        config.parameters["postsim_fingerprint"].string_value = fingerprint
+        config.parameters[WEIGHTS_PARAMETER].string_value = weights_label
+        config.parameters[FINGERPRINT_PARAMETER].string_value = fingerprint
+        config.parameters[REPOSITORY_ID_PARAMETER].string_value = repository_id
     return configs
 
 

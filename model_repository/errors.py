@@ -19,6 +19,14 @@ class InvalidPostError(PostSimError, ValueError):
     """A post (or a request built from it) is not valid: caught before or by the server."""
 
 
+class SettingsError(PostSimError, ValueError):
+    """Settings that cannot all be honoured, such as an option that the chosen mode would ignore.
+
+    The message names the option, says why it does not apply, and what to pass instead.
+    The CLI reports it as a usage error (exit code 2).
+    """
+
+
 class ExportError(PostSimError):
     """Exporting the models or writing the model repository failed."""
 

@@ -7,11 +7,23 @@ model's version folder holds a ``model.py`` that names its class in
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 from postsim.model_repository import contract
 
 CONFIG_NAME = "config.pbtxt"
+
+
+class Target(enum.Enum):
+    """Which Triton an exported repository is for (``postsim export --target``)."""
+
+    EMBEDDED = "embedded"
+    """Every model in the Python backend, ONNX Runtime inside: the tritonserver of the nvidia-pytriton wheel
+    that ``postsim serve`` runs (CPU, or CUDA where there is a GPU)."""
+    TRITON = "triton"
+    """Triton's onnxruntime backend with TensorRT on a GPU: NGC's Triton container (docker/)."""
+
 
 PYTHON_BACKEND_CLASSES = {
     contract.PREPROCESS_IMAGE: "PreprocessImageModel",

@@ -2,9 +2,13 @@
 
 ``postsim export`` writes it after the models; it records where each model's weights came
 from (pretrained, random, a directory, a head checkpoint), the sha256 of every generated
-weight file, and one fingerprint over them. ``postsim serve`` logs it at start (a warning
-when the weights are random), the retrieval model refuses an index built against another
-fingerprint, and an index manifest records the fingerprint it was built with.
+weight file, one fingerprint over them, and the repository's id. ``postsim serve`` logs it at
+start (a warning when the weights are random), the retrieval model refuses an index built
+against another fingerprint, and an index manifest records the fingerprint it was built with.
+
+Every model config carries the weights label, the fingerprint and the repository id as
+parameters (the ``*_PARAMETER`` names below), so a client can tell which export a server
+serves: ``postsim index publish`` checks that the server serves the repository it writes to.
 """
 
 from __future__ import annotations
@@ -12,15 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from postsim.model_repository.errors import RepositoryError
 from postsim.model_repository.files import write_text_atomic
+from postsim.model_repository.layout import Target
 
 LOGGER = logging.getLogger("postsim")
 MANIFEST_NAME = "weights.json"
+WEIGHTS_PARAMETER = "postsim_weights"
+"""Config parameter: where the weights came from (``random``, ``pretrained``)."""
+FINGERPRINT_PARAMETER = "postsim_fingerprint"
+"""Config parameter: the weights fingerprint."""
+REPOSITORY_ID_PARAMETER = "postsim_repository_id"
+"""Config parameter: the id of the repository folder the export wrote (kept when exported again)."""
 _CHUNK = 1 << 20
 
 
@@ -51,6 +63,8 @@ class WeightsManifest:
     files: dict[str, str] = field(default_factory=dict)
     """sha256 of each weight file, by path relative to the repository."""
     fingerprint: str = ""
+    repository_id: str = ""
+    """Names the repository folder across exports into it (empty in repositories exported before it existed)."""
     created: str = ""
     postsim_version: str = ""
 
@@ -90,6 +104,17 @@ class WeightsManifest:
                 f"{path} is not a postsim weights manifest ({error}): export the repository again"
             ) from None
 
+    def require_embedded_target(self, repository: Path) -> None:
+        """``postsim serve`` runs the embedded target only: say where another target's export runs."""
+        if self.target == Target.EMBEDDED.value:
+            return
+        raise RepositoryError(
+            f"{repository} was exported with `--target {self.target}`, for Triton's onnxruntime backend with "
+            "TensorRT on a GPU, which the tritonserver behind `postsim serve` (the nvidia-pytriton wheel) does not "
+            "have: serve it with NGC's Triton container (docker/Dockerfile; see docker/README.md), or export again "
+            f"with `--target {Target.EMBEDDED.value}` to serve it here"
+        )
+
     def verify_files(self, repository: Path) -> None:
         """Check every recorded weight file is there and unchanged."""
         for relative_path, expected in self.files.items():
@@ -101,6 +126,15 @@ class WeightsManifest:
                     f"{path} does not match its sha256 in {MANIFEST_NAME}: the file changed after export; "
                     "export the repository again"
                 )
+
+
+def repository_id_of(repository: Path) -> str:
+    """The id a new export of ``repository`` gets: the one it has, so a re-export keeps naming the folder."""
+    try:
+        previous = str(json.loads((repository / MANIFEST_NAME).read_text()).get("repository_id", ""))
+    except (OSError, ValueError, AttributeError):
+        previous = ""
+    return previous or uuid.uuid4().hex[:16]
 
 
 def log_weights(manifest: WeightsManifest) -> None:

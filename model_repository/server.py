@@ -489,6 +489,7 @@ class TritonServer:
                 f"{self.repository}` first"
             )
         manifest = WeightsManifest.read(self.repository)
+        manifest.require_embedded_target(self.repository)
         manifest.verify_files(self.repository)
         self.models = loadable_models(self.repository)
         if "post_embedding" not in self.models:

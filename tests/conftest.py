@@ -18,9 +18,25 @@ from pathlib import Path
 import pytest
 
 from postsim.model_repository import contract
+from postsim.model_repository.locations import HOME_ENV, REPOSITORY_ENV
 from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
 
 TEST_SIZE = os.environ.get("POSTSIM_TEST_SIZE", "tiny")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postsim_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every command's default output folder, for the whole session: a temporary one, not the user's."""
+    home = tmp_path_factory.mktemp("postsim-home")
+    saved = {name: os.environ.pop(name, None) for name in (HOME_ENV, REPOSITORY_ENV)}
+    os.environ[HOME_ENV] = str(home)
+    try:
+        yield home
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 @dataclass(frozen=True)
@@ -55,16 +71,35 @@ def server_settings(repository: Path, **overrides: object) -> ServerSettings:
     return ServerSettings(**settings)  # type: ignore[arg-type]
 
 
+def serve_a_copy(
+    exported: ExportedRepository, tmp_path_factory: pytest.TempPathFactory, name: str, **overrides: object
+) -> Iterator[TritonServer]:
+    """A tritonserver on a private copy of the exported repository (tests may publish into it), stopped after."""
+    repository = tmp_path_factory.mktemp(name) / "repository"
+    shutil.copytree(exported.path, repository)
+    with TritonServer(
+        server_settings(repository, **overrides), log_path=repository.parent / "tritonserver.log"
+    ) as triton:
+        yield triton
+
+
 @pytest.fixture(scope="session")
 def server(exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A tritonserver on a private copy of the exported repository (tests may publish into it)."""
-    repository = tmp_path_factory.mktemp("served") / "repository"
-    shutil.copytree(exported_repository.path, repository)
-    triton = TritonServer(server_settings(repository), log_path=repository.parent / "tritonserver.log")
-    with triton:
-        yield triton
+    yield from serve_a_copy(exported_repository, tmp_path_factory, "served")
 
 
 @pytest.fixture
 def grpc_url(server: TritonServer) -> str:
     return server.endpoints.grpc
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def admin_server(
+    exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """A tritonserver whose model control and repository index need ADMIN_KEY, on its own copy of the repository."""
+    yield from serve_a_copy(exported_repository, tmp_path_factory, "admin-served", admin_key=ADMIN_KEY)

