@@ -39,7 +39,7 @@ from postsim.model_repository.errors import (
     ServerError,
     ServerUnavailableError,
 )
-from postsim.model_repository.front_end import OVERLOADED_MESSAGE, SHUTTING_DOWN_MESSAGE
+from postsim.model_repository.front_end import OVERLOADED_MESSAGE, RETRY_SOON_MESSAGES, SHUTTING_DOWN_MESSAGE
 from postsim.model_repository.server import (
     GRPC_RESTRICTED_HEADER,
     RESTRICTED_HEADER,
@@ -252,7 +252,7 @@ def map_server_error(
             status=status,
         )
     if status == "UNAVAILABLE":
-        if message.startswith(("the server is starting", "the server is restarting")):
+        if message.startswith(RETRY_SOON_MESSAGES):
             return ServerUnavailableError(f"the server at {url} cannot answer yet: {_short(message)}", status=status)
         if OVERLOADED_MESSAGE in message or "queue" in message.lower():
             return ServerUnavailableError(

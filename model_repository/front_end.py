@@ -63,7 +63,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from postsim.model_repository import contract
 from postsim.model_repository.errors import ServeError
@@ -141,7 +141,16 @@ _UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
 
 SHUTTING_DOWN_MESSAGE = "the server is shutting down"
 OVERLOADED_MESSAGE = "the server is overloaded"
+LOST_TRITON_MESSAGE = (
+    "the server lost its connection to tritonserver (it may have died and be restarting): retry in a few seconds"
+)
+RETRY_SOON_MESSAGES = ("the server is starting", "the server is restarting", "the server lost its connection")
 """Openings of the front end's UNAVAILABLE messages that clients recognise (client/api.py)."""
+_TRANSPORT_FAILURE = re.compile(
+    r"failed to connect|connections to all backends failing|Socket closed|Connection reset|Broken pipe"
+    r"|Stream removed|recvmsg|No such file or directory|Connection refused"
+)
+"""How gRPC words a call that never reached tritonserver, or lost it midway (not Triton's own UNAVAILABLE)."""
 
 
 class FrontEndState(str, enum.Enum):
@@ -244,18 +253,25 @@ class UnhealthyStub:
 
     instance: str
     """The model instance (``fuser_0_0``): the stub's name."""
-    seen_at: float
-    """When the front end saw the error (``time.time()``)."""
+    sent_at: float
+    """When the front end sent the request Triton failed (``time.time()``)."""
+
+
+class FrontEndListener(Protocol):
+    """What the launcher hears from the front end, besides its log records."""
+
+    def on_unhealthy_stub(self, report: UnhealthyStub) -> None: ...
+
+    def on_model_load(self, model: str, *, done: bool) -> None:
+        """A client's load of ``model`` went to Triton (``done``: it finished, loaded or not)."""
 
 
 class FrontEnd:
     """The front-end child process, seen from the launcher: start it, tell it the state, stop it."""
 
-    def __init__(
-        self, settings: FrontEndSettings, *, on_unhealthy_stub: Callable[[UnhealthyStub], None] | None = None
-    ) -> None:
+    def __init__(self, settings: FrontEndSettings, *, listener: FrontEndListener | None = None) -> None:
         self.settings = settings
-        self._on_unhealthy_stub = on_unhealthy_stub
+        self._listener = listener
         self.process: subprocess.Popen[str] | None = None
         self._write_lock = threading.Lock()
         self._first_event: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -340,11 +356,15 @@ class FrontEnd:
                 LOGGER.log(int(event.get("level", logging.INFO)), "%s", event.get("message", ""))
             elif kind == "drained":
                 self._drained.set()
-            elif kind == "unhealthy_stub" and self._on_unhealthy_stub is not None:
+            elif kind in ("unhealthy_stub", "model_load") and self._listener is not None:
                 try:
-                    self._on_unhealthy_stub(UnhealthyStub(instance=event["instance"], seen_at=float(event["at"])))
+                    if kind == "unhealthy_stub":
+                        report = UnhealthyStub(instance=event["instance"], sent_at=float(event["sent_at"]))
+                        self._listener.on_unhealthy_stub(report)
+                    else:
+                        self._listener.on_model_load(event["model"], done=bool(event["done"]))
                 except Exception:  # the reader must outlive whatever one handler ran into
-                    LOGGER.exception("handling a process Triton judged unhealthy failed")
+                    LOGGER.exception("handling the front end's %s event failed", kind)
         self._first_event.put({"event": "failed", "message": f"the front end exited (code {process.wait()})"})
         self._drained.set()  # nothing runs through a front end that is gone
 
@@ -412,10 +432,14 @@ class _Gate:
         if state is FrontEndState.STOPPING and self.in_flight == 0:
             self.emit({"event": "drained"})
 
-    def note_error(self, message: str) -> None:
+    def note_error(self, message: str, sent_at: float) -> None:
         """Tell the launcher when Triton failed a call because it judged a Python-backend process unhealthy."""
         for instance in dict.fromkeys(_UNHEALTHY_STUB.findall(message)):
-            self.emit({"event": "unhealthy_stub", "instance": instance, "at": time.time()})
+            self.emit({"event": "unhealthy_stub", "instance": instance, "sent_at": sent_at})
+
+    def note_load(self, model: str, *, done: bool) -> None:
+        """Tell the launcher when a client's model load starts and ends (which requests reach which version)."""
+        self.emit({"event": "model_load", "model": model, "done": done})
 
     def upstream_headers(self) -> dict[str, str]:
         assert self.upstream is not None
@@ -585,9 +609,12 @@ class _GrpcProxy:
         try:
             code, message, response = await answer
         except Exception as error:  # the connection to Triton broke (it died, or restarts)
-            await context.abort(codes.UNAVAILABLE, gate.refusal() or f"tritonserver did not answer: {error}")
+            LOGGER.debug("the call to tritonserver failed: %s", error)
+            await context.abort(codes.UNAVAILABLE, gate.refusal() or LOST_TRITON_MESSAGE)
         if code is not None:
-            await context.abort(code, gate.refusal() if code == codes.UNAVAILABLE and gate.refusal() else message)
+            if code == codes.UNAVAILABLE and _TRANSPORT_FAILURE.search(message):
+                message = gate.refusal() or LOST_TRITON_MESSAGE  # never the private socket's path
+            await context.abort(code, message)
         assert response is not None
         return response
 
@@ -596,20 +623,33 @@ class _GrpcProxy:
     ) -> tuple[grpc.StatusCode | None, str, bytes | None]:
         """The call to Triton (shielded): (None, "", answer) or (status, message, None)."""
         call = self.channel().unary_unary(f"/{SERVICE}/{name}")
+        loaded = _loaded_model(name, request)
+        if loaded is not None:
+            self.gate.note_load(loaded, done=False)
+        sent_at = time.time()
         try:
             response = await call(request, metadata=tuple(metadata))
         except self._grpc.aio.AioRpcError as error:
             details = error.details() or ""
-            self.gate.note_error(details)
+            self.gate.note_error(details, sent_at)
             return error.code(), details, None
-        if name == "RepositoryModelLoad":
-            from tritonclient.grpc import service_pb2
-
-            model = service_pb2.RepositoryModelLoadRequest.FromString(request).model_name
-            failure = await self.gate.after_load(model)
+        finally:
+            if loaded is not None:
+                self.gate.note_load(loaded, done=True)
+        if loaded is not None:
+            failure = await self.gate.after_load(loaded)
             if failure is not None:
                 return self._grpc.StatusCode.INTERNAL, failure, None
         return None, "", bytes(response)
+
+
+def _loaded_model(method: str, request: bytes) -> str | None:
+    """The model a RepositoryModelLoad request loads; None for any other method."""
+    if method != "RepositoryModelLoad":
+        return None
+    from tritonclient.grpc import service_pb2
+
+    return str(service_pb2.RepositoryModelLoadRequest.FromString(request).model_name)
 
 
 def _server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
@@ -714,7 +754,8 @@ class _HttpProxy:
         try:
             status, response_headers, response_body = await answer
         except Exception as error:  # the connection to Triton broke (it died, or restarts)
-            return _json_error(503, gate.refusal() or f"tritonserver did not answer: {error}")
+            LOGGER.debug("the call to tritonserver failed: %s", error)
+            return _json_error(503, gate.refusal() or LOST_TRITON_MESSAGE)
         return web.Response(status=status, body=response_body, headers=response_headers)
 
     async def _call(
@@ -723,14 +764,23 @@ class _HttpProxy:
         """The call to Triton (shielded); the answer's status, headers and body, as Triton gave them."""
         gate = self.gate
         assert gate.session is not None and gate.upstream is not None
-        async with gate.session.request(
-            method, gate.upstream.http + path_qs, headers=headers, data=body or None
-        ) as response:
-            payload = await response.read()
-            answer_headers = {key: value for key, value in response.headers.items() if key.lower() not in _HOP_BY_HOP}
-            status = response.status
+        if loaded_model is not None:
+            gate.note_load(loaded_model, done=False)
+        sent_at = time.time()
+        try:
+            async with gate.session.request(
+                method, gate.upstream.http + path_qs, headers=headers, data=body or None
+            ) as response:
+                payload = await response.read()
+                answer_headers = {
+                    key: value for key, value in response.headers.items() if key.lower() not in _HOP_BY_HOP
+                }
+                status = response.status
+        finally:
+            if loaded_model is not None:
+                gate.note_load(loaded_model, done=True)
         if status >= 400:
-            gate.note_error(payload.decode(errors="replace"))
+            gate.note_error(payload.decode(errors="replace"), sent_at)
         elif loaded_model is not None:
             failure = await gate.after_load(loaded_model)
             if failure is not None:
@@ -752,7 +802,8 @@ class _HttpProxy:
                     headers={"Content-Type": response.headers.get("Content-Type", "text/plain")},
                 )
         except Exception as error:  # aiohttp's client errors: Triton is gone
-            return web.Response(status=503, text=f"tritonserver did not answer: {error}")
+            LOGGER.debug("the call to tritonserver's metrics failed: %s", error)
+            return web.Response(status=503, text=gate.refusal() or LOST_TRITON_MESSAGE)
 
 
 # --------------------------------------------------------------------------- the child: main
@@ -857,7 +908,8 @@ async def _serve(settings: FrontEndSettings, emit: Callable[[dict[str, Any]], No
     gate.session = aiohttp.ClientSession(
         auto_decompress=False,  # bodies pass through as Triton encoded them, with their Content-Encoding
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),  # never end a call Triton is running
-        connector=aiohttp.TCPConnector(limit=settings.max_in_flight + 8),
+        # No keep-alive: a stopping tritonserver waits its whole exit timeout for open HTTP connections.
+        connector=aiohttp.TCPConnector(limit=settings.max_in_flight + 8, force_close=True),
     )
     commands: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     threading.Thread(target=_read_commands, args=(loop, commands), daemon=True).start()

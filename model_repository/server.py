@@ -30,7 +30,7 @@ What Triton 2.51 gets wrong, and the launcher makes up for:
 - Triton also gives up on a stub that is alive but did not answer its one-second health
   check (a machine starved of CPU), and would then read that stub's late answer as the
   answer to its next batch and crash. The launcher ends such a stub at once
-  (:meth:`TritonServer._on_unhealthy_stub`); the watchdog then reloads its model.
+  (:meth:`TritonServer.on_unhealthy_stub`); the watchdog then reloads its model.
 - Requests that failed on a dead stub keep the old model version alive inside Triton, which
   would wait out its whole exit timeout for it. Once the front end has drained every
   request, :meth:`TritonServer.stop` ends tritonserver when nothing but such versions is
@@ -100,8 +100,6 @@ SHM_DIR = Path("/dev/shm")
 STUB_BINARY = "triton_python_backend_stub"
 ENTRY_MODELS = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
 """The ensembles clients call."""
-HEALTH_CHECK_S = 1.0
-"""How long Triton's Python backend waits for a running stub's heartbeat before it judges it unhealthy (fixed)."""
 RESTART_BACKOFF_MAX_S = 60.0
 """The longest wait between two restarts of a tritonserver that keeps dying."""
 STABLE_AFTER_S = 120.0
@@ -568,6 +566,10 @@ class TritonServer:
         self.watchdog: StubWatchdog | None = None
         self.dead_stub_models: list[str] = []
         """Models whose stub died while this server ran (what the watchdog found)."""
+        self._loading: dict[str, int] = {}
+        """Models being (re)loaded now: requests reach their old version or their new one."""
+        self._loaded_at: dict[str, float] = {}
+        """When each model's current version finished loading (``time.time()``)."""
         self._failed_on_unhealthy: set[str] = set()
         """Model instances on which Triton failed requests as "not healthy": each pins its model version."""
         self.restarts = 0
@@ -579,6 +581,7 @@ class TritonServer:
         self._supervisor: threading.Thread | None = None
         self._lifecycle = threading.Lock()
         """Held while tritonserver is started, restarted or stopped."""
+        self._lifecycle_of_loads = threading.Lock()
 
     @property
     def endpoints(self) -> Endpoints:
@@ -670,7 +673,7 @@ class TritonServer:
         log_weights(manifest)
         self._warn_if_shared_memory_is_short()
         self._stopping.clear()
-        self.front_end = FrontEnd(settings.front_end(), on_unhealthy_stub=self._on_unhealthy_stub)
+        self.front_end = FrontEnd(settings.front_end(), listener=self)
         self.front_end.start()
         try:
             with self._lifecycle:
@@ -705,6 +708,9 @@ class TritonServer:
                 start_new_session=True,  # its own process group: stopping it reaches the stubs too
             )
         self._wait_until_ready()
+        with self._lifecycle_of_loads:
+            self._loading.clear()
+            self._loaded_at = dict.fromkeys(self.models, time.time())
         if self.settings.stub_watch_interval_s is not None:
             self.watchdog = StubWatchdog(self, self.settings.stub_watch_interval_s)
             self.watchdog.start()
@@ -770,14 +776,27 @@ class TritonServer:
         """
         quoted = urllib.parse.quote(model, safe="")
         target = changed_file or self._newest_model_file(model)
+        self.on_model_load(model, done=False)
         try:
-            if target is None:
-                raise FileNotFoundError(f"no model.py for {model}")
-            os.utime(target)
-        except OSError as error:
-            LOGGER.warning("cannot touch %s (%s): unloading '%s' to load it again", target, error, model)
-            self._http("POST", f"/v2/repository/models/{quoted}/unload", timeout_s=self.settings.startup_timeout_s)
-        self._http("POST", f"/v2/repository/models/{quoted}/load", timeout_s=self.settings.startup_timeout_s)
+            try:
+                if target is None:
+                    raise FileNotFoundError(f"no model.py for {model}")
+                os.utime(target)
+            except OSError as error:
+                LOGGER.warning("cannot touch %s (%s): unloading '%s' to load it again", target, error, model)
+                self._http("POST", f"/v2/repository/models/{quoted}/unload", timeout_s=self.settings.startup_timeout_s)
+            self._http("POST", f"/v2/repository/models/{quoted}/load", timeout_s=self.settings.startup_timeout_s)
+        finally:
+            self.on_model_load(model, done=True)
+
+    def on_model_load(self, model: str, *, done: bool) -> None:
+        """Bookkeeping of loads (the launcher's and clients'): which version a request can have reached."""
+        with self._lifecycle_of_loads:
+            if not done:
+                self._loading[model] = self._loading.get(model, 0) + 1
+                return
+            self._loading[model] = max(0, self._loading.get(model, 0) - 1)
+            self._loaded_at[model] = time.time()
 
     def _newest_model_file(self, model: str) -> Path | None:
         files = [version / "model.py" for version in version_dirs(self.repository / model)]
@@ -792,7 +811,7 @@ class TritonServer:
         self._shm_regions.update(stub.shm_region for stub in found)
         return found
 
-    def _on_unhealthy_stub(self, report: UnhealthyStub) -> None:
+    def on_unhealthy_stub(self, report: UnhealthyStub) -> None:
         """Triton failed a request because it judged a stub unhealthy: if that stub is alive, end it now.
 
         Triton's Python backend expects each stub to answer a health check within one second
@@ -802,12 +821,23 @@ class TritonServer:
         it: wrong outputs, then a crash (SIGSEGV in TRITONBACKEND_ModelInstanceExecute, a
         boost::interprocess::lock_exception). Ending the stub before it answers turns that into
         a dead stub, which the watchdog reloads like any other.
+
+        The report names an instance (``fuser_0_0``), and a reloaded model's new stub has the
+        same name as the old one: so a stub is ended only when the failed request was sent
+        after its model's current version finished loading, and no load of it is under way.
         """
         self._failed_on_unhealthy.add(report.instance)
         for stub in self.stubs():
+            if stub.instance != report.instance:
+                continue
+            with self._lifecycle_of_loads:
+                loading = self._loading.get(stub.model, 0) > 0
+                current_since = self._loaded_at.get(stub.model, 0.0)
             started = process_start_time(stub.pid)
-            # Triton judges a stub only after it ran a batch for HEALTH_CHECK_S: a younger one is its replacement.
-            if stub.instance != report.instance or started is None or started > report.seen_at - HEALTH_CHECK_S:
+            if loading or report.sent_at <= current_since or started is None or started > report.sent_at:
+                LOGGER.debug(
+                    "a request sent to %s before its current version served failed: not ending it", stub.instance
+                )
                 continue
             LOGGER.warning(
                 "Triton judged model '%s' (instance %s, pid %d) unhealthy although its process is alive: it did not "
@@ -959,7 +989,7 @@ class TritonServer:
             if self._stopping.is_set() or self.front_end is None:
                 return
             self.front_end.stop(timeout_s=1)
-            front_end = FrontEnd(self.settings.front_end(), on_unhealthy_stub=self._on_unhealthy_stub)
+            front_end = FrontEnd(self.settings.front_end(), listener=self)
             try:
                 front_end.start()
             except ServeError as error:
