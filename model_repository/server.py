@@ -100,6 +100,10 @@ SHM_DIR = Path("/dev/shm")
 STUB_BINARY = "triton_python_backend_stub"
 ENTRY_MODELS = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
 """The ensembles clients call."""
+NORMAL_EXIT_GRACE_S = 5.0
+"""How long a stub that exited with code 0 may wait to be reaped by Triton before the watchdog calls it dead."""
+STOP_STALL_S = 5.0
+"""A drained, stopping tritonserver that logs the same thing to wait for this long waits for what never ends."""
 RESTART_BACKOFF_MAX_S = 60.0
 """The longest wait between two restarts of a tritonserver that keeps dying."""
 STABLE_AFTER_S = 120.0
@@ -381,13 +385,20 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def stub_processes(server_pid: int) -> list[StubProcess]:
-    """The live Python-backend stubs of the tritonserver ``server_pid``, by pid."""
+    """The live Python-backend stubs serving models of the tritonserver ``server_pid``, by pid.
+
+    Not the short-lived stub Triton starts while it loads a model, to complete its config
+    (named after the model, where a model instance's is ``<model>_<group>_<n>``): it exits
+    once done.
+    """
     stubs = []
     for pid in child_pids(server_pid):
         args = _cmdline(pid)
         if len(args) < 3 or not args[0].endswith(STUB_BINARY):
             continue
         model_file = Path(args[1])  # <repository>/<model>/<version>/model.py
+        if len(args) > 8 and args[8] == model_file.parent.parent.name:
+            continue  # the config auto-complete stub of a model being loaded
         stubs.append(
             StubProcess(
                 pid=pid,
@@ -433,6 +444,8 @@ class StubWatchdog:
         self.interval_s = interval_s
         self._known: dict[int, StubProcess] = {}
         self._handled: set[int] = set()
+        self._exited: dict[int, float] = {}
+        """Zombies that exited with code 0, by when first seen: Triton may be about to reap them."""
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="postsim-stub-watchdog", daemon=True)
 
@@ -447,6 +460,7 @@ class StubWatchdog:
                     len(earlier),
                 )
                 self._handled.update(earlier)
+                self.server.dead_stubs_unseen += len(earlier)
         self.check()  # note the stubs of the models loaded at start
         self._thread.start()
 
@@ -474,9 +488,17 @@ class StubWatchdog:
         for live in self.server.stubs():
             self._known[live.pid] = live
         reloaded = []
-        for pid, status in dead_children(process.pid).items():
+        dead = dead_children(process.pid)
+        self._exited = {pid: seen for pid, seen in self._exited.items() if pid in dead}  # reaped meanwhile: forget
+        for pid, status in dead.items():
             if pid in self._handled or self._stopping.is_set():
                 continue
+            if status == 0:
+                # A stub Triton ends (a model unloaded, a version retired) exits 0 and is reaped by
+                # Triton at once; one that stays a zombie exited on its own.
+                seen = self._exited.setdefault(pid, time.monotonic())
+                if time.monotonic() - seen < NORMAL_EXIT_GRACE_S:
+                    continue
             self._handled.add(pid)
             stub = self._known.pop(pid, None)
             if stub is not None:
@@ -529,6 +551,39 @@ _STOP_PROGRESS = re.compile(r"Found (\d+) (live models|model versions that have 
 _CRASH_LINES = re.compile(r"^(?:Signal \(\d+\) received\.|terminate called .*|\s*what\(\):.*|.*\bSIG[A-Z]+\b.*)$", re.M)
 
 
+class _StopProgress:
+    """What a stopping tritonserver still waits for, from the lines it logs once a second.
+
+    Called once the front end has drained, when nothing sent to Triton is running any more.
+    Two waits never end then: for "in-flight inferences" (Triton 2.51 loses count of an
+    ensemble request whose step failed while another step of it was queued), and for "live
+    models" that requests failed on a dead or abandoned stub keep pinned (each such request
+    leaves its response factory behind, which holds the model version).
+    """
+
+    def __init__(self, server: TritonServer, log_offset: int) -> None:
+        self.server = server
+        self.log_offset = log_offset
+        self._last: tuple[str, str] | None = None
+        self._since = time.monotonic()
+
+    def stalled_on(self) -> str | None:
+        """What it waits for in vain (for words in a log line), or None while it still gets somewhere."""
+        found = _STOP_PROGRESS.findall(self.server._log_tail(self.log_offset))
+        if not found:
+            return None
+        latest = (found[-1][0], found[-1][1])
+        if latest != self._last:
+            self._last, self._since = latest, time.monotonic()
+            return None
+        if time.monotonic() - self._since < STOP_STALL_S:
+            return None
+        count, what = latest
+        if what == "live models" and not self.server.requests_failed_on_dead_stubs:
+            return None  # models still unloading: slow, not stuck
+        return f"{count} {what} that nothing will release (Triton 2.51)"
+
+
 @dataclass(frozen=True)
 class _Internal:
     """Where tritonserver listens (never a public address) and the key it requires."""
@@ -570,6 +625,10 @@ class TritonServer:
         """Models being (re)loaded now: requests reach their old version or their new one."""
         self._loaded_at: dict[str, float] = {}
         """When each model's current version finished loading (``time.time()``)."""
+        self.dead_stubs_unseen = 0
+        """Stubs found dead when a watchdog started, which it cannot tell the model of."""
+        self.ended_stubs: list[str] = []
+        """Instances of live stubs Triton had judged unhealthy, ended before they could answer (on_unhealthy_stub)."""
         self._failed_on_unhealthy: set[str] = set()
         """Model instances on which Triton failed requests as "not healthy": each pins its model version."""
         self.restarts = 0
@@ -707,6 +766,8 @@ class TritonServer:
                 env=env,
                 start_new_session=True,  # its own process group: stopping it reaches the stubs too
             )
+        if self.front_end is not None:
+            self.front_end.watch_triton(self.process.pid)
         self._wait_until_ready()
         with self._lifecycle_of_loads:
             self._loading.clear()
@@ -849,6 +910,7 @@ class TritonServer:
             )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stub.pid, signal.SIGKILL)
+            self.ended_stubs.append(stub.instance)
 
     def _death_reason(self, code: int | None, log_offset: int = 0) -> str:
         """Why tritonserver exited: the exit status and the crash lines of its log."""
@@ -996,6 +1058,8 @@ class TritonServer:
                 LOGGER.error("the front end did not start again (%s): retrying", error)
                 return
             self.front_end = front_end
+            if self.process is not None:
+                front_end.watch_triton(self.process.pid)
             if self.is_running():
                 front_end.set_state(FrontEndState.SERVING, upstream=self.internal.upstream())
             else:
@@ -1049,6 +1113,8 @@ class TritonServer:
             drained = self._drain(time.monotonic() + self.settings.exit_timeout_s)
         self.process = None
         code = self._end(process, timeout_s=timeout_s, drained=drained)
+        if self.front_end is not None:
+            self.front_end.watch_triton(None)
         self._remove_leaked_shm_regions()
         if code not in (0, None):
             LOGGER.warning("tritonserver exited with code %s%s; its log: %s", code, self._exit_reason(), self.log_path)
@@ -1070,9 +1136,9 @@ class TritonServer:
         return False
 
     def _end(self, process: subprocess.Popen[bytes], *, timeout_s: float | None, drained: bool = False) -> int:
-        """SIGTERM, then SIGKILL after ``timeout_s``; after a drain, SIGKILL as soon as only pinned versions remain."""
+        """SIGTERM, then SIGKILL after ``timeout_s``; after a drain, SIGKILL once it waits only for what never ends."""
         timeout = timeout_s if timeout_s is not None else self.settings.exit_timeout_s + 10
-        offset = self._log_size()
+        progress = _StopProgress(self, self._log_size())
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -1083,11 +1149,10 @@ class TritonServer:
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if drained and self._only_pinned_left(offset):
+            waiting_for = progress.stalled_on() if drained else None
+            if waiting_for is not None:
                 LOGGER.info(
-                    "tritonserver has unloaded everything but the versions of %s that requests failed on a dead or "
-                    "unhealthy process keep pinned (Triton 2.51 would wait out its exit timeout for them): ending it",
-                    ", ".join(sorted(set(self.dead_stub_models) | self._failed_on_unhealthy)),
+                    "tritonserver waits for %s: ending it rather than waiting out its exit timeout", waiting_for
                 )
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
@@ -1109,19 +1174,10 @@ class TritonServer:
         except OSError:
             return 0
 
-    def _only_pinned_left(self, offset: int) -> bool:
-        """Whether the stopping tritonserver waits for nothing but versions pinned by requests failed on dead stubs.
-
-        A request Triton fails as "not healthy" leaves its response factory behind, which holds
-        the model version it reached: that version never unloads.
-        """
-        pinned = max(len(self.dead_stub_models), len(self._failed_on_unhealthy))
-        if not pinned:
-            return False
-        progress = _STOP_PROGRESS.findall(self._log_tail(offset))
-        if not progress or progress[-1][1] != "live models":
-            return False
-        return int(progress[-1][0]) <= pinned
+    @property
+    def requests_failed_on_dead_stubs(self) -> bool:
+        """Whether Triton failed requests on a dead or abandoned stub: each pins the model version it reached."""
+        return bool(self.dead_stub_models or self._failed_on_unhealthy or self.dead_stubs_unseen)
 
     def _exit_reason(self) -> str:
         """Why a stopping tritonserver exited non-zero, when its log says (Triton 2.51's known ways)."""
