@@ -48,9 +48,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hmac
 import json
 import logging
+import os
 import queue
 import re
 import signal
@@ -119,6 +121,7 @@ _ADMIN_PATHS = re.compile(
 """HTTP paths that need the admin key: the same APIs as ADMIN_METHODS."""
 _HTTP_LOAD_PATH = re.compile(r"^/v2/repository/models/([^/]+)/load$")
 _STREAMING_PATH = re.compile(r"/generate_stream$")
+_INFERENCE_PATH = re.compile(r"/(?:infer|generate)$")
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -311,6 +314,10 @@ class FrontEnd:
             message["upstream"] = asdict(upstream)
         self._send(message)
 
+    def watch_triton(self, pid: int | None) -> None:
+        """The tritonserver the front end stops if the launcher dies (its stdin closes before this says None)."""
+        self._send({"triton_pid": pid})
+
     def wait_drained(self, timeout_s: float) -> bool:
         """After STOPPING: True once no call is running in Triton any more, False at the timeout."""
         return self._drained.wait(max(0.0, timeout_s))
@@ -386,6 +393,9 @@ class _Gate:
         self.reason = ""
         self.upstream: Upstream | None = None
         self.in_flight = 0
+        """Calls running in Triton (what a stop waits for)."""
+        self.inferring = 0
+        """Inference calls among them (what max_in_flight bounds)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self.session: aiohttp.ClientSession | None = None
 
@@ -401,24 +411,31 @@ class _Gate:
             return True
         return key is not None and hmac.compare_digest(key.encode(), expected.encode())
 
-    def shielded(self, work: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
-        """Run ``work()`` (a call to Triton) to its end even if the caller goes away; _Overloaded past the bound."""
-        if self.in_flight >= self.settings.max_in_flight:
+    def shielded(self, work: Callable[[], Awaitable[Any]], *, inference: bool = True) -> Awaitable[Any]:
+        """Run ``work()`` (a call to Triton) to its end even if the caller goes away.
+
+        Inference calls count against ``max_in_flight`` (_Overloaded past it); the others
+        (health, metadata, model control) are few and cheap, and must get through an
+        overload: an operator publishing an index, a load balancer asking for readiness.
+        """
+        if inference and self.inferring >= self.settings.max_in_flight:
             raise _Overloaded
         self.in_flight += 1
+        self.inferring += inference
         task = asyncio.ensure_future(work())
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(functools.partial(self._finished, inference=inference))
         return asyncio.shield(task)
 
     def overloaded_message(self) -> str:
         return (
-            f"{OVERLOADED_MESSAGE}: {self.in_flight} requests are running in tritonserver, the most this server "
+            f"{OVERLOADED_MESSAGE}: {self.inferring} requests are running in tritonserver, the most this server "
             "takes at once (max_in_flight): retry later"
         )
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
+    def _finished(self, task: asyncio.Task[Any], *, inference: bool) -> None:
         self.in_flight -= 1
+        self.inferring -= inference
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: an abandoned call's error is nobody's to raise
@@ -473,10 +490,13 @@ class _Gate:
         except Exception as error:  # aiohttp's client errors
             LOGGER.debug("readiness: tritonserver did not answer (%s)", error)
             return False
-        ready = {entry.get("name") for entry in index if entry.get("state") == "READY"}
-        if contract.POST_EMBEDDING not in ready:
+        states = _model_states(index)
+        if states.get(contract.POST_EMBEDDING) != "READY":
             return False
-        return contract.RETRIEVAL not in ready or contract.SIMILAR_POSTS in ready
+        # Once an index serves, similar_posts must answer too: not ready if it failed or was unloaded
+        # (still loading, with the first index, is not a failure: it never answered before).
+        failed = states.get(contract.SIMILAR_POSTS, "") not in ("READY", "LOADING", "")
+        return not (states.get(contract.RETRIEVAL) == "READY" and failed)
 
     async def after_load(self, model: str) -> str | None:
         """Once ``retrieval`` (the first index) loads, load the models that serve it; their error, or None.
@@ -487,19 +507,29 @@ class _Gate:
         if model != contract.RETRIEVAL:
             return None
         status, body = await self.triton_http("POST", "/v2/repository/index")
-        ready = (
-            {entry.get("name") for entry in json.loads(body) if entry.get("state") == "READY"}
-            if status == 200
-            else set()
-        )
+        states = _model_states(json.loads(body)) if status == 200 else {}
         for dependent in INDEX_SERVING_MODELS:
-            if dependent in ready:
+            if states.get(dependent) == "READY":
                 continue
             LOGGER.info("front end: the first index is served: loading %s", dependent)
             status, body = await self.triton_http("POST", f"/v2/repository/models/{dependent}/load")
             if status != 200:
                 return f"retrieval loaded, but {dependent} did not: {body.decode(errors='replace')[:500]}"
         return None
+
+
+def _model_states(index: list[dict[str, Any]]) -> dict[str, str]:
+    """Each model's state in Triton's repository index: READY if any version is, else LOADING if one loads.
+
+    A version refused beside a serving one (a bad index) leaves the model READY.
+    """
+    rank = {"READY": 2, "LOADING": 1}
+    states: dict[str, str] = {}
+    for entry in sorted(index, key=lambda entry: int(entry.get("version") or 0)):  # oldest first: newest stands
+        name, state = entry.get("name", ""), entry.get("state", "")
+        if rank.get(state, 0) >= rank.get(states.get(name, ""), 0):
+            states[name] = state
+    return states
 
 
 # --------------------------------------------------------------------------- the child: gRPC
@@ -603,7 +633,7 @@ class _GrpcProxy:
             await context.abort(codes.UNAVAILABLE, refusal)
         forwarded = [*_forwarded_metadata(metadata), (GRPC_INTERNAL_HEADER, gate.upstream_headers()[INTERNAL_HEADER])]
         try:
-            answer = gate.shielded(lambda: self._call(name, request, forwarded))
+            answer = gate.shielded(lambda: self._call(name, request, forwarded), inference=name == "ModelInfer")
         except _Overloaded:
             await context.abort(codes.UNAVAILABLE, gate.overloaded_message())
         try:
@@ -748,7 +778,10 @@ class _HttpProxy:
         load = _HTTP_LOAD_PATH.match(path)
         try:
             loaded = urllib.parse.unquote(load[1]) if load else None
-            answer = gate.shielded(lambda: self._call(request.method, request.path_qs, headers, body, loaded))
+            answer = gate.shielded(
+                lambda: self._call(request.method, request.path_qs, headers, body, loaded),
+                inference=bool(_INFERENCE_PATH.search(path)),
+            )
         except _Overloaded:
             return _json_error(503, gate.overloaded_message())
         try:
@@ -914,21 +947,51 @@ async def _serve(settings: FrontEndSettings, emit: Callable[[dict[str, Any]], No
     commands: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     threading.Thread(target=_read_commands, args=(loop, commands), daemon=True).start()
     try:
-        server, proxy, runners = await _bind(settings, gate)
+        _grpc_server, proxy, runners = await _bind(settings, gate)  # referenced: it lives as long as we serve
     except ServeError as error:
         emit({"event": "failed", "message": str(error)})
         await gate.session.close()
         return
     emit({"event": "listening"})
+    triton_pid: int | None = None
     while (command := await commands.get()) is not None:
         if "state" in command:
             upstream = Upstream(**command["upstream"]) if command.get("upstream") else None
             gate.set_state(FrontEndState(command["state"]), command.get("reason", ""), upstream)
-    await server.stop(1.0)
+        if "triton_pid" in command:
+            triton_pid = command["triton_pid"]
+    if triton_pid is not None:
+        await _stop_orphaned_triton(triton_pid)
     for runner in runners:
         await runner.cleanup()
     await proxy.close()
     await gate.session.close()
+    # No graceful gRPC shutdown: it answers calls that arrive meanwhile CANCELLED, which clients
+    # do not retry. Nothing is running in Triton by now; a closed connection reads UNAVAILABLE.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+async def _stop_orphaned_triton(pid: int, timeout_s: float = 45.0) -> None:
+    """The launcher died (stdin closed while tritonserver ran): stop tritonserver, or nothing ever will."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+
+    def running() -> bool:
+        with contextlib.suppress(OSError):
+            return b"tritonserver" in cmdline.read_bytes()
+        return False
+
+    if not running():
+        return
+    LOGGER.error("the launcher is gone: stopping tritonserver (pid %d)", pid)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while running() and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    if running():
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -158,10 +159,11 @@ def test_a_killed_stub_fails_its_model_until_reloaded_and_the_watchdog_reloads_i
     # The requests that failed on the dead stubs pin its old versions inside Triton 2.51, which would
     # wait out its whole exit timeout for them and exit 1: stopping must not.
     started = time.monotonic()
-    assert server.stop() == 0
+    with caplog.at_level(logging.INFO, logger="postsim"):
+        assert server.stop() == 0
     took = time.monotonic() - started
     assert took < exit_timeout_s, f"stop() took {took:.1f} s: it waited out Triton's exit timeout"
-    assert "ending it" in caplog.text
+    assert "live models that nothing will release (Triton 2.51): ending it" in caplog.text
 
 
 def test_a_stub_starved_past_its_health_check_is_ended_before_it_can_crash_the_server(
@@ -441,3 +443,37 @@ def test_a_server_restarts_on_its_ports_right_after_a_clean_stop(repository: Pat
     second = start_server(settings)
     with PostSimClient(second.endpoints.grpc) as client:
         assert len(client.embed([TEXT_POST])) == 1
+
+
+_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+grpc_port, http_port, metrics_port = free_ports(3)
+settings = ServerSettings(repository=Path(sys.argv[1]), address="127.0.0.1", grpc_port=grpc_port,
+                          http_port=http_port, metrics_port=metrics_port, exit_timeout_s=5)
+server = TritonServer(settings, log_path=Path(sys.argv[2]))
+server.start()
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_tritonserver_does_not_outlive_a_launcher_that_was_killed(repository: Path, tmp_path: Path) -> None:
+    """tritonserver runs in a session of its own: nothing else would ever stop it (nor free its ports and memory)."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(repository), str(tmp_path / "tritonserver.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert launcher.stdout is not None
+        triton_pid = int(launcher.stdout.readline())
+        assert _alive(triton_pid)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 60
+    while _alive(triton_pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(triton_pid), "tritonserver still runs after its launcher was killed"

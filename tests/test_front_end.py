@@ -43,6 +43,7 @@ from postsim.model_repository.front_end import (
     FrontEndState,
     _forwarded_metadata,
     _Gate,
+    _model_states,
     _Overloaded,
 )
 from postsim.model_repository.server import TritonServer, free_ports
@@ -267,3 +268,20 @@ def test_forwarded_metadata_keeps_neither_the_admin_key_nor_a_forged_internal_ke
         ("traceparent", "00-abc-def-01"),
     ]
     assert _forwarded_metadata(metadata) == [("traceparent", "00-abc-def-01")]
+
+
+def test_a_model_is_ready_while_any_version_serves_whatever_happened_to_the_others() -> None:
+    index = [
+        {"name": "retrieval", "version": "1", "state": "READY"},
+        {"name": "retrieval", "version": "2", "state": "UNAVAILABLE", "reason": "checksum mismatch"},
+        {"name": "similar_posts", "version": "1", "state": "LOADING"},
+        {"name": "fuser", "version": "2", "state": "UNAVAILABLE"},
+        {"name": "fuser", "version": "3", "state": "UNLOADING"},
+        {"name": "post_embedding", "state": ""},
+    ]
+    assert _model_states(index) == {
+        "retrieval": "READY",
+        "similar_posts": "LOADING",
+        "fuser": "UNLOADING",
+        "post_embedding": "",
+    }
