@@ -236,7 +236,7 @@ def _admin_key(value: str | None, path: Path | None) -> str | None:
             param_hint="--admin-key-file",
         )
     try:
-        key = path.read_text().splitlines()[0].strip() if path.read_text().strip() else ""
+        key = next(iter(path.read_text().splitlines()), "").strip()
     except OSError as error:
         raise typer.BadParameter(f"cannot read {path}: {error.strerror}", param_hint="--admin-key-file") from None
     if not key:
@@ -541,6 +541,45 @@ def bench_soak(
     stdout.print(format_soak(report), highlight=False, markup=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@bench_app.command("stress")
+@reports_errors
+def bench_stress(
+    repository: RepositoryOption = REPOSITORY_DIR,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to run the load.")] = 300.0,
+    busy: Annotated[int, typer.Option(min=0, help="Processes spinning on the CPU meanwhile.")] = 4,
+    storm_clients: Annotated[int, typer.Option(min=0, help="Clients sending requests with a 10 ms deadline.")] = 2,
+    storm_rate: Annotated[float, typer.Option(min=0.1, help="Requests a second from each storm client.")] = 20.0,
+) -> None:
+    """Index builds, publish/rollback cycles and 10 ms-deadline storms at once on a busy CPU, against a server
+    started on a scratch copy of the repository. Exit 1 on a crash or a readiness stuck false."""
+    from postsim.bench.stress import StressSettings, format_stress, run_stress
+
+    report = run_stress(
+        StressSettings(
+            repository=repository,
+            duration_s=duration,
+            busy_processes=busy,
+            storm_clients=storm_clients,
+            storm_rate=storm_rate,
+        )
+    )
+    stdout.print(format_stress(report), highlight=False, markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@bench_app.command("front-end")
+@reports_errors
+def bench_front_end(
+    repository: RepositoryOption = REPOSITORY_DIR,
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests on each path.")] = 300,
+) -> None:
+    """The latency the front end adds: post_embedding at concurrency 1 through it and straight to tritonserver."""
+    from postsim.bench.front_end import format_front_end, measure_front_end
+
+    stdout.print(format_front_end(measure_front_end(repository, requests=requests)), highlight=False, markup=False)
 
 
 @contextlib.contextmanager
