@@ -6,8 +6,9 @@ published and rolled back, and clients whose deadlines expire. This runs all of 
 together for ``duration_s`` against a server it starts on a scratch copy of the repository:
 
 - ``busy_processes`` processes that spin on the CPU (each ends by itself at the deadline);
-- a loop that builds an index of a sample corpus through the server, publishes it,
-  publishes it again, rolls back, and queries ``similar_posts`` in between;
+- a loop that builds an index of a sample corpus through the server (``postsim index
+  build``, in its own process), publishes it, publishes it again, rolls back, and queries
+  ``similar_posts`` in between;
 - ``storm_clients`` clients each sending ``storm_rate`` requests a second with a 10 ms
   deadline, to both ensembles in turn (every one of them abandoned in Triton's midst);
 - a probe of ``/v2/health/ready`` twice a second.
@@ -23,6 +24,8 @@ import logging
 import multiprocessing
 import os
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -38,7 +41,6 @@ from tritonclient.utils import InferenceServerException
 from postsim.bench.serving import scratch_repository
 from postsim.bench.workload import BenchError
 from postsim.client.api import PostSimClient, build_inputs, without_traceback
-from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
 from postsim.client.publish import publish_index, rollback_index
 from postsim.client.samples import read_posts, write_sample_posts
 from postsim.model_repository import contract
@@ -141,19 +143,13 @@ class _Run:
         report, query = self.report, next(read_posts(self.corpus)).to_post()
         while not self.done.is_set():
             try:
-                built = build_corpus_index(
-                    CorpusIndexSettings(corpus=self.corpus, out_dir=self.work_dir / "index", url=self.url)
-                )
-                with self.lock:
-                    report.builds += 1
-                    report.posts_indexed += built.indexed
-                    report.post_failures.update(_short(failure.reason) for failure in built.failures)
+                index_dir = self._build()
                 with PostSimClient(self.url, timeout_s=120) as client:
                     for step in ("publish", "similar", "publish", "rollback", "similar"):
                         if self.done.is_set():
                             break
                         if step == "publish":
-                            publish_index(built.index_dir, self.server.repository, client=client)
+                            publish_index(index_dir, self.server.repository, client=client)
                             report.publishes += 1
                         elif step == "rollback":
                             rollback_index(self.server.repository, client=client)
@@ -165,6 +161,23 @@ class _Run:
                 with self.lock:
                     report.cycle_errors[_short(str(error))] += 1
                 self.done.wait(1.0)
+
+    def _build(self) -> Path:
+        """``postsim index build`` of the corpus, as an operator runs it (its own process); the index folder."""
+        index_dir = self.work_dir / "index"
+        command = [sys.executable, "-m", "postsim.client.cli", "index", "build", str(self.corpus)]
+        command += ["--out", str(index_dir), "--url", self.url, "--max-failures", str(1 << 30)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            reason = next(iter(result.stderr.strip().splitlines()[-1:]), f"exit code {result.returncode}")
+            raise BenchError(f"index build failed: {reason}")
+        indexed = re.search(r"indexed (\d+) posts", result.stdout)
+        refused = re.findall(r"^  [^:]+: (.*)$", result.stderr, re.M)
+        with self.lock:
+            self.report.builds += 1
+            self.report.posts_indexed += int(indexed[1]) if indexed else 0
+            self.report.post_failures.update(_short(reason) for reason in refused)
+        return index_dir
 
     def storm(self, rate: float) -> None:
         """Requests with a 10 ms deadline, ``rate`` a second, to both ensembles in turn."""

@@ -396,6 +396,8 @@ class _Gate:
         """Calls running in Triton (what a stop waits for)."""
         self.inferring = 0
         """Inference calls among them (what max_in_flight bounds)."""
+        self.latency_s: float | None = None
+        """How long an inference call to Triton takes lately (a moving average)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self.session: aiohttp.ClientSession | None = None
 
@@ -424,8 +426,23 @@ class _Gate:
         self.inferring += inference
         task = asyncio.ensure_future(work())
         self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._finished, inference=inference))
+        task.add_done_callback(functools.partial(self._finished, inference=inference, started=time.monotonic()))
         return asyncio.shield(task)
+
+    def too_late(self, time_left_s: float | None) -> str | None:
+        """Why an inference request with ``time_left_s`` before its deadline is not worth starting, or None.
+
+        Only while the server is congested (half of ``max_in_flight`` running): a request that
+        cannot be answered before its client gives up would run in Triton all the same, abandoned,
+        taking the place of one whose client waits. Under that, every request is started.
+        """
+        congested = self.inferring >= max(1, self.settings.max_in_flight // 2)
+        if not congested or time_left_s is None or self.latency_s is None or time_left_s >= self.latency_s:
+            return None
+        return (
+            f"the server is busy: a request takes about {self.latency_s * 1000:.0f} ms now, more than the "
+            f"{max(time_left_s, 0) * 1000:.0f} ms left before its deadline, so it was not started"
+        )
 
     def overloaded_message(self) -> str:
         return (
@@ -433,9 +450,12 @@ class _Gate:
             "takes at once (max_in_flight): retry later"
         )
 
-    def _finished(self, task: asyncio.Task[Any], *, inference: bool) -> None:
+    def _finished(self, task: asyncio.Task[Any], *, inference: bool, started: float) -> None:
         self.in_flight -= 1
         self.inferring -= inference
+        if inference and not task.cancelled() and task.exception() is None:
+            took = time.monotonic() - started
+            self.latency_s = took if self.latency_s is None else 0.8 * self.latency_s + 0.2 * took
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: an abandoned call's error is nobody's to raise
@@ -631,6 +651,8 @@ class _GrpcProxy:
         refusal = gate.refusal()
         if refusal is not None:
             await context.abort(codes.UNAVAILABLE, refusal)
+        if name == "ModelInfer" and (late := gate.too_late(context.time_remaining())) is not None:
+            await context.abort(codes.DEADLINE_EXCEEDED, late)
         forwarded = [*_forwarded_metadata(metadata), (GRPC_INTERNAL_HEADER, gate.upstream_headers()[INTERNAL_HEADER])]
         try:
             answer = gate.shielded(lambda: self._call(name, request, forwarded), inference=name == "ModelInfer")

@@ -238,6 +238,24 @@ def test_calls_beyond_max_in_flight_are_refused_and_stopping_reports_when_draine
     assert gate.refusal() is not None and gate.refusal().startswith("the server is shutting down")  # type: ignore[union-attr]
 
 
+def test_requests_that_cannot_make_their_deadline_are_not_started_while_the_server_is_congested() -> None:
+    gate = _Gate(FrontEndSettings(max_in_flight=4), lambda event: None)
+    gate.set_state(FrontEndState.SERVING, "", None)
+    gate.latency_s = 0.2
+
+    async def run() -> None:
+        release = asyncio.Event()
+        running = [gate.shielded(release.wait) for _ in range(2)]
+        assert gate.too_late(0.01) is not None  # 2 of 4 running: congested
+        assert "about 200 ms now, more than the 10 ms left" in str(gate.too_late(0.01))
+        assert gate.too_late(0.5) is None and gate.too_late(None) is None
+        release.set()
+        await asyncio.gather(*running)
+        assert gate.too_late(0.01) is None  # nothing running: every request is started
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize(
     ("path", "admin"),
     [
