@@ -94,6 +94,8 @@ class StressReport:
     cycle_errors: Counter[str] = field(default_factory=Counter)
     storm: Counter[str] = field(default_factory=Counter)
     """Outcomes of the 10 ms-deadline requests: answered, DEADLINE_EXCEEDED, other statuses."""
+    ensemble_requests_run: int = 0
+    """Requests tritonserver ran to either ensemble (its metrics): the storm's abandoned ones among them."""
     readiness_checks: int = 0
     not_ready_checks: int = 0
     longest_not_ready_s: float = 0.0
@@ -271,11 +273,22 @@ def run_stress(settings: StressSettings) -> StressReport:
         report.seconds = time.monotonic() - started
         with PostSimClient(server.endpoints.grpc) as client:
             report.ready_at_end = client.is_ready()
+        report.ensemble_requests_run = _ensemble_requests_run(server.endpoints.metrics)
         report.restarts = server.restarts
         report.stubs_ended = len(server.ended_stubs)
         report.stubs_reloaded = len(server.dead_stub_models)
         report.crashes_in_log = len(_CRASH.findall(server.log_text()))
     return report
+
+
+def _ensemble_requests_run(metrics_url: str) -> int:
+    """Requests tritonserver finished for the ensembles, answered or failed, from its Prometheus metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        text = response.read().decode()
+    pattern = re.compile(
+        r'^nv_inference_request_(?:success|failure)\{[^}]*model="(?:' + "|".join(_ENSEMBLES) + r')"[^}]*\} (\S+)$', re.M
+    )
+    return int(sum(float(value) for value in pattern.findall(text)))
 
 
 def format_stress(report: StressReport) -> str:
@@ -296,6 +309,8 @@ def format_stress(report: StressReport) -> str:
         f"| 10 ms-deadline requests | {storm_total}: "
         + ", ".join(f"{outcome} {count}" for outcome, count in report.storm.most_common())
         + " |",
+        f"| requests tritonserver ran to the ensembles (its metrics; abandoned ones included) | "
+        f"{report.ensemble_requests_run} |",
         f"| readiness | {report.not_ready_checks} of {report.readiness_checks} probes not ready, longest "
         f"{report.longest_not_ready_s:.1f} s; ready at the end: {'yes' if report.ready_at_end else 'NO'} |",
         f"| tritonserver restarts / crashes in its log | {report.restarts} / {report.crashes_in_log} |",

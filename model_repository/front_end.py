@@ -10,10 +10,12 @@ deadline or disconnect.
   forwarded as raw bytes (no tensor is deserialised) to tritonserver, which listens on a
   unix socket in a private folder. The call to Triton is *shielded*: a client that
   cancels, lets its deadline pass or disconnects ends its own call; the call to Triton
-  runs to its end and its answer is dropped. At most ``max_in_flight`` calls run in
-  Triton at once, abandoned ones included, so a storm of abandoned requests cannot pile
-  up: past that the front end answers UNAVAILABLE ("overloaded") at once. Streaming
-  (``ModelStreamInfer``) is refused with UNIMPLEMENTED.
+  runs to its end and its answer is dropped. At most ``max_in_flight`` inference calls
+  run in Triton at once, abandoned ones included, so a storm of abandoned requests cannot
+  pile up: past that the front end answers UNAVAILABLE ("overloaded") at once; and while
+  half of them run, a request whose deadline is nearer than Triton's recent latency is
+  answered DEADLINE_EXCEEDED without being started. Streaming (``ModelStreamInfer``) is
+  refused with UNIMPLEMENTED.
 - **HTTP**: a reverse proxy of Triton's HTTP API (on loopback), shielded and bounded the
   same way; ``generate_stream`` is refused.
 - **metrics**: Triton's Prometheus endpoint, proxied (``GET /metrics`` only).
@@ -38,9 +40,10 @@ generator in that process. The launcher writes the settings as one JSON line on 
 child's stdin (secrets reach neither argv nor the environment), then state changes; the
 child reports on stdout, one JSON object a line: ``listening`` or ``failed``, log records,
 ``drained`` (nothing left in flight while stopping), and ``unhealthy_stub`` (Triton judged
-a Python-backend process unhealthy: :meth:`TritonServer._on_unhealthy_stub
-<postsim.model_repository.server.TritonServer._on_unhealthy_stub>` says why that matters).
-When its stdin closes, the child stops.
+a Python-backend process unhealthy: :meth:`TritonServer.on_unhealthy_stub
+<postsim.model_repository.server.TritonServer.on_unhealthy_stub>` says why that matters)
+and ``model_load``. When its stdin closes, the child stops, and stops tritonserver too if
+the launcher did not (it died).
 """
 
 from __future__ import annotations
@@ -239,6 +242,15 @@ class FrontEndSettings:
         return cls(tls=tls, **values)
 
 
+ADMIN_KEY_VARIABLE = "POSTSIM_ADMIN_KEY"
+"""Where ``postsim serve`` may read the admin key from (the CLI's ``--admin-key`` envvar)."""
+
+
+def environment_without_secrets() -> dict[str, str]:
+    """This process's environment for a child process, without the admin key: no child takes it from there."""
+    return {name: value for name, value in os.environ.items() if name != ADMIN_KEY_VARIABLE}
+
+
 def health_endpoint(address: str) -> tuple[str, int]:
     """``HOST:PORT`` as (host, port); ServeError when it is not one."""
     host, _, port = address.rpartition(":")
@@ -289,6 +301,7 @@ class FrontEnd:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            env=environment_without_secrets(),  # it gets the admin key on stdin
             start_new_session=True,  # Ctrl-C reaches the launcher, which stops everything in order
         )
         self._reader = threading.Thread(target=self._read_events, name="postsim-front-end-events", daemon=True)

@@ -74,6 +74,7 @@ from postsim.model_repository.front_end import (
     TlsSettings,
     UnhealthyStub,
     Upstream,
+    environment_without_secrets,
     health_endpoint,
 )
 from postsim.model_repository.layout import CONFIG_NAME, loadable_models, version_dirs
@@ -707,7 +708,7 @@ class TritonServer:
 
     def _binary(self) -> tuple[Path, dict[str, str]]:
         """The Triton install to run and the environment it runs in."""
-        env = dict(os.environ)
+        env = environment_without_secrets()
         # The stub embeds the Python found first on PATH: make it this interpreter's environment.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if self.settings.triton_dir is not None:
