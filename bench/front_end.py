@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from postsim.bench.serving import scratch_repository
+from postsim.bench.serving import loopback_settings, scratch_repository
 from postsim.bench.workload import BenchError, load_bench_posts, write_bench_corpus
 from postsim.client.api import build_inputs
 from postsim.model_repository import contract
 from postsim.model_repository.front_end import GRPC_INTERNAL_HEADER
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+from postsim.model_repository.server import TritonServer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +48,7 @@ def measure_front_end(repository: Path, *, requests: int = 300, warmup: int = 20
         work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="postsim-front-end-")))
         served = scratch_repository(repository.resolve(), work_dir / "repository")
         corpus = load_bench_posts(write_bench_corpus(posts, work_dir / "corpus"))
-        grpc_port, http_port, metrics_port = free_ports(3)
-        settings = ServerSettings(
-            repository=served, address="127.0.0.1", grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port
-        )
-        server = stack.enter_context(TritonServer(settings, log_path=work_dir / "tritonserver.log"))
+        server = stack.enter_context(TritonServer(loopback_settings(served), log_path=work_dir / "tritonserver.log"))
         upstream = server.internal.upstream()
         through = stack.enter_context(grpcclient.InferenceServerClient(server.endpoints.grpc))
         direct = stack.enter_context(grpcclient.InferenceServerClient(upstream.grpc))

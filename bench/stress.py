@@ -38,14 +38,14 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from postsim.bench.serving import scratch_repository
+from postsim.bench.serving import loopback_settings, scratch_repository
 from postsim.bench.workload import BenchError
 from postsim.client.api import PostSimClient, build_inputs, without_traceback
 from postsim.client.publish import publish_index, rollback_index
 from postsim.client.samples import read_posts, write_sample_posts
 from postsim.model_repository import contract
 from postsim.model_repository.errors import PostSimError
-from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+from postsim.model_repository.server import TritonServer
 
 logger = logging.getLogger("postsim")
 
@@ -230,11 +230,7 @@ def run_stress(settings: StressSettings) -> StressReport:
         work_dir.mkdir(parents=True, exist_ok=True)
         corpus = write_sample_posts(settings.corpus_posts, work_dir / "corpus", seed=3)
         served = scratch_repository(settings.repository.resolve(), work_dir / "repository")
-        grpc_port, http_port, metrics_port = free_ports(3)
-        server_settings = ServerSettings(
-            repository=served, address="127.0.0.1", grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port
-        )
-        server = stack.enter_context(TritonServer(server_settings, log_path=work_dir / "tritonserver.log"))
+        server = stack.enter_context(TritonServer(loopback_settings(served), log_path=work_dir / "tritonserver.log"))
         run = _Run(server, corpus, work_dir, report)
         started = time.monotonic()
         until = time.time() + settings.duration_s

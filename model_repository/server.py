@@ -945,6 +945,7 @@ class TritonServer:
     def _remove_socket_dir(self) -> None:
         if self._internal is not None:
             shutil.rmtree(self._internal.socket_dir, ignore_errors=True)
+            self._internal = None  # a next start picks a new folder, ports and key
 
     def _wait_until_ready(self) -> None:
         process = self.process
