@@ -271,6 +271,14 @@ def scratch_repository(repository: Path, target: Path) -> Path:
     return target
 
 
+def loopback_settings(repository: Path) -> ServerSettings:
+    """A benchmark's own server: on free ports, listening on loopback only."""
+    grpc_port, http_port, metrics_port = free_ports(3)
+    return ServerSettings(
+        repository=repository, address="127.0.0.1", grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port
+    )
+
+
 def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
     """Rewrite the scheduling of every non-ensemble model's config (batching, instances, threads).
 
@@ -389,15 +397,9 @@ def run_serving_benchmark(
             served = scratch_repository(repository, work_dir / "repository")
             if settings.serving is not None:
                 apply_serving_settings(served, settings.serving)
-            grpc_port, http_port, metrics_port = free_ports(3)
-            server_settings = ServerSettings(
-                repository=served,
-                address="127.0.0.1",
-                grpc_port=grpc_port,
-                http_port=http_port,
-                metrics_port=metrics_port,
+            server = stack.enter_context(
+                TritonServer(loopback_settings(served), log_path=work_dir / "tritonserver.log")
             )
-            server = stack.enter_context(TritonServer(server_settings, log_path=work_dir / "tritonserver.log"))
             url = server.endpoints.grpc
             if server.process is not None:
                 server_cpu = process_group_cpu(server.process.pid)

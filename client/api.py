@@ -40,6 +40,7 @@ from postsim.model_repository.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from postsim.model_repository.front_end import OVERLOADED_MESSAGE, RETRY_SOON_MESSAGES, SHUTTING_DOWN_MESSAGE
 from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
 from postsim.model_repository.server import (
     GRPC_RESTRICTED_HEADER,
@@ -178,7 +179,7 @@ def _is_unknown_model(message: str) -> bool:
 
 
 _TRACEBACK = re.compile(r"\n\s*(?:At:|Traceback \(most recent call last\):)\n.*", re.DOTALL)
-_DEAD_STUB = re.compile(r"Stub process '([^']+?)(?:_\d+)*' is not healthy")
+_UNHEALTHY_STUB = re.compile(r"Stub process '([^']+?)(?:_\d+)*' is not healthy")
 
 
 def without_traceback(message: str) -> str:
@@ -254,12 +255,15 @@ def map_server_error(
         return ServerError(f"{subject} cannot answer{part}: {NO_INDEX_MESSAGE}, then retry", status=status)
     if INDEX_NOT_LOADED_MESSAGE in message:
         return ServerError(f"{subject} cannot answer{part} on the server at {url}: {_short(message)}", status=status)
-    dead_stub = _DEAD_STUB.search(message)
-    if dead_stub:
+    unhealthy_stub = _UNHEALTHY_STUB.search(message)
+    if unhealthy_stub:
+        # Triton says this when a model's process did not answer its one-second health check:
+        # the process died, or it is alive and starved of CPU. Which one, only the server knows.
         return ServerError(
-            f"model '{dead_stub.group(1)}' lost its process on the server at {url} (it crashed or was killed) "
-            f"and failed {subject}{part}: `postsim serve` reloads it within seconds, so retry; if this persists "
-            "(or the server is a bare tritonserver, which never does), restart the server and read its log",
+            f"Triton judged the process of model '{unhealthy_stub.group(1)}' unhealthy on the server at {url} "
+            f"(it died, or did not answer Triton's health check in time) and failed {subject}{part}: "
+            "`postsim serve` replaces such a process within seconds, so retry; if this persists (or the server is "
+            "a bare tritonserver, which never does), restart the server and read its log",
             status=status,
         )
     if is_shared_memory_error(message):
@@ -268,22 +272,26 @@ def map_server_error(
             f"({_short(message)}). {SHARED_MEMORY_HINT}",
             status=status,
         )
-    if "Server is stopping" in message or "stopped accepting new inference requests" in message:
+    if any(
+        sign in message for sign in (SHUTTING_DOWN_MESSAGE, "Server is stopping", "stopped accepting new inference")
+    ):
         return ServerUnavailableError(
             f"the server at {url} is shutting down and refused {subject}{part}: retry once it is back, "
             "or against another server",
             status=status,
         )
     if status == "CANCELLED":
-        # postsim's clients never cancel a call (Triton 2.51 crashes on it, see README), so the
-        # server ended it: its gRPC front end cancels what is still open when it shuts down.
+        # postsim's clients never cancel a call, so the server ended it: a gRPC server cancels
+        # what is still open when it shuts down.
         return ServerUnavailableError(
             f"the server at {url} ended {subject}{part} before answering: it is most likely shutting down; "
             "retry once it is back, or against another server",
             status=status,
         )
     if status == "UNAVAILABLE":
-        if "queue" in message.lower():
+        if message.startswith(RETRY_SOON_MESSAGES):
+            return ServerUnavailableError(f"the server at {url} cannot answer yet: {_short(message)}", status=status)
+        if OVERLOADED_MESSAGE in message or "queue" in message.lower():
             return ServerUnavailableError(
                 f"the server at {url} is overloaded ({_short(message)}): retry later", status=status
             )

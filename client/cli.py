@@ -177,13 +177,39 @@ def _choice(enum_type: type[E], value: str, option: str) -> E:
 def serve(
     repository: RepositoryOption,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
-    http_port: Annotated[int, typer.Option(help="HTTP port (health, metadata).")] = 8000,
+    http_port: Annotated[int, typer.Option(help="HTTP port (the KServe v2 HTTP API: health, metadata, infer).")] = 8000,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
-    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM): serve gRPC over TLS.")] = None,
+    address: Annotated[
+        str, typer.Option(help="Address the gRPC, HTTP and metrics ports listen on (0.0.0.0: every interface).")
+    ] = "0.0.0.0",
+    health_address: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of a plaintext port answering /v2/health/live and /ready only (default: none)."),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="Server certificate (PEM): serve gRPC, HTTP and metrics over TLS only.")
+    ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="CA (PEM) that signs client certificates: mutual TLS.")] = None,
     admin_key: Annotated[
-        str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="Key required for model control and shared memory.")
+        str | None,
+        typer.Option(
+            envvar="POSTSIM_ADMIN_KEY",
+            help="Key required for model control, shared memory, log and trace settings. Given on the command line "
+            "it is readable by every local user (ps, /proc/PID/cmdline): prefer POSTSIM_ADMIN_KEY or --admin-key-file.",
+        ),
+    ] = None,
+    admin_key_file: Annotated[
+        Path | None, typer.Option(help="File whose first line is the admin key (instead of --admin-key).")
+    ] = None,
+    max_in_flight: Annotated[
+        int, typer.Option(min=1, help="Requests running in Triton at once; past it clients get UNAVAILABLE.")
+    ] = 64,
+    triton_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="A Triton install to run (bin/tritonserver, backends/), e.g. /opt/tritonserver in NGC's image."
+        ),
     ] = None,
     log_file: Annotated[
         Path | None, typer.Option(help="Where tritonserver's log goes (default: a temporary file).")
@@ -192,7 +218,7 @@ def serve(
         int, typer.Option(min=4 << 20, help="Shared memory each Python-backend model instance starts with.")
     ] = 16 << 20,
 ) -> None:
-    """Start tritonserver on the repository and serve until SIGINT or SIGTERM."""
+    """Serve the repository until SIGINT or SIGTERM: tritonserver behind postsim's front end, restarted if it dies."""
     from postsim.model_repository.server import ServerSettings, TlsSettings, TritonServer
 
     if (tls_cert is None) != (tls_key is None):
@@ -205,8 +231,12 @@ def serve(
         grpc_port=grpc_port,
         http_port=http_port,
         metrics_port=metrics_port,
+        address=address,
+        health_address=health_address,
         tls=tls,
-        admin_key=admin_key,
+        admin_key=_admin_key(admin_key, admin_key_file),
+        max_in_flight=max_in_flight,
+        triton_dir=triton_dir,
         shm_default_bytes=shm_default_bytes,
     )
     server = TritonServer(settings, log_path=log_file)
@@ -215,18 +245,43 @@ def serve(
         signal.signal(signum, lambda *_: stop_requested.set())
     endpoints = server.start()
     try:
+        secure = " (TLS)" if tls else ""
         stdout.print(f"postsim serving {', '.join(server.models)}")
-        stdout.print(f"  gRPC     {endpoints.grpc}{' (TLS)' if tls else ''}")
+        stdout.print(f"  gRPC     {endpoints.grpc}{secure}")
         stdout.print(f"  HTTP     {endpoints.http}")
         stdout.print(f"  metrics  {endpoints.metrics}")
+        if health_address:
+            stdout.print(f"  health   http://{health_address}/v2/health/ready (plaintext)")
         stdout.print(f"  log      {server.log_path}")
         while not stop_requested.wait(1.0):
-            if not server.is_running():
-                stderr.print(f"[bold red]error:[/] tritonserver exited unexpectedly; its log: {server.log_path}")
+            if not server.is_serving():
+                stderr.print(
+                    f"[bold red]error:[/] the server stopped unexpectedly; tritonserver's log: {server.log_path}"
+                )
                 raise typer.Exit(1)
         stdout.print("stopping: in-flight requests finish, new ones are refused")
     finally:
         server.stop()
+
+
+def _admin_key(value: str | None, path: Path | None) -> str | None:
+    """The admin key from --admin-key / POSTSIM_ADMIN_KEY, or from the first line of --admin-key-file."""
+    if path is None:
+        return value
+    if value is not None:
+        raise typer.BadParameter(
+            "give the admin key one way: --admin-key-file, or --admin-key / POSTSIM_ADMIN_KEY",
+            param_hint="--admin-key-file",
+        )
+    try:
+        key = next(iter(path.read_text().splitlines()), "").strip()
+    except OSError as error:
+        raise typer.BadParameter(f"cannot read {path}: {error.strerror}", param_hint="--admin-key-file") from None
+    if not key:
+        raise typer.BadParameter(
+            f"{path} is empty: write the admin key on its first line", param_hint="--admin-key-file"
+        )
+    return key
 
 
 @app.command()
@@ -526,6 +581,45 @@ def bench_soak(
     stdout.print(format_soak(report), highlight=False, markup=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@bench_app.command("stress")
+@reports_errors
+def bench_stress(
+    repository: RepositoryOption,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to run the load.")] = 300.0,
+    busy: Annotated[int, typer.Option(min=0, help="Processes spinning on the CPU meanwhile.")] = 4,
+    storm_clients: Annotated[int, typer.Option(min=0, help="Clients sending requests with a 10 ms deadline.")] = 2,
+    storm_rate: Annotated[float, typer.Option(min=0.1, help="Requests a second from each storm client.")] = 20.0,
+) -> None:
+    """Index builds, publish/rollback cycles and 10 ms-deadline storms at once on a busy CPU, against a server
+    started on a scratch copy of the repository. Exit 1 on a crash or a readiness stuck false."""
+    from postsim.bench.stress import StressSettings, format_stress, run_stress
+
+    report = run_stress(
+        StressSettings(
+            repository=repository,
+            duration_s=duration,
+            busy_processes=busy,
+            storm_clients=storm_clients,
+            storm_rate=storm_rate,
+        )
+    )
+    stdout.print(format_stress(report), highlight=False, markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@bench_app.command("front-end")
+@reports_errors
+def bench_front_end(
+    repository: RepositoryOption,
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests on each path.")] = 300,
+) -> None:
+    """The latency the front end adds: post_embedding at concurrency 1 through it and straight to tritonserver."""
+    from postsim.bench.front_end import format_front_end, measure_front_end
+
+    stdout.print(format_front_end(measure_front_end(repository, requests=requests)), highlight=False, markup=False)
 
 
 @contextlib.contextmanager

@@ -1,29 +1,27 @@
 #!/bin/sh
-# Entry point of the GPU image: the NGC image's tritonserver, started with the flags that
-# `postsim serve` gives the tritonserver of the nvidia-pytriton wheel
-# (postsim.model_repository.server.TritonServer.command). `postsim serve` itself cannot
-# run here: it launches the wheel's binary, not /opt/tritonserver. So
+# Entry point of the GPU image: `postsim serve` on the NGC image's own Triton
+# (/opt/tritonserver, a release with the request-cancellation fixes, see docker/README.md)
+# instead of the nvidia-pytriton wheel's. So the GPU image runs what the CPU image runs:
+# postsim's front end on the public ports (TLS on gRPC, HTTP and metrics when given a
+# certificate; the admin key; UNAVAILABLE while Triton starts, restarts or stops),
+# tritonserver on a private unix socket and loopback behind it, restarted if it dies.
 #
-#   postsim serve --repository R --http-port 8000 --grpc-port 8001 --metrics-port 8002
+#   postsim serve --triton-dir /opt/tritonserver --repository R \
+#       --grpc-port=8001 --http-port=8000 --metrics-port=8002 --health-address=127.0.0.1:8003
 #
-# is, in this image,
+# postsim serve gives tritonserver the flags it always does: explicit model control (so
+# `postsim index publish` loads new `retrieval` versions), one --load-model per model that
+# postsim.model_repository.layout.loadable_models finds complete (before the first index,
+# neither `retrieval` nor `similar_posts`), --strict-readiness, a 30 s exit timeout.
 #
-#   tritonserver --model-repository=R --model-control-mode=explicit \
-#       --load-model=M1 --load-model=M2 ... \
-#       --http-port=8000 --grpc-port=8001 --metrics-port=8002 ...
-#
-# Explicit model control is what lets `postsim index publish` load a new version of
-# `retrieval` over gRPC while the server runs. The models are named one by one, as
-# `postsim serve` does, rather than with --load-model=*: before the first index is
-# published `retrieval` has no version, `*` would try to load it and `similar_posts`,
-# fail, and --exit-on-error would stop the server. postsim's own loadable_models() decides.
-#
-# Arguments are appended: TLS flags (--grpc-use-ssl=true --grpc-server-cert=...) go after
-# the image name or in the compose `command:`.
+# Arguments are appended: `postsim serve` options (--tls-cert ... --tls-ca ...) go after
+# the image name or in the compose `command:`. POSTSIM_ADMIN_KEY reaches postsim serve
+# through the environment, never a command line (which every local user can read).
 set -eu
 
 # Fixed ports: EXPOSE, the HEALTHCHECK and the Prometheus target use them; remap them on
-# the host side (-p 18001:8001) instead.
+# the host side (-p 18001:8001) instead. 8003 answers /v2/health/* only, in plaintext, on
+# the container's loopback: the HEALTHCHECK's, whether the public ports speak TLS or not.
 repository="${POSTSIM_REPOSITORY:-/models}"
 # Shared memory each Python-backend model instance starts with (ServerSettings default).
 python_shm_bytes="${POSTSIM_PYTHON_SHM_BYTES:-16777216}"
@@ -39,27 +37,14 @@ if [ -z "${models}" ]; then
     exit 1
 fi
 
-set -- \
-    --model-repository="${repository}" \
-    --model-control-mode=explicit \
+echo "postsim: serving ${models} from ${repository}" >&2
+exec postsim serve \
+    --triton-dir=/opt/tritonserver \
+    --repository="${repository}" \
     --http-port=8000 \
     --grpc-port=8001 \
     --metrics-port=8002 \
-    --exit-timeout-secs=30 \
-    --backend-config=python,shm-default-byte-size="${python_shm_bytes}" \
-    --strict-readiness=true \
-    --log-verbose=0 \
+    --health-address=127.0.0.1:8003 \
+    --shm-default-bytes="${python_shm_bytes}" \
+    --log-file=/tmp/tritonserver.log \
     "$@"
-for model in ${models}; do
-    set -- "$@" --load-model="${model}"
-done
-
-# As `postsim serve --admin-key` (same variable, same header): model control and shared
-# memory then need the `postsim-admin-key` header. Unset or empty: unrestricted.
-if [ -n "${POSTSIM_ADMIN_KEY:-}" ]; then
-    restricted="model-repository,shared-memory:postsim-admin-key=${POSTSIM_ADMIN_KEY}"
-    set -- "$@" --grpc-restricted-protocol="${restricted}" --http-restricted-api="${restricted}"
-fi
-
-echo "postsim: serving ${models} from ${repository}" >&2
-exec tritonserver "$@"

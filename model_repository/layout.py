@@ -47,6 +47,8 @@ LOAD_ORDER = (
     contract.RETRIEVAL_GATEWAY,
     contract.SIMILAR_POSTS,
 )
+INDEX_SERVING_MODELS = (contract.RETRIEVAL_GATEWAY, contract.SIMILAR_POSTS)
+"""Models that serve the index: loaded once ``retrieval`` has a version, so they are never ready without one."""
 
 
 def model_py_source(model: str) -> str:
@@ -68,8 +70,9 @@ def version_dirs(model_dir: Path) -> list[Path]:
 def loadable_models(repository: Path) -> list[str]:
     """Models with a config and at least one version folder, in dependency order.
 
-    ``retrieval`` is loadable once an index is published; ``similar_posts`` reaches it through
-    ``retrieval_gateway`` (which answers "publish an index" until then).
+    ``retrieval`` is loadable once an index is published, and so are the models that serve
+    it (INDEX_SERVING_MODELS: ``similar_posts`` reaches ``retrieval`` through
+    ``retrieval_gateway``); before that ``similar_posts`` is not loaded, and not ready.
     """
     found = []
     for model in LOAD_ORDER:
@@ -78,6 +81,6 @@ def loadable_models(repository: Path) -> list[str]:
             continue
         if version_dirs(model_dir):
             found.append(model)
-    if contract.SIMILAR_POSTS in found and contract.RETRIEVAL_GATEWAY not in found:
-        found.remove(contract.SIMILAR_POSTS)
+    if contract.RETRIEVAL not in found or contract.RETRIEVAL_GATEWAY not in found:
+        found = [model for model in found if model not in INDEX_SERVING_MODELS]
     return found

@@ -103,3 +103,21 @@ def admin_server(
 ) -> Iterator[TritonServer]:
     """A tritonserver whose model control and repository index need ADMIN_KEY, on its own copy of the repository."""
     yield from serve_a_copy(exported_repository, tmp_path_factory, "admin-served", admin_key=ADMIN_KEY)
+
+
+def publish_random_index(repository: Path, url: str, count: int = 60) -> None:
+    """An index of random unit vectors: similar_posts needs one to load, its contents do not matter here."""
+    import numpy as np
+
+    from postsim.client.api import PostSimClient
+    from postsim.client.indexing import build_index_dir
+    from postsim.client.publish import publish_index
+    from postsim.model_repository.manifest import WeightsManifest
+
+    manifest = WeightsManifest.read(repository)
+    vectors = np.random.default_rng(0).standard_normal((count, manifest.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index_dir = repository.parent / "index"
+    build_index_dir(index_dir, [f"post-{i}" for i in range(count)], vectors, weights_fingerprint=manifest.fingerprint)
+    with PostSimClient(url) as client:
+        publish_index(index_dir, repository, client=client)

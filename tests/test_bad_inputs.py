@@ -27,20 +27,17 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
-from conftest import ExportedRepository, server_settings
+from conftest import ExportedRepository, publish_random_index, server_settings
 from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
-from postsim.client.indexing import build_index_dir
 from postsim.client.posts import Post
-from postsim.client.publish import publish_index
 from postsim.export.triton_config import InputLimits, apply_input_limits, parse_pbtxt, to_pbtxt
 from postsim.model_repository import contract
 from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.layout import CONFIG_NAME
-from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.server import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -63,17 +60,6 @@ def _set_batching_delay(repository: Path, models: tuple[str, ...], delay_us: int
         path.write_text(to_pbtxt(config))
 
 
-def _publish_random_index(repository: Path, url: str, count: int = 60) -> None:
-    """An index of random unit vectors: similar_posts needs one to load, its contents do not matter here."""
-    manifest = WeightsManifest.read(repository)
-    vectors = np.random.default_rng(0).standard_normal((count, manifest.dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    index_dir = repository.parent / "index"
-    build_index_dir(index_dir, [f"post-{i}" for i in range(count)], vectors, weights_fingerprint=manifest.fingerprint)
-    with PostSimClient(url) as client:
-        publish_index(index_dir, repository, client=client)
-
-
 @pytest.fixture(scope="module")
 def limited_server(
     exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory
@@ -84,7 +70,7 @@ def limited_server(
     _set_batching_delay(repository, (contract.PREPROCESS_IMAGE, contract.TEXT_ENCODER), BATCHING_DELAY_US)
     settings = server_settings(repository, exit_timeout_s=5)
     with TritonServer(settings, log_path=repository.parent / "tritonserver.log") as server:
-        _publish_random_index(repository, server.endpoints.grpc)
+        publish_random_index(repository, server.endpoints.grpc)
         yield server
 
 

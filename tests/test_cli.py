@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +47,23 @@ def test_serve_on_a_repository_never_exported_says_to_export(tmp_path: Path) -> 
     code, output = _postsim("serve", "--repository", str(tmp_path))
     assert code == 1
     assert "weights.json is missing" in output and "postsim export" in output
+
+
+def _words(output: str) -> str:
+    """Typer's boxed message as plain words: without the box, however it wrapped."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
+def test_serve_takes_the_admin_key_one_way_and_never_from_an_empty_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "admin-key"
+    key_file.write_text("\n")
+    code, output = _postsim("serve", "--repository", str(tmp_path), "--admin-key-file", str(key_file))
+    assert code == 2 and "is empty: write the admin key on its first line" in _words(output)
+    key_file.write_text("s3cret\n")
+    code, output = _postsim("serve", "--admin-key", "other", "--admin-key-file", str(key_file))
+    assert code == 2 and "give the admin key one way" in _words(output)
+    code, output = _postsim("serve", "--help")
+    assert "readable by every local user" in _words(output)
 
 
 def test_embed_without_a_server_says_how_to_start_one() -> None:

@@ -33,9 +33,11 @@ SERVE_TRITON = DOCKER / "serve-triton.sh"
 DOCKERFILES = {"gpu": DOCKER / "Dockerfile", "cpu": DOCKER / "Dockerfile.cpu"}
 SERVER_SERVICES = {"gpu": "triton", "cpu": "triton-cpu"}
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+HEALTH_PORT = 8003
+"""Where the images answer /v2/health/* in plaintext, on the container's loopback only (not published)."""
 MODEL_REPOSITORY = "/models"
 
-# Every metric Triton 2.51 (NGC 24.10, the nvidia-pytriton binary) can export, from Triton's
+# Every metric Triton 2.51 (the nvidia-pytriton binary) and 2.59 (NGC 25.06) can export, from Triton's
 # docs/user_guide/metrics.md and core's src/metrics.cc. Summaries and histograms are listed
 # with the suffixes Prometheus gives their series.
 TRITON_METRICS = frozenset(
@@ -533,7 +535,8 @@ def test_dockerfile_runtime_stage_is_a_non_root_server(dockerfile: tuple[str, Do
     assert exposed == set(PORTS.values())
     healthcheck = runtime.last("HEALTHCHECK")
     probe = " ".join(healthcheck.exec_form())
-    assert f"127.0.0.1:{PORTS['http']}/v2/health/ready" in probe
+    # The plaintext health port on the container's loopback: it answers whether the public ports speak TLS or not.
+    assert f"127.0.0.1:{HEALTH_PORT}/v2/health/ready" in probe
     repository = [i for i in runtime.all("COPY") if i.tokens()[-1] == MODEL_REPOSITORY]
     assert repository and repository[-1].flags().get("chown") == "1000:1000", "the server's user owns /models"
     # The serving image needs no torch: the wheel goes in without its declared dependencies,
@@ -548,7 +551,8 @@ def test_dockerfile_runtime_stage_is_a_non_root_server(dockerfile: tuple[str, Do
 
 def test_gpu_image_is_the_ngc_triton_with_the_gpu_extra() -> None:
     parsed = parse_dockerfile(DOCKERFILES["gpu"])
-    assert expand(parsed.runtime.base, parsed.global_args) == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    # The first NGC release with all of Triton's request-cancellation fixes (docker/README.md).
+    assert expand(parsed.runtime.base, parsed.global_args) == "nvcr.io/nvidia/tritonserver:25.06-py3"
     selects = " ".join(i.args for i in parsed.stages[-2].all("RUN"))
     assert "--extra gpu" in selects, "the gpu extra's requirements"
     for shadowing in ("onnxruntime", "faiss-cpu"):
@@ -570,6 +574,7 @@ def test_cpu_image_runs_postsim_serve_on_the_embedded_target() -> None:
     assert entrypoint[:2] == ["postsim", "serve"]
     options = dict(zip(entrypoint[2::2], entrypoint[3::2], strict=False))
     assert options["--repository"] == MODEL_REPOSITORY
+    assert options["--health-address"] == f"127.0.0.1:{HEALTH_PORT}"
     assert {options[f"--{name}-port"] for name in PORTS} == {str(port) for port in PORTS.values()}
     exports = " ".join(i.args for i in parsed.stages[-2].all("RUN"))
     assert "--target embedded" in exports
@@ -662,11 +667,16 @@ def _fake_repository(path: Path) -> Path:
 
 
 def _stub_path(tmp_path: Path) -> str:
-    """PATH with a stub tritonserver that prints its arguments, and a python3 that has postsim."""
+    """PATH with a stub ``postsim`` that prints its arguments (and, on stderr, the admin key it got), and a
+    python3 that has postsim."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    stub = bin_dir / "tritonserver"
-    stub.write_text('#!/bin/sh\nfor arg in "$@"; do printf "%s\\n" "$arg"; done\n', encoding="utf-8")
+    stub = bin_dir / "postsim"
+    stub.write_text(
+        '#!/bin/sh\nfor arg in "$@"; do printf "%s\\n" "$arg"; done\n'
+        'printf "admin key: %s\\n" "${POSTSIM_ADMIN_KEY:-}" >&2\n',
+        encoding="utf-8",
+    )
     # Exec'd by its own path, so that a virtualenv's interpreter still finds its packages
     # (in the image, postsim is in the system python3).
     python3 = bin_dir / "python3"
@@ -676,9 +686,11 @@ def _stub_path(tmp_path: Path) -> str:
     return os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])
 
 
-def _run_serve_triton(tmp_path: Path, repository: Path, **environment: str) -> subprocess.CompletedProcess[str]:
+def _run_serve_triton(
+    tmp_path: Path, repository: Path, *args: str, **environment: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["sh", str(SERVE_TRITON)],
+        ["sh", str(SERVE_TRITON), *args],
         capture_output=True,
         text=True,
         env={"PATH": _stub_path(tmp_path), "POSTSIM_REPOSITORY": str(repository), **environment},
@@ -686,40 +698,44 @@ def _run_serve_triton(tmp_path: Path, repository: Path, **environment: str) -> s
     )
 
 
-def _tritonserver_args(tmp_path: Path, repository: Path, **environment: str) -> list[str]:
-    """The tritonserver arguments serve-triton.sh builds, printed by the stub binary."""
-    result = _run_serve_triton(tmp_path, repository, **environment)
+def test_serve_triton_runs_postsim_serve_on_the_ngc_triton(tmp_path: Path) -> None:
+    """The GPU image runs postsim serve, front end included, on /opt/tritonserver instead of the wheel's."""
+    repository = _fake_repository(tmp_path / "models").resolve()
+    result = _run_serve_triton(tmp_path, repository, "--tls-cert", "/certs/server.pem")
     assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    args = result.stdout.splitlines()
+    assert args[0] == "serve"
+    assert "--triton-dir=/opt/tritonserver" in args and f"--repository={repository}" in args
+    assert {f"--{name}-port={port}" for name, port in PORTS.items()} <= set(args)
+    assert "--health-address=127.0.0.1:8003" in args  # the HEALTHCHECK's, on the container's loopback
+    assert args[-2:] == ["--tls-cert", "/certs/server.pem"]  # the image's arguments come last
+    # No index yet: postsim serve loads neither retrieval nor similar_posts.
+    (serving,) = [line for line in result.stderr.splitlines() if line.startswith("postsim: serving")]
+    assert "post_embedding" in serving and "retrieval" not in serving and "similar_posts" not in serving
 
 
-def _postsim_serve_flags(repository: Path, admin_key: str | None = None) -> list[str]:
+def test_postsim_serve_gives_another_triton_install_the_flags_it_gives_the_wheels(tmp_path: Path) -> None:
     from postsim.model_repository.layout import loadable_models
     from postsim.model_repository.server import ServerSettings, TritonServer
 
-    settings = ServerSettings(repository=repository, admin_key=admin_key)
-    # The wheel's binary listens on `address`; tritonserver's own default is the same.
-    assert settings.address == "0.0.0.0"
-    server = TritonServer(settings, log_path=repository.parent / "unused.log")
-    server.models = loadable_models(server.repository)
-    binary_specific = ("--backend-directory=", "--cache-directory=", "--grpc-address=", "--http-address=")
-    return [arg for arg in server.command(Path("/wheel"))[1:] if not arg.startswith(binary_specific)]
-
-
-def test_serve_triton_passes_the_flags_of_postsim_serve(tmp_path: Path) -> None:
     repository = _fake_repository(tmp_path / "models").resolve()
-    args = _tritonserver_args(tmp_path, repository)
-    assert sorted(args) == sorted(_postsim_serve_flags(repository))
-    # No index yet: retrieval and similar_posts are not asked for, and no wildcard.
-    assert "--load-model=retrieval" not in args
-    assert "--load-model=*" not in args
-    assert "--load-model=post_embedding" in args
+    settings = ServerSettings(repository=repository, triton_dir=Path("/opt/tritonserver"))
+    ngc = TritonServer(settings, log_path=tmp_path / "unused.log")
+    ngc.models = loadable_models(ngc.repository)
+    flags = ngc.command(Path("/opt/tritonserver"))
+    shutil.rmtree(ngc.internal.socket_dir)
+    assert flags[0] == "/opt/tritonserver/bin/tritonserver"
+    assert "--backend-directory=/opt/tritonserver/backends" in flags
+    wheel = [flag.replace("/wheel", "/opt/tritonserver") for flag in ngc.command(Path("/wheel"))]
+    assert flags == wheel
 
 
-def test_serve_triton_restricts_model_control_like_postsim_serve(tmp_path: Path) -> None:
+def test_serve_triton_gives_the_admin_key_through_the_environment_only(tmp_path: Path) -> None:
     repository = _fake_repository(tmp_path / "models").resolve()
-    args = _tritonserver_args(tmp_path, repository, POSTSIM_ADMIN_KEY="s3cret")
-    assert sorted(args) == sorted(_postsim_serve_flags(repository, admin_key="s3cret"))
+    result = _run_serve_triton(tmp_path, repository, POSTSIM_ADMIN_KEY="s3cret")
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout, "every local user can read a command line"
+    assert "admin key: s3cret" in result.stderr
 
 
 def test_serve_triton_refuses_an_empty_repository(tmp_path: Path) -> None:
@@ -727,7 +743,7 @@ def test_serve_triton_refuses_an_empty_repository(tmp_path: Path) -> None:
     result = _run_serve_triton(tmp_path, tmp_path / "empty")
     assert result.returncode == 1
     assert "postsim export" in result.stderr
-    assert not result.stdout, "tritonserver must not start"
+    assert not result.stdout, "the server must not start"
 
 
 def test_serve_triton_passes_shellcheck() -> None:

@@ -2,6 +2,10 @@
 
 - a model's Python-backend process killed: Triton 2.51 neither restarts it nor marks the
   model unready; postsim's launcher reloads it, and the client says what happened;
+- a Python-backend process starved of CPU past Triton's one-second health check: Triton gives
+  up on it and, once it answers, crashes; the launcher ends it first;
+- tritonserver killed: the launcher restarts it, and the front end answers UNAVAILABLE meanwhile;
+  a server restarts on its ports right after a clean stop;
 - SIGTERM under load: requests in flight finish, new ones are refused, the process exits;
 - a bad new model version: the server refuses it and keeps serving the old one;
 - shared memory exhausted: an error that names the setting, and the server keeps serving.
@@ -10,13 +14,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 import pytest
-from conftest import ExportedRepository, server_settings
+from conftest import ExportedRepository, publish_random_index, server_settings
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -84,19 +92,27 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
 # --------------------------------------------------------------------------- (a) a stub killed
 
 
-def test_a_dead_stub_is_reported_with_what_to_do() -> None:
+UNHEALTHY = "Triton judged the process of model 'tokenize' unhealthy"
+
+
+def test_a_stub_triton_judged_unhealthy_is_reported_without_claiming_it_died() -> None:
+    """Triton says "not healthy" of a dead process and of a live one that missed its health check alike."""
     exc = InferenceServerException(
         msg="in ensemble 'post_embedding', Stub process 'tokenize_0_0' is not healthy.", status="StatusCode.INTERNAL"
     )
     error = map_server_error(exc, url=URL, model=contract.POST_EMBEDDING, what="post 0")
     assert type(error) is ServerError and error.status == "INTERNAL"
-    assert "model 'tokenize' lost its process" in str(error) and "`postsim serve` reloads it" in str(error)
+    message = str(error)
+    assert UNHEALTHY in message and "(it died, or did not answer Triton's health check in time)" in message
+    assert "`postsim serve` replaces such a process within seconds, so retry" in message
+    assert "lost its process" not in message and "crashed or was killed" not in message
 
 
 def test_a_killed_stub_fails_its_model_until_reloaded_and_the_watchdog_reloads_it(
     repository: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = start_server(server_settings(repository, stub_watch_interval_s=None, exit_timeout_s=5))
+    exit_timeout_s = 20
+    server = start_server(server_settings(repository, stub_watch_interval_s=None, exit_timeout_s=exit_timeout_s))
     with PostSimClient(server.endpoints.grpc) as client:
         (before,) = client.embed([TEXT_POST])
 
@@ -104,7 +120,7 @@ def test_a_killed_stub_fails_its_model_until_reloaded_and_the_watchdog_reloads_i
         (stub,) = [stub for stub in server.stubs() if stub.model == contract.TOKENIZE]
         os.kill(stub.pid, signal.SIGKILL)
         for _ in range(2):
-            with pytest.raises(ServerError, match=r"model 'tokenize' lost its process .* reloads it"):
+            with pytest.raises(ServerError, match=rf"{UNHEALTHY} .* replaces such a process"):
                 client.embed([TEXT_POST])
         assert client.is_model_ready(contract.TOKENIZE)  # Triton's view, which is wrong
         server.reload_model(contract.TOKENIZE)
@@ -131,7 +147,7 @@ def test_a_killed_stub_fails_its_model_until_reloaded_and_the_watchdog_reloads_i
         finally:
             watchdog.stop()
     assert np.allclose(after.embedding, before.embedding, atol=1e-6)
-    assert all("model 'tokenize' lost its process" in error for error in errors), errors
+    assert all(UNHEALTHY in error for error in errors), errors
     assert (
         f"model 'tokenize' (version 1): its Python-backend process (pid {stub.pid}) killed by signal 9" in caplog.text
     )
@@ -139,6 +155,87 @@ def test_a_killed_stub_fails_its_model_until_reloaded_and_the_watchdog_reloads_i
     (new_stub,) = [live for live in server.stubs() if live.model == contract.TOKENIZE]
     assert new_stub.pid != stub.pid
     assert server.dead_stub_models == [contract.TOKENIZE]  # the earlier death was before the watchdog
+
+    # The requests that failed on the dead stubs pin its old versions inside Triton 2.51, which would
+    # wait out its whole exit timeout for them and exit 1: stopping must not.
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="postsim"):
+        assert server.stop() == 0
+    took = time.monotonic() - started
+    assert took < exit_timeout_s, f"stop() took {took:.1f} s: it waited out Triton's exit timeout"
+    assert "live models that nothing will release (Triton 2.51): ending it" in caplog.text
+
+
+def test_a_stub_starved_past_its_health_check_is_ended_before_it_can_crash_the_server(
+    repository: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped process is a process starved of CPU, for as long as the test says.
+
+    Triton 2.51 judges a stub that does not answer its health check within a second
+    unhealthy and fails its batch, but the stub lives on; Triton then sends it the next batch
+    and reads the answer to the failed one as the answer to it: wrong outputs, then SIGSEGV in
+    TRITONBACKEND_ModelInstanceExecute and a boost::interprocess::lock_exception.
+    """
+    server = start_server(server_settings(repository, exit_timeout_s=10))
+    assert server.process is not None
+    pid = server.process.pid
+    posts = [Post(text=f"post {i} at the beach", image=_jpeg(i)) for i in range(16)]
+    with PostSimClient(server.endpoints.grpc) as client:
+        before = client.embed(posts[:1])[0]
+    failures: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:
+        with PostSimClient(server.endpoints.grpc) as client:
+            while not done.is_set():
+                try:
+                    client.embed(posts)
+                except PostSimError as error:
+                    failures.append(str(error))
+                    time.sleep(0.1)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1)
+        starved = [stub for stub in server.stubs() if stub.model == contract.FUSER]
+        with caplog.at_level(logging.INFO, logger="postsim"):
+            for stub in starved:
+                os.kill(stub.pid, signal.SIGSTOP)
+            time.sleep(4)
+            for stub in starved:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stub.pid, signal.SIGCONT)
+            time.sleep(3)
+    finally:
+        done.set()
+        worker.join()
+    with PostSimClient(server.endpoints.grpc) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                after = client.embed(posts[:1])[0]
+                break
+            except ServerError:
+                assert time.monotonic() < deadline, "fuser did not come back"
+                time.sleep(0.5)
+    assert server.process is not None and server.process.pid == pid, "tritonserver crashed and was restarted"
+    assert "Signal (11)" not in server.log_text() and "lock_exception" not in server.log_text()
+    assert np.allclose(after.embedding, before.embedding, atol=1e-6)
+    assert failures, "Triton never judged the starved process unhealthy"
+    assert all("Triton judged the process of model 'fuser' unhealthy" in failure for failure in failures), failures
+    assert "unhealthy although its process is alive" in caplog.text
+    assert "model 'fuser' reloaded after its process died" in caplog.text
+    assert not any(_alive(stub.pid) for stub in starved)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie has died: only its exit status is left)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
 
 
 # --------------------------------------------------------------------------- (b) SIGTERM under load
@@ -207,6 +304,8 @@ def test_sigterm_under_load_finishes_requests_in_flight_and_refuses_new_ones(
     for error in refused:
         assert isinstance(error, ServerError)
         assert any(hint in str(error) for hint in ("stopping", "shutting down", "cannot reach")), str(error)
+    # UNAVAILABLE, which clients retry (Triton alone answered NOT_FOUND: "unknown model").
+    assert {error.status for error in refused if isinstance(error, ServerError)} == {"UNAVAILABLE"}
     assert "Signal (11)" not in server.log_text()
 
 
@@ -283,3 +382,98 @@ def test_exhausted_shared_memory_is_an_error_naming_the_setting(repository: Path
         assert "ran out of shared memory" in message
         assert "ServerSettings.shm_default_bytes" in message and "--shm-size" in message
         assert len(client.embed([post])) == 1  # and it keeps serving what fits
+
+
+# --------------------------------------------------------------------------- (e) tritonserver itself
+
+
+def test_a_killed_tritonserver_is_restarted_with_its_published_index(
+    repository: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(server_settings(repository, exit_timeout_s=5, restart_backoff_s=0.5))
+    publish_random_index(repository, server.endpoints.grpc)
+    query = Post(text="Sunset over the bay")
+    errors: list[ServerError] = []
+    with PostSimClient(server.endpoints.grpc, timeout_s=30) as client:
+        before = [neighbor.id for neighbor in client.similar(query, k=5)]
+        assert server.process is not None
+        first = server.process.pid
+        with caplog.at_level(logging.INFO, logger="postsim"):
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    after = [neighbor.id for neighbor in client.similar(query, k=5)]
+                    break
+                except ServerError as error:
+                    errors.append(error)
+                    assert time.monotonic() < deadline, f"not back within 300 s: {errors[-1]}"
+                    time.sleep(0.2)
+        assert client.is_ready()
+    assert server.process is not None and server.process.pid != first and server.restarts == 1
+    assert after == before  # the published index came back
+    assert errors, "no request was sent while tritonserver was down"
+    assert all(isinstance(error, ServerUnavailableError) and error.status == "UNAVAILABLE" for error in errors), [
+        (type(error).__name__, error.status, str(error)) for error in errors
+    ]
+    assert any("restarting tritonserver" in str(error) for error in errors)
+    assert "tritonserver died (killed by signal 9 (SIGKILL)): restarting it in 0.5 s (restart 1)" in caplog.text
+    assert "tritonserver is back (restart 1)" in caplog.text
+
+
+def _time_wait_ports() -> set[int]:
+    """Local ports of IPv4 TCP connections in TIME_WAIT."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "06":
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_server_restarts_on_its_ports_right_after_a_clean_stop(repository: Path, start_server: StartServer) -> None:
+    settings = server_settings(repository, exit_timeout_s=5)
+    first = start_server(settings)
+    # A health probe, as Docker's HEALTHCHECK sends: the server closes the connection, and its
+    # side of it lingers in TIME_WAIT for a minute on the HTTP port.
+    with urllib.request.urlopen(f"{first.endpoints.http}/v2/health/ready", timeout=10) as response:
+        assert response.status == 200
+    assert first.stop() == 0
+    assert settings.http_port in _time_wait_ports(), "no connection in TIME_WAIT: the test proves nothing"
+    second = start_server(settings)
+    with PostSimClient(second.endpoints.grpc) as client:
+        assert len(client.embed([TEXT_POST])) == 1
+
+
+_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+grpc_port, http_port, metrics_port = free_ports(3)
+settings = ServerSettings(repository=Path(sys.argv[1]), address="127.0.0.1", grpc_port=grpc_port,
+                          http_port=http_port, metrics_port=metrics_port, exit_timeout_s=5)
+server = TritonServer(settings, log_path=Path(sys.argv[2]))
+server.start()
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_tritonserver_does_not_outlive_a_launcher_that_was_killed(repository: Path, tmp_path: Path) -> None:
+    """tritonserver runs in a session of its own: nothing else would ever stop it (nor free its ports and memory)."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(repository), str(tmp_path / "tritonserver.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert launcher.stdout is not None
+        triton_pid = int(launcher.stdout.readline())
+        assert _alive(triton_pid)
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 60
+    while _alive(triton_pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(triton_pid), "tritonserver still runs after its launcher was killed"

@@ -7,6 +7,9 @@ import os
 import shutil
 import signal
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +58,24 @@ def published(server: TritonServer, corpus_dir: Path, tmp_path_factory: pytest.T
     return PublishedCorpus(posts=list(read_posts(corpus_dir / "posts.jsonl")), index_dir=index_dir)
 
 
+def _server_ready(server: TritonServer) -> bool:
+    """The server's readiness, as a load balancer asks it: over HTTP and over gRPC, which must agree."""
+    try:
+        with urllib.request.urlopen(f"{server.endpoints.http}/v2/health/ready", timeout=10) as response:
+            over_http = response.status == 200
+    except urllib.error.HTTPError:
+        over_http = False
+    with grpcclient.InferenceServerClient(server.endpoints.grpc) as client:
+        over_grpc = bool(client.is_server_ready())
+    assert over_http == over_grpc
+    return over_http
+
+
 def test_before_any_publish_similar_posts_says_to_publish_an_index(server: TritonServer) -> None:
     """Runs before the module's `published` fixture: retrieval is not loaded yet."""
     with PostSimClient(server.endpoints.grpc) as client:
-        assert client.is_model_ready("similar_posts")
+        assert not client.is_model_ready("similar_posts")  # not ready without an index to answer from
+        assert _server_ready(server)  # post_embedding answers
         with pytest.raises(ServerError, match="postsim index publish"):
             client.similar(Post(text="sunset over the sea"), k=3)
         with pytest.raises(SearchIndexError, match="nothing to roll back"):
@@ -282,6 +299,24 @@ def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
             client.load_model("retrieval")
         assert client.similar(published.posts[0].to_post(), k=1)[0].id == published.posts[0].id
     assert f"retrieval version {version_dir.name} refused" in server.log_text()
+    shutil.rmtree(version_dir)
+
+
+def test_the_server_stays_ready_while_a_refused_index_version_sits_beside_the_serving_one(
+    server: TritonServer, published: PublishedCorpus
+) -> None:
+    """A load balancer must not take a server out of service that answers every query."""
+    with PostSimClient(server.endpoints.grpc) as client:
+        assert client.is_model_ready(contract.SIMILAR_POSTS)
+        assert _server_ready(server)
+        version_dir = install_version(published.index_dir, server.repository)
+        _flip_a_byte(version_dir / "index" / "index.faiss")
+        with pytest.raises(PostSimError):
+            client.load_model(contract.RETRIEVAL)
+        for _ in range(5):  # Triton alone stayed not-ready for minutes
+            assert client.similar(published.posts[0].to_post(), k=1)[0].id == published.posts[0].id
+            assert _server_ready(server)
+            time.sleep(0.5)
     shutil.rmtree(version_dir)
 
 

@@ -1,16 +1,23 @@
-"""gRPC over mutual TLS and the admin key of Triton's restricted APIs, on a real tritonserver.
+"""Mutual TLS on every public port and the admin key, on a real server (front end and tritonserver).
 
 A throw-away CA signs the server's certificate (for localhost and 127.0.0.1) and a client
-certificate; the server requires a client certificate signed by it, and the admin key for
-model control and the repository index. Inference needs no key.
+certificate; the server requires a client certificate signed by it on gRPC, HTTP and
+metrics, answers plaintext only on the health port it was given, and requires the admin
+key for model control, the repository index, shared memory, log and trace settings.
+Inference needs no key.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import ipaddress
+import json
 import logging
 import shutil
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +28,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from tritonclient.grpc import InferenceServerClient
+from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient
 from postsim.client.posts import Post
 from postsim.model_repository import contract
 from postsim.model_repository.errors import ServerError, ServerUnavailableError
-from postsim.model_repository.server import RESTRICTED_HEADER, TlsSettings, TritonServer
+from postsim.model_repository.server import RESTRICTED_HEADER, TlsSettings, TritonServer, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +132,10 @@ def tls_server(
     repository = tmp_path_factory.mktemp("tls") / "repository"
     shutil.copytree(exported_repository.path, repository)
     tls = TlsSettings(certificate=pki.server_certificate, private_key=pki.server_key, client_ca=pki.ca)
-    settings = server_settings(repository, tls=tls, admin_key=ADMIN_KEY, exit_timeout_s=5)
+    (health_port,) = free_ports(1)
+    settings = server_settings(
+        repository, tls=tls, admin_key=ADMIN_KEY, exit_timeout_s=5, health_address=f"127.0.0.1:{health_port}"
+    )
     with TritonServer(settings, log_path=repository.parent / "tritonserver.log") as server:
         yield server
 
@@ -204,6 +216,107 @@ def test_model_control_needs_the_admin_key(url: str, pki: Pki) -> None:
         client.load_model(contract.FUSER)
 
 
+# --------------------------------------------------------------------------- HTTP, metrics, health
+
+
+def _client_context(pki: Pki) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(pki.client_certificate, pki.client_key)
+    return context
+
+
+def _plaintext_answer(url: str) -> int | None:
+    """The HTTP status a plaintext request to ``url`` gets, or None when the server refuses to talk."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        return None
+
+
+def test_plaintext_http_to_a_tls_server_is_refused(tls_server: TritonServer) -> None:
+    http_port, metrics_port = tls_server.settings.http_port, tls_server.settings.metrics_port
+    assert _plaintext_answer(f"http://127.0.0.1:{http_port}/v2/models/{contract.SIMILAR_POSTS}") is None
+    assert _plaintext_answer(f"http://127.0.0.1:{http_port}/v2/health/ready") is None
+    assert _plaintext_answer(f"http://127.0.0.1:{metrics_port}/metrics") is None
+
+
+def test_https_with_the_client_certificate_is_served(tls_server: TritonServer, pki: Pki) -> None:
+    context = _client_context(pki)
+    assert tls_server.endpoints.http.startswith("https://")
+    with urllib.request.urlopen(f"{tls_server.endpoints.http}/v2/health/ready", context=context, timeout=10) as answer:
+        assert answer.status == 200
+    body = {
+        "inputs": [
+            {"name": "IMAGE", "shape": [1, 1], "datatype": "BYTES", "data": [""]},
+            {"name": "TEXT", "shape": [1, 1], "datatype": "BYTES", "data": ["sunset over the bay"]},
+        ]
+    }
+    request = urllib.request.Request(
+        f"{tls_server.endpoints.http}/v2/models/{contract.POST_EMBEDDING}/infer", data=json.dumps(body).encode()
+    )
+    with urllib.request.urlopen(request, context=context, timeout=60) as answer:
+        assert {output["name"] for output in json.loads(answer.read())["outputs"]} >= {contract.EMBEDDING_NAME}
+    with urllib.request.urlopen(tls_server.endpoints.metrics, context=context, timeout=10) as answer:
+        assert b"nv_inference_count" in answer.read()
+    without_certificate = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        urllib.request.urlopen(f"{tls_server.endpoints.http}/v2/health/ready", context=without_certificate, timeout=10)
+
+
+def test_the_health_port_answers_health_alone_in_plaintext(tls_server: TritonServer) -> None:
+    health = f"http://{tls_server.settings.health_address}"
+    assert _plaintext_answer(f"{health}/v2/health/live") == 200
+    assert _plaintext_answer(f"{health}/v2/health/ready") == 200
+    assert _plaintext_answer(f"{health}/v2/models/{contract.POST_EMBEDDING}") == 404
+    assert _plaintext_answer(f"{health}/v2/repository/index") == 404
+
+
+def test_log_and_trace_settings_need_the_admin_key(url: str, pki: Pki, tls_server: TritonServer) -> None:
+    def triton_client() -> InferenceServerClient:
+        return InferenceServerClient(
+            url,
+            ssl=True,
+            root_certificates=str(pki.ca),
+            private_key=str(pki.client_key),
+            certificate_chain=str(pki.client_certificate),
+        )
+
+    with triton_client() as client:
+        for call in (
+            lambda: client.update_log_settings({"log_verbose_level": 1}),
+            lambda: client.get_log_settings(),
+            lambda: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+            lambda: client.get_system_shared_memory_status(),
+        ):
+            with pytest.raises(InferenceServerException, match="restricted") as refused:
+                call()
+            assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+        admin = {"triton-grpc-protocol-postsim-admin-key": ADMIN_KEY}
+        assert client.get_log_settings(headers=admin).settings["log_verbose_level"].uint32_param == 0
+    request = urllib.request.Request(
+        f"{tls_server.endpoints.http}/v2/logging", data=json.dumps({"log_verbose_level": 1}).encode()
+    )
+    with pytest.raises(urllib.error.HTTPError) as forbidden:
+        urllib.request.urlopen(request, context=_client_context(pki), timeout=10)
+    assert forbidden.value.code == 403 and "restricted" in forbidden.value.read().decode()
+
+
+def test_the_admin_key_is_on_no_command_line(tls_server: TritonServer) -> None:
+    """Every local user can read every process's command line (/proc/PID/cmdline)."""
+    holders = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if ADMIN_KEY.encode() in cmdline.read_bytes():
+                holders.append(cmdline.parent.name)
+        except OSError:
+            continue  # gone meanwhile
+    assert holders == []
+
+
+# Last: it stops the module's server.
 def test_the_launcher_uses_the_admin_key_for_its_own_model_control(
     tls_server: TritonServer, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
