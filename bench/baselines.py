@@ -34,10 +34,10 @@ from postsim.bench.results import (
     LatencyStats,
     available_cores,
 )
-from postsim.bench.workload import BenchError, BenchPost, post_at
+from postsim.bench.workload import BenchPost, post_at
+from postsim.core.errors import BenchError, InvalidPostError, PostSimError, RepositoryError
 from postsim.export.triton_config import parse_pbtxt
 from postsim.model_repository import contract
-from postsim.model_repository.errors import InvalidPostError, PostSimError, RepositoryError
 from postsim.model_repository.layout import CONFIG_NAME, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.preprocessing import preprocess_images

@@ -33,7 +33,7 @@ from postsim.client.indexing import (
     train_index,
     tune_search,
 )
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
 from postsim.model_repository.search_index import gpu_available, index_to_gpu
 
 logger = logging.getLogger("postsim")

@@ -43,11 +43,12 @@ from postsim.bench.results import (
     MachineInfo,
     ServingBenchReport,
 )
-from postsim.bench.workload import BenchError, BenchPost, load_bench_posts, post_at, write_bench_corpus
+from postsim.bench.workload import BenchPost, load_bench_posts, post_at, write_bench_corpus
 from postsim.client.api import AsyncPostSimClient, PostSimClient
+from postsim.core.errors import BenchError, PostSimError
+from postsim.core.files import write_text_atomic
 from postsim.export.triton_config import ServingSettings, parse_pbtxt, to_pbtxt
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
@@ -301,9 +302,7 @@ def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
         if "intra_op_threads" in config.parameters:
             for key, value in serving.session_parameters(name).items():
                 config.parameters[key].string_value = value
-        staging = config_path.with_name(f".{CONFIG_NAME}.bench")
-        staging.write_text(to_pbtxt(config))
-        os.replace(staging, config_path)  # never through the hard link: the original stays as it was
+        write_text_atomic(config_path, to_pbtxt(config))  # a new file: never through the hard link to the original
 
 
 def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from postsim.bench.workload import BenchError, load_bench_posts, write_bench_corpus
+from postsim.bench.workload import load_bench_posts, write_bench_corpus
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.client.posts import Post
+from postsim.core.errors import BenchError, PostSimError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
 from postsim.model_repository.server import SHM_DIR, process_rss_bytes, stub_processes
 
 logger = logging.getLogger("postsim")

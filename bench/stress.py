@@ -39,12 +39,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from postsim.bench.serving import loopback_settings, scratch_repository
-from postsim.bench.workload import BenchError
 from postsim.client.api import PostSimClient, build_inputs, without_traceback
 from postsim.client.publish import publish_index, rollback_index
 from postsim.client.samples import read_posts, write_sample_posts
+from postsim.core.errors import BenchError, PostSimError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
 from postsim.model_repository.server import TritonServer
 
 logger = logging.getLogger("postsim")

@@ -14,14 +14,10 @@ from pathlib import Path
 
 from postsim.client.posts import Post
 from postsim.client.samples import read_posts, write_sample_posts
-from postsim.model_repository.errors import PostSimError
+from postsim.core.errors import BenchError
 
 BENCH_IMAGE_SIZE = (640, 480)
 BENCH_WORDS = (20, 60)
-
-
-class BenchError(PostSimError):
-    """The benchmark cannot run as asked (bad settings, a configuration that failed)."""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ the two cannot drift apart.
 Posts are checked before anything is sent; a batch larger than the server's
 ``max_batch_size`` is split into chunks whose results come back in the caller's order.
 Every :class:`~tritonclient.utils.InferenceServerException` becomes one of
-:class:`~postsim.model_repository.errors.ServerUnavailableError`,
-:class:`~postsim.model_repository.errors.InvalidPostError` or
-:class:`~postsim.model_repository.errors.ServerError`, raised ``from None``.
+:class:`~postsim.core.errors.ServerUnavailableError`,
+:class:`~postsim.core.errors.InvalidPostError` or
+:class:`~postsim.core.errors.ServerError`, raised ``from None``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.utils import InferenceServerException
 
-from postsim.model_repository import contract
-from postsim.model_repository.errors import (
+from postsim.core.errors import (
     INDEX_NOT_LOADED_MESSAGE,
     NO_INDEX_MESSAGE,
     InvalidPostError,
@@ -40,6 +39,7 @@ from postsim.model_repository.errors import (
     ServerError,
     ServerUnavailableError,
 )
+from postsim.model_repository import contract
 from postsim.model_repository.front_end import OVERLOADED_MESSAGE, RETRY_SOON_MESSAGES, SHUTTING_DOWN_MESSAGE
 from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
 from postsim.model_repository.server import (

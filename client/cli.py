@@ -24,9 +24,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from postsim.core.errors import PostSimError, SettingsError
+from postsim.core.paths import default_repository, default_run_dir
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError, SettingsError
-from postsim.model_repository.locations import default_repository, default_run_dir
 
 LOGGER = logging.getLogger("postsim")
 app = typer.Typer(

@@ -23,7 +23,7 @@ import numpy as np
 from postsim.client.api import AsyncPostSimClient
 from postsim.client.indexing import build_index_dir, post_caption
 from postsim.client.samples import CorpusPost, read_posts
-from postsim.model_repository.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
 LOGGER = logging.getLogger("postsim")

@@ -33,8 +33,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from postsim.core.errors import SearchIndexError
+from postsim.core.files import fsync_path as _fsync_path
+from postsim.core.files import write_text_atomic as _write_text
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.search_index import (
     CAPTIONS_FILE,
     IDS_FILE,
@@ -496,22 +498,6 @@ def _write_files(
     )
     _write_text(staging / MANIFEST_FILE, written.to_json())
     return written
-
-
-def _write_text(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so a rename in it is durable)."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

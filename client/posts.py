@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import InvalidPostError
 
 __all__ = ["EmbeddingResult", "Neighbor", "Post", "SimilarResult"]
 

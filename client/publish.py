@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postsim.client.api import PostSimClient, ServedRepository
+from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError, RepositoryError, SearchIndexError
 from postsim.model_repository.layout import CONFIG_NAME, model_py_source, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.search_index import load_index_dir, version_index_dir

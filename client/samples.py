@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from postsim.client.posts import Post
+from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.core.files import write_text_atomic
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import InvalidPostError
-from postsim.model_repository.files import write_text_atomic
 
 logger = logging.getLogger("postsim")
 
@@ -84,11 +84,11 @@ def write_sample_posts(
     only after every image is written: a crashed run leaves no corpus, never a half one.
     """
     if n < 0:
-        raise ValueError(f"n must be 0 or more, got {n}")
+        raise SettingsError(f"n must be 0 or more, got {n}")
     if not 0 < words[0] <= words[1]:
-        raise ValueError(f"words must be (min, max) with 0 < min <= max, got {words}")
+        raise SettingsError(f"words must be (min, max) with 0 < min <= max, got {words}")
     if image_size is not None and min(image_size) < MIN_SIDE:
-        raise ValueError(f"image_size sides must be at least {MIN_SIDE} px, got {image_size}")
+        raise SettingsError(f"image_size sides must be at least {MIN_SIDE} px, got {image_size}")
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     posts_path = out_dir / POSTS_FILE

@@ -15,8 +15,8 @@ import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from postsim.core.errors import OptionalDependencyError
 from postsim.model_repository.contract import DEFAULT_EMBEDDING_DIM
-from postsim.model_repository.errors import OptionalDependencyError
 
 _EXPORT_PACKAGES = ("torch", "transformers")
 

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from postsim.core.errors import ExportError, ExportMismatchError
 from postsim.export.models import TextEncoder, torch_required
 from postsim.export.quantize import row_cosines
 from postsim.export.weights import PostSimModels
@@ -42,7 +43,6 @@ from postsim.model_repository.contract import (
     TensorSpec,
     model_specs,
 )
-from postsim.model_repository.errors import ExportError, ExportMismatchError
 
 with torch_required():
     import torch

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +41,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from postsim.core.errors import ExportError
+from postsim.core.files import move_atomic
 from postsim.model_repository.contract import (
     ATTENTION_MASK,
     FUSER,
@@ -57,7 +57,6 @@ from postsim.model_repository.contract import (
     image_embedding,
     text_embedding,
 )
-from postsim.model_repository.errors import ExportError
 
 logger = logging.getLogger("postsim")
 
@@ -688,11 +687,4 @@ def _signature(path: Path) -> list[tuple[str, str, int, tuple[str | int, ...]]]:
 def install_converted(converted: ConvertedModels, destinations: Mapping[str, Path]) -> None:
     """Moves each converted encoder over its fp32 file in the repository, atomically per file."""
     for name in CONVERTED_MODELS:
-        destination = Path(destinations[name])
-        temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-        try:
-            shutil.move(converted.paths[name], temporary)  # a copy across file systems, else a rename
-            os.replace(temporary, destination)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        move_atomic(converted.paths[name], Path(destinations[name]))

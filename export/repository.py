@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from postsim.core.errors import ExportError, SettingsError
+from postsim.core.files import write_text_atomic
 from postsim.export.quantize import (
     AgreementReport,
     AttentionShape,
@@ -30,8 +32,6 @@ from postsim.export.quantize import (
 from postsim.export.triton_config import ENSEMBLE_STEPS, ServingSettings, Target, repository_configs, to_pbtxt
 from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository import contract
-from postsim.model_repository.errors import ExportError, SettingsError
-from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
 from postsim.model_repository.manifest import (
     MANIFEST_NAME,

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from postsim.core.errors import InvalidPostError
 from postsim.export.models import torch_required
 from postsim.export.weights import PostSimModels
 from postsim.model_repository.contract import (
@@ -22,7 +23,6 @@ from postsim.model_repository.contract import (
     TEXT_MASK,
     TensorSpec,
 )
-from postsim.model_repository.errors import InvalidPostError
 
 with torch_required():
     import torch

@@ -22,10 +22,10 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from postsim.core.errors import RepositoryError
+from postsim.core.files import write_text_atomic
 from postsim.model_repository import contract
 from postsim.model_repository.contract import ModelSpec, TensorSpec
-from postsim.model_repository.errors import RepositoryError
-from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME, Target
 from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
 from postsim.model_repository.preprocessing import DEFAULT_IMAGE_LIMITS

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from postsim.core.errors import ExportError, SettingsError
 from postsim.export.models import (
     AttentionFuser,
     ImageEncoder,
@@ -43,7 +44,6 @@ from postsim.model_repository.contract import (
     IMAGE_SIZE,
     TEXT_ENCODER,
 )
-from postsim.model_repository.errors import ExportError, SettingsError
 
 with torch_required():
     import torch

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from postsim.model_repository import contract
-from postsim.model_repository.errors import (
+from postsim.core.errors import (
     IndexNotLoadedError,
     InvalidPostError,
     NoIndexPublishedError,
@@ -31,6 +30,7 @@ from postsim.model_repository.errors import (
     RepositoryError,
     SearchIndexError,
 )
+from postsim.model_repository import contract
 from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from postsim.core.errors import ExportError
+
 DEFAULT_EMBEDDING_DIM = 256
 MAX_BATCH_SIZE = 16
 IMAGE_SIZE = 224
@@ -76,7 +78,7 @@ class TensorSpec:
         axes = {0: "batch"}
         variable = [axis for axis, size in enumerate(self.dims, start=1) if size == -1]
         if len(variable) != len(self.dim_names):
-            raise ValueError(f"{self.name}: name each variable dim (got {self.dim_names} for {self.dims})")
+            raise ExportError(f"{self.name}: name each variable dim (got {self.dim_names} for {self.dims})")
         axes.update(dict(zip(variable, self.dim_names, strict=True)))
         return axes
 

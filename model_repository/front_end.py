@@ -70,8 +70,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from postsim.core.errors import ServeError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import ServeError
 from postsim.model_repository.layout import INDEX_SERVING_MODELS
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postsim.model_repository.errors import RepositoryError
-from postsim.model_repository.files import write_text_atomic
+from postsim.core.errors import RepositoryError
+from postsim.core.files import write_text_atomic
 from postsim.model_repository.layout import Target
 
 LOGGER = logging.getLogger("postsim")

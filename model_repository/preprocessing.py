@@ -4,7 +4,7 @@ The ``preprocess_image`` Python-backend model calls :func:`preprocess_images` on
 batch. Every image arrives from an untrusted client, so decoding refuses, before any
 pixel is decoded, what is too big in bytes or in pixels, refuses what is not a whole
 image of a supported format, and turns every such refusal into an
-:class:`~postsim.model_repository.errors.InvalidPostError` that names the ``IMAGE`` input.
+:class:`~postsim.core.errors.InvalidPostError` that names the ``IMAGE`` input.
 
 The geometry is torchvision's ``Resize(256)`` (bilinear, antialiased, which is what
 Pillow's resize does) followed by ``CenterCrop(224)``, then ``ToTensor`` and the ImageNet
@@ -27,8 +27,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .contract import IMAGE, IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE
-from .errors import InvalidPostError, PostSimError
+from postsim.core.errors import InvalidPostError, PostSimError, SettingsError
+from postsim.model_repository.contract import IMAGE, IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE
 
 logger = logging.getLogger("postsim")
 
@@ -91,7 +91,7 @@ class ImageLimits:
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ImageLimits.{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"ImageLimits.{name} must be positive, got {getattr(self, name)}")
 
 
 DEFAULT_IMAGE_LIMITS = ImageLimits()

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import faiss
 import numpy as np
 
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
 from postsim.model_repository.manifest import sha256_file
 
 logger = logging.getLogger("postsim")

@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from postsim.core.errors import PostSimError, RepositoryError, ServeError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError, RepositoryError, ServeError
 from postsim.model_repository.front_end import (
     GRPC_RESTRICTED_HEADER,
     INTERNAL_HEADER,

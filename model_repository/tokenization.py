@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .contract import MAX_TEXT_TOKENS, TEXT
-from .errors import InvalidPostError, OptionalDependencyError, RepositoryError
+from postsim.core.errors import InvalidPostError, OptionalDependencyError, RepositoryError
+from postsim.model_repository.contract import MAX_TEXT_TOKENS, TEXT
 
 logger = logging.getLogger("postsim")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from postsim.core.paths import HOME_ENV, REPOSITORY_ENV
 from postsim.model_repository import contract
-from postsim.model_repository.locations import HOME_ENV, REPOSITORY_ENV
 from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
 
 TEST_SIZE = os.environ.get("POSTSIM_TEST_SIZE", "tiny")

@@ -42,9 +42,9 @@ from postsim.bench.serving import (
     scratch_repository,
     serving_summary,
 )
-from postsim.bench.workload import BenchError, BenchPost
+from postsim.bench.workload import BenchPost
+from postsim.core.errors import BenchError, ServerError
 from postsim.export.triton_config import ServingSettings
-from postsim.model_repository.errors import ServerError
 
 POSTS = [BenchPost(id=f"p{i}", image=b"", text=f"post {i}") for i in range(5)]
 

@@ -36,13 +36,13 @@ from postsim.client.api import (
     map_server_error,
 )
 from postsim.client.posts import EmbeddingResult, Neighbor, Post, SimilarResult
-from postsim.model_repository import contract
-from postsim.model_repository.errors import (
+from postsim.core.errors import (
     InvalidPostError,
     PostSimError,
     ServerError,
     ServerUnavailableError,
 )
+from postsim.model_repository import contract
 from postsim.model_repository.server import free_ports
 
 URL = "triton.example:8001"

@@ -38,8 +38,8 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
 from postsim.client.posts import Post
+from postsim.core.errors import PostSimError, ServeError, ServerError, ServerUnavailableError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError, ServeError, ServerError, ServerUnavailableError
 from postsim.model_repository.server import (
     ServerSettings,
     StubWatchdog,

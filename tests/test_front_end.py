@@ -32,8 +32,8 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient, build_inputs
 from postsim.client.posts import Post
+from postsim.core.errors import ServeError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import ServeError
 from postsim.model_repository.front_end import (
     _ADMIN_PATHS,
     GRPC_INTERNAL_HEADER,

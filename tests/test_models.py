@@ -11,6 +11,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the export extra")
 
+from postsim.core.errors import (  # noqa: E402
+    ExportError,
+    InvalidPostError,
+    OptionalDependencyError,
+    SettingsError,
+)
 from postsim.export.models import AttentionFuser, ModelSize  # noqa: E402
 from postsim.export.torch_pipeline import TorchPostPipeline  # noqa: E402
 from postsim.export.weights import (  # noqa: E402
@@ -22,12 +28,6 @@ from postsim.export.weights import (  # noqa: E402
     save_head,
 )
 from postsim.model_repository.contract import IMAGE_SIZE  # noqa: E402
-from postsim.model_repository.errors import (  # noqa: E402
-    ExportError,
-    InvalidPostError,
-    OptionalDependencyError,
-    SettingsError,
-)
 
 TINY = ModelSettings(weights="random", size=ModelSize.TINY)
 

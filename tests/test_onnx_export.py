@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch", reason="needs the export extra")
 
 import onnxruntime as ort  # noqa: E402
 
+from postsim.core.errors import ExportError, ExportMismatchError  # noqa: E402
 from postsim.export.models import ImageEncoder, ModelSize  # noqa: E402
 from postsim.export.onnx_export import (  # noqa: E402
     EXPORT_BATCH,
@@ -32,7 +33,6 @@ from postsim.model_repository.contract import (  # noqa: E402
     TEXT_ENCODER,
     model_specs,
 )
-from postsim.model_repository.errors import ExportError, ExportMismatchError  # noqa: E402
 
 SPECS = model_specs()
 

@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient
 from postsim.client.posts import Post
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.preprocessing import ImageLimits, preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
-from postsim.model_repository.errors import InvalidPostError, PostSimError
+from postsim.core.errors import InvalidPostError, PostSimError
 from postsim.model_repository.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,

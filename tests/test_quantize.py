@@ -16,6 +16,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
+from postsim.core.errors import ExportError  # noqa: E402
 from postsim.export.models import ModelSize  # noqa: E402
 from postsim.export.onnx_export import check_signature, export_onnx_models  # noqa: E402
 from postsim.export.quantize import (  # noqa: E402
@@ -35,7 +36,6 @@ from postsim.export.repository import ExportOptions, export_repository, onnx_pat
 from postsim.export.triton_config import Target  # noqa: E402
 from postsim.export.weights import ModelSettings, PostSimModels, build_models  # noqa: E402
 from postsim.model_repository.contract import FUSER, IMAGE_ENCODER, ONNX_MODELS, TEXT_ENCODER, model_specs  # noqa: E402
-from postsim.model_repository.errors import ExportError  # noqa: E402
 from postsim.model_repository.manifest import WeightsManifest  # noqa: E402
 
 TINY = ModelSettings(weights="random", size=ModelSize.TINY, seed=0)

@@ -12,7 +12,7 @@ from PIL import Image
 from postsim.client import samples
 from postsim.client.posts import Post
 from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.preprocessing import decode_image
 
 N = 20

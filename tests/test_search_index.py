@@ -26,7 +26,7 @@ from postsim.client.indexing import (
     tune_search,
     write_index_dir,
 )
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
 from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.search_index import (
     CAPTIONS_FILE,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from postsim.bench.stress import StressSettings, format_stress, run_stress
-from postsim.bench.workload import BenchError
+from postsim.core.errors import BenchError
 
 
 @pytest.mark.integration

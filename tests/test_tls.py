@@ -33,8 +33,8 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient
 from postsim.client.posts import Post
+from postsim.core.errors import ServerError, ServerUnavailableError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import ServerError, ServerUnavailableError
 from postsim.model_repository.server import RESTRICTED_HEADER, TlsSettings, TritonServer, free_ports
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import pytest
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
+from postsim.core.errors import InvalidPostError, RepositoryError
 from postsim.model_repository.contract import MAX_TEXT_TOKENS
-from postsim.model_repository.errors import InvalidPostError, RepositoryError
 from postsim.model_repository.tokenization import (
     MAX_TEXT_CHARS,
     TextTokenizer,

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
+from postsim.core.errors import RepositoryError
 from postsim.export.triton_config import (
     ServingSettings,
     Target,
@@ -16,7 +17,6 @@ from postsim.export.triton_config import (
     to_pbtxt,
 )
 from postsim.model_repository import contract
-from postsim.model_repository.errors import RepositoryError
 
 DIM = 128
 

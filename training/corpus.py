@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postsim.client.samples import CorpusPost, read_posts
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError
 from postsim.training.split import Split
 
 LABEL_KEY = "label"

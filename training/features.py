@@ -35,13 +35,14 @@ from typing import TypeVar
 import numpy as np
 
 from postsim.client.samples import CorpusPost
+from postsim.core.errors import InvalidPostError, SettingsError, TrainingError
+from postsim.core.files import write_bytes_atomic
+from postsim.core.paths import cache_root
 from postsim.export.models import ImageEncoder, TextEncoder, masked_mean, torch_required
 from postsim.export.weights import PostSimModels
 from postsim.model_repository.contract import IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE, MAX_TEXT_TOKENS
-from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
-from postsim.training.storage import cache_root, write_bytes_atomic
 
 with torch_required():
     import torch
@@ -136,9 +137,9 @@ class PostFeatures:
         count = len(self.ids)
         shapes = (len(self.image), len(self.image_present), len(self.text), len(self.text_present))
         if any(size != count for size in shapes) or len(self.image_keys) != count or len(self.text_keys) != count:
-            raise ValueError(f"PostFeatures: every field needs {count} rows, got {shapes}")
+            raise TrainingError(f"PostFeatures: every field needs {count} rows, got {shapes}")
         if not (self.image_present | self.text_present).all():
-            raise ValueError("PostFeatures: every post needs an image or a text")
+            raise TrainingError("PostFeatures: every post needs an image or a text")
 
 
 def backbone_fingerprints(models: PostSimModels) -> BackboneFingerprints:
@@ -296,11 +297,11 @@ def extract_features(
     """Pooled image and text features of every post, from the cache where it has them.
 
     ``cache_dir`` defaults to ``features/`` in postsim's per-user cache folder
-    (:func:`~postsim.training.storage.cache_root`). Posts keep the corpus order; a post with
+    (:func:`~postsim.core.paths.cache_root`). Posts keep the corpus order; a post with
     nothing usable is left out and listed in the summary.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise SettingsError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     torch_device = torch.device(device)
     fingerprints = backbone_fingerprints(models)

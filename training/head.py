@@ -15,10 +15,11 @@ import io
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from postsim.core.errors import SettingsError
+from postsim.core.files import write_bytes_atomic
 from postsim.export.models import AttentionFuser, torch_required
 from postsim.export.weights import HEAD_FORMAT, PostSimModels
 from postsim.model_repository.contract import DEFAULT_EMBEDDING_DIM
-from postsim.training.storage import write_bytes_atomic
 
 with torch_required():
     import torch
@@ -43,7 +44,7 @@ class TrainableHead(nn.Module):
         super().__init__()
         dims = {image_projection.out_features, text_projection.out_features, fuser.dim}
         if len(dims) != 1:
-            raise ValueError(f"the projections and the fuser must share one dim, got {sorted(dims)}")
+            raise SettingsError(f"the projections and the fuser must share one dim, got {sorted(dims)}")
         self.image_projection = image_projection
         self.text_projection = text_projection
         self.fuser = fuser

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from postsim.core.errors import InvalidPostError
 from postsim.export.weights import ModelSettings, build_models
-from postsim.model_repository.errors import InvalidPostError
 from postsim.training.corpus import LabelledPost, read_labelled_posts
 from postsim.training.data import HeadTrainingData, training_mode
 from postsim.training.features import DEFAULT_BATCH, PostFeatures, Progress, extract_features

@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import hashlib
 
+from postsim.core.errors import SettingsError
+
 DEFAULT_HELD_OUT = 0.2
 """Share of the posts held out when the corpus does not say."""
 _SALT = b"postsim-split\x00"
@@ -28,7 +30,7 @@ class Split(enum.Enum):
 def split_of(post_id: str, assigned: Split | None = None, *, held_out: float = DEFAULT_HELD_OUT) -> Split:
     """``assigned`` when the post has a ``split`` field; else TEST for a ``held_out`` share of ids."""
     if not 0.0 <= held_out < 1.0:
-        raise ValueError(f"held_out must be at least 0 and below 1, got {held_out}")
+        raise SettingsError(f"held_out must be at least 0 and below 1, got {held_out}")
     if assigned is not None:
         return assigned
     digest = hashlib.sha256(_SALT + post_id.encode("utf-8")).digest()

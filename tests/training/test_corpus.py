@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError
 from postsim.training.corpus import read_labelled_posts
 from postsim.training.split import Split
 

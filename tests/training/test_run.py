@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from postsim.client.samples import read_posts, write_sample_posts
+from postsim.core import files
+from postsim.core.errors import ExportError, InvalidPostError
 from postsim.export.models import ModelSize
 from postsim.export.torch_pipeline import TorchPostPipeline
 from postsim.export.weights import ModelSettings, build_models
-from postsim.model_repository.errors import ExportError, InvalidPostError
 from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
-from postsim.training import storage
 from postsim.training.features import IMAGE, extract_features
 from postsim.training.head import METADATA_KEY
 from postsim.training.run import TrainHeadSettings, TrainingReport, train_head
@@ -136,7 +136,7 @@ def test_an_interrupted_write_leaves_no_head(trained: Trained, tmp_path: Path, m
     def interrupted(source: str, destination: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(storage.os, "replace", interrupted)
+    monkeypatch.setattr(files.os, "replace", interrupted)
     settings = TrainHeadSettings(
         corpus=trained.corpus,
         out_dir=tmp_path / "out",

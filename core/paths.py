@@ -1,13 +1,16 @@
-"""Where postsim writes what it generates, unless told otherwise: one per-user data folder.
+"""Where postsim writes what it generates, and what it caches, unless told otherwise: never the source tree.
 
 Exported model repositories, index versions, sample corpora, index builds, benchmark
-results and the demo's work all default to places under :func:`postsim_home`, never to the
-source tree or the current folder: a clone stays as it was checked out, whatever command
-ran in it, and the package folder is only code.
+results and the demo's work all default to places under :func:`postsim_home`, one per-user
+data folder, never to the source tree or the current folder: a clone stays as it was
+checked out, whatever command ran in it, and the package folder is only code.
 
 ``POSTSIM_HOME`` names the folder; without it, the XDG data folder (``$XDG_DATA_HOME/postsim``,
 ``~/.local/share/postsim`` when that is unset). ``POSTSIM_REPOSITORY`` names the model
 repository itself (the container images set it to ``/models``).
+
+What can be made again lives in :func:`cache_root` instead: the runnable copy of the
+wheel's tritonserver, training's feature cache.
 """
 
 from __future__ import annotations
@@ -42,3 +45,18 @@ def default_repository() -> Path:
 def default_run_dir(name: str) -> Path:
     """The default output folder of a command's run, ``<home>/runs/<name>``."""
     return postsim_home() / RUNS_SUBDIR / name
+
+
+CACHE_ENV = "POSTSIM_CACHE_DIR"
+"""Overrides the cache root (default: ``$XDG_CACHE_HOME/postsim``, else ``~/.cache/postsim``)."""
+
+
+def cache_root() -> Path:
+    """postsim's per-user cache folder: ``$POSTSIM_CACHE_DIR``, else the XDG cache's ``postsim`` (not created here).
+
+    Never inside the source tree: caches are generated and large.
+    """
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "postsim"

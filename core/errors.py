@@ -2,10 +2,8 @@
 
 Every error postsim raises on purpose is a :class:`PostSimError`; its message says what
 went wrong and what the user can do about it. The subclasses say where it happened, so a
-caller can catch the kind it can handle and let the rest surface.
-
-It lives here, in the model repository's package, because that is the layer every other
-part of postsim (export, client, bench) builds on.
+caller can catch the kind it can handle and let the rest surface. The CLI reports any of
+them as one line and exit code 1 (2 for a :class:`SettingsError`).
 """
 
 from __future__ import annotations
@@ -45,6 +43,18 @@ class ServeError(PostSimError):
 
 class SearchIndexError(PostSimError):
     """Building, verifying, publishing or loading a FAISS index failed."""
+
+
+class TrainingError(PostSimError, ValueError):
+    """Training the head or extracting its features cannot go on as asked."""
+
+
+class EvaluationError(PostSimError, ValueError):
+    """Retrieval quality cannot be measured as asked (views or slices that do not fit together)."""
+
+
+class BenchError(PostSimError):
+    """A benchmark cannot run as asked (bad settings, a configuration that failed)."""
 
 
 NO_INDEX_MESSAGE = "no index is published yet: publish one with `postsim index publish`"

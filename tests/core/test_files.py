@@ -1,4 +1,4 @@
-"""The cache folder and atomic binary writes (postsim.training.storage)."""
+"""Atomic writes (postsim.core.files)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from postsim.training import storage
-from postsim.training.storage import cache_root, write_bytes_atomic
-
-
-def test_the_cache_lives_in_the_user_cache_unless_overridden(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(storage.CACHE_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_root() == tmp_path / "xdg" / "postsim"
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "mine"))
-    assert cache_root() == tmp_path / "mine"
+from postsim.core.files import write_bytes_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -10,15 +10,17 @@ import pytest
 from typer.testing import CliRunner
 
 from postsim.client.cli import app
-from postsim.model_repository.locations import (
+from postsim.core.paths import (
+    CACHE_ENV,
     HOME_ENV,
     REPOSITORY_ENV,
+    cache_root,
     default_repository,
     default_run_dir,
     postsim_home,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_home_is_postsim_home_else_xdg_data_else_local_share(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -79,3 +81,11 @@ def _untracked_and_ignored(root: Path) -> set[str]:
     ).stdout.splitlines()
     skipped = (".venv/", "__pycache__/", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".egg-info/")
     return {line[3:] for line in listed if not any(part in line for part in skipped)}
+
+
+def test_the_cache_lives_in_the_user_cache_unless_overridden(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "postsim"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_root() == tmp_path / "mine"
