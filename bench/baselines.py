@@ -36,9 +36,9 @@ from postsim.bench.results import (
 )
 from postsim.bench.workload import BenchPost, post_at
 from postsim.core.errors import BenchError, InvalidPostError, PostSimError, RepositoryError
-from postsim.export.triton_config import parse_pbtxt
 from postsim.model_repository import contract
-from postsim.model_repository.layout import CONFIG_NAME, version_dirs
+from postsim.model_repository.configs import read_config
+from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("postsim")
 
-_IMAGE_EMBEDDING = contract.image_embedding(contract.DEFAULT_EMBEDDING_DIM).name
-_TEXT_EMBEDDING = contract.text_embedding(contract.DEFAULT_EMBEDDING_DIM).name
 
 Embedder = Callable[[Sequence[BenchPost]], np.ndarray]
 """Posts in, fused embeddings ``[B, dim]`` out."""
@@ -106,9 +104,8 @@ def _newest_version(repository: Path, model: str) -> Path:
 
 def served_onnx_file(repository: Path, model: str) -> Path:
     """The ONNX file the server runs for ``model``: its config's ``onnx_file`` parameter, as the server reads it."""
-    config = parse_pbtxt((repository / model / CONFIG_NAME).read_text())
-    name = config.parameters["onnx_file"].string_value if "onnx_file" in config.parameters else "model.onnx"
-    path = _newest_version(repository, model) / name
+    parameters = contract.config_parameters(read_config(repository, model))
+    path = _newest_version(repository, model) / contract.ONNX_FILE_PARAMETER.read(parameters)
     if not path.is_file():
         raise RepositoryError(f"{path} does not exist: run `postsim export` again")
     return path
@@ -138,12 +135,12 @@ class OrtPostPipeline:
         (embedding,) = self._run(
             contract.FUSER,
             {
-                _IMAGE_EMBEDDING: image,
-                _TEXT_EMBEDDING: text,
+                contract.IMAGE_EMBEDDING.name: image,
+                contract.TEXT_EMBEDDING.name: text,
                 contract.IMAGE_MASK.name: tensors.image_mask,
                 contract.TEXT_MASK.name: tensors.text_mask,
             },
-            [contract.EMBEDDING_NAME],
+            [contract.EMBEDDING.name],
         )
         return embedding
 

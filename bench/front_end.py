@@ -22,8 +22,8 @@ from postsim.bench.workload import load_bench_posts, write_bench_corpus
 from postsim.client.api import build_inputs
 from postsim.core.errors import BenchError
 from postsim.model_repository import contract
-from postsim.model_repository.front_end import GRPC_INTERNAL_HEADER
 from postsim.model_repository.manifest import WeightsManifest
+from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER
 from postsim.model_repository.server import TritonServer
 
 

@@ -47,8 +47,9 @@ from postsim.bench.workload import BenchPost, load_bench_posts, post_at, write_b
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
 from postsim.core.files import write_text_atomic
-from postsim.export.triton_config import ServingSettings, parse_pbtxt, to_pbtxt
+from postsim.export.triton_config import ServingSettings
 from postsim.model_repository import contract
+from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
@@ -299,7 +300,7 @@ def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
             )
         for group in config.instance_group:
             group.count = serving.instance_count(name)
-        if "intra_op_threads" in config.parameters:
+        if contract.INTRA_OP_THREADS_PARAMETER.key in config.parameters:
             for key, value in serving.session_parameters(name).items():
                 config.parameters[key].string_value = value
         write_text_atomic(config_path, to_pbtxt(config))  # a new file: never through the hard link to the original
@@ -316,10 +317,10 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
         if config.HasField("dynamic_batching"):
             entry["max_queue_delay_us"] = config.dynamic_batching.max_queue_delay_microseconds
             entry["preferred_batch_sizes"] = list(config.dynamic_batching.preferred_batch_size)
-        if "intra_op_threads" in config.parameters:
-            entry["intra_op_threads"] = int(config.parameters["intra_op_threads"].string_value or 0)
-        if "intra_op_spinning" in config.parameters:
-            entry["intra_op_spinning"] = config.parameters["intra_op_spinning"].string_value == "1"
+        parameters = contract.config_parameters(config)
+        for parameter in (contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_SPINNING_PARAMETER):
+            if parameter.key in parameters:
+                entry[parameter.key] = parameter.read(parameters)
         summary[config.name] = entry
     return summary
 

@@ -40,13 +40,15 @@ from postsim.core.errors import (
     ServerUnavailableError,
 )
 from postsim.model_repository import contract
-from postsim.model_repository.front_end import OVERLOADED_MESSAGE, RETRY_SOON_MESSAGES, SHUTTING_DOWN_MESSAGE
-from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
-from postsim.model_repository.server import (
+from postsim.model_repository.protocol import (
     GRPC_RESTRICTED_HEADER,
+    OVERLOADED_MESSAGE,
     RESTRICTED_HEADER,
+    RETRY_SOON_MESSAGES,
     SHARED_MEMORY_HINT,
+    SHUTTING_DOWN_MESSAGE,
     is_shared_memory_error,
+    unhealthy_stubs,
 )
 from postsim.model_repository.triton_errors import explain
 
@@ -69,14 +71,12 @@ DEFAULT_URL = "localhost:8001"
 DEFAULT_TIMEOUT_S = 60.0
 """End-to-end limit of one gRPC call (one chunk of at most ``max_batch_size`` posts)."""
 
-_EMBEDDING = contract.EMBEDDING_NAME
+_EMBEDDING = contract.EMBEDDING.name
 _WEIGHTS = contract.MODALITY_WEIGHTS.name
 _IMAGE_COLUMN = contract.MODALITIES.index("image")
 _TEXT_COLUMN = contract.MODALITIES.index("text")
 _EMBED_OUTPUTS = (_EMBEDDING, _WEIGHTS)
-_SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOUR_OUTPUTS), _EMBEDDING, _WEIGHTS)
-_INDEX_MODELS = (contract.SIMILAR_POSTS, contract.RETRIEVAL)
-"""Models that exist on the server only once an index is published."""
+_SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOR_OUTPUTS), _EMBEDDING, _WEIGHTS)
 _INT32_MAX = int(np.iinfo(np.int32).max)
 _MAX_CHUNKS_IN_FLIGHT = 4
 """How many chunks the async client sends at once."""
@@ -179,7 +179,6 @@ def _is_unknown_model(message: str) -> bool:
 
 
 _TRACEBACK = re.compile(r"\n\s*(?:At:|Traceback \(most recent call last\):)\n.*", re.DOTALL)
-_UNHEALTHY_STUB = re.compile(r"Stub process '([^']+?)(?:_\d+)*' is not healthy")
 
 
 def without_traceback(message: str) -> str:
@@ -240,7 +239,7 @@ def map_server_error(
             status=status,
         )
     if _is_unknown_model(message):
-        if model in _INDEX_MODELS:
+        if model in contract.INDEX_MODELS:
             # The client cannot see the server's disk: say what loads the model rather than that no index exists.
             hint = (
                 "it is loaded once an index is published: publish one with `postsim index publish`, then retry "
@@ -255,12 +254,12 @@ def map_server_error(
         return ServerError(f"{subject} cannot answer{part}: {NO_INDEX_MESSAGE}, then retry", status=status)
     if INDEX_NOT_LOADED_MESSAGE in message:
         return ServerError(f"{subject} cannot answer{part} on the server at {url}: {_short(message)}", status=status)
-    unhealthy_stub = _UNHEALTHY_STUB.search(message)
-    if unhealthy_stub:
+    unhealthy = unhealthy_stubs(message)
+    if unhealthy:
         # Triton says this when a model's process did not answer its one-second health check:
         # the process died, or it is alive and starved of CPU. Which one, only the server knows.
         return ServerError(
-            f"Triton judged the process of model '{unhealthy_stub.group(1)}' unhealthy on the server at {url} "
+            f"Triton judged the process of model '{unhealthy[0].model}' unhealthy on the server at {url} "
             f"(it died, or did not answer Triton's health check in time) and failed {subject}{part}: "
             "`postsim serve` replaces such a process within seconds, so retry; if this persists (or the server is "
             "a bare tritonserver, which never does), restart the server and read its log",
@@ -459,15 +458,12 @@ def _decode(raw: Any) -> str:
 def _served_repository(config: Any) -> ServedRepository:
     """What a ``post_embedding`` config says about its export."""
 
-    def parameter(name: str) -> str | None:
-        value = config.parameters[name].string_value if name in config.parameters else ""
-        return value or None
-
+    parameters = contract.config_parameters(config)
     dims = [int(output.dims[-1]) for output in config.output if output.name == _EMBEDDING and len(output.dims) > 0]
     return ServedRepository(
-        weights=parameter(WEIGHTS_PARAMETER),
-        fingerprint=parameter(FINGERPRINT_PARAMETER),
-        repository_id=parameter(REPOSITORY_ID_PARAMETER),
+        weights=contract.WEIGHTS_PARAMETER.read(parameters) or None,
+        fingerprint=contract.FINGERPRINT_PARAMETER.read(parameters) or None,
+        repository_id=contract.REPOSITORY_ID_PARAMETER.read(parameters) or None,
         embedding_dim=dims[0] if dims else None,
     )
 

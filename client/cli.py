@@ -102,7 +102,7 @@ def export(
             "or a directory with image/ and text/."
         ),
     ] = "pretrained",
-    dim: Annotated[int, typer.Option(help="Embedding size K.")] = contract.DEFAULT_EMBEDDING_DIM,
+    dim: Annotated[int, typer.Option(help="Embedding size K.")] = contract.DEFAULT_DIM,
     text_model: Annotated[
         str | None,
         typer.Option(
@@ -527,7 +527,7 @@ def bench_serve(
 @reports_errors
 def bench_index(
     count: Annotated[int, typer.Option(min=1, help="Unit vectors in the index.")] = 1_000_000,
-    dim: Annotated[int, typer.Option(min=1, help="Their dimension.")] = contract.DEFAULT_EMBEDDING_DIM,
+    dim: Annotated[int, typer.Option(min=1, help="Their dimension.")] = contract.DEFAULT_DIM,
     queries: Annotated[int, typer.Option(min=1, help="Queries for latency and recall.")] = 1000,
     index_type: Annotated[list[str] | None, typer.Option(help="flat, hnsw, ivfpq (repeat); default all.")] = None,
     threads: Annotated[int | None, typer.Option(min=1, help="FAISS threads (default: all cores).")] = None,

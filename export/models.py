@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from postsim.core.errors import OptionalDependencyError
-from postsim.model_repository.contract import DEFAULT_EMBEDDING_DIM
+from postsim.model_repository.contract import DEFAULT_DIM
 
 _EXPORT_PACKAGES = ("torch", "transformers")
 
@@ -89,7 +89,7 @@ def distilbert_config(size: ModelSize) -> DistilBertConfig:
 class ImageEncoder(nn.Module):
     """ResNet backbone → global average pool → ``Linear(channels → dim)``."""
 
-    def __init__(self, backbone: ResNetModel, dim: int = DEFAULT_EMBEDDING_DIM) -> None:
+    def __init__(self, backbone: ResNetModel, dim: int = DEFAULT_DIM) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection = nn.Linear(backbone.config.hidden_sizes[-1], dim)
@@ -103,7 +103,7 @@ class ImageEncoder(nn.Module):
 class TextEncoder(nn.Module):
     """BERT-family backbone → mean of the non-padding tokens → ``Linear(hidden → dim)``."""
 
-    def __init__(self, backbone: PreTrainedModel, dim: int = DEFAULT_EMBEDDING_DIM) -> None:
+    def __init__(self, backbone: PreTrainedModel, dim: int = DEFAULT_DIM) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection = nn.Linear(backbone.config.hidden_size, dim)
@@ -134,7 +134,7 @@ class AttentionFuser(nn.Module):
     embedding is the weighted sum, L2-normalised. Modality order is the contract's ``MODALITIES``: (image, text).
     """
 
-    def __init__(self, dim: int = DEFAULT_EMBEDDING_DIM, hidden: int = SCORER_HIDDEN) -> None:
+    def __init__(self, dim: int = DEFAULT_DIM, hidden: int = SCORER_HIDDEN) -> None:
         super().__init__()
         self.dim = dim
         self.image_scorer = _scorer(dim, hidden)

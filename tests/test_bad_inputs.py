@@ -35,8 +35,9 @@ from tritonclient.utils import InferenceServerException
 from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
 from postsim.client.posts import Post
 from postsim.core.errors import InvalidPostError
-from postsim.export.triton_config import InputLimits, apply_input_limits, parse_pbtxt, to_pbtxt
+from postsim.export.triton_config import InputLimits, apply_input_limits
 from postsim.model_repository import contract
+from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.server import TritonServer
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from postsim.client.api import PostSimClient
 from postsim.client.cli import app
-from postsim.export.triton_config import parse_pbtxt, to_pbtxt
+from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.server import free_ports
 
 runner = CliRunner()

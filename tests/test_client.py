@@ -118,7 +118,7 @@ class FakeTriton:
         embedding = np.zeros((len(numbers), DIM), dtype=np.float32)
         embedding[:, 0] = numbers
         weights = np.tile(np.array([[0.25, 0.75]], dtype=np.float32), (len(numbers), 1))
-        answer: dict[str, np.ndarray] = {contract.EMBEDDING_NAME: embedding, contract.MODALITY_WEIGHTS.name: weights}
+        answer: dict[str, np.ndarray] = {contract.EMBEDDING.name: embedding, contract.MODALITY_WEIGHTS.name: weights}
         if model_name == contract.SIMILAR_POSTS:
             ids = np.array([[f"{n}-a".encode(), f"{n}-b".encode()] for n in numbers], dtype=np.object_)
             answer[contract.IDS.name] = ids.reshape(len(numbers), 2)
@@ -140,7 +140,7 @@ class FakeTriton:
 
     def get_model_config(self, model_name: str, headers: Any = None, client_timeout: Any = None) -> Any:
         config = model_config_pb2.ModelConfig(name=model_name, platform="ensemble", max_batch_size=16)
-        config.output.add(name=contract.EMBEDDING_NAME, data_type=model_config_pb2.TYPE_FP32, dims=[DIM])
+        config.output.add(name=contract.EMBEDDING.name, data_type=model_config_pb2.TYPE_FP32, dims=[DIM])
         config.parameters["postsim_weights"].string_value = "random"
         return service_pb2.ModelConfigResponse(config=config)
 

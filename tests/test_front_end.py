@@ -36,8 +36,6 @@ from postsim.core.errors import ServeError
 from postsim.model_repository import contract
 from postsim.model_repository.front_end import (
     _ADMIN_PATHS,
-    GRPC_INTERNAL_HEADER,
-    GRPC_RESTRICTED_HEADER,
     FrontEnd,
     FrontEndSettings,
     FrontEndState,
@@ -46,6 +44,7 @@ from postsim.model_repository.front_end import (
     _model_states,
     _Overloaded,
 )
+from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER, GRPC_RESTRICTED_HEADER
 from postsim.model_repository.server import TritonServer, free_ports
 
 ENSEMBLES = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
@@ -169,7 +168,7 @@ def test_http_inference_goes_through_the_front_end(server: TritonServer) -> None
     with urllib.request.urlopen(request, timeout=60) as response:
         answer = json.loads(response.read())
     outputs = {output["name"]: output for output in answer["outputs"]}
-    assert outputs[contract.EMBEDDING_NAME]["shape"] == [1, 256]
+    assert outputs[contract.EMBEDDING.name]["shape"] == [1, 256]
     with urllib.request.urlopen(f"{server.endpoints.metrics}", timeout=30) as response:
         assert b"nv_inference_request_success" in response.read()
 

@@ -145,9 +145,9 @@ def test_an_unloaded_index_is_not_called_unpublished(server: TritonServer, publi
                 with pytest.raises(ServerError) as raised:
                     client.similar(query, k=1)
                 # Asked for the query's embedding alone, similar_posts runs no search, so it still answers.
-                embedding_only = [grpcclient.InferRequestedOutput(contract.EMBEDDING_NAME)]
+                embedding_only = [grpcclient.InferRequestedOutput(contract.EMBEDDING.name)]
                 result = admin.infer(contract.SIMILAR_POSTS, build_inputs([query], k=1), outputs=embedding_only)
-                assert result.as_numpy(contract.EMBEDDING_NAME) is not None
+                assert result.as_numpy(contract.EMBEDDING.name) is not None
             finally:
                 client.load_model(contract.RETRIEVAL)
         assert client.similar(query, k=1)[0].id == published.posts[0].id

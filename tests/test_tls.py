@@ -35,7 +35,8 @@ from postsim.client.api import PostSimClient
 from postsim.client.posts import Post
 from postsim.core.errors import ServerError, ServerUnavailableError
 from postsim.model_repository import contract
-from postsim.model_repository.server import RESTRICTED_HEADER, TlsSettings, TritonServer, free_ports
+from postsim.model_repository.protocol import RESTRICTED_HEADER
+from postsim.model_repository.server import TlsSettings, TritonServer, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -258,7 +259,7 @@ def test_https_with_the_client_certificate_is_served(tls_server: TritonServer, p
         f"{tls_server.endpoints.http}/v2/models/{contract.POST_EMBEDDING}/infer", data=json.dumps(body).encode()
     )
     with urllib.request.urlopen(request, context=context, timeout=60) as answer:
-        assert {output["name"] for output in json.loads(answer.read())["outputs"]} >= {contract.EMBEDDING_NAME}
+        assert {output["name"] for output in json.loads(answer.read())["outputs"]} >= {contract.EMBEDDING.name}
     with urllib.request.urlopen(tls_server.endpoints.metrics, context=context, timeout=10) as answer:
         assert b"nv_inference_count" in answer.read()
     without_certificate = ssl.create_default_context(cafile=str(pki.ca))

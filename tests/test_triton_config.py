@@ -8,15 +8,9 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from postsim.core.errors import RepositoryError
-from postsim.export.triton_config import (
-    ServingSettings,
-    Target,
-    ensemble_config,
-    parse_pbtxt,
-    repository_configs,
-    to_pbtxt,
-)
+from postsim.export.triton_config import ServingSettings, Target, ensemble_config, repository_configs
 from postsim.model_repository import contract
+from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 
 DIM = 128
 
@@ -156,7 +150,7 @@ def test_ensemble_outputs_go_to_the_client_only_and_every_mapped_tensor_is_used(
 
 def test_a_step_reading_an_ensemble_output_is_refused() -> None:
     specs = contract.model_specs(DIM)
-    gateway = dataclasses.replace(specs[contract.RETRIEVAL_GATEWAY], inputs=(contract.embedding(DIM), contract.TOP_K))
+    gateway = dataclasses.replace(specs[contract.RETRIEVAL_GATEWAY], inputs=(contract.EMBEDDING.at_dim(DIM), contract.TOP_K))
     steps = [specs[name] for name in ("preprocess_image", "tokenize", "image_encoder", "text_encoder", "fuser")]
     with pytest.raises(RepositoryError, match=r"retrieval_gateway' reads the ensemble output\(s\) \['EMBEDDING'\]"):
         ensemble_config(specs[contract.SIMILAR_POSTS], [*steps, gateway])

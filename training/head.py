@@ -19,7 +19,7 @@ from postsim.core.errors import SettingsError
 from postsim.core.files import write_bytes_atomic
 from postsim.export.models import AttentionFuser, torch_required
 from postsim.export.weights import HEAD_FORMAT, PostSimModels
-from postsim.model_repository.contract import DEFAULT_EMBEDDING_DIM
+from postsim.model_repository.contract import DEFAULT_DIM
 
 with torch_required():
     import torch
@@ -60,9 +60,7 @@ class TrainableHead(nn.Module):
         return head.requires_grad_(True).train()
 
     @classmethod
-    def seeded(
-        cls, image_features: int, text_features: int, *, dim: int = DEFAULT_EMBEDDING_DIM, seed: int = 0
-    ) -> TrainableHead:
+    def seeded(cls, image_features: int, text_features: int, *, dim: int = DEFAULT_DIM, seed: int = 0) -> TrainableHead:
         """A freshly initialised head for features of the given widths (no backbone needed)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
