@@ -24,7 +24,7 @@ from postsim.core.errors import BenchError
 from postsim.model_repository import contract
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 
 @dataclass(frozen=True, kw_only=True)

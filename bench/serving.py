@@ -52,7 +52,8 @@ from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+from postsim.server.launcher import ServerSettings, TritonServer
+from postsim.server.ports import free_ports
 
 if TYPE_CHECKING:
     from postsim.export.weights import PostSimModels

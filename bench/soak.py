@@ -31,7 +31,8 @@ from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.client.posts import Post
 from postsim.core.errors import BenchError, PostSimError
 from postsim.model_repository import contract
-from postsim.model_repository.server import SHM_DIR, process_rss_bytes, stub_processes
+from postsim.server.processes import process_rss_bytes, stub_processes
+from postsim.server.shared_memory import SHM_DIR
 
 logger = logging.getLogger("postsim")
 

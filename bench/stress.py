@@ -44,7 +44,7 @@ from postsim.client.publish import publish_index, rollback_index
 from postsim.client.samples import read_posts, write_sample_posts
 from postsim.core.errors import BenchError, PostSimError
 from postsim.model_repository import contract
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 logger = logging.getLogger("postsim")
 

@@ -219,7 +219,8 @@ def serve(
     ] = 16 << 20,
 ) -> None:
     """Serve the repository until SIGINT or SIGTERM: tritonserver behind postsim's front end, restarted if it dies."""
-    from postsim.model_repository.server import ServerSettings, TlsSettings, TritonServer
+    from postsim.server.front_end import TlsSettings
+    from postsim.server.launcher import ServerSettings, TritonServer
 
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("give both --tls-cert and --tls-key, or neither", param_hint="--tls-cert/--tls-key")
@@ -459,7 +460,7 @@ def demo(
     """Export, serve, index sample posts and answer a similar-posts query, in one go."""
     from postsim.client.demo import DemoSettings, run_demo
     from postsim.client.progress import ProgressReporter
-    from postsim.model_repository.server import ServerSettings
+    from postsim.server.launcher import ServerSettings
 
     server = ServerSettings(repository=repository, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port)
     settings = DemoSettings(repository=repository, work_dir=work_dir, weights=weights, posts=posts, server=server)

@@ -17,7 +17,7 @@ from postsim.client.corpus_index import CorpusIndexSettings, ProgressCallback, b
 from postsim.client.posts import Neighbor
 from postsim.client.publish import publish_index
 from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
-from postsim.model_repository.server import ServerSettings, TritonServer
+from postsim.server.launcher import ServerSettings, TritonServer
 
 LOGGER = logging.getLogger("postsim")
 

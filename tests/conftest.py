@@ -19,7 +19,8 @@ import pytest
 
 from postsim.core.paths import HOME_ENV, REPOSITORY_ENV
 from postsim.model_repository import contract
-from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+from postsim.server.launcher import ServerSettings, TritonServer
+from postsim.server.ports import free_ports
 
 TEST_SIZE = os.environ.get("POSTSIM_TEST_SIZE", "tiny")
 

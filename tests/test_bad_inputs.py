@@ -39,7 +39,7 @@ from postsim.export.triton_config import InputLimits, apply_input_limits
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from postsim.client.api import PostSimClient
 from postsim.client.cli import app
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
-from postsim.model_repository.server import free_ports
+from postsim.server.ports import free_ports
 
 runner = CliRunner()
 

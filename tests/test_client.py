@@ -43,7 +43,7 @@ from postsim.core.errors import (
     ServerUnavailableError,
 )
 from postsim.model_repository import contract
-from postsim.model_repository.server import free_ports
+from postsim.server.ports import free_ports
 
 URL = "triton.example:8001"
 DIM = 8

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from postsim.client.cli import app
 from postsim.client.samples import write_sample_posts
 from postsim.model_repository.search_index import read_manifest
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 pytestmark = pytest.mark.integration
 

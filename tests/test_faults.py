@@ -40,13 +40,9 @@ from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_err
 from postsim.client.posts import Post
 from postsim.core.errors import PostSimError, ServeError, ServerError, ServerUnavailableError
 from postsim.model_repository import contract
-from postsim.model_repository.server import (
-    ServerSettings,
-    StubWatchdog,
-    TritonServer,
-    python_instance_count,
-    shared_memory_warning,
-)
+from postsim.server.launcher import ServerSettings, TritonServer
+from postsim.server.shared_memory import python_instance_count, shared_memory_warning
+from postsim.server.watchdog import StubWatchdog
 
 pytestmark = pytest.mark.integration
 
@@ -448,7 +444,8 @@ def test_a_server_restarts_on_its_ports_right_after_a_clean_stop(repository: Pat
 _LAUNCHER = """
 import sys, time
 from pathlib import Path
-from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+from postsim.server.launcher import ServerSettings, TritonServer
+from postsim.server.ports import free_ports
 grpc_port, http_port, metrics_port = free_ports(3)
 settings = ServerSettings(repository=Path(sys.argv[1]), address="127.0.0.1", grpc_port=grpc_port,
                           http_port=http_port, metrics_port=metrics_port, exit_timeout_s=5)

@@ -34,7 +34,8 @@ from postsim.client.api import PostSimClient, build_inputs
 from postsim.client.posts import Post
 from postsim.core.errors import ServeError
 from postsim.model_repository import contract
-from postsim.model_repository.front_end import (
+from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER, GRPC_RESTRICTED_HEADER
+from postsim.server.front_end import (
     _ADMIN_PATHS,
     FrontEnd,
     FrontEndSettings,
@@ -44,8 +45,8 @@ from postsim.model_repository.front_end import (
     _model_states,
     _Overloaded,
 )
-from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER, GRPC_RESTRICTED_HEADER
-from postsim.model_repository.server import TritonServer, free_ports
+from postsim.server.launcher import TritonServer
+from postsim.server.ports import free_ports
 
 ENSEMBLES = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
 

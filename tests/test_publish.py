@@ -23,7 +23,7 @@ from postsim.model_repository.configs import parse_pbtxt
 from postsim.model_repository.contract import REPOSITORY_ID_PARAMETER
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 
 @pytest.fixture(scope="module")

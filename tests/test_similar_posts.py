@@ -29,7 +29,7 @@ from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
 from postsim.core.errors import PostSimError, SearchIndexError, ServerError
 from postsim.model_repository import contract
 from postsim.model_repository.search_index import IndexType, read_manifest
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,9 @@ from postsim.client.posts import Post
 from postsim.core.errors import ServerError, ServerUnavailableError
 from postsim.model_repository import contract
 from postsim.model_repository.protocol import RESTRICTED_HEADER
-from postsim.model_repository.server import TlsSettings, TritonServer, free_ports
+from postsim.server.front_end import TlsSettings
+from postsim.server.launcher import TritonServer
+from postsim.server.ports import free_ports
 
 pytestmark = pytest.mark.integration
 

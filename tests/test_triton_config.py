@@ -150,7 +150,9 @@ def test_ensemble_outputs_go_to_the_client_only_and_every_mapped_tensor_is_used(
 
 def test_a_step_reading_an_ensemble_output_is_refused() -> None:
     specs = contract.model_specs(DIM)
-    gateway = dataclasses.replace(specs[contract.RETRIEVAL_GATEWAY], inputs=(contract.EMBEDDING.at_dim(DIM), contract.TOP_K))
+    gateway = dataclasses.replace(
+        specs[contract.RETRIEVAL_GATEWAY], inputs=(contract.EMBEDDING.at_dim(DIM), contract.TOP_K)
+    )
     steps = [specs[name] for name in ("preprocess_image", "tokenize", "image_encoder", "text_encoder", "fuser")]
     with pytest.raises(RepositoryError, match=r"retrieval_gateway' reads the ensemble output\(s\) \['EMBEDDING'\]"):
         ensemble_config(specs[contract.SIMILAR_POSTS], [*steps, gateway])

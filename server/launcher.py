@@ -1,16 +1,14 @@
 """Runs ``postsim serve``: tritonserver on a model repository, behind postsim's front end, supervised.
 
 By default the ``tritonserver`` binary shipped in the nvidia-pytriton wheel (Triton 2.51
-with its Python backend), which is not laid out to run as is: the Python-backend stub for
-this interpreter's version must sit in ``backends/python/`` and the wheel's bundled
-libraries must be on the library path. :func:`prepare_triton` builds that layout once in a
-cache folder. ``ServerSettings.triton_dir`` runs another Triton install instead (NGC's
+with its Python backend), laid out once to run (:func:`~postsim.server.install.prepare_triton`).
+``ServerSettings.triton_dir`` runs another Triton install instead (NGC's
 ``/opt/tritonserver`` in the GPU image).
 
 Clients never reach tritonserver: it listens on a unix socket in a private folder (gRPC)
 and on loopback ports chosen at start (HTTP, metrics), and requires a random key made at
 each start on every API but health. The public ports belong to the front end
-(:mod:`postsim.model_repository.front_end`), which shields Triton from cancellations,
+(:mod:`postsim.server.front_end`), which shields Triton from cancellations,
 deadlines and disconnects, serves TLS, enforces the admin key and answers UNAVAILABLE
 while tritonserver starts, restarts or stops.
 
@@ -26,7 +24,7 @@ What Triton 2.51 gets wrong, and the launcher makes up for:
 - A Python-backend stub process that dies (killed, out of memory, a crash in native code)
   is never restarted, and the model still reports READY while every request to it fails
   with "Stub process '<model>_0_0' is not healthy". The launcher watches the stubs and
-  reloads the model whose stub died (:class:`StubWatchdog`).
+  reloads the model whose stub died (:class:`~postsim.server.watchdog.StubWatchdog`).
 - Triton also gives up on a stub that is alive but did not answer its one-second health
   check (a machine starved of CPU), and would then read that stub's late answer as the
   answer to its next batch and crash. The launcher ends such a stub at once
@@ -40,7 +38,6 @@ What Triton 2.51 gets wrong, and the launcher makes up for:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -48,7 +45,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,10 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from postsim.core.errors import PostSimError, RepositoryError, ServeError
+from postsim.core.errors import RepositoryError, ServeError
 from postsim.model_repository import contract
-from postsim.model_repository.configs import read_config
-from postsim.model_repository.front_end import (
+from postsim.model_repository.layout import loadable_models, version_dirs
+from postsim.model_repository.manifest import WeightsManifest, log_weights
+from postsim.model_repository.protocol import INTERNAL_HEADER, SHARED_MEMORY_HINT, is_shared_memory_error
+from postsim.server.front_end import (
     TRITON_RESTRICTED_CATEGORIES,
     FrontEnd,
     FrontEndSettings,
@@ -75,29 +73,20 @@ from postsim.model_repository.front_end import (
     environment_without_secrets,
     health_endpoint,
 )
-from postsim.model_repository.layout import loadable_models, version_dirs
-from postsim.model_repository.manifest import WeightsManifest, log_weights
-from postsim.model_repository.protocol import INTERNAL_HEADER, SHARED_MEMORY_HINT, is_shared_memory_error
-
-__all__ = [
-    "Endpoints",
-    "ServerSettings",
-    "StubWatchdog",
-    "TlsSettings",
-    "TritonServer",
-    "check_port_free",
-    "free_ports",
-    "prepare_triton",
-]
+from postsim.server.install import prepare_triton
+from postsim.server.ports import check_port_free, free_ports
+from postsim.server.processes import StubProcess, describe_wait_status, process_start_time, stub_processes
+from postsim.server.shared_memory import (
+    MIN_SHM_DEFAULT_BYTES,
+    SHM_DIR,
+    free_shared_memory_bytes,
+    python_instance_count,
+    shared_memory_warning,
+)
+from postsim.server.watchdog import StubWatchdog
 
 logger = logging.getLogger("postsim")
 
-MIN_SHM_DEFAULT_BYTES = 4 << 20
-"""Triton's Python backend refuses a smaller ``shm-default-byte-size``."""
-SHM_DIR = Path("/dev/shm")
-STUB_BINARY = "triton_python_backend_stub"
-NORMAL_EXIT_GRACE_S = 5.0
-"""How long a stub that exited with code 0 may wait to be reaped by Triton before the watchdog calls it dead."""
 STOP_STALL_S = 5.0
 """A drained, stopping tritonserver that logs the same thing to wait for this long waits for what never ends."""
 RESTART_BACKOFF_MAX_S = 60.0
@@ -171,75 +160,6 @@ class Endpoints:
     metrics: str
 
 
-def _pytriton_dist() -> tuple[Path, Path, str]:
-    """The wheel's tritonserver folder, its bundled libraries and the wheel's version."""
-    try:
-        from importlib.metadata import version
-
-        import pytriton
-    except ImportError:
-        raise ServeError(
-            "`postsim serve` runs the tritonserver binary of the nvidia-pytriton wheel: "
-            "install it with `pip install nvidia-pytriton`, or run Triton's NGC container (see docker/README.md)"
-        ) from None
-    package_dir = Path(pytriton.__file__).resolve().parent
-    return package_dir / "tritonserver", package_dir.parent / "nvidia_pytriton.libs", version("nvidia-pytriton")
-
-
-def prepare_triton(cache_dir: Path | None = None) -> tuple[Path, Path]:
-    """A runnable copy of the wheel's tritonserver (with this Python's stub) and the library folder."""
-    source, libraries, wheel_version = _pytriton_dist()
-    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = source / "python_backend_stubs" / python_version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise ServeError(f"nvidia-pytriton {wheel_version} ships no Python-backend stub for Python {python_version}")
-    cache_root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "postsim"
-    target = cache_root / f"tritonserver-{wheel_version}-py{python_version}"
-    if (target / "backends" / "python" / "triton_python_backend_stub").is_file():
-        return target, libraries
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tritonserver-", dir=cache_root))
-    shutil.copytree(source, staging / "t", ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
-    shutil.copy2(stub, staging / "t" / "backends" / "python" / "triton_python_backend_stub")
-    with contextlib.suppress(FileExistsError, OSError):
-        (staging / "t").rename(target)  # another process may have won the race: theirs is as good
-    shutil.rmtree(staging, ignore_errors=True)
-    logger.info("prepared tritonserver %s in %s", wheel_version, target)
-    return target, libraries
-
-
-def check_port_free(port: int, option: str, address: str = "0.0.0.0") -> None:
-    """ServeError saying what to do when ``port`` cannot be listened on at ``address``.
-
-    The probe binds with SO_REUSEADDR, as the servers do: connections of a server that just
-    stopped linger in TIME_WAIT for a minute and must not make its restart fail.
-    """
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((address, port))
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise ServeError(
-                    f"port {port} is already taken (is another server running?): choose a free one with {option}"
-                ) from None
-            raise ServeError(f"cannot use port {port} ({error.strerror}): choose another with {option}") from None
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free right now on this machine (for tests and benchmarks).
-
-    All probes stay bound until every port is picked: picked one at a time, the kernel may hand
-    out the same port twice, and tritonserver refuses to serve gRPC and HTTP on one port.
-    """
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
-
-
 _LOAD_FAILURE = re.compile(r"(?:failed to load|load failed for model) '([^']+)'[^:]*: (.*)")
 
 
@@ -254,267 +174,6 @@ def explain_failure(log_text: str) -> str:
     if is_shared_memory_error(explained):
         explained += f"\n{SHARED_MEMORY_HINT}"
     return explained
-
-
-def python_instance_count(repository: Path, models: list[str]) -> int:
-    """How many Python-backend processes (stubs) serving ``models`` starts: one per model instance."""
-    count = 0
-    for model in models:
-        try:
-            config = read_config(repository, model)
-        except RepositoryError:
-            continue  # Triton reports a broken config itself, by name
-        if config.backend == "python":
-            count += sum(max(group.count, 1) for group in config.instance_group) or 1
-    return count
-
-
-def shared_memory_warning(*, instances: int, shm_default_bytes: int, free_bytes: int) -> str | None:
-    """Why ``free_bytes`` of /dev/shm may be too little for ``instances`` stubs, or None."""
-    needed = instances * shm_default_bytes
-    if free_bytes >= needed:
-        return None
-    mib = 1 << 20
-    return (
-        f"/dev/shm has {free_bytes / mib:.0f} MiB free, less than the {needed / mib:.0f} MiB the "
-        f"{instances} Python-backend model processes start with ({shm_default_bytes / mib:.0f} MiB each, "
-        f"ServerSettings.shm_default_bytes), before any batch: requests will fail with shared-memory errors. "
-        f"{SHARED_MEMORY_HINT}"
-    )
-
-
-def free_shared_memory_bytes(shm_dir: Path = SHM_DIR) -> int | None:
-    try:
-        stats = os.statvfs(shm_dir)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@dataclass(frozen=True, kw_only=True)
-class StubProcess:
-    """A Python-backend stub of a running tritonserver: one per model instance."""
-
-    pid: int
-    model: str
-    version: str
-    model_file: Path
-    """The ``model.py`` of the version it serves (the stub's first argument)."""
-    shm_region: str
-    """Its shared-memory region, a file in /dev/shm."""
-    instance: str = ""
-    """The model instance it runs (``fuser_0_0``), the name Triton's errors give it."""
-
-
-def _proc_stat_fields(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (state first), or None when the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (zombies included)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _proc_stat_fields(int(entry.name))
-        if fields is not None and len(fields) > 1 and fields[1] == str(pid):
-            children.append(int(entry.name))
-    return sorted(children)
-
-
-def process_start_time(pid: int) -> float | None:
-    """When a process started, on the ``time.time()`` scale (to 10 ms), or None when it is gone."""
-    fields = _proc_stat_fields(pid)
-    try:
-        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
-    if fields is None or len(fields) < 20:
-        return None
-    age_s = uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    return time.time() - age_s
-
-
-def process_rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process (VmRSS), or None when it is gone or a zombie."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def stub_processes(server_pid: int) -> list[StubProcess]:
-    """The live Python-backend stubs serving models of the tritonserver ``server_pid``, by pid.
-
-    Not the short-lived stub Triton starts while it loads a model, to complete its config
-    (named after the model, where a model instance's is ``<model>_<group>_<n>``): it exits
-    once done.
-    """
-    stubs = []
-    for pid in child_pids(server_pid):
-        args = _cmdline(pid)
-        if len(args) < 3 or not args[0].endswith(STUB_BINARY):
-            continue
-        model_file = Path(args[1])  # <repository>/<model>/<version>/model.py
-        if len(args) > 8 and args[8] == model_file.parent.parent.name:
-            continue  # the config auto-complete stub of a model being loaded
-        stubs.append(
-            StubProcess(
-                pid=pid,
-                model=model_file.parent.parent.name,
-                version=model_file.parent.name,
-                model_file=model_file,
-                shm_region=args[2],
-                instance=args[8] if len(args) > 8 else "",
-            )
-        )
-    return stubs
-
-
-def dead_children(server_pid: int) -> dict[int, int]:
-    """Children of ``server_pid`` that exited and were not reaped (zombies): pid -> wait status."""
-    dead = {}
-    for pid in child_pids(server_pid):
-        fields = _proc_stat_fields(pid)
-        if fields and fields[0] == "Z":
-            dead[pid] = int(fields[-1]) if fields[-1].lstrip("-").isdigit() else 0
-    return dead
-
-
-def describe_wait_status(status: int) -> str:
-    if status & 0x7F:
-        number = status & 0x7F
-        with contextlib.suppress(ValueError):
-            return f"killed by signal {number} ({signal.Signals(number).name})"
-        return f"killed by signal {number}"
-    return f"exited with code {(status >> 8) & 0xFF}"
-
-
-class StubWatchdog:
-    """Reloads a model whose Python-backend stub died: Triton 2.51 neither restarts it nor reports it.
-
-    A stub that exits because Triton unloads its model is reaped by Triton; one that dies
-    otherwise stays a zombie child of tritonserver, which is what this looks for. Its
-    command line is gone by then, so the model each live stub serves is noted on every look.
-    """
-
-    def __init__(self, server: TritonServer, interval_s: float) -> None:
-        self.server = server
-        self.interval_s = interval_s
-        self._known: dict[int, StubProcess] = {}
-        self._handled: set[int] = set()
-        self._exited: dict[int, float] = {}
-        """Zombies that exited with code 0, by when first seen: Triton may be about to reap them."""
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="postsim-stub-watchdog", daemon=True)
-
-    def start(self) -> None:
-        process = self.server.process
-        if process is not None:
-            earlier = dead_children(process.pid)
-            if earlier:
-                logger.warning(
-                    "tritonserver has %d dead Python-backend process(es) from before the watchdog started; the models "
-                    "they served fail until reloaded (TritonServer.reload_model)",
-                    len(earlier),
-                )
-                self._handled.update(earlier)
-                self.server.dead_stubs_unseen += len(earlier)
-        self.check()  # note the stubs of the models loaded at start
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.server.settings.startup_timeout_s)
-
-    def _watch(self) -> None:
-        while not self._stopping.wait(self.interval_s):
-            try:
-                self.check()
-            except Exception:  # the watchdog must outlive whatever one look ran into
-                logger.exception("the stub watchdog failed to check tritonserver's processes")
-
-    def check(self) -> list[str]:
-        """One look: reload the models whose stubs died since the last; returns their names."""
-        process = self.server.process
-        if process is None or process.poll() is not None:
-            return []
-        for live in self.server.stubs():
-            self._known[live.pid] = live
-        reloaded = []
-        dead = dead_children(process.pid)
-        self._exited = {pid: seen for pid, seen in self._exited.items() if pid in dead}  # reaped meanwhile: forget
-        for pid, status in dead.items():
-            if pid in self._handled or self._stopping.is_set():
-                continue
-            if status == 0:
-                # A stub Triton ends (a model unloaded, a version retired) exits 0 and is reaped by
-                # Triton at once; one that stays a zombie exited on its own.
-                seen = self._exited.setdefault(pid, time.monotonic())
-                if time.monotonic() - seen < NORMAL_EXIT_GRACE_S:
-                    continue
-            self._handled.add(pid)
-            stub = self._known.pop(pid, None)
-            if stub is not None:
-                self.server.dead_stub_models.append(stub.model)
-            if self._recover(pid, status, stub):
-                assert stub is not None
-                reloaded.append(stub.model)
-        return reloaded
-
-    def _recover(self, pid: int, status: int, stub: StubProcess | None) -> bool:
-        how = describe_wait_status(status)
-        if stub is None:
-            logger.error(
-                "a Python-backend process of tritonserver (pid %d) %s before postsim saw which model it served; "
-                'requests to that model fail with "Stub process ... is not healthy" until it is reloaded: '
-                "restart `postsim serve`",
-                pid,
-                how,
-            )
-            return False
-        logger.error(
-            "model '%s' (version %s): its Python-backend process (pid %d) %s. Triton does not restart it and "
-            'keeps reporting the model ready while every request to it fails ("Stub process is not healthy"): '
-            "reloading '%s'",
-            stub.model,
-            stub.version,
-            pid,
-            how,
-            stub.model,
-        )
-        try:
-            self.server.reload_model(stub.model, changed_file=stub.model_file)
-        except PostSimError as error:
-            logger.error("model '%s' could not be reloaded (%s): restart `postsim serve`", stub.model, error)
-            return False
-        logger.info("model '%s' reloaded after its process died: serving again", stub.model)
-        return True
 
 
 def _answers_ready(url: str) -> bool:

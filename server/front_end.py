@@ -34,14 +34,14 @@ deadline or disconnect.
   or stops, every call but health is answered UNAVAILABLE with what is happening, so
   clients that retry on UNAVAILABLE retry.
 
-It runs as a child process of the launcher (``python -m postsim.model_repository.front_end``),
+It runs as a child process of the launcher (``python -m postsim.server.front_end``),
 so its event loop competes for no GIL with the launcher or with a benchmark's load
 generator in that process. The launcher writes the settings as one JSON line on the
 child's stdin (secrets reach neither argv nor the environment), then state changes; the
 child reports on stdout, one JSON object a line: ``listening`` or ``failed``, log records,
 ``drained`` (nothing left in flight while stopping), and ``unhealthy_stub`` (Triton judged
 a Python-backend process unhealthy: :meth:`TritonServer.on_unhealthy_stub
-<postsim.model_repository.server.TritonServer.on_unhealthy_stub>` says why that matters)
+<postsim.server.launcher.TritonServer.on_unhealthy_stub>` says why that matters)
 and ``model_load``. When its stdin closes, the child stops, and stops tritonserver too if
 the launcher did not (it died).
 """
