@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 
 from postsim.bench.serving import loopback_settings, scratch_repository
 from postsim.bench.workload import load_bench_posts, write_bench_corpus
-from postsim.client.api import build_inputs
+from postsim.client.core import build_inputs
 from postsim.core.errors import BenchError
 from postsim.model_repository import contract
 from postsim.model_repository.manifest import WeightsManifest

@@ -39,7 +39,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from postsim.bench.serving import loopback_settings, scratch_repository
-from postsim.client.api import PostSimClient, build_inputs, without_traceback
+from postsim.client.api import PostSimClient
+from postsim.client.core import build_inputs
+from postsim.client.errors import without_traceback
 from postsim.client.publish import publish_index, rollback_index
 from postsim.client.samples import read_posts, write_sample_posts
 from postsim.core.errors import BenchError, PostSimError

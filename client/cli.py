@@ -24,9 +24,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import PostSimError, SettingsError
 from postsim.core.paths import default_repository, default_run_dir
 from postsim.model_repository import contract
+from postsim.model_repository.protocol import ADMIN_KEY_VARIABLE
 
 LOGGER = logging.getLogger("postsim")
 app = typer.Typer(
@@ -194,7 +196,7 @@ def serve(
     admin_key: Annotated[
         str | None,
         typer.Option(
-            envvar="POSTSIM_ADMIN_KEY",
+            envvar=ADMIN_KEY_VARIABLE,
             help="Key required for model control, shared memory, log and trace settings. Given on the command line "
             "it is readable by every local user (ps, /proc/PID/cmdline): prefer POSTSIM_ADMIN_KEY or --admin-key-file.",
         ),
@@ -290,7 +292,7 @@ def _admin_key(value: str | None, path: Path | None) -> str | None:
 def embed(
     image: Annotated[Path | None, typer.Option(help="Image file of the post.")] = None,
     text: Annotated[str | None, typer.Option(help="Text of the post (title, description, tags).")] = None,
-    url: UrlOption = "localhost:8001",
+    url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Embed one post through the server and print the result as JSON."""
     from postsim.client.api import PostSimClient
@@ -316,7 +318,7 @@ def similar(
     text: Annotated[str | None, typer.Option(help="Text of the query post.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many similar posts.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    url: UrlOption = "localhost:8001",
+    url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Find the indexed posts most similar to a post, with the start of each one's text when the index keeps it."""
     from postsim.client.api import PostSimClient
@@ -370,7 +372,7 @@ def index_build(
     corpus: Annotated[Path, typer.Argument(help="JSONL corpus: one {id, text, image} object per line.")],
     out: Annotated[Path, _run_dir("index", "Index folder to write (replaced atomically).")],
     index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
-    url: UrlOption = "localhost:8001",
+    url: UrlOption = DEFAULT_URL,
     batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
     max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
@@ -414,7 +416,7 @@ def index_publish(
         str | None, typer.Option(help="Running server to switch over (HOST:PORT); none: install only.")
     ] = None,
     admin_key: Annotated[
-        str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="The server's admin key, if it has one.")
+        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
     ] = None,
 ) -> None:
     """Install an index as the next version of `retrieval` and make the running server serve it."""
@@ -432,7 +434,7 @@ def index_rollback(
     repository: RepositoryOption,
     url: Annotated[str | None, typer.Option(help="Running server to switch back (HOST:PORT).")] = None,
     admin_key: Annotated[
-        str | None, typer.Option(envvar="POSTSIM_ADMIN_KEY", help="The server's admin key, if it has one.")
+        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
     ] = None,
 ) -> None:
     """Retire the newest index version and serve the previous one."""
@@ -555,7 +557,7 @@ def bench_index(
 @bench_app.command("soak")
 @reports_errors
 def bench_soak(
-    url: UrlOption = "localhost:8001",
+    url: UrlOption = DEFAULT_URL,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests held in flight.")] = 16,
     duration: Annotated[float, typer.Option(min=1, help="Seconds to hold the load, after the warm-up.")] = 600.0,
     interval: Annotated[float, typer.Option(min=1, help="Seconds per reported interval.")] = 30.0,
@@ -566,12 +568,13 @@ def bench_soak(
 ) -> None:
     """Hold a concurrency of requests for a while; report latency over time, errors and memory. Exit 1 on any error."""
     from postsim.bench.soak import format_soak, run_soak
+    from postsim.client.settings import ClientSettings
 
     def show(interval_stats: Any) -> None:
         LOGGER.info("%s", interval_stats)
 
     report = run_soak(
-        url,
+        ClientSettings(url=url),
         concurrency=concurrency,
         duration_s=duration,
         interval_s=interval,

@@ -23,6 +23,7 @@ import numpy as np
 from postsim.client.api import AsyncPostSimClient
 from postsim.client.indexing import build_index_dir, post_caption
 from postsim.client.samples import CorpusPost, read_posts
+from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
@@ -36,7 +37,7 @@ ProgressCallback = Callable[[int, int], None]
 class CorpusIndexSettings:
     corpus: Path
     out_dir: Path
-    url: str = "localhost:8001"
+    url: str = DEFAULT_URL
     index_type: IndexType = IndexType.AUTO
     batch_size: int = 8
     concurrency: int = 4

@@ -24,7 +24,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from postsim.client.api import PostSimClient, ServedRepository
+from postsim.client.api import PostSimClient
+from postsim.client.posts import ServedRepository
 from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError
 from postsim.model_repository import contract
 from postsim.model_repository.layout import CONFIG_NAME, model_py_source, version_dirs

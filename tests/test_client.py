@@ -421,12 +421,12 @@ def test_server_info_reads_metadata_index_and_weights(client: PostSimClient, fak
     info = client.server_info()
     assert isinstance(info, ServerInfo)
     assert (info.url, info.server, info.version) == (URL, "triton", "2.51.0")
-    assert info.weights == "random" and info.embedding_dim == DIM
+    assert info.weights == "random" and info.dim == DIM
     assert info.is_ready("post_embedding") and not info.is_ready("similar_posts")
 
     fake.models = [("post_embedding", "1", "UNAVAILABLE")]
     info = client.server_info()
-    assert info.weights is None and info.embedding_dim is None
+    assert info.weights is None and info.dim is None
     assert not info.is_ready("post_embedding")
 
 
@@ -614,7 +614,7 @@ def test_async_client_chunks_in_order_and_checks_before_sending(tmp_path: Path) 
             assert fake.sync.calls == []
 
             info = await client.server_info()
-            assert info.weights == "random" and info.embedding_dim == DIM
+            assert info.weights == "random" and info.dim == DIM
 
     asyncio.run(scenario())
     assert fake.sync.closed
@@ -644,3 +644,42 @@ def _sequence(posts: Sequence[Post]) -> Sequence[Post]:
 
 def test_any_sequence_of_posts_is_accepted(client: PostSimClient) -> None:
     assert len(client.embed(_sequence(numbered(3)))) == 3
+
+
+def _public_methods(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))}
+
+
+def test_the_async_client_has_every_method_of_the_blocking_one_awaited() -> None:
+    assert _public_methods(AsyncPostSimClient) == _public_methods(PostSimClient)
+    for name in _public_methods(PostSimClient) - {"from_settings"}:
+        assert asyncio.iscoroutinefunction(getattr(AsyncPostSimClient, name)), name
+
+
+def test_the_async_client_loads_models_and_reads_their_readiness_like_the_blocking_one() -> None:
+    class ModelControl:
+        def __init__(self) -> None:
+            self.loaded: list[str] = []
+
+        async def load_model(self, model_name: str, headers: Any = None, client_timeout: Any = None) -> None:
+            if model_name == "broken":
+                raise grpc_exception(grpc.StatusCode.INVALID_ARGUMENT, "failed to load 'broken': no version")
+            self.loaded.append(model_name)
+
+        async def is_model_ready(self, model_name: str, model_version: str = "", **kwargs: Any) -> bool:
+            return model_name in self.loaded
+
+        async def close(self) -> None:
+            pass
+
+    async def scenario() -> None:
+        async with AsyncPostSimClient(URL) as client:
+            client._client = ModelControl()
+            assert not await client.is_model_ready("retrieval")
+            await client.load_model("retrieval")
+            assert await client.is_model_ready("retrieval", "1")
+            with pytest.raises(ServerError, match="did not load model 'broken' and keeps serving") as caught:
+                await client.load_model("broken")
+            assert caught.value.__suppress_context__
+
+    asyncio.run(scenario())
