@@ -56,7 +56,7 @@ from postsim.server.launcher import ServerSettings, TritonServer
 from postsim.server.ports import free_ports
 
 if TYPE_CHECKING:
-    from postsim.export.weights import PostSimModels
+    from postsim.models.weights import PostSimModels
 
 logger = logging.getLogger("postsim")
 

@@ -138,7 +138,7 @@ def export(
     from postsim.export.quantize import Precision
     from postsim.export.repository import ExportOptions, export_repository
     from postsim.export.triton_config import Target
-    from postsim.export.weights import ModelSettings, ModelSize
+    from postsim.models.settings import ModelSettings, ModelSize
 
     options = ExportOptions(
         repository=repository,

@@ -49,7 +49,7 @@ def run_demo(
     """Run every step; ``while_serving`` is called with the live server before it stops, ``on_progress``
     with (posts embedded, posts in all) while the index is built."""
     from postsim.export.repository import ExportOptions, export_repository
-    from postsim.export.weights import ModelSettings
+    from postsim.models.settings import ModelSettings
 
     LOGGER.info("step 1/5: export the models to %s", settings.repository)
     export_repository(ExportOptions(repository=settings.repository, models=ModelSettings(weights=settings.weights)))

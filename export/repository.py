@@ -30,7 +30,6 @@ from postsim.export.quantize import (
     require_agreement,
 )
 from postsim.export.triton_config import ServingSettings, Target, repository_configs
-from postsim.export.weights import ModelSettings, PostSimModels, build_models
 from postsim.model_repository import contract
 from postsim.model_repository.configs import to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME, model_py_source
@@ -42,6 +41,8 @@ from postsim.model_repository.manifest import (
     sha256_file,
 )
 from postsim.model_repository.tokenization import TOKENIZER_FILE
+from postsim.models.settings import ModelSettings
+from postsim.models.weights import PostSimModels, build_models
 
 logger = logging.getLogger("postsim")
 VERSION = "1"

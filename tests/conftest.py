@@ -44,13 +44,13 @@ def postsim_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 class ExportedRepository:
     path: Path
     models: object
-    """The PyTorch models the repository was exported from (postsim.export.weights.PostSimModels)."""
+    """The PyTorch models the repository was exported from (postsim.models.weights.PostSimModels)."""
 
 
 @pytest.fixture(scope="session")
 def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> ExportedRepository:
     from postsim.export.repository import ExportOptions, export_repository
-    from postsim.export.weights import ModelSettings, ModelSize
+    from postsim.models.settings import ModelSettings, ModelSize
 
     settings = ModelSettings(weights="random", size=ModelSize(TEST_SIZE), seed=0)
     path = tmp_path_factory.mktemp("repository")

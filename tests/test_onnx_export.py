@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch", reason="needs the export extra")
 import onnxruntime as ort  # noqa: E402
 
 from postsim.core.errors import ExportError, ExportMismatchError  # noqa: E402
-from postsim.export.models import ImageEncoder, ModelSize  # noqa: E402
 from postsim.export.onnx_export import (  # noqa: E402
     EXPORT_BATCH,
     EXPORT_SEQUENCE,
@@ -24,8 +23,6 @@ from postsim.export.onnx_export import (  # noqa: E402
     sample_inputs,
     validate_onnx_model,
 )
-from postsim.export.torch_pipeline import TorchPostPipeline  # noqa: E402
-from postsim.export.weights import ModelSettings, PostSimModels, build_models  # noqa: E402
 from postsim.model_repository.contract import (  # noqa: E402
     FUSER,
     IMAGE_ENCODER,
@@ -33,6 +30,10 @@ from postsim.model_repository.contract import (  # noqa: E402
     TEXT_ENCODER,
     model_specs,
 )
+from postsim.models.modules import ImageEncoder  # noqa: E402
+from postsim.models.settings import ModelSettings, ModelSize  # noqa: E402
+from postsim.models.torch_runtime import TorchRuntime  # noqa: E402
+from postsim.models.weights import PostSimModels, build_models  # noqa: E402
 
 SPECS = model_specs()
 
@@ -129,9 +130,7 @@ def test_chained_onnx_models_reproduce_the_torch_pipeline(
     embedding, weights, query = sessions[FUSER].run(None, fuser_inputs)
     np.testing.assert_array_equal(query, embedding)
 
-    expected_embedding, expected_weights = TorchPostPipeline(tiny_models).embed(
-        pixels, ids, mask, image_mask, text_mask
-    )
+    expected_embedding, expected_weights = TorchRuntime(tiny_models).embed(pixels, ids, mask, image_mask, text_mask)
     np.testing.assert_allclose(embedding, expected_embedding, atol=1e-4)
     np.testing.assert_allclose(weights, expected_weights, atol=1e-5)
     assert weights[1, 0] == 0.0 and weights[2, 1] == 0.0

@@ -15,8 +15,7 @@ from postsim.client.api import PostSimClient
 from postsim.client.posts import Post
 from postsim.core.errors import InvalidPostError
 from postsim.model_repository import contract
-from postsim.model_repository.preprocessing import ImageLimits, preprocess_images
-from postsim.model_repository.tokenization import TextTokenizer
+from postsim.models.pipeline import PostPipeline, Preprocessor
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +31,14 @@ def _jpeg(width: int, height: int, seed: int) -> bytes:
 
 def _reference(exported_repository, posts: list[Post]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """The same posts through the same preprocessing and the PyTorch models, in-process."""
-    from postsim.export.torch_pipeline import TorchPostPipeline
+    from postsim.models.torch_runtime import TorchRuntime
 
     images = [post.image_bytes() if post.image is not None else b"" for post in posts]
     texts = [(post.text or "").encode() for post in posts]
-    pixels, image_mask, image_errors = preprocess_images(images, ImageLimits())
-    tokenizer = TextTokenizer.from_file(exported_repository.path / "tokenize" / "1" / "tokenizer.json")
-    input_ids, attention_mask, text_mask, text_errors = tokenizer.encode(texts)
-    assert not any(image_errors) and not any(text_errors)
-    pipeline = TorchPostPipeline(exported_repository.models)
-    return pipeline.embed(pixels, input_ids, attention_mask, image_mask, text_mask)
+    preprocess = Preprocessor.from_repository(exported_repository.path)
+    prepared = preprocess(images, texts)
+    assert not any(prepared.image_errors) and not any(prepared.text_errors)
+    return PostPipeline(preprocess, TorchRuntime(exported_repository.models)).embed(images, texts)
 
 
 def _cosine_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,14 +15,13 @@ from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
 from postsim.client.publish import check_served
 from postsim.client.samples import write_sample_posts
 from postsim.core.errors import RepositoryError
-from postsim.export.models import ModelSize
 from postsim.export.repository import ExportOptions, export_repository
-from postsim.export.weights import ModelSettings
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt
 from postsim.model_repository.contract import REPOSITORY_ID_PARAMETER
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
+from postsim.models.settings import ModelSettings, ModelSize
 from postsim.server.launcher import TritonServer
 
 

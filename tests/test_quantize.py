@@ -17,7 +17,6 @@ import onnxruntime as ort  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from postsim.core.errors import ExportError  # noqa: E402
-from postsim.export.models import ModelSize  # noqa: E402
 from postsim.export.onnx_export import check_signature, export_onnx_models  # noqa: E402
 from postsim.export.quantize import (  # noqa: E402
     AgreementReport,
@@ -34,9 +33,10 @@ from postsim.export.quantize import (  # noqa: E402
 )
 from postsim.export.repository import ExportOptions, export_repository, onnx_paths  # noqa: E402
 from postsim.export.triton_config import Target  # noqa: E402
-from postsim.export.weights import ModelSettings, PostSimModels, build_models  # noqa: E402
 from postsim.model_repository.contract import FUSER, IMAGE_ENCODER, ONNX_MODELS, TEXT_ENCODER, model_specs  # noqa: E402
 from postsim.model_repository.manifest import WeightsManifest  # noqa: E402
+from postsim.models.settings import ModelSettings, ModelSize  # noqa: E402
+from postsim.models.weights import PostSimModels, build_models  # noqa: E402
 
 TINY = ModelSettings(weights="random", size=ModelSize.TINY, seed=0)
 # Fewer posts than the defaults keep the tests fast; still more than neighbours + 1.

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from postsim.core.errors import InvalidPostError, SettingsError
-from postsim.export.models import torch_required
+from postsim.models.modules import torch_required
 from postsim.training.features import PostFeatures
 from postsim.training.losses import UNLABELLED
 from postsim.training.split import Split

@@ -4,7 +4,7 @@ The modules are the export path's own: the ``projection`` of :class:`ImageEncode
 :class:`TextEncoder` (``nn.Linear``) and :class:`AttentionFuser`. :meth:`TrainableHead.from_models`
 starts from the head of built models (the seeded initialisation, or a checkpoint), and
 :func:`write_head` writes the checkpoint ``build_models(ModelSettings(head=...))`` loads:
-the format of :func:`postsim.export.weights.save_head`, plus a ``metadata`` section
+the format of :func:`postsim.models.weights.save_head`, plus a ``metadata`` section
 (where it came from, how it was trained, what it scored) that the loader ignores.
 """
 
@@ -17,9 +17,9 @@ from typing import Any, NamedTuple
 
 from postsim.core.errors import SettingsError
 from postsim.core.files import write_bytes_atomic
-from postsim.export.models import AttentionFuser, torch_required
-from postsim.export.weights import HEAD_FORMAT, PostSimModels
 from postsim.model_repository.contract import DEFAULT_DIM
+from postsim.models.modules import AttentionFuser, torch_required
+from postsim.models.weights import HEAD_FORMAT, PostSimModels
 
 with torch_required():
     import torch
@@ -80,7 +80,7 @@ class TrainableHead(nn.Module):
         return HeadOutput(embedding, weights, image_embedding, text_embedding)
 
     def checkpoint(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The head as :func:`postsim.export.weights.save_head` writes it, with ``metadata`` beside it.
+        """The head as :func:`postsim.models.weights.save_head` writes it, with ``metadata`` beside it.
 
         ``metadata`` must hold only what ``torch.load(weights_only=True)`` reads back:
         dicts, lists, strings, numbers, booleans and None.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from postsim.core.errors import OptionalDependencyError, SettingsError
-from postsim.export.models import l2_normalize, torch_required
+from postsim.models.modules import l2_normalize, torch_required
 
 with torch_required():
     import torch

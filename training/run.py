@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postsim.core.errors import InvalidPostError
-from postsim.export.weights import ModelSettings, build_models
+from postsim.models.settings import ModelSettings
+from postsim.models.weights import build_models
 from postsim.training.corpus import LabelledPost, read_labelled_posts
 from postsim.training.data import HeadTrainingData, training_mode
 from postsim.training.features import DEFAULT_BATCH, PostFeatures, Progress, extract_features

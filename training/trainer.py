@@ -26,7 +26,7 @@ from typing import Any
 from postsim.core.errors import InvalidPostError, SettingsError
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
-from postsim.export.models import torch_required
+from postsim.models.modules import torch_required
 from postsim.training.data import Batch, HeadTrainingData, ModalityDropout, TrainingMode
 from postsim.training.evaluator import POST, HeldOutEvaluator, selection_value
 from postsim.training.head import HeadOutput, TrainableHead

@@ -5,18 +5,18 @@ Each module's ``forward`` takes and returns exactly the tensors of its model in
 pass the spec's names straight to ``torch.onnx.export``.
 
 This module also holds :func:`torch_required`, the one place that turns a missing
-``export`` extra into :class:`OptionalDependencyError`; every module of
-``postsim.export`` imports torch and transformers under it.
+``export`` extra into :class:`OptionalDependencyError`; every postsim module that needs
+torch or transformers imports them under it.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from postsim.core.errors import OptionalDependencyError
 from postsim.model_repository.contract import DEFAULT_DIM
+from postsim.models.settings import ModelSize
 
 _EXPORT_PACKAGES = ("torch", "transformers")
 
@@ -42,15 +42,6 @@ MASKED_SCORE = -1.0e4
 float32, yet an all-missing row stays finite (softmax of equal scores), unlike -inf."""
 NORM_EPS = 1e-12
 SCORER_HIDDEN = 64
-
-
-class ModelSize(enum.Enum):
-    """Backbone architecture built for random weights."""
-
-    FULL = "full"
-    """microsoft/resnet-101 and distilbert-base-uncased."""
-    TINY = "tiny"
-    """A few-MB ResNet and 2-layer DistilBERT with the same layer types, for tests."""
 
 
 def resnet_config(size: ModelSize) -> ResNetConfig:
@@ -95,9 +86,13 @@ class ImageEncoder(nn.Module):
         self.projection = nn.Linear(backbone.config.hidden_sizes[-1], dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, 224, 224]`` float32 → ``[B, dim]``."""
+        """``[B, 3, 224, 224]`` float32 → ``[B, dim]``: the projection of the pooled features."""
+        return self.projection(self.pool(pixel_values))
+
+    def pool(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, 224, 224]`` float32 → the backbone's pooled features ``[B, C]``, before the projection."""
         pooled = self.backbone(pixel_values=pixel_values).pooler_output  # [B, C, 1, 1]
-        return self.projection(torch.flatten(pooled, start_dim=1))
+        return torch.flatten(pooled, start_dim=1)
 
 
 class TextEncoder(nn.Module):
@@ -114,8 +109,12 @@ class TextEncoder(nn.Module):
         Only ids and mask go to the backbone: DistilBERT has no ``token_type_ids`` and BERT
         defaults them to zeros. A row without any token (no text) pools to zeros.
         """
+        return self.projection(self.pool(input_ids, attention_mask))
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` ids and mask → the mean of the backbone's last hidden state over the tokens ``[B, H]``."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.projection(masked_mean(hidden, attention_mask))
+        return masked_mean(hidden, attention_mask)
 
 
 def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
