@@ -360,7 +360,7 @@ def sample_posts(
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
 ) -> None:
     """Write N synthetic posts (procedurally drawn images, captions from a few topics) as a JSONL corpus."""
-    from postsim.client.samples import write_sample_posts
+    from postsim.corpus.samples import write_sample_posts
 
     path = write_sample_posts(n, out, seed=seed)
     stdout.print(f"wrote {n} posts to {path}")

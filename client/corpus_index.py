@@ -22,9 +22,9 @@ import numpy as np
 
 from postsim.client.api import AsyncPostSimClient
 from postsim.client.indexing import build_index_dir, post_caption
-from postsim.client.samples import CorpusPost, read_posts
 from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
+from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
 LOGGER = logging.getLogger("postsim")

@@ -16,7 +16,8 @@ from postsim.client.api import PostSimClient
 from postsim.client.corpus_index import CorpusIndexSettings, ProgressCallback, build_corpus_index
 from postsim.client.posts import Neighbor
 from postsim.client.publish import publish_index
-from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.server.launcher import ServerSettings, TritonServer
 
 LOGGER = logging.getLogger("postsim")

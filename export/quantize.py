@@ -19,7 +19,7 @@ stays fp32 at every precision: its softmax and normalisation would gain nothing.
   operators it lacks kernels for in fp32 between inserted casts, so the agreement
   measured on CPU covers fp16 storage of weights and activations, not fp16 arithmetic.
 
-The agreement check runs sample posts (``postsim.client.samples``) through the in-process
+The agreement check runs sample posts (``postsim.corpus.samples``) through the in-process
 pipeline (:mod:`postsim.models.pipeline`: the server's preprocessing and tokenizer, then each
 chain in ONNX Runtime), and compares the
 fused embeddings: cosine per post, and the overlap of each post's nearest neighbours in
@@ -43,6 +43,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from postsim.core.errors import ExportError, RepositoryError
 from postsim.core.files import move_atomic
+from postsim.corpus.posts import read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.contract import (
     FUSER,
     IMAGE_ENCODER,
@@ -251,8 +253,6 @@ def sample_corpus(
     Photo-sized images (640×480) and realistic captions (20 to 60 words), in batches of
     ``batch_size``, each padded to its longest text like a batch the server runs.
     """
-    from postsim.client.samples import read_posts, write_sample_posts
-
     corpus = list(read_posts(write_sample_posts(posts, directory, seed, image_size=(640, 480), words=(20, 60))))
     preprocess = Preprocessor.from_tokenizer_json(tokenizer_json)
     batches = []

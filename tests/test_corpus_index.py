@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from postsim.client.cli import app
-from postsim.client.samples import write_sample_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.search_index import read_manifest
 from postsim.server.launcher import TritonServer
 

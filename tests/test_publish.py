@@ -13,8 +13,8 @@ from postsim.client.api import ServedRepository
 from postsim.client.cli import app
 from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
 from postsim.client.publish import check_served
-from postsim.client.samples import write_sample_posts
 from postsim.core.errors import RepositoryError
+from postsim.corpus.samples import write_sample_posts
 from postsim.export.repository import ExportOptions, export_repository
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt

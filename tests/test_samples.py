@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from postsim.client import samples
 from postsim.client.posts import Post
-from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
 from postsim.core.errors import InvalidPostError
+from postsim.corpus import samples
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.preprocessing import decode_image
 
 N = 20

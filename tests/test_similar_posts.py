@@ -25,8 +25,9 @@ from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
 from postsim.client.indexing import post_caption
 from postsim.client.posts import Post
 from postsim.client.publish import install_version, publish_index, rollback_index
-from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
 from postsim.core.errors import PostSimError, SearchIndexError, ServerError
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository import contract
 from postsim.model_repository.search_index import IndexType, read_manifest
 from postsim.server.launcher import TritonServer

@@ -14,10 +14,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.corpus.split import Split
 from postsim.models.modules import torch_required
 from postsim.training.features import PostFeatures
 from postsim.training.losses import UNLABELLED
-from postsim.training.split import Split
 
 with torch_required():
     import torch

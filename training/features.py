@@ -35,10 +35,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from postsim.client.samples import CorpusPost
 from postsim.core.errors import SettingsError, TrainingError
 from postsim.core.files import write_bytes_atomic
 from postsim.core.paths import cache_root
+from postsim.corpus.posts import CorpusPost
 from postsim.model_repository.contract import IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE, MAX_TEXT_TOKENS
 from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
 from postsim.models.modules import torch_required

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.corpus.split import DEFAULT_HELD_OUT
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
 from postsim.models.modules import torch_required
@@ -36,7 +37,6 @@ from postsim.training.losses import (
     ImageTextContrastiveLoss,
     LabelContrastiveLoss,
 )
-from postsim.training.split import DEFAULT_HELD_OUT
 
 with torch_required():
     import torch

@@ -1,4 +1,4 @@
-"""The labelled corpus reader (postsim.training.corpus)."""
+"""Labels and splits in the corpus (postsim.corpus.posts)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from postsim.core.errors import InvalidPostError
-from postsim.training.corpus import read_labelled_posts
-from postsim.training.split import Split
+from postsim.corpus.posts import read_posts
+from postsim.corpus.split import Split
 
 
 def _corpus(tmp_path: Path, *records: dict[str, object]) -> Path:
@@ -25,13 +25,13 @@ def test_labels_and_splits_are_read_with_the_posts(tmp_path: Path) -> None:
         {"id": "b", "text": "two", "label": " "},
         {"id": "c", "text": "three", "label": None, "topic": "ignored"},
     )
-    posts = read_labelled_posts(path)
+    posts = list(read_posts(path))
     assert [(post.id, post.label, post.split) for post in posts] == [
         ("a", "dogs", Split.TEST),
         ("b", None, None),
         ("c", None, None),
     ]
-    assert posts[0].post.text == "one"
+    assert posts[0].text == "one"
 
 
 @pytest.mark.parametrize(
@@ -47,4 +47,4 @@ def test_bad_labels_splits_and_duplicate_ids_name_the_line(
 ) -> None:
     path = _corpus(tmp_path, {"id": "first", "text": "fine"}, record)
     with pytest.raises(InvalidPostError, match=message):
-        read_labelled_posts(path)
+        list(read_posts(path))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
 from postsim.models.settings import ModelSettings, ModelSize

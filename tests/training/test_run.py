@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from postsim.client.samples import read_posts, write_sample_posts
 from postsim.core import files
 from postsim.core.errors import ExportError, InvalidPostError
+from postsim.corpus.posts import read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.models.pipeline import PostPipeline, Preprocessor
 from postsim.models.settings import ModelSettings, ModelSize
 from postsim.models.torch_runtime import TorchRuntime

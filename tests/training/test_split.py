@@ -1,4 +1,4 @@
-"""The held-out split (postsim.training.split)."""
+"""The held-out split (postsim.corpus.split)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from postsim.training.split import Split, split_of
+from postsim.corpus.split import Split, split_of
 
 
 def test_about_the_held_out_share_of_ids_is_held_out() -> None:
@@ -16,7 +16,9 @@ def test_about_the_held_out_share_of_ids_is_held_out() -> None:
 
 
 def test_the_split_is_the_same_in_every_process_whatever_the_hash_seed() -> None:
-    code = "from postsim.training.split import split_of; print(''.join(split_of(f'post-{i}').value[1] for i in range(300)))"
+    code = (
+        "from postsim.corpus.split import split_of; print(''.join(split_of(f'post-{i}').value[1] for i in range(300)))"
+    )
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True

@@ -1,4 +1,4 @@
-"""Sample posts to try postsim on, and the reader of a posts corpus (``posts.jsonl``).
+"""Sample posts to try postsim on: a deterministic synthetic corpus in the corpus format.
 
 :func:`write_sample_posts` draws a deterministic corpus: captions from a handful of
 topics, and images drawn with Pillow whose shapes and colours follow the topic, so posts
@@ -7,12 +7,7 @@ in the formats and modes the server must handle (JPEG, PNG, WebP, RGBA PNG, grey
 JPEG) and, by default, in varied sizes; ``image_size`` and ``words`` make photo-sized
 images and longer captions for benchmarks.
 
-:func:`read_posts` parses the corpus format that ``postsim index build`` reads::
-
-    {"id": "post-00000", "text": "Golden hour...", "image": "images/post-00000.jpg"}
-
-one JSON object per line, ``text`` or ``image`` null (or absent) when the post has none,
-image paths relative to the JSONL file's folder; other keys (``topic``) are ignored.
+The corpus it writes is read back with :func:`postsim.corpus.posts.read_posts`, like any other.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +23,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from postsim.client.posts import Post
-from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.core.errors import SettingsError
 from postsim.core.files import write_text_atomic
-from postsim.model_repository.contract import post_id_problem
+from postsim.corpus.posts import POSTS_FILE
 
 logger = logging.getLogger("postsim")
 
-POSTS_FILE = "posts.jsonl"
 IMAGES_DIR = "images"
 DEFAULT_WORDS = (6, 18)
 """Words in a caption's description, drawn between the bounds (title and tags aside; whole sentences)."""
@@ -48,20 +41,6 @@ NOISE_LEVEL = 8
 
 RGB = tuple[int, int, int]
 Drawer = Callable[[ImageDraw.ImageDraw, int, int, random.Random], None]
-
-
-@dataclass(frozen=True)
-class CorpusPost:
-    """One line of a ``posts.jsonl`` corpus; at least one of text and image is set."""
-
-    id: str
-    text: str | None
-    image_path: Path | None
-    """Resolved against the JSONL file's folder; not checked to exist here."""
-
-    def to_post(self) -> Post:
-        """As a client :class:`~postsim.client.posts.Post`, the image read when the request is built."""
-        return Post(id=self.id, text=self.text, image=self.image_path)
 
 
 def write_sample_posts(
@@ -107,59 +86,6 @@ def write_sample_posts(
     _write_jsonl(posts_path, records)
     logger.info("wrote %d sample posts (%d images) to %s", n, image_count, posts_path)
     return posts_path
-
-
-def read_posts(path: Path | str) -> Iterator[CorpusPost]:
-    """Parse a ``posts.jsonl`` corpus lazily, one :class:`CorpusPost` per non-blank line.
-
-    Raises InvalidPostError naming the file and line for a line that is not UTF-8 or not a
-    JSON object, a missing or non-string id, an id that is not a post id
-    (:func:`~postsim.model_repository.contract.post_id_problem`), a text or image that is
-    neither a string nor null, a post with neither text nor image, or an id seen on an
-    earlier line. An empty text counts as no text.
-    """
-    path = Path(path)
-    first_line_of: dict[str, int] = {}
-    with path.open("rb") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            post = _parse_line(line, path.parent, f"{path}:{line_number}")
-            if post.id in first_line_of:
-                raise InvalidPostError(
-                    f"{path}:{line_number}: duplicate id {post.id!r} (first on line {first_line_of[post.id]})"
-                )
-            first_line_of[post.id] = line_number
-            yield post
-
-
-def _parse_line(line: bytes, folder: Path, where: str) -> CorpusPost:
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise InvalidPostError(f"{where}: not valid UTF-8 at byte {error.start} of the line") from None
-    except json.JSONDecodeError as error:
-        raise InvalidPostError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(record, dict):
-        raise InvalidPostError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    post_id = record.get("id")
-    if not isinstance(post_id, str) or not post_id:
-        raise InvalidPostError(f"{where}: 'id' must be a non-empty string, got {post_id!r}")
-    problem = post_id_problem(post_id)
-    if problem:
-        raise InvalidPostError(f"{where}: {problem}")
-    text = _optional_string(record, "text", where) or None
-    image = _optional_string(record, "image", where) or None
-    if text is None and image is None:
-        raise InvalidPostError(f"{where}: post {post_id!r} has neither 'text' nor 'image'")
-    return CorpusPost(id=post_id, text=text, image_path=folder / image if image else None)
-
-
-def _optional_string(record: dict[str, Any], key: str, where: str) -> str | None:
-    value = record.get(key)
-    if value is not None and not isinstance(value, str):
-        raise InvalidPostError(f"{where}: '{key}' must be a string or null, got {type(value).__name__}")
-    return value
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
