@@ -48,6 +48,8 @@ from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
 from postsim.core.files import write_text_atomic
 from postsim.export.triton_config import ServingSettings
+from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
+from postsim.indexing.publish import publish_index
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
@@ -328,9 +330,6 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
 
 def _publish_bench_index(corpus: Path, work_dir: Path, repository: Path, url: str) -> None:
     """Index the bench corpus through the server and make it serve that index (loads ``similar_posts``)."""
-    from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
-    from postsim.client.publish import publish_index
-
     index_dir = work_dir / "index"
     report = build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url))
     logger.info("indexed %d bench posts in %.1f s", report.indexed, report.seconds)

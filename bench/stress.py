@@ -42,10 +42,10 @@ from postsim.bench.serving import loopback_settings, scratch_repository
 from postsim.client.api import PostSimClient
 from postsim.client.core import build_inputs
 from postsim.client.errors import without_traceback
-from postsim.client.publish import publish_index, rollback_index
 from postsim.core.errors import BenchError, PostSimError
 from postsim.corpus.posts import read_posts
 from postsim.corpus.samples import write_sample_posts
+from postsim.indexing.publish import publish_index, rollback_index
 from postsim.model_repository import contract
 from postsim.server.launcher import TritonServer
 

@@ -378,8 +378,8 @@ def index_build(
     max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
 ) -> None:
     """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
-    from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
     from postsim.client.progress import ProgressReporter
+    from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
     from postsim.model_repository.search_index import IndexType
 
     settings = CorpusIndexSettings(
@@ -420,7 +420,7 @@ def index_publish(
     ] = None,
 ) -> None:
     """Install an index as the next version of `retrieval` and make the running server serve it."""
-    from postsim.client.publish import publish_index
+    from postsim.indexing.publish import publish_index
 
     with _admin_client(url, admin_key) as client:
         report = publish_index(index_dir, repository, client=client)
@@ -438,7 +438,7 @@ def index_rollback(
     ] = None,
 ) -> None:
     """Retire the newest index version and serve the previous one."""
-    from postsim.client.publish import rollback_index
+    from postsim.indexing.publish import rollback_index
 
     with _admin_client(url, admin_key) as client:
         version = rollback_index(repository, client=client)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postsim.client.api import PostSimClient
-from postsim.client.corpus_index import CorpusIndexSettings, ProgressCallback, build_corpus_index
 from postsim.client.posts import Neighbor
-from postsim.client.publish import publish_index
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.corpus.samples import write_sample_posts
+from postsim.indexing.embed import CorpusIndexSettings, ProgressCallback, build_corpus_index
+from postsim.indexing.publish import publish_index
 from postsim.server.launcher import ServerSettings, TritonServer
 
 LOGGER = logging.getLogger("postsim")

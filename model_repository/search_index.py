@@ -3,7 +3,7 @@
 This is the server side of retrieval: the ``retrieval`` Python-backend model loads its
 index with :func:`load_index_dir` and answers queries with :meth:`LoadedIndex.search`. It
 needs numpy and FAISS only. Building and writing index directories lives in
-``postsim.client.indexing``.
+``postsim.indexing.build``.
 
 An index directory holds three or four files::
 

@@ -111,8 +111,8 @@ def publish_random_index(repository: Path, url: str, count: int = 60) -> None:
     import numpy as np
 
     from postsim.client.api import PostSimClient
-    from postsim.client.indexing import build_index_dir
-    from postsim.client.publish import publish_index
+    from postsim.indexing.build import build_index_dir
+    from postsim.indexing.publish import publish_index
     from postsim.model_repository.manifest import WeightsManifest
 
     manifest = WeightsManifest.read(repository)

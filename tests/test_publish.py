@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from postsim.client.api import ServedRepository
 from postsim.client.cli import app
-from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
-from postsim.client.publish import check_served
 from postsim.core.errors import RepositoryError
 from postsim.corpus.samples import write_sample_posts
 from postsim.export.repository import ExportOptions, export_repository
+from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
+from postsim.indexing.publish import check_served
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt
 from postsim.model_repository.contract import REPOSITORY_ID_PARAMETER

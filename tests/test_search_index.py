@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from postsim.bench.index_bench import BenchData, ClusteredVectors, format_table, run_index_benchmark
-from postsim.client import indexing
-from postsim.client.indexing import (
+from postsim.core.errors import SearchIndexError
+from postsim.indexing import build as indexing
+from postsim.indexing.build import (
     EXACT_SEARCH_MAX_COUNT,
     IndexPlan,
     IndexType,
@@ -26,7 +27,6 @@ from postsim.client.indexing import (
     tune_search,
     write_index_dir,
 )
-from postsim.core.errors import SearchIndexError
 from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.search_index import (
     CAPTIONS_FILE,

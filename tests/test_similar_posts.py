@@ -21,13 +21,13 @@ from typer.testing import CliRunner
 
 from postsim.client.api import PostSimClient, build_inputs
 from postsim.client.cli import app
-from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
-from postsim.client.indexing import post_caption
 from postsim.client.posts import Post
-from postsim.client.publish import install_version, publish_index, rollback_index
 from postsim.core.errors import PostSimError, SearchIndexError, ServerError
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.corpus.samples import write_sample_posts
+from postsim.indexing.build import post_caption
+from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
+from postsim.indexing.publish import install_version, publish_index, rollback_index
 from postsim.model_repository import contract
 from postsim.model_repository.search_index import IndexType, read_manifest
 from postsim.server.launcher import TritonServer

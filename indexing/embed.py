@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from postsim.client.api import AsyncPostSimClient
-from postsim.client.indexing import build_index_dir, post_caption
 from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.indexing.build import build_index_dir, post_caption
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
 LOGGER = logging.getLogger("postsim")
