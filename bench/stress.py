@@ -169,7 +169,7 @@ class _Run:
     def _build(self) -> Path:
         """``postsim index build`` of the corpus, as an operator runs it (its own process); the index folder."""
         index_dir = self.work_dir / "index"
-        command = [sys.executable, "-m", "postsim.client.cli", "index", "build", str(self.corpus)]
+        command = [sys.executable, "-m", "postsim.cli", "index", "build", str(self.corpus)]
         command += ["--out", str(index_dir), "--url", self.url, "--max-failures", str(1 << 30)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from postsim.cli.main import app
 from postsim.client.api import PostSimClient
-from postsim.client.cli import app
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.server.ports import free_ports
 
@@ -118,7 +118,7 @@ def test_serve_reports_the_failing_models_own_error(exported_repository, tmp_pat
 def test_serve_stops_cleanly_on_sigterm(exported_repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     grpc_port, http_port, metrics_port = free_ports(3)
     command = [
-        sys.executable, "-m", "postsim.client.cli", "serve",
+        sys.executable, "-m", "postsim.cli", "serve",
         "--repository", str(exported_repository.path),
         "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
         "--log-file", str(tmp_path / "triton.log"),
@@ -267,7 +267,7 @@ def test_export_without_the_hub_fails_at_once_with_one_line_per_message(tmp_path
         "COLUMNS": "400",  # one log record, one line
     }
     environment.pop("HF_HUB_OFFLINE", None)
-    command = [sys.executable, "-m", "postsim.client.cli", "export", "--repository", str(tmp_path / "repository")]
+    command = [sys.executable, "-m", "postsim.cli", "export", "--repository", str(tmp_path / "repository")]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
@@ -296,7 +296,7 @@ def test_export_without_the_hub_still_loads_a_cached_model(tmp_path: Path) -> No
     environment.pop("HF_HUB_OFFLINE", None)
     repository = tmp_path / "repository"
     command = [
-        sys.executable, "-m", "postsim.client.cli", "export", "--repository", str(repository),
+        sys.executable, "-m", "postsim.cli", "export", "--repository", str(repository),
         "--image-model", "postsim-test/tiny-resnet", "--text-model", "random", "--size", "tiny",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from postsim.client.cli import app
+from postsim.cli.main import app
 from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.search_index import read_manifest
 from postsim.server.launcher import TritonServer
@@ -31,7 +31,7 @@ def test_index_build_needs_no_admin_key(admin_server: TritonServer, tmp_path: Pa
 def test_index_build_prints_progress_lines_when_its_output_is_not_a_terminal(grpc_url: str, tmp_path: Path) -> None:
     corpus = write_sample_posts(12, tmp_path / "corpus")
     command = [
-        sys.executable, "-m", "postsim.client.cli", "index", "build", str(corpus),
+        sys.executable, "-m", "postsim.cli", "index", "build", str(corpus),
         "--out", str(tmp_path / "index"), "--url", grpc_url, "--batch-size", "2",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "300"})

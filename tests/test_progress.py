@@ -8,7 +8,7 @@ import logging
 import pytest
 from rich.console import Console
 
-from postsim.client.progress import ProgressReporter, format_duration
+from postsim.cli.progress import ProgressReporter, format_duration
 
 
 class FakeClock:

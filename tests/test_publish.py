@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from postsim.cli.main import app
 from postsim.client.api import ServedRepository
-from postsim.client.cli import app
 from postsim.core.errors import RepositoryError
 from postsim.corpus.samples import write_sample_posts
 from postsim.export.repository import ExportOptions, export_repository

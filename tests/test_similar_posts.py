@@ -19,8 +19,8 @@ import tritonclient.grpc as grpcclient
 from conftest import output_subsets
 from typer.testing import CliRunner
 
+from postsim.cli.main import app
 from postsim.client.api import PostSimClient, build_inputs
-from postsim.client.cli import app
 from postsim.client.posts import Post
 from postsim.core.errors import PostSimError, SearchIndexError, ServerError
 from postsim.corpus.posts import CorpusPost, read_posts

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from postsim.client.cli import app
+from postsim.cli.main import app
 from postsim.core.paths import (
     CACHE_ENV,
     HOME_ENV,

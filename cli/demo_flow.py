@@ -1,8 +1,9 @@
-"""``postsim demo``: the whole flow on one machine, from models to a similar-posts answer.
+"""What ``postsim demo`` runs: the whole flow on one machine, from models to a similar-posts answer.
 
 export → serve → sample corpus → index built through the server → publish → one query.
-Each step is an ordinary postsim function; the demo only chains them and keeps the server
-running for the query (and afterwards, when asked).
+Each step is an ordinary postsim function; :func:`run_demo` only chains them and keeps the
+server running for the query (and afterwards, when asked). It lives here, not in client/,
+because it drives the server, export and indexing, which all sit below the CLI.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from postsim.indexing.embed import CorpusIndexSettings, ProgressCallback, build_
 from postsim.indexing.publish import publish_index
 from postsim.server.launcher import ServerSettings, TritonServer
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,24 +53,24 @@ def run_demo(
     from postsim.export.repository import ExportOptions, export_repository
     from postsim.models.settings import ModelSettings
 
-    LOGGER.info("step 1/5: export the models to %s", settings.repository)
+    logger.info("step 1/5: export the models to %s", settings.repository)
     export_repository(ExportOptions(repository=settings.repository, models=ModelSettings(weights=settings.weights)))
 
-    LOGGER.info("step 2/5: write %d sample posts", settings.posts)
+    logger.info("step 2/5: write %d sample posts", settings.posts)
     corpus = write_sample_posts(settings.posts, settings.work_dir / "corpus")
     posts = list(read_posts(corpus))
 
     server_settings = settings.server or ServerSettings(repository=settings.repository)
-    LOGGER.info("step 3/5: start tritonserver")
+    logger.info("step 3/5: start tritonserver")
     with TritonServer(server_settings, log_path=settings.work_dir / "tritonserver.log") as server:
         url = server.endpoints.grpc
-        LOGGER.info("step 4/5: embed the corpus through %s and build the index", url)
+        logger.info("step 4/5: embed the corpus through %s and build the index", url)
         index_dir = settings.work_dir / "index"
         build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url), on_progress=on_progress)
         with PostSimClient(url) as client:
             publish_index(index_dir, server.repository, client=client)
             query = next(post for post in posts if post.text and post.image_path)
-            LOGGER.info("step 5/5: ask for the posts most similar to %s", query.id)
+            logger.info("step 5/5: ask for the posts most similar to %s", query.id)
             neighbors = client.similar(query.to_post(), k=settings.k)
         if while_serving is not None:
             while_serving(server)
