@@ -20,7 +20,7 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
 DEFAULT_INTERVAL_S = 10.0
 """Seconds between two progress lines when the console is not a terminal."""
@@ -95,7 +95,7 @@ class ProgressReporter:
         since = now - (self._last_line if self._last_line is not None else self._started)
         if finished or since >= self.interval_s:
             self._last_line = now
-            LOGGER.info("%s", self.line(done, total, rate=rate, elapsed_s=elapsed))
+            logger.info("%s", self.line(done, total, rate=rate, elapsed_s=elapsed))
 
     def line(self, done: int, total: int, *, rate: float, elapsed_s: float) -> str:
         """The log line for this point: done/total, percentage, rate, and time left (or taken, at the end)."""

@@ -34,8 +34,7 @@ import faiss
 import numpy as np
 
 from postsim.core.errors import SearchIndexError
-from postsim.core.files import fsync_path as _fsync_path
-from postsim.core.files import write_text_atomic as _write_text
+from postsim.core.files import fsync_path, write_text_atomic
 from postsim.model_repository.contract import post_id_problem
 from postsim.model_repository.search_index import (
     CAPTIONS_FILE,
@@ -454,12 +453,12 @@ def write_index_dir(
     staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     try:
         written = _write_files(staging, index, ids, manifest, captions)
-        _fsync_path(staging)
+        fsync_path(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_path(out_dir.parent)
+    fsync_path(out_dir.parent)
     logger.info("wrote %s index of %d vectors to %s", manifest.index_type.value, manifest.count, out_dir)
     return written
 
@@ -486,17 +485,17 @@ def _write_files(
     staging: Path, index: faiss.Index, ids: Sequence[str], manifest: IndexManifest, captions: Sequence[str] | None
 ) -> IndexManifest:
     faiss.write_index(index, str(staging / INDEX_FILE))
-    _fsync_path(staging / INDEX_FILE)
-    _write_text(staging / IDS_FILE, json.dumps(list(ids)))
+    fsync_path(staging / INDEX_FILE)
+    write_text_atomic(staging / IDS_FILE, json.dumps(list(ids)))
     if captions is not None:
-        _write_text(staging / CAPTIONS_FILE, json.dumps(list(captions), ensure_ascii=False))
+        write_text_atomic(staging / CAPTIONS_FILE, json.dumps(list(captions), ensure_ascii=False))
     written = dataclasses.replace(
         manifest,
         index_sha256=sha256_file(staging / INDEX_FILE),
         ids_sha256=sha256_file(staging / IDS_FILE),
         captions_sha256=sha256_file(staging / CAPTIONS_FILE) if captions is not None else "",
     )
-    _write_text(staging / MANIFEST_FILE, written.to_json())
+    write_text_atomic(staging / MANIFEST_FILE, written.to_json())
     return written
 
 

@@ -27,7 +27,7 @@ from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.indexing.build import build_index_dir, post_caption
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (posts done, posts in all) as batches complete."""
@@ -136,7 +136,7 @@ def _stop_on_interrupt() -> Iterator[asyncio.Event]:
     def interrupted() -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        LOGGER.warning("interrupted: finishing the requests in flight (Ctrl-C again to cancel them)")
+        logger.warning("interrupted: finishing the requests in flight (Ctrl-C again to cancel them)")
         stop.set()
 
     try:
@@ -187,7 +187,7 @@ def build_corpus_index(
 
     fingerprint, embedded, failures = asyncio.run(embed_all())
     for failure in failures:
-        LOGGER.warning("post %s not indexed: %s", failure.id, failure.reason)
+        logger.warning("post %s not indexed: %s", failure.id, failure.reason)
     if not embedded:
         raise SearchIndexError(f"no post of {settings.corpus} could be embedded ({len(failures)} failed)")
     ids = [post_id for post_id, _ in embedded]

@@ -32,7 +32,7 @@ from postsim.model_repository.layout import CONFIG_NAME, model_py_source, versio
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.search_index import load_index_dir, version_index_dir
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def install_version(index_dir: Path, repository: Path) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    LOGGER.info("installed %s as retrieval version %d", index_dir, version)
+    logger.info("installed %s as retrieval version %d", index_dir, version)
     return model_dir / str(version)
 
 
@@ -135,7 +135,7 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
             f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
             f"the refused version is kept in {aside}, the server log says why"
         ) from None
-    LOGGER.info("server at %s now serves retrieval version %d", client.url, version)
+    logger.info("server at %s now serves retrieval version %d", client.url, version)
     return PublishReport(version=version, version_dir=version_dir, loaded=True)
 
 
@@ -148,7 +148,7 @@ def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> 
         raise SearchIndexError(f"{model_dir} holds {len(versions)} published index version(s): nothing to roll back to")
     newest, previous = versions[-1], versions[-2]
     aside = _set_aside(newest, "rolled-back")
-    LOGGER.info("retired retrieval version %s (kept in %s)", newest.name, aside)
+    logger.info("retired retrieval version %s (kept in %s)", newest.name, aside)
     if client is not None:
         _load_and_check(client, int(previous.name))
     return int(previous.name)

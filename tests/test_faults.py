@@ -38,6 +38,7 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
 from postsim.client.posts import Post
+from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import PostSimError, ServeError, ServerError, ServerUnavailableError
 from postsim.model_repository import contract
 from postsim.server.launcher import ServerSettings, TritonServer
@@ -46,7 +47,6 @@ from postsim.server.watchdog import StubWatchdog
 
 pytestmark = pytest.mark.integration
 
-URL = "localhost:8001"
 TEXT_POST = Post(text="Golden retriever puppy learns to fetch")
 
 
@@ -96,7 +96,7 @@ def test_a_stub_triton_judged_unhealthy_is_reported_without_claiming_it_died() -
     exc = InferenceServerException(
         msg="in ensemble 'post_embedding', Stub process 'tokenize_0_0' is not healthy.", status="StatusCode.INTERNAL"
     )
-    error = map_server_error(exc, url=URL, model=contract.POST_EMBEDDING, what="post 0")
+    error = map_server_error(exc, url=DEFAULT_URL, model=contract.POST_EMBEDDING, what="post 0")
     assert type(error) is ServerError and error.status == "INTERNAL"
     message = str(error)
     assert UNHEALTHY in message and "(it died, or did not answer Triton's health check in time)" in message

@@ -265,7 +265,7 @@ def test_replacing_an_index_swaps_the_whole_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])
-@pytest.mark.parametrize("failing_step", ["_write_text", "_fsync_path", "rename"])
+@pytest.mark.parametrize("failing_step", ["write_text_atomic", "fsync_path", "rename"])
 def test_failed_write_leaves_the_old_index_untouched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException, failing_step: str
 ) -> None:
