@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import ExportedRepository, publish_random_index, server_settings
 from PIL import Image
+from support import ExportedRepository, publish_random_index, server_settings
 from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient, build_inputs

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import output_subsets
 from PIL import Image
+from support import output_subsets
 from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import PostSimClient

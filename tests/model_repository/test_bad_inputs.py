@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
-from conftest import ExportedRepository, publish_random_index, server_settings
 from PIL import Image
+from support import ExportedRepository, publish_random_index, server_settings
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 

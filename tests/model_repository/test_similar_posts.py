@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import output_subsets
+from support import output_subsets
 from typer.testing import CliRunner
 
 from postsim.cli.main import app

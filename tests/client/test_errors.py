@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from postsim.model_repository.triton_errors import explain
+from postsim.client.errors import explain
 
 EXTRA_INPUT = (
     "[request id: <id_unknown>] expected 2 inputs but got 3 inputs for model 'post_embedding'. Got input(s) "

@@ -32,8 +32,8 @@ from typing import Protocol
 
 import numpy as np
 import pytest
-from conftest import ExportedRepository, publish_random_index, server_settings
 from PIL import Image
+from support import ExportedRepository, publish_random_index, server_settings
 from tritonclient.utils import InferenceServerException
 
 from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
