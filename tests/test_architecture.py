@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TIERS: dict[str, int] = {
@@ -104,6 +106,20 @@ def needs_heavy_dependency(path: Path) -> bool:
 def test_every_top_level_package_is_placed_in_a_tier() -> None:
     folders = {path.parent.name for path in ROOT.glob("*/__init__.py")}
     assert folders == set(TIERS), f"give the new package a tier in TIERS: {sorted(folders ^ set(TIERS))}"
+
+
+def test_every_package_is_installed_typed_and_type_checked() -> None:
+    """pyproject maps each folder onto postsim.<folder>, ships its py.typed, and mypy sees it through .ci/typecheck."""
+    tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    expected = {f"postsim.{folder}": folder for folder in TIERS}
+    assert setuptools["package-dir"] == expected
+    assert sorted(setuptools["packages"]) == sorted(expected)
+    for package, folder in expected.items():
+        assert setuptools["package-data"].get(package) == ["py.typed"], package
+        assert (ROOT / folder / "py.typed").is_file(), folder
+        link = ROOT / ".ci" / "typecheck" / "postsim" / folder
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), f"{link} must link to {folder}/"
 
 
 def test_packages_import_only_downwards() -> None:
