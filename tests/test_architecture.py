@@ -1,4 +1,4 @@
-"""The import direction between postsim's packages, read from the source (AST), not from a running import.
+"""postsim's packages: how each is installed, and the import direction between them (read from the AST).
 
 core ← model_repository ← (server, client, models) ← (export, corpus, indexing, training, evaluation)
 ← bench ← cli. Within the fourth tier corpus/ is the format the others read, and training uses
