@@ -1,12 +1,12 @@
 """The in-process baselines of the serving benchmark: the same computation with no server.
 
-Both run the server's own preprocessing (:func:`~postsim.model_repository.preprocessing.preprocess_images`
-and the repository's ``tokenizer.json``) on the same posts the sweep sends, then
+Both are the in-process pipeline (:mod:`postsim.models.pipeline`): the repository's own
+preprocessing (its image limits and ``tokenizer.json``) on the same posts the sweep sends, then
 
-- **ONNX Runtime**: the repository's exported ``model.onnx`` files (so the same precision
-  as the server), one session per model, run one after the other;
-- **PyTorch eager**: :class:`~postsim.export.torch_pipeline.TorchPostPipeline` in fp32, on
-  the models the repository was exported from (rebuilt from its weights manifest).
+- **ONNX Runtime**: the repository's exported ONNX files (so the same precision as the
+  server), one session per model, run one after the other;
+- **PyTorch eager**: :class:`~postsim.models.torch_runtime.TorchRuntime` in fp32, on the
+  models the repository was exported from (rebuilt from its weights manifest).
 
 Each uses every core of the machine: ONNX Runtime and torch get one intra-op thread per
 core, which is what a single process serving alone would do. Batch 1 gives the latency,
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,22 +34,18 @@ from postsim.bench.results import (
     LatencyStats,
     available_cores,
 )
-from postsim.bench.workload import BenchError, BenchPost, post_at
-from postsim.export.triton_config import parse_pbtxt
+from postsim.bench.workload import BenchPost, post_at
+from postsim.core.errors import BenchError, PostSimError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import InvalidPostError, PostSimError, RepositoryError
-from postsim.model_repository.layout import CONFIG_NAME, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.preprocessing import preprocess_images
-from postsim.model_repository.tokenization import TextTokenizer
+from postsim.models.pipeline import OrtRuntime, PostPipeline, Preprocessor
+from postsim.models.settings import RANDOM_BACKBONE, ModelSettings, ModelSize
 
 if TYPE_CHECKING:
-    from postsim.export.weights import ModelSettings, PostSimModels
+    from postsim.models.weights import PostSimModels
 
 logger = logging.getLogger("postsim")
 
-_IMAGE_EMBEDDING = contract.image_embedding(contract.DEFAULT_EMBEDDING_DIM).name
-_TEXT_EMBEDDING = contract.text_embedding(contract.DEFAULT_EMBEDDING_DIM).name
 
 Embedder = Callable[[Sequence[BenchPost]], np.ndarray]
 """Posts in, fused embeddings ``[B, dim]`` out."""
@@ -60,119 +56,32 @@ class Baseline(enum.Enum):
     TORCH = "torch"
 
 
-@dataclass(frozen=True)
-class Preprocessed:
-    """The contract's tensors for a batch of posts, as the server's preprocessing makes them."""
-
-    pixel_values: np.ndarray
-    image_mask: np.ndarray
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    text_mask: np.ndarray
+def ort_pipeline(repository: Path, *, threads: int) -> PostPipeline:
+    """The repository's ONNX files in this process, after the server's preprocessing, as the server configures it."""
+    return PostPipeline(
+        Preprocessor.from_repository(repository), OrtRuntime.from_repository(repository, threads=threads)
+    )
 
 
-class Preprocessor:
-    """Image preprocessing and tokenization exactly as ``preprocess_image`` and ``tokenize`` run them."""
-
-    def __init__(self, repository: Path) -> None:
-        self.tokenizer = TextTokenizer.from_file(_newest_version(repository, contract.TOKENIZE) / "tokenizer.json")
-
-    def __call__(self, posts: Sequence[BenchPost]) -> Preprocessed:
-        pixels, image_mask, image_errors = preprocess_images([post.image for post in posts])
-        ids, attention, text_mask, text_errors = self.tokenizer.encode([post.text_bytes for post in posts])
-        for post, image_error, text_error in zip(posts, image_errors, text_errors, strict=True):
-            if image_error is not None or text_error is not None:
-                raise InvalidPostError(f"bench post {post.id}: {image_error or text_error}")
-        return Preprocessed(pixels, image_mask, ids, attention, text_mask)
-
-
-def ort_session(path: Path, *, threads: int) -> Any:
-    """An ONNX Runtime CPU session set up like the server's (all graph optimisations, one inter-op thread)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _newest_version(repository: Path, model: str) -> Path:
-    versions = version_dirs(repository / model)
-    if not versions:
-        raise RepositoryError(f"{repository / model} has no version folder: run `postsim export` first")
-    return versions[-1]
-
-
-def served_onnx_file(repository: Path, model: str) -> Path:
-    """The ONNX file the server runs for ``model``: its config's ``onnx_file`` parameter, as the server reads it."""
-    config = parse_pbtxt((repository / model / CONFIG_NAME).read_text())
-    name = config.parameters["onnx_file"].string_value if "onnx_file" in config.parameters else "model.onnx"
-    path = _newest_version(repository, model) / name
-    if not path.is_file():
-        raise RepositoryError(f"{path} does not exist: run `postsim export` again")
-    return path
-
-
-class OrtPostPipeline:
-    """The repository's three ONNX models run in this process, after the server's preprocessing."""
-
-    def __init__(self, repository: Path, *, threads: int) -> None:
-        self.preprocess = Preprocessor(repository)
-        self.sessions = {
-            name: ort_session(served_onnx_file(repository, name), threads=threads) for name in contract.ONNX_MODELS
-        }
-
-    def _run(self, model: str, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
-        """The ``outputs`` of ``model`` (all of them when None), in order."""
-        results: list[np.ndarray] = self.sessions[model].run(outputs, feed)
-        return results
-
-    def embed(self, posts: Sequence[BenchPost]) -> np.ndarray:
-        tensors = self.preprocess(posts)
-        (image,) = self._run(contract.IMAGE_ENCODER, {contract.PIXEL_VALUES.name: tensors.pixel_values})
-        (text,) = self._run(
-            contract.TEXT_ENCODER,
-            {contract.INPUT_IDS.name: tensors.input_ids, contract.ATTENTION_MASK.name: tensors.attention_mask},
-        )
-        (embedding,) = self._run(
-            contract.FUSER,
-            {
-                _IMAGE_EMBEDDING: image,
-                _TEXT_EMBEDDING: text,
-                contract.IMAGE_MASK.name: tensors.image_mask,
-                contract.TEXT_MASK.name: tensors.text_mask,
-            },
-            [contract.EMBEDDING_NAME],
-        )
-        return embedding
-
-
-class TorchBaselinePipeline:
+def torch_pipeline(repository: Path, models: PostSimModels, *, threads: int) -> PostPipeline:
     """The server's preprocessing, then the PyTorch modules in eager mode (fp32)."""
+    from postsim.models.torch_runtime import TorchRuntime
 
-    def __init__(self, repository: Path, models: PostSimModels, *, threads: int) -> None:
-        import torch
+    return PostPipeline(Preprocessor.from_repository(repository), TorchRuntime(models, threads=threads))
 
-        from postsim.export.torch_pipeline import TorchPostPipeline
 
-        torch.set_num_threads(threads)
-        self.preprocess = Preprocessor(repository)
-        self.pipeline = TorchPostPipeline(models)
+def embedder(pipeline: PostPipeline) -> Embedder:
+    """The bench posts' fused embeddings through ``pipeline``; a post the server would refuse is an error."""
 
-    def embed(self, posts: Sequence[BenchPost]) -> np.ndarray:
-        t = self.preprocess(posts)
-        embedding, _weights = self.pipeline.embed(
-            t.pixel_values, t.input_ids, t.attention_mask, t.image_mask, t.text_mask
-        )
-        return embedding
+    def embed(posts: Sequence[BenchPost]) -> np.ndarray:
+        images, texts = [post.image for post in posts], [post.text_bytes for post in posts]
+        return pipeline.embed(images, texts, [post.id for post in posts]).embedding
+
+    return embed
 
 
 def model_settings_from_manifest(manifest: WeightsManifest) -> ModelSettings:
     """The settings that rebuild the PyTorch models a repository was exported from."""
-    from postsim.export.models import ModelSize
-    from postsim.export.weights import RANDOM_BACKBONE, ModelSettings
-
     provenance = manifest.provenance
     image, text = (
         _model_of(str(provenance[model]["backbone"])) for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER)
@@ -281,8 +190,9 @@ def run_baselines(
     if not settings.baselines:
         return BaselineResults(configurations=configurations, reference={}, skipped=skipped)
 
-    ort_pipeline = OrtPostPipeline(repository, threads=threads)
-    ort_points, reference = _sweep_batches(ort_pipeline.embed, posts, settings, ORT_IN_PROCESS)
+    ort_points, reference = _sweep_batches(
+        embedder(ort_pipeline(repository, threads=threads)), posts, settings, ORT_IN_PROCESS
+    )
     if Baseline.ORT in settings.baselines:
         configurations.append(
             ConfigurationResult(
@@ -293,16 +203,15 @@ def run_baselines(
                 max_abs_diff=0.0,
             )
         )
-    del ort_pipeline
 
     if Baseline.TORCH in settings.baselines:
         try:
-            torch_pipeline = _torch_pipeline(repository, torch_models, threads)
+            torch = _torch_pipeline(repository, torch_models, threads)
         except PostSimError as error:
             logger.warning("PyTorch eager baseline skipped: %s", error)
             skipped[TORCH_EAGER] = str(error)
         else:
-            torch_points, torch_embeddings = _sweep_batches(torch_pipeline.embed, posts, settings, TORCH_EAGER)
+            torch_points, torch_embeddings = _sweep_batches(embedder(torch), posts, settings, TORCH_EAGER)
             configurations.append(
                 ConfigurationResult(
                     name=TORCH_EAGER,
@@ -318,14 +227,14 @@ def run_baselines(
     return BaselineResults(configurations=configurations, reference=reference, skipped=skipped)
 
 
-def _torch_pipeline(repository: Path, models: PostSimModels | None, threads: int) -> TorchBaselinePipeline:
-    from postsim.export.weights import build_models
+def _torch_pipeline(repository: Path, models: PostSimModels | None, threads: int) -> PostPipeline:
+    from postsim.models.weights import build_models
 
     if models is None:
         settings = model_settings_from_manifest(WeightsManifest.read(repository))
         logger.info("rebuilding the PyTorch models of %s for the eager baseline", repository)
         models = build_models(settings)
-    return TorchBaselinePipeline(repository, models, threads=threads)
+    return torch_pipeline(repository, models, threads=threads)
 
 
 def _sweep_batches(

@@ -18,12 +18,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from postsim.bench.serving import loopback_settings, scratch_repository
-from postsim.bench.workload import BenchError, load_bench_posts, write_bench_corpus
-from postsim.client.api import build_inputs
+from postsim.bench.workload import load_bench_posts, write_bench_corpus
+from postsim.client.core import build_inputs
+from postsim.core.errors import BenchError
 from postsim.model_repository import contract
-from postsim.model_repository.front_end import GRPC_INTERNAL_HEADER
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.server import TritonServer
+from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER
+from postsim.server.launcher import TritonServer
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,8 +5,8 @@ equally likely, the hardest case for approximate search (no structure to exploit
 ``clustered``: unit vectors drawn the way post embeddings fall, around subjects grouped
 under broad topics (:class:`ClusteredVectors`); the queries are new posts on the same
 subjects, never in the index. Each index is built as ``postsim index build`` builds it:
-the parameters :func:`postsim.client.indexing.choose_index` picks for the corpus size,
-then the search tuned on the corpus by :func:`postsim.client.indexing.tune_search`. It is
+the parameters :func:`postsim.indexing.build.choose_index` picks for the corpus size,
+then the search tuned on the corpus by :func:`postsim.indexing.build.tune_search`. It is
 measured on the CPU and, when FAISS sees a GPU, again after moving it there the way the
 ``retrieval`` model does. ``postsim bench index`` calls :func:`run_index_benchmark` and
 prints :func:`format_table`.
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from postsim.client.indexing import (
+from postsim.core.errors import SearchIndexError
+from postsim.indexing.build import (
     IndexPlan,
     IndexType,
     choose_index,
@@ -33,7 +34,6 @@ from postsim.client.indexing import (
     train_index,
     tune_search,
 )
-from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.search_index import gpu_available, index_to_gpu
 
 logger = logging.getLogger("postsim")

@@ -28,6 +28,7 @@ from postsim.bench.results import (
     ServingBenchReport,
     TargetCheck,
 )
+from postsim.core.files import atomic_path, write_text_atomic
 
 logger = logging.getLogger("postsim")
 
@@ -123,8 +124,7 @@ def report_dict(report: ServingBenchReport) -> dict[str, Any]:
 
 
 def write_json(report: ServingBenchReport, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report_dict(report), indent=2, allow_nan=True) + "\n")
+    write_text_atomic(path, json.dumps(report_dict(report), indent=2, allow_nan=True) + "\n")
     return path
 
 
@@ -159,9 +159,11 @@ def write_plot(report: ServingBenchReport, path: Path) -> Path:
     axes.set_title(f"postsim serving: {report.machine.describe()}, {report.precision}, {report.models}", fontsize=10)
     axes.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=120)
+    finally:
+        plt.close(figure)
     return path
 
 

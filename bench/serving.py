@@ -43,17 +43,22 @@ from postsim.bench.results import (
     MachineInfo,
     ServingBenchReport,
 )
-from postsim.bench.workload import BenchError, BenchPost, load_bench_posts, post_at, write_bench_corpus
+from postsim.bench.workload import BenchPost, load_bench_posts, post_at, write_bench_corpus
 from postsim.client.api import AsyncPostSimClient, PostSimClient
-from postsim.export.triton_config import ServingSettings, parse_pbtxt, to_pbtxt
+from postsim.core.errors import BenchError, PostSimError
+from postsim.core.files import write_text_atomic
+from postsim.export.triton_config import ServingSettings
+from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
+from postsim.indexing.publish import publish_index
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
+from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
-from postsim.model_repository.server import ServerSettings, TritonServer, free_ports
+from postsim.server.launcher import ServerSettings, TritonServer
+from postsim.server.ports import free_ports
 
 if TYPE_CHECKING:
-    from postsim.export.weights import PostSimModels
+    from postsim.models.weights import PostSimModels
 
 logger = logging.getLogger("postsim")
 
@@ -298,12 +303,10 @@ def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
             )
         for group in config.instance_group:
             group.count = serving.instance_count(name)
-        if "intra_op_threads" in config.parameters:
+        if contract.INTRA_OP_THREADS_PARAMETER.key in config.parameters:
             for key, value in serving.session_parameters(name).items():
                 config.parameters[key].string_value = value
-        staging = config_path.with_name(f".{CONFIG_NAME}.bench")
-        staging.write_text(to_pbtxt(config))
-        os.replace(staging, config_path)  # never through the hard link: the original stays as it was
+        write_text_atomic(config_path, to_pbtxt(config))  # a new file: never through the hard link to the original
 
 
 def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
@@ -317,19 +320,16 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
         if config.HasField("dynamic_batching"):
             entry["max_queue_delay_us"] = config.dynamic_batching.max_queue_delay_microseconds
             entry["preferred_batch_sizes"] = list(config.dynamic_batching.preferred_batch_size)
-        if "intra_op_threads" in config.parameters:
-            entry["intra_op_threads"] = int(config.parameters["intra_op_threads"].string_value or 0)
-        if "intra_op_spinning" in config.parameters:
-            entry["intra_op_spinning"] = config.parameters["intra_op_spinning"].string_value == "1"
+        parameters = contract.config_parameters(config)
+        for parameter in (contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_SPINNING_PARAMETER):
+            if parameter.key in parameters:
+                entry[parameter.key] = parameter.read(parameters)
         summary[config.name] = entry
     return summary
 
 
 def _publish_bench_index(corpus: Path, work_dir: Path, repository: Path, url: str) -> None:
     """Index the bench corpus through the server and make it serve that index (loads ``similar_posts``)."""
-    from postsim.client.corpus_index import CorpusIndexSettings, build_corpus_index
-    from postsim.client.publish import publish_index
-
     index_dir = work_dir / "index"
     report = build_corpus_index(CorpusIndexSettings(corpus=corpus, out_dir=index_dir, url=url))
     logger.info("indexed %d bench posts in %.1f s", report.indexed, report.seconds)

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from postsim.bench.workload import BenchError, load_bench_posts, write_bench_corpus
+from postsim.bench.workload import load_bench_posts, write_bench_corpus
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.client.posts import Post
+from postsim.client.settings import ClientSettings
+from postsim.core.errors import BenchError, PostSimError
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
-from postsim.model_repository.server import SHM_DIR, process_rss_bytes, stub_processes
+from postsim.server.processes import process_rss_bytes, stub_processes
+from postsim.server.shared_memory import SHM_DIR
 
 logger = logging.getLogger("postsim")
 
@@ -194,35 +196,8 @@ def default_soak_posts(n: int = DEFAULT_SOAK_POSTS) -> list[Post]:
         return [post.to_post() for post in load_bench_posts(corpus)]
 
 
-@dataclass(frozen=True)
-class _Connection:
-    url: str
-    ssl: bool
-    root_certificates: str | Path | None
-    private_key: str | Path | None
-    certificate_chain: str | Path | None
-
-    def client(self) -> PostSimClient:
-        return PostSimClient(
-            self.url,
-            ssl=self.ssl,
-            root_certificates=self.root_certificates,
-            private_key=self.private_key,
-            certificate_chain=self.certificate_chain,
-        )
-
-    def async_client(self) -> AsyncPostSimClient:
-        return AsyncPostSimClient(
-            self.url,
-            ssl=self.ssl,
-            root_certificates=self.root_certificates,
-            private_key=self.private_key,
-            certificate_chain=self.certificate_chain,
-        )
-
-
-def _similar_posts_ready(connection: _Connection) -> bool:
-    with connection.client() as client:
+def _similar_posts_ready(connection: ClientSettings) -> bool:
+    with PostSimClient.from_settings(connection) as client:
         try:
             return client.is_model_ready(contract.SIMILAR_POSTS)
         except PostSimError:
@@ -241,7 +216,7 @@ def _checked(concurrency: int, duration_s: float, interval_s: float, similar_eve
 
 
 def run_soak(
-    url: str,
+    connection: ClientSettings,
     *,
     concurrency: int = 16,
     duration_s: float = 600.0,
@@ -251,13 +226,9 @@ def run_soak(
     posts: Sequence[Post] | None = None,
     similar_every: int = 10,
     k: int = 10,
-    ssl: bool = False,
-    root_certificates: str | Path | None = None,
-    private_key: str | Path | None = None,
-    certificate_chain: str | Path | None = None,
     on_interval: Callable[[IntervalStats], None] | None = None,
 ) -> SoakReport:
-    """Hold ``concurrency`` requests in flight against ``url`` for ``warmup_s`` + ``duration_s`` seconds.
+    """Hold ``concurrency`` requests in flight against the server of ``connection`` for ``warmup_s`` + ``duration_s`` seconds.
 
     ``server_pid`` is tritonserver's process id (``TritonServer.process.pid``), for its
     memory; None measures only /dev/shm. ``posts`` default to :func:`default_soak_posts`;
@@ -269,7 +240,7 @@ def run_soak(
     _checked(concurrency, duration_s, interval_s, similar_every, chosen)
     if warmup_s < 0:
         raise BenchError(f"warmup_s must be 0 or more, got {warmup_s}")
-    connection = _Connection(url, ssl, root_certificates, private_key, certificate_chain)
+    url = connection.url
     similar = similar_every > 0 and _similar_posts_ready(connection)
     models = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS) if similar else (contract.POST_EMBEDDING,)
     logger.info(
@@ -320,7 +291,7 @@ class _Load:
 
     def __init__(
         self,
-        connection: _Connection,
+        connection: ClientSettings,
         posts: list[Post],
         *,
         concurrency: int,
@@ -355,7 +326,7 @@ class _Load:
         self._zero = time.monotonic() + self.warmup_s
         if self.warmup_s == 0:
             self.start_memory = memory_snapshot(self.server_pid)
-        async with self.connection.async_client() as client:
+        async with AsyncPostSimClient.from_settings(self.connection) as client:
             clock = asyncio.ensure_future(self._clock())
             try:
                 await asyncio.gather(*(self._worker(client) for _ in range(self.concurrency)))

@@ -39,13 +39,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from postsim.bench.serving import loopback_settings, scratch_repository
-from postsim.bench.workload import BenchError
-from postsim.client.api import PostSimClient, build_inputs, without_traceback
-from postsim.client.publish import publish_index, rollback_index
-from postsim.client.samples import read_posts, write_sample_posts
+from postsim.client.api import PostSimClient
+from postsim.client.core import build_inputs
+from postsim.client.errors import without_traceback
+from postsim.core.errors import BenchError, PostSimError
+from postsim.corpus.posts import read_posts
+from postsim.corpus.samples import write_sample_posts
+from postsim.indexing.publish import publish_index, rollback_index
 from postsim.model_repository import contract
-from postsim.model_repository.errors import PostSimError
-from postsim.model_repository.server import TritonServer
+from postsim.server.launcher import TritonServer
 
 logger = logging.getLogger("postsim")
 
@@ -167,7 +169,7 @@ class _Run:
     def _build(self) -> Path:
         """``postsim index build`` of the corpus, as an operator runs it (its own process); the index folder."""
         index_dir = self.work_dir / "index"
-        command = [sys.executable, "-m", "postsim.client.cli", "index", "build", str(self.corpus)]
+        command = [sys.executable, "-m", "postsim.cli", "index", "build", str(self.corpus)]
         command += ["--out", str(index_dir), "--url", self.url, "--max-failures", str(1 << 30)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:

@@ -1,6 +1,6 @@
 """The posts every configuration of the serving benchmark is measured on.
 
-One corpus (:func:`postsim.client.samples.write_sample_posts`: photo-sized images, 20–60
+One corpus (:func:`postsim.corpus.samples.write_sample_posts`: photo-sized images, 20–60
 word captions, the formats and the text-only and image-only posts the server must handle)
 is read into memory once, so no configuration pays for file reads and all of them see
 the same bytes in the same order.
@@ -13,15 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postsim.client.posts import Post
-from postsim.client.samples import read_posts, write_sample_posts
-from postsim.model_repository.errors import PostSimError
+from postsim.core.errors import BenchError
+from postsim.corpus.posts import read_posts
+from postsim.corpus.samples import write_sample_posts
 
 BENCH_IMAGE_SIZE = (640, 480)
 BENCH_WORDS = (20, 60)
-
-
-class BenchError(PostSimError):
-    """The benchmark cannot run as asked (bad settings, a configuration that failed)."""
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""postsim command line and gRPC client: embed posts, build and publish indexes, find similar posts."""
+"""The gRPC client: settings, one core with blocking and asyncio wrappers, error mapping, post and result types."""

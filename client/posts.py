@@ -1,4 +1,4 @@
-"""Posts as the client sends them, and the results it gets back.
+"""Posts as the client sends them, and what it gets back: embeddings, neighbors, what the server runs.
 
 A :class:`Post` is an image, a text, or both. The image is encoded bytes (JPEG, PNG ...) or
 a path read only when the request is built. Empty values mean "absent", as on the wire:
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import InvalidPostError
 
-__all__ = ["EmbeddingResult", "Neighbor", "Post", "SimilarResult"]
+__all__ = ["EmbeddingResult", "ModelStatus", "Neighbor", "Post", "ServedRepository", "ServerInfo", "SimilarResult"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +110,7 @@ class Neighbor:
     id: str
     score: float
     text: str | None = None
-    """The start of the post's text as the index keeps it (:func:`~postsim.client.indexing.post_caption`);
+    """The start of the post's text as the index keeps it (:func:`~postsim.indexing.build.post_caption`);
     None when the index does not know it (the post had no text, or the index was built without captions)."""
 
 
@@ -122,3 +122,68 @@ class SimilarResult:
     embedding: np.ndarray
     image_weight: float
     text_weight: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStatus:
+    """One model of the server's repository index."""
+
+    name: str
+    version: str
+    state: str
+    """Triton's state name: ``READY``, ``LOADING``, ``UNAVAILABLE`` ... (empty when never loaded)."""
+    reason: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedRepository:
+    """Which export the server serves, from the parameters of ``post_embedding``'s config.
+
+    Read through the model-config API, which a server's admin key does not restrict. Each
+    field is None when the config does not say (not loaded, or exported by an older postsim).
+    """
+
+    weights: str | None = None
+    """The ``postsim_weights`` parameter (e.g. ``random``)."""
+    fingerprint: str | None = None
+    """The ``postsim_fingerprint`` parameter: which exported weights the server holds."""
+    repository_id: str | None = None
+    """The ``postsim_repository_id`` parameter: which repository folder the server was started on."""
+    dim: int | None = None
+    """The embedding dimension K: the length of ``EMBEDDING``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    """What the server at ``url`` runs, from its metadata and repository index."""
+
+    url: str
+    server: str
+    """The server's name (``triton``)."""
+    version: str
+    models: tuple[ModelStatus, ...]
+    served: ServedRepository
+    """What ``post_embedding``'s config says; all None when it is not loaded."""
+
+    @property
+    def weights(self) -> str | None:
+        return self.served.weights
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.served.fingerprint
+
+    @property
+    def repository_id(self) -> str | None:
+        return self.served.repository_id
+
+    @property
+    def dim(self) -> int | None:
+        return self.served.dim
+
+    def is_ready(self, model: str) -> bool:
+        return any(status.name == model and status.ready for status in self.models)

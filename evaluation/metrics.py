@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from postsim.core.errors import EvaluationError
+
 SEARCH_CHUNK = 1024
 """Queries scored against the whole gallery at once: [chunk, N] float32 scores in memory."""
 NO_EXCLUSION = -1
@@ -50,7 +52,7 @@ _SHORT_NAMES = {
 def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     """The cut-offs sorted and without repeats; each must be at least 1."""
     if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"the cut-offs k must be one or more integers >= 1, got {tuple(ks)}")
+        raise EvaluationError(f"the cut-offs k must be one or more integers >= 1, got {tuple(ks)}")
     return tuple(sorted(set(ks)))
 
 
@@ -69,7 +71,7 @@ def per_query_metrics(
     queries, depth = found_at.shape
     relevant = np.asarray(relevant_counts, dtype=np.float64)
     if relevant.shape != (queries,) or (queries and relevant.min() < 1):
-        raise ValueError(f"relevant_counts must be {queries} counts >= 1, got shape {relevant.shape}")
+        raise EvaluationError(f"relevant_counts must be {queries} counts >= 1, got shape {relevant.shape}")
     ranks = np.arange(1, depth + 1, dtype=np.float64)
     cumulative = np.cumsum(found_at, axis=1)
     discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2, dtype=np.float64))
@@ -108,7 +110,7 @@ def normalized_rows(vectors: np.ndarray) -> np.ndarray:
     """float32 rows of unit L2 norm; an all-zero row stays zero."""
     rows = np.asarray(vectors, dtype=np.float32)
     if rows.ndim != 2:
-        raise ValueError(f"expected a [N, dim] matrix of embeddings, got shape {rows.shape}")
+        raise EvaluationError(f"expected a [N, dim] matrix of embeddings, got shape {rows.shape}")
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.maximum(norms, np.float32(1e-12))
 
@@ -130,10 +132,10 @@ def exact_search(
     """
     query_rows, gallery_rows = normalized_rows(queries), normalized_rows(gallery)
     if query_rows.shape[1] != gallery_rows.shape[1]:
-        raise ValueError(f"queries have dim {query_rows.shape[1]} but the gallery has dim {gallery_rows.shape[1]}")
+        raise EvaluationError(f"queries have dim {query_rows.shape[1]} but the gallery has dim {gallery_rows.shape[1]}")
     skip = np.full(len(query_rows), NO_EXCLUSION) if excluded is None else np.asarray(excluded, dtype=np.int64)
     if skip.shape != (len(query_rows),):
-        raise ValueError(f"excluded must have one entry per query ({len(query_rows)}), got shape {skip.shape}")
+        raise EvaluationError(f"excluded must have one entry per query ({len(query_rows)}), got shape {skip.shape}")
     size = len(gallery_rows)
     depth = max(0, min(depth, size - 1 if (skip >= 0).any() else size))
     indices = np.empty((len(query_rows), depth), dtype=np.int64)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from postsim.core.files import write_text_atomic
 from postsim.evaluation.metrics import Metric
-from postsim.model_repository.files import write_text_atomic
 
 EVALUATION_FILE = "evaluation.json"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from postsim.core.errors import EvaluationError
 from postsim.evaluation.metrics import (
     NO_EXCLUSION,
     Metric,
@@ -54,17 +55,17 @@ class EmbeddingView:
     def __post_init__(self) -> None:
         count = len(self.ids)
         if len(self.labels) != count or self.embeddings.ndim != 2 or len(self.embeddings) != count:
-            raise ValueError(
+            raise EvaluationError(
                 f"view {self.name!r}: {count} ids, {len(self.labels)} labels and embeddings of shape "
                 f"{self.embeddings.shape}: expected one label and one [dim] row per id"
             )
         if self.modality_weights is not None and self.modality_weights.shape != (count, 2):
-            raise ValueError(
+            raise EvaluationError(
                 f"view {self.name!r}: modality_weights must be [{count}, 2], got {self.modality_weights.shape}"
             )
         repeated = [post_id for post_id, seen in Counter(self.ids).items() if seen > 1]
         if repeated:
-            raise ValueError(f"view {self.name!r}: ids must be unique, repeated: {repeated[:5]}")
+            raise EvaluationError(f"view {self.name!r}: ids must be unique, repeated: {repeated[:5]}")
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,11 @@ def evaluate_embeddings(
     ks = check_ks(ks)
     by_name = {view.name: view for view in views}
     if len(by_name) != len(views):
-        raise ValueError(f"view names must be unique, got {[view.name for view in views]}")
+        raise EvaluationError(f"view names must be unique, got {[view.name for view in views]}")
     for spec in slices:
         for role, name in (("query", spec.query), ("gallery", spec.gallery)):
             if name not in by_name:
-                raise ValueError(f"slice {spec.name!r}: no {role} view {name!r}; the views are {sorted(by_name)}")
+                raise EvaluationError(f"slice {spec.name!r}: no {role} view {name!r}; the views are {sorted(by_name)}")
     results = tuple(
         score_slice(by_name[spec.query], by_name[spec.gallery], ks=ks, name=spec.name, per_label=spec.per_label)
         for spec in slices
@@ -120,7 +121,7 @@ def score_slice(
     """Every metric at every k for ``query``'s posts searched in ``gallery``, overall and per label."""
     ks = check_ks(ks)
     if query.embeddings.shape[1] != gallery.embeddings.shape[1]:
-        raise ValueError(
+        raise EvaluationError(
             f"view {query.name!r} has dim {query.embeddings.shape[1]}, view {gallery.name!r} "
             f"dim {gallery.embeddings.shape[1]}: they are not in one space"
         )

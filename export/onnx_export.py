@@ -27,9 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from postsim.export.models import TextEncoder, torch_required
+from postsim.core.errors import ExportError, ExportMismatchError
 from postsim.export.quantize import row_cosines
-from postsim.export.weights import PostSimModels
 from postsim.model_repository.contract import (
     ATTENTION_MASK,
     IMAGE_MASK,
@@ -42,7 +41,8 @@ from postsim.model_repository.contract import (
     TensorSpec,
     model_specs,
 )
-from postsim.model_repository.errors import ExportError, ExportMismatchError
+from postsim.models.modules import TextEncoder, torch_required
+from postsim.models.weights import PostSimModels
 
 with torch_required():
     import torch

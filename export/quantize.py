@@ -19,8 +19,9 @@ stays fp32 at every precision: its softmax and normalisation would gain nothing.
   operators it lacks kernels for in fp32 between inserted casts, so the agreement
   measured on CPU covers fp16 storage of weights and activations, not fp16 arithmetic.
 
-The agreement check runs sample posts (``postsim.client.samples``) through the server's
-preprocessing and tokenizer, then through both chains in ONNX Runtime, and compares the
+The agreement check runs sample posts (``postsim.corpus.samples``) through the in-process
+pipeline (:mod:`postsim.models.pipeline`: the server's preprocessing and tokenizer, then each
+chain in ONNX Runtime), and compares the
 fused embeddings: cosine per post, and the overlap of each post's nearest neighbours in
 the corpus. :func:`require_agreement` refuses a conversion whose mean cosine is below
 :data:`MIN_AGREEMENT_COSINE` unless forced.
@@ -30,8 +31,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,24 +39,20 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from postsim.core.errors import ExportError, RepositoryError
+from postsim.core.files import move_atomic
+from postsim.corpus.posts import read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.contract import (
-    ATTENTION_MASK,
     FUSER,
     IMAGE_ENCODER,
-    IMAGE_MASK,
-    INPUT_IDS,
     MAX_BATCH_SIZE,
-    ONNX_MODELS,
     PIXEL_VALUES,
     TEXT_ENCODER,
-    TEXT_MASK,
-    image_embedding,
-    text_embedding,
 )
-from postsim.model_repository.errors import ExportError
+from postsim.models.pipeline import OrtRuntime, PreparedPosts, Preprocessor
 
 logger = logging.getLogger("postsim")
 
@@ -250,95 +245,48 @@ def _nearest(embeddings: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
 
 
-@dataclass(frozen=True, kw_only=True)
-class CorpusBatch:
-    """One batch of posts as the server hands them to the encoders (the contract's tensors)."""
-
-    pixel_values: np.ndarray
-    image_mask: np.ndarray
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    text_mask: np.ndarray
-
-
 def sample_corpus(
     posts: int, *, seed: int, tokenizer_json: str, directory: Path, batch_size: int = MAX_BATCH_SIZE
-) -> list[CorpusBatch]:
+) -> list[PreparedPosts]:
     """``posts`` sample posts, written to ``directory``, then preprocessed and tokenised as the server does.
 
     Photo-sized images (640×480) and realistic captions (20 to 60 words), in batches of
     ``batch_size``, each padded to its longest text like a batch the server runs.
     """
-    from postsim.client.samples import read_posts, write_sample_posts
-    from postsim.model_repository.preprocessing import preprocess_images
-    from postsim.model_repository.tokenization import TextTokenizer
-
     corpus = list(read_posts(write_sample_posts(posts, directory, seed, image_size=(640, 480), words=(20, 60))))
-    tokenizer = TextTokenizer.from_json(tokenizer_json, source="the exported tokenizer")
+    preprocess = Preprocessor.from_tokenizer_json(tokenizer_json)
     batches = []
     for start in range(0, len(corpus), batch_size):
         chunk = corpus[start : start + batch_size]
-        images = preprocess_images([post.image_path.read_bytes() if post.image_path else b"" for post in chunk])
-        texts = tokenizer.encode([post.text.encode() if post.text else b"" for post in chunk])
-        failed = [error for error in (*images.errors, *texts.errors) if error is not None]
-        if failed:
-            raise ExportError(f"a sample post failed preprocessing, which is a postsim bug: {failed[0]}")
-        batches.append(
-            CorpusBatch(
-                pixel_values=images.pixel_values,
-                image_mask=images.image_mask,
-                input_ids=texts.input_ids,
-                attention_mask=texts.attention_mask,
-                text_mask=texts.text_mask,
-            )
+        batch = preprocess(
+            [post.image_path.read_bytes() if post.image_path else b"" for post in chunk],
+            [post.text.encode() if post.text else b"" for post in chunk],
         )
+        failed = batch.first_error([post.id for post in chunk])
+        if failed is not None:
+            raise ExportError(f"a sample post failed preprocessing, which is a postsim bug: {failed}")
+        batches.append(batch)
     return batches
 
 
-class _Chain:
-    """The three ONNX models in ONNX Runtime (CPU), run batch by batch like the server runs them."""
-
-    def __init__(self, paths: Mapping[str, Path]) -> None:
-        self.sessions = {name: _session(paths[name]) for name in ONNX_MODELS}
-
-    def encode(self, batches: Sequence[CorpusBatch]) -> tuple[np.ndarray, np.ndarray]:
-        """(image embeddings, text embeddings) of every post, in order."""
-        image = [self._run(IMAGE_ENCODER, {PIXEL_VALUES.name: batch.pixel_values}) for batch in batches]
-        text = [
-            self._run(TEXT_ENCODER, {INPUT_IDS.name: batch.input_ids, ATTENTION_MASK.name: batch.attention_mask})
-            for batch in batches
-        ]
-        return np.concatenate(image), np.concatenate(text)
-
-    def fuse(self, image: np.ndarray, text: np.ndarray, image_mask: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
-        dim = image.shape[1]
-        feed = {
-            image_embedding(dim).name: image,
-            text_embedding(dim).name: text,
-            IMAGE_MASK.name: image_mask,
-            TEXT_MASK.name: text_mask,
-        }
-        return self._run(FUSER, feed)
-
-    def _run(self, model: str, feed: dict[str, np.ndarray]) -> np.ndarray:
-        output: np.ndarray = self.sessions[model].run(None, feed)[0]
-        return output
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # fp16 models on CPU: no warning per inserted cast
+def _runtime(paths: Mapping[str, Path]) -> OrtRuntime:
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except _CONVERSION_ERRORS as error:
-        raise ExportError(f"ONNX Runtime cannot load {path}: {error}") from error
+        return OrtRuntime(paths)
+    except RepositoryError as error:
+        raise ExportError(str(error)) from None
+
+
+def _encode(runtime: OrtRuntime, batches: Sequence[PreparedPosts]) -> tuple[np.ndarray, np.ndarray]:
+    """(image embeddings, text embeddings) of every post, in order, batch by batch as the server runs them."""
+    image = [runtime.encode_image(batch.pixel_values) for batch in batches]
+    text = [runtime.encode_text(batch.input_ids, batch.attention_mask) for batch in batches]
+    return np.concatenate(image), np.concatenate(text)
 
 
 def measure_agreement(
     reference: Mapping[str, Path],
     candidate: Mapping[str, Path],
-    batches: Sequence[CorpusBatch],
+    batches: Sequence[PreparedPosts],
     *,
     precision: Precision,
     neighbours: int = 10,
@@ -357,13 +305,13 @@ def measure_agreement(
     started = time.perf_counter()
     image_mask = np.concatenate([batch.image_mask for batch in batches])
     text_mask = np.concatenate([batch.text_mask for batch in batches])
-    reference_chain, candidate_chain = _Chain(reference), _Chain(candidate)
-    reference_image, reference_text = reference_chain.encode(batches)
-    candidate_image, candidate_text = candidate_chain.encode(batches)
-    expected = reference_chain.fuse(reference_image, reference_text, image_mask, text_mask)
-    actual = candidate_chain.fuse(candidate_image, candidate_text, image_mask, text_mask)
-    image_only = candidate_chain.fuse(candidate_image, reference_text, image_mask, text_mask)
-    text_only = candidate_chain.fuse(reference_image, candidate_text, image_mask, text_mask)
+    reference_runtime, candidate_runtime = _runtime(reference), _runtime(candidate)
+    reference_image, reference_text = _encode(reference_runtime, batches)
+    candidate_image, candidate_text = _encode(candidate_runtime, batches)
+    expected = reference_runtime.fuse(reference_image, reference_text, image_mask, text_mask).embedding
+    actual = candidate_runtime.fuse(candidate_image, candidate_text, image_mask, text_mask).embedding
+    image_only = candidate_runtime.fuse(candidate_image, reference_text, image_mask, text_mask).embedding
+    text_only = candidate_runtime.fuse(reference_image, candidate_text, image_mask, text_mask).embedding
     has_image, has_text = image_mask[:, 0] > 0, text_mask[:, 0] > 0
     overlap = neighbour_overlap(expected, actual, neighbours)
     report = AgreementReport(
@@ -688,11 +636,4 @@ def _signature(path: Path) -> list[tuple[str, str, int, tuple[str | int, ...]]]:
 def install_converted(converted: ConvertedModels, destinations: Mapping[str, Path]) -> None:
     """Moves each converted encoder over its fp32 file in the repository, atomically per file."""
     for name in CONVERTED_MODELS:
-        destination = Path(destinations[name])
-        temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-        try:
-            shutil.move(converted.paths[name], temporary)  # a copy across file systems, else a rename
-            os.replace(temporary, destination)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        move_atomic(converted.paths[name], Path(destinations[name]))

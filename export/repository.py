@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+from postsim.core.errors import ExportError, SettingsError
+from postsim.core.files import write_text_atomic
 from postsim.export.quantize import (
     AgreementReport,
     AttentionShape,
@@ -27,12 +29,10 @@ from postsim.export.quantize import (
     install_converted,
     require_agreement,
 )
-from postsim.export.triton_config import ENSEMBLE_STEPS, ServingSettings, Target, repository_configs, to_pbtxt
-from postsim.export.weights import ModelSettings, PostSimModels, build_models
+from postsim.export.triton_config import ServingSettings, Target, repository_configs
 from postsim.model_repository import contract
-from postsim.model_repository.errors import ExportError, SettingsError
-from postsim.model_repository.files import write_text_atomic
-from postsim.model_repository.layout import CONFIG_NAME, PYTHON_BACKEND_CLASSES, model_py_source
+from postsim.model_repository.configs import to_pbtxt
+from postsim.model_repository.layout import CONFIG_NAME, model_py_source
 from postsim.model_repository.manifest import (
     MANIFEST_NAME,
     WeightsManifest,
@@ -40,8 +40,11 @@ from postsim.model_repository.manifest import (
     repository_id_of,
     sha256_file,
 )
+from postsim.model_repository.tokenization import TOKENIZER_FILE
+from postsim.models.settings import ModelSettings
+from postsim.models.weights import PostSimModels, build_models
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 VERSION = "1"
 
 
@@ -73,7 +76,8 @@ class ExportReport:
 
 
 def onnx_paths(repository: Path) -> dict[str, Path]:
-    return {name: repository / name / VERSION / "model.onnx" for name in contract.ONNX_MODELS}
+    onnx_file = contract.ONNX_FILE_PARAMETER.default
+    return {name: repository / name / VERSION / onnx_file for name in contract.ONNX_MODELS}
 
 
 def export_repository(options: ExportOptions) -> ExportReport:
@@ -82,7 +86,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
 
     _check_precision(options)
     # Weights that cannot be loaded (no hub, a wrong path) fail here, before the repository is touched.
-    LOGGER.info("building models (weights %s, dim %d)", options.models.weights, options.models.dim)
+    logger.info("building models (weights %s, dim %d)", options.models.weights, options.models.dim)
     models = build_models(options.models)
     repository = options.repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
@@ -96,7 +100,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
     if options.precision is not Precision.FP32:
         agreement, provenance["precision"] = _convert_precision(options, models, paths)
 
-    tokenizer_path = repository / contract.TOKENIZE / VERSION / "tokenizer.json"
+    tokenizer_path = repository / contract.TOKENIZE / VERSION / TOKENIZER_FILE
     write_text_atomic(tokenizer_path, models.tokenizer_json)
     _write_model_py_files(repository, options.target)
 
@@ -126,10 +130,10 @@ def export_repository(options: ExportOptions) -> ExportReport:
     )
     for name, config in configs.items():
         write_text_atomic(repository / name / CONFIG_NAME, to_pbtxt(config))
-    for ensemble in ENSEMBLE_STEPS:
+    for ensemble in contract.ENSEMBLES:
         (repository / ensemble / VERSION).mkdir(exist_ok=True)  # Triton wants a version folder, even empty
     manifest.write(repository)
-    LOGGER.info("wrote %s (%s target): %s", repository, options.target.value, manifest.describe())
+    logger.info("wrote %s (%s target): %s", repository, options.target.value, manifest.describe())
     return ExportReport(
         repository=repository, manifest=manifest, validation=dict(validation), models=models, agreement=agreement
     )
@@ -162,7 +166,7 @@ def _convert_precision(
     # The transformer fusions suit ONNX Runtime's CUDA provider; TensorRT runs the graph as exported.
     attention = AttentionShape(config.num_attention_heads, config.hidden_size)
     if options.precision is Precision.FP16 and options.target is Target.EMBEDDED:
-        LOGGER.info("fp16 models are for GPU serving: on CPU, ONNX Runtime runs them in fp32 with extra casts")
+        logger.info("fp16 models are for GPU serving: on CPU, ONNX Runtime runs them in fp32 with extra casts")
     with tempfile.TemporaryDirectory(prefix="postsim-precision-") as work_dir:
         converted = convert_models(
             options.precision,
@@ -179,10 +183,12 @@ def _convert_precision(
 
 def _write_model_py_files(repository: Path, target: Target) -> None:
     """The entry point of each Python-backend model (retrieval's comes with each index version)."""
-    for model in PYTHON_BACKEND_CLASSES:
-        if model == contract.RETRIEVAL or (target is Target.TRITON and model in contract.ONNX_MODELS):
+    for spec in contract.MODELS:
+        if spec.backend_class is None or spec.name == contract.RETRIEVAL:
             continue
-        path = repository / model / VERSION / "model.py"
-        source = model_py_source(model)
+        if target is Target.TRITON and spec.onnx is not None:
+            continue
+        path = repository / spec.name / VERSION / "model.py"
+        source = model_py_source(spec.name)
         if not path.is_file() or path.read_text() != source:
             write_text_atomic(path, source)

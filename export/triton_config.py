@@ -19,17 +19,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from postsim.core.errors import RepositoryError
+from postsim.core.files import write_text_atomic
 from postsim.model_repository import contract
+from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.contract import ModelSpec, TensorSpec
-from postsim.model_repository.errors import RepositoryError
-from postsim.model_repository.files import write_text_atomic
 from postsim.model_repository.layout import CONFIG_NAME, Target
-from postsim.model_repository.manifest import FINGERPRINT_PARAMETER, REPOSITORY_ID_PARAMETER, WEIGHTS_PARAMETER
-from postsim.model_repository.preprocessing import DEFAULT_IMAGE_LIMITS
-from postsim.model_repository.tokenization import MAX_TEXT_CHARS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +61,7 @@ class ServingSettings:
     """ONNX Runtime intra-op threads per model (embedded target); 0 or absent = ONNX Runtime's
     choice (one per core, spinning). One: the ensemble already runs the two encoders at once."""
 
-    intra_op_spinning: bool = False
+    intra_op_spinning: bool = contract.INTRA_OP_SPINNING_PARAMETER.default
     """Whether idle ONNX Runtime pool threads spin (ONNX Runtime's default) or sleep. Spinning
     buys microseconds per operator when a session has the cores to itself; beside the other
     models' processes it burns the cores they need."""
@@ -74,9 +71,10 @@ class ServingSettings:
 
     def session_parameters(self, model: str) -> dict[str, str]:
         """The config parameters with which an embedded ONNX model sets up its ONNX Runtime session."""
+        threads, spinning = contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_SPINNING_PARAMETER
         return {
-            "intra_op_threads": str(self.intra_op_threads.get(model, 0)),
-            "intra_op_spinning": "1" if self.intra_op_spinning else "0",
+            threads.key: threads.as_text(self.intra_op_threads.get(model, threads.default)),
+            spinning.key: spinning.as_text(self.intra_op_spinning),
         }
 
     @classmethod
@@ -93,67 +91,39 @@ class ServingSettings:
         return cls()
 
 
-DEFAULT_MAX_TOP_K = 1000
-
-
 @dataclass(frozen=True, kw_only=True)
 class InputLimits:
     """What one post may cost the server: written as parameters of the models that enforce them.
 
     Every post comes from an untrusted client; these bound the work and memory one request
     can take before anything is decoded (``preprocess_image``), tokenised (``tokenize``) or
-    searched (``retrieval``). Triton's config parameters are strings, read back by
-    ``postsim.model_repository.backend_models``.
+    searched (``retrieval``). Each field is the config parameter of the same key
+    (``contract.INPUT_LIMIT_PARAMETERS``), written into the config of every model whose spec
+    reads it and read back by ``postsim.model_repository.backend_models``.
     """
 
-    max_image_bytes: int = DEFAULT_IMAGE_LIMITS.max_bytes
+    max_image_bytes: int = contract.MAX_IMAGE_BYTES
     """Largest encoded image accepted (``preprocess_image``)."""
-    max_image_pixels: int = DEFAULT_IMAGE_LIMITS.max_pixels
+    max_image_pixels: int = contract.MAX_IMAGE_PIXELS
     """Largest width × height accepted, read from the image header before decoding."""
-    max_text_chars: int = MAX_TEXT_CHARS
+    max_text_chars: int = contract.MAX_TEXT_CHARS
     """Characters of a text kept before tokenising (``tokenize``); the rest is never decoded."""
-    max_top_k: int = DEFAULT_MAX_TOP_K
+    max_top_k: int = contract.MAX_TOP_K
     """Largest ``TOP_K`` a similar_posts request may ask for (``retrieval``)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_image_bytes", "max_image_pixels", "max_text_chars", "max_top_k"):
-            value = getattr(self, name)
+        for parameter in contract.INPUT_LIMIT_PARAMETERS:
+            value = getattr(self, parameter.key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise RepositoryError(f"InputLimits.{name} must be a positive int, got {value!r}")
+                raise RepositoryError(f"InputLimits.{parameter.key} must be a positive int, got {value!r}")
 
-    def parameters(self, model: str) -> dict[str, str]:
-        """The config parameters of ``model`` that carry these limits (none for other models)."""
-        by_model = {
-            contract.PREPROCESS_IMAGE: {
-                "max_image_bytes": str(self.max_image_bytes),
-                "max_image_pixels": str(self.max_image_pixels),
-                "max_text_chars": str(self.max_text_chars),  # it checks the text tokenize will decode
-            },
-            contract.TOKENIZE: {"max_text_chars": str(self.max_text_chars)},
-            contract.RETRIEVAL: {"max_top_k": str(self.max_top_k)},
-            contract.RETRIEVAL_GATEWAY: {"max_top_k": str(self.max_top_k)},  # checked before calling retrieval
+    def parameters(self, spec: ModelSpec) -> dict[str, str]:
+        """The config parameters of the model that carry these limits (none for models that enforce none)."""
+        return {
+            parameter.key: parameter.as_text(getattr(self, parameter.key))
+            for parameter in spec.parameters
+            if parameter in contract.INPUT_LIMIT_PARAMETERS
         }
-        return by_model.get(model, {})
-
-
-ENSEMBLE_STEPS: dict[str, tuple[str, ...]] = {
-    contract.POST_EMBEDDING: (
-        contract.PREPROCESS_IMAGE,
-        contract.TOKENIZE,
-        contract.IMAGE_ENCODER,
-        contract.TEXT_ENCODER,
-        contract.FUSER,
-    ),
-    contract.SIMILAR_POSTS: (
-        contract.PREPROCESS_IMAGE,
-        contract.TOKENIZE,
-        contract.IMAGE_ENCODER,
-        contract.TEXT_ENCODER,
-        contract.FUSER,
-        contract.RETRIEVAL_GATEWAY,
-    ),
-}
-"""The models each ensemble chains. Tensors flow between steps by their contract names."""
 
 
 def _input_config(tensor: TensorSpec) -> pb.ModelInput:
@@ -248,7 +218,7 @@ def _check_ensemble_wiring(config: pb.ModelConfig) -> None:
 
     An ensemble output that a step also reads deadlocks every request that leaves it out of
     its requested outputs: Triton's ensemble scheduler then prunes the step that produces it
-    as if nothing needed it (see ``contract.query_embedding``).
+    as if nothing needed it (see ``contract.QUERY_EMBEDDING``).
     """
     outputs = {tensor.name for tensor in config.output}
     available = {tensor.name for tensor in config.input}
@@ -291,30 +261,25 @@ def repository_configs(
     input_limits = limits or InputLimits()
     specs = contract.model_specs(dim)
     configs: dict[str, pb.ModelConfig] = {}
-    for name in (contract.PREPROCESS_IMAGE, contract.TOKENIZE):
-        configs[name] = python_model_config(specs[name], settings, parameters=input_limits.parameters(name))
-    for name in contract.ONNX_MODELS:
-        if target is Target.TRITON:
-            configs[name] = onnxruntime_model_config(specs[name], settings)
+    for name, spec in specs.items():
+        if spec.loaded_with_index and not include_retrieval:
+            continue
+        if spec.is_ensemble:
+            configs[name] = ensemble_config(spec, [specs[step] for step in spec.steps])
+        elif name == contract.RETRIEVAL:
+            configs[name] = retrieval_config(dim, settings, target=target, limits=input_limits)
+        elif spec.onnx is not None and target is Target.TRITON:
+            configs[name] = onnxruntime_model_config(spec, settings)
+        elif spec.onnx is not None:
+            onnx_file = contract.ONNX_FILE_PARAMETER
+            session = {onnx_file.key: onnx_file.default, **settings.session_parameters(name)}
+            configs[name] = python_model_config(spec, settings, parameters=session)
         else:
-            configs[name] = python_model_config(
-                specs[name], settings, parameters={"onnx_file": "model.onnx", **settings.session_parameters(name)}
-            )
-    configs[contract.POST_EMBEDDING] = ensemble_config(
-        specs[contract.POST_EMBEDDING], [specs[step] for step in ENSEMBLE_STEPS[contract.POST_EMBEDDING]]
-    )
-    if include_retrieval:
-        configs[contract.RETRIEVAL] = retrieval_config(dim, settings, target=target, limits=input_limits)
-        configs[contract.RETRIEVAL_GATEWAY] = python_model_config(
-            specs[contract.RETRIEVAL_GATEWAY], settings, parameters=input_limits.parameters(contract.RETRIEVAL_GATEWAY)
-        )
-        configs[contract.SIMILAR_POSTS] = ensemble_config(
-            specs[contract.SIMILAR_POSTS], [specs[step] for step in ENSEMBLE_STEPS[contract.SIMILAR_POSTS]]
-        )
+            configs[name] = python_model_config(spec, settings, parameters=input_limits.parameters(spec))
+    provenance = zip(contract.PROVENANCE_PARAMETERS, (weights_label, fingerprint, repository_id), strict=True)
+    written = {parameter.key: parameter.as_text(value) for parameter, value in provenance}
     for config in configs.values():
-        config.parameters[WEIGHTS_PARAMETER].string_value = weights_label
-        config.parameters[FINGERPRINT_PARAMETER].string_value = fingerprint
-        config.parameters[REPOSITORY_ID_PARAMETER].string_value = repository_id
+        _set_parameters(config, written)
     return configs
 
 
@@ -323,10 +288,8 @@ def retrieval_config(
 ) -> pb.ModelConfig:
     """The retrieval model: serves the newest index version only."""
     kind = pb.ModelInstanceGroup.KIND_GPU if target is Target.TRITON else pb.ModelInstanceGroup.KIND_CPU
-    parameters = (limits or InputLimits()).parameters(contract.RETRIEVAL)
-    config = python_model_config(
-        contract.model_specs(dim)[contract.RETRIEVAL], settings, kind=kind, parameters=parameters
-    )
+    spec = contract.model_specs(dim)[contract.RETRIEVAL]
+    config = python_model_config(spec, settings, kind=kind, parameters=(limits or InputLimits()).parameters(spec))
     config.version_policy.latest.num_versions = 1
     return config
 
@@ -339,28 +302,16 @@ def apply_input_limits(repository: Path, limits: InputLimits) -> list[str]:
     models are loaded again (``load_model``, or a restart).
     """
     changed = []
-    for model in (contract.PREPROCESS_IMAGE, contract.TOKENIZE, contract.RETRIEVAL, contract.RETRIEVAL_GATEWAY):
-        config_path = repository / model / CONFIG_NAME
-        if not config_path.is_file():
+    for spec in contract.MODELS:
+        config_path = repository / spec.name / CONFIG_NAME
+        if not limits.parameters(spec) or not config_path.is_file():
             continue
         config = parse_pbtxt(config_path.read_text())
-        _set_parameters(config, limits.parameters(model))
+        _set_parameters(config, limits.parameters(spec))
         write_text_atomic(config_path, to_pbtxt(config))
-        changed.append(model)
+        changed.append(spec.name)
     if contract.PREPROCESS_IMAGE not in changed:
         raise RepositoryError(
             f"{repository} has no {contract.PREPROCESS_IMAGE} config: run `postsim export --repository {repository}` first"
         )
     return changed
-
-
-def to_pbtxt(config: pb.ModelConfig) -> str:
-    return text_format.MessageToString(config)
-
-
-def parse_pbtxt(text: str) -> pb.ModelConfig:
-    """Parse a ``config.pbtxt``; a malformed one raises RepositoryError naming the problem."""
-    try:
-        return text_format.Parse(text, pb.ModelConfig())
-    except text_format.ParseError as error:
-        raise RepositoryError(f"config.pbtxt does not parse as a Triton ModelConfig: {error}") from None

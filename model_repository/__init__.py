@@ -2,7 +2,7 @@
 
 ``postsim export`` generates a Triton model repository (one folder per model,
 ``config.pbtxt`` and version folders) wherever it is told, by default under the per-user
-data folder (:mod:`postsim.model_repository.locations`), never in this package. This
+data folder (:mod:`postsim.core.paths`), never in this package. This
 package holds the tensor contract every part of postsim reads, the server-side
 preprocessing and retrieval that the repository's Python-backend models import (each
 ``model.py`` is one import from :mod:`postsim.model_repository.backend_models`), and the

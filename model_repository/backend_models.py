@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from postsim.model_repository import contract
-from postsim.model_repository.errors import (
+from postsim.core.errors import (
     IndexNotLoadedError,
     InvalidPostError,
     NoIndexPublishedError,
@@ -31,10 +30,11 @@ from postsim.model_repository.errors import (
     RepositoryError,
     SearchIndexError,
 )
+from postsim.model_repository import contract
 from postsim.model_repository.layout import version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 
 
 class _TritonLogHandler(logging.Handler):
@@ -50,10 +50,10 @@ class _TritonLogHandler(logging.Handler):
             pb_utils.Logger.log_info(message)
 
 
-if not any(isinstance(handler, _TritonLogHandler) for handler in LOGGER.handlers):
-    LOGGER.addHandler(_TritonLogHandler())
-    LOGGER.setLevel(logging.INFO)
-    LOGGER.propagate = False
+if not any(isinstance(handler, _TritonLogHandler) for handler in logger.handlers):
+    logger.addHandler(_TritonLogHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _error_response(error: Exception) -> Any:
@@ -62,7 +62,7 @@ def _error_response(error: Exception) -> Any:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
     if isinstance(error, NoIndexPublishedError | IndexNotLoadedError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
-    LOGGER.exception("request failed", exc_info=error)
+    logger.exception("request failed", exc_info=error)
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError("internal error; the server log has the details", pb_utils.TritonError.INTERNAL)
     )
@@ -92,8 +92,8 @@ def _first_error(errors: Sequence[Exception | None], what: str) -> None:
 
 
 def _parameters(args: dict[str, Any]) -> dict[str, str]:
-    config = json.loads(args["model_config"])
-    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+    """The model's config parameters, read back with ``contract.*_PARAMETER.read``."""
+    return contract.config_parameters(json.loads(args["model_config"]))
 
 
 def _check_contract(args: dict[str, Any]) -> None:
@@ -150,15 +150,10 @@ class PreprocessImageModel(_PerRequestModel):
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
         from postsim.model_repository.preprocessing import ImageLimits
-        from postsim.model_repository.tokenization import MAX_TEXT_CHARS
 
         parameters = _parameters(args)
-        defaults = ImageLimits()
-        self.limits = ImageLimits(
-            max_bytes=int(parameters.get("max_image_bytes", defaults.max_bytes)),
-            max_pixels=int(parameters.get("max_image_pixels", defaults.max_pixels)),
-        )
-        self.max_text_chars = int(parameters.get("max_text_chars", MAX_TEXT_CHARS))
+        self.limits = ImageLimits.from_parameters(parameters)
+        self.max_text_chars = contract.MAX_TEXT_CHARS_PARAMETER.read(parameters)
 
     def _run(self, request: Any) -> list[Any]:
         from postsim.model_repository.preprocessing import preprocess_images
@@ -200,10 +195,10 @@ class TokenizeModel(_PerRequestModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
-        from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
+        from postsim.model_repository.tokenization import TOKENIZER_FILE, TextTokenizer
 
-        max_chars = int(_parameters(args).get("max_text_chars", MAX_TEXT_CHARS))
-        self.tokenizer = TextTokenizer.from_file(_version_dir(args) / "tokenizer.json", max_chars=max_chars)
+        max_chars = contract.MAX_TEXT_CHARS_PARAMETER.read(_parameters(args))
+        self.tokenizer = TextTokenizer.from_file(_version_dir(args) / TOKENIZER_FILE, max_chars=max_chars)
 
     def _run(self, request: Any) -> list[Any]:
         texts = _strings(request, contract.CHECKED_TEXT.name)
@@ -239,22 +234,19 @@ class OnnxRuntimeModel:
         _check_contract(args)
         import onnxruntime as ort
 
+        from postsim.model_repository.onnx_sessions import session_options
+
         parameters = _parameters(args)
         config = json.loads(args["model_config"])
         self.model_name: str = args["model_name"]
         self.input_names = [tensor["name"] for tensor in config["input"]]
         self.output_names = [tensor["name"] for tensor in config["output"]]
-        options = ort.SessionOptions()
-        threads = int(parameters.get("intra_op_threads", "0"))
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        if parameters.get("intra_op_spinning", "1") == "0":
-            # Idle pool threads sleep instead of spinning: the other models' processes get the cores.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = contract.INTRA_OP_THREADS_PARAMETER.read(parameters)
+        # Idle pool threads that sleep instead of spinning leave the cores to the other models' processes.
+        spinning = contract.INTRA_OP_SPINNING_PARAMETER.read(parameters)
+        options = session_options(threads=threads, spinning=spinning)
         providers = _execution_providers(ort.get_available_providers(), args)
-        path = _version_dir(args) / parameters.get("onnx_file", "model.onnx")
+        path = _version_dir(args) / contract.ONNX_FILE_PARAMETER.read(parameters)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # ONNX Runtime raises its own bare exception types
@@ -265,7 +257,7 @@ class OnnxRuntimeModel:
         self.shared_dims = _shared_dims(self.session.get_inputs())
         masks = (contract.IMAGE_MASK.name, contract.TEXT_MASK.name)
         self.modality_masks = masks if all(name in self.input_names for name in masks) else ()
-        LOGGER.info(
+        logger.info(
             "%s: ONNX Runtime on %s, %s intra-op threads",
             self.model_name,
             self.session.get_providers()[0],
@@ -298,7 +290,7 @@ class OnnxRuntimeModel:
             try:
                 outputs = self._run([inputs for _, inputs in runnable])
             except Exception as error:  # some request of the batch is bad: find out which, alone
-                LOGGER.warning(
+                logger.warning(
                     "%s: a batch of %d requests failed (%s); running them one by one",
                     self.model_name,
                     len(runnable),
@@ -404,18 +396,18 @@ class RetrievalModel(_PerRequestModel):
         from postsim.model_repository.search_index import load_index_dir
 
         parameters = _parameters(args)
-        self.max_top_k = int(parameters.get("max_top_k", "1000"))
+        self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(parameters)
         manifest = WeightsManifest.read(_repository_dir(args))
         index_dir = _version_dir(args) / "index"
         try:
             self.index = load_index_dir(index_dir, expected_fingerprint=manifest.fingerprint)
         except PostSimError as error:
-            LOGGER.error("retrieval version %s refused: %s", args["model_version"], error)
+            logger.error("retrieval version %s refused: %s", args["model_version"], error)
             raise
-        LOGGER.info("retrieval version %s serves %s", args["model_version"], index_dir)
+        logger.info("retrieval version %s serves %s", args["model_version"], index_dir)
 
     def _run(self, request: Any) -> list[Any]:
-        embeddings = _input(request, contract.EMBEDDING_NAME).astype(np.float32, copy=False)
+        embeddings = _input(request, contract.EMBEDDING.name).astype(np.float32, copy=False)
         top_k = _input(request, contract.TOP_K.name).reshape(-1)
         k = _single_top_k(top_k, self.max_top_k)
         results = self.index.search(embeddings, k)
@@ -448,8 +440,8 @@ class RetrievalGatewayModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
-        self.output_names = [tensor.name for tensor in contract.NEIGHBOUR_OUTPUTS]
-        self.max_top_k = int(_parameters(args).get("max_top_k", "1000"))
+        self.output_names = [tensor.name for tensor in contract.NEIGHBOR_OUTPUTS]
+        self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(_parameters(args))
         self.retrieval_dir = _repository_dir(args) / contract.RETRIEVAL
 
     async def execute(self, requests: list[Any]) -> list[Any]:
@@ -462,7 +454,7 @@ class RetrievalGatewayModel:
             top_k = _input(request, contract.TOP_K.name)
             _single_top_k(top_k.reshape(-1), self.max_top_k)
             inputs = [
-                pb_utils.Tensor(contract.EMBEDDING_NAME, _input(request, contract.QUERY_EMBEDDING_NAME)),
+                pb_utils.Tensor(contract.EMBEDDING.name, _input(request, contract.QUERY_EMBEDDING.name)),
                 pb_utils.Tensor(contract.TOP_K.name, top_k),
             ]
         except InvalidPostError as error:

@@ -1,28 +1,51 @@
-"""The tensor contract of every model in the repository, written once.
+"""The contract of the model repository, written once: its tensors, its models and their config parameters.
 
-The ONNX exporter (dynamic axes, input and output names), the ``config.pbtxt`` generator,
-the Python-backend models and the client all read these specs, so a tensor's name, dtype
-and shape are declared here and nowhere else.
+Every part of postsim that names a tensor, a model or a config parameter reads it here: the
+ONNX exporter (input and output names, dynamic axes, tolerances), the ``config.pbtxt``
+generator (``postsim.export.triton_config``), the Python-backend models that run inside
+Triton (``postsim.model_repository.backend_models``), the in-process pipeline
+(``postsim.models.pipeline``), the client and the benchmarks. To find every producer and
+consumer of a tensor, start from its constant below (``PIXEL_VALUES``, ``EMBEDDING`` ...) and
+search for it.
 
-Shapes are per item: Triton adds the batch dimension (``max_batch_size > 0``), ONNX gets
-it as dynamic axis 0. ``-1`` marks a variable dimension (the token sequence, the
-neighbour list).
+- **Tensors** (:class:`TensorSpec`): name, dtype and per-item shape. Shapes leave out the
+  batch dimension (Triton adds it with ``max_batch_size > 0``, ONNX gets it as dynamic axis
+  0); ``-1`` marks a variable dimension (the token sequence, the neighbour list). The
+  embeddings (``IMAGE_EMBEDDING``, ``TEXT_EMBEDDING``, ``EMBEDDING``, ``QUERY_EMBEDDING``)
+  are ``dim`` floats, K in prose: the constants hold :data:`DEFAULT_DIM`, and
+  :func:`model_specs` gives every model at the ``dim`` of an export.
+- **Models** (:class:`ModelSpec`): inputs and outputs, the class that serves a
+  Python-backend model, the steps of an ensemble, the config parameters it reads, whether
+  it loads only once an index is published, and how an ONNX model is exported.
+- **Config parameters** (:class:`ConfigParameter`): key, type and default of each
+  ``parameters`` entry of a ``config.pbtxt``. The generator writes them with
+  :meth:`ConfigParameter.as_text`; everything that reads a config reads them with
+  :meth:`ConfigParameter.read`, so a key is spelled, and a default chosen, once.
+
+Post ids (what ``IDS`` carries) are defined here too: :func:`post_id_problem`.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-DEFAULT_EMBEDDING_DIM = 256
+from postsim.core.errors import ExportError
+
+DEFAULT_DIM = 256
+"""The embedding dimension K of an export that does not choose one (``postsim export --dim``)."""
 MAX_BATCH_SIZE = 16
 IMAGE_SIZE = 224
 IMAGE_RESIZE_SHORTER_SIDE = 256
 MAX_TEXT_TOKENS = 128
 MODALITIES = ("image", "text")
+"""The order of the modalities wherever they are side by side (``MODALITY_WEIGHTS``: image, then text)."""
+MiB = 1024 * 1024
 
 # Model names: identical in the embedded and the production target.
 PREPROCESS_IMAGE = "preprocess_image"
@@ -34,6 +57,117 @@ POST_EMBEDDING = "post_embedding"
 RETRIEVAL = "retrieval"
 RETRIEVAL_GATEWAY = "retrieval_gateway"
 SIMILAR_POSTS = "similar_posts"
+
+
+# --------------------------------------------------------------------------- config parameters
+
+MAX_IMAGE_BYTES = 20 * MiB
+"""Largest encoded image accepted, by default (``preprocess_image``)."""
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest width × height accepted by default, read from the image header before decoding."""
+MAX_TEXT_CHARS = 10_000
+"""Characters of a text kept before tokenising, by default; far more than MAX_TEXT_TOKENS tokens need."""
+MAX_TOP_K = 1000
+"""Largest ``TOP_K`` a similar_posts request may ask for, by default (``retrieval``)."""
+
+_Value = TypeVar("_Value", int, str, bool)
+
+
+class ConfigParameter(str, Generic[_Value]):
+    """One ``parameters`` entry of a model's ``config.pbtxt``; the object is its key, a string.
+
+    Triton keeps every value as a string: :meth:`as_text` writes one, :meth:`read` reads one
+    back as ``kind``. ``default`` is what a reader takes when a config does not carry the
+    key, and what the generator writes unless told otherwise.
+    """
+
+    kind: type[_Value]
+    default: _Value
+    doc: str
+
+    def __new__(cls, key: str, kind: type[_Value], default: _Value, doc: str = "") -> ConfigParameter[_Value]:
+        parameter = super().__new__(cls, key)
+        parameter.kind, parameter.default, parameter.doc = kind, default, doc
+        return parameter
+
+    @property
+    def key(self) -> str:
+        return str.__str__(self)
+
+    def as_text(self, value: _Value) -> str:
+        """The value as the config holds it (``bool``: ``"1"`` or ``"0"``)."""
+        if self.kind is bool:
+            return "1" if value else "0"
+        return str(value)
+
+    def from_text(self, text: str) -> _Value:
+        if self.kind is bool:
+            return self.kind(text not in ("0", "false", "False"))
+        return self.kind(text)
+
+    def read(self, parameters: Mapping[str, str]) -> _Value:
+        """The value in ``parameters`` (from :func:`config_parameters`), or the default when absent or empty."""
+        text = parameters.get(self.key, "")
+        return self.from_text(text) if text != "" else self.default
+
+
+def config_parameters(config: Any) -> dict[str, str]:
+    """A config's parameters as ``{key: value}``, from any of the forms postsim meets one in.
+
+    ``config`` is a tritonclient ``ModelConfig`` (parsed from ``config.pbtxt`` or answered by
+    the server's model-config API), or the JSON a Python-backend model gets in its
+    ``initialize`` arguments (``json.loads(args["model_config"])``).
+    """
+    parameters = config.get("parameters", {}) if isinstance(config, Mapping) else config.parameters
+    return {
+        str(key): value["string_value"] if isinstance(value, Mapping) else value.string_value
+        for key, value in parameters.items()
+    }
+
+
+MAX_IMAGE_BYTES_PARAMETER = ConfigParameter("max_image_bytes", int, MAX_IMAGE_BYTES, "largest encoded image accepted")
+MAX_IMAGE_PIXELS_PARAMETER = ConfigParameter(
+    "max_image_pixels", int, MAX_IMAGE_PIXELS, "largest width × height accepted, read from the header"
+)
+MAX_TEXT_CHARS_PARAMETER = ConfigParameter(
+    "max_text_chars", int, MAX_TEXT_CHARS, "characters of a text kept before tokenising"
+)
+MAX_TOP_K_PARAMETER = ConfigParameter("max_top_k", int, MAX_TOP_K, "largest TOP_K a request may ask for")
+ONNX_FILE_PARAMETER = ConfigParameter("onnx_file", str, "model.onnx", "the ONNX file of the version folder it runs")
+INTRA_OP_THREADS_PARAMETER = ConfigParameter(
+    "intra_op_threads", int, 0, "ONNX Runtime intra-op threads of its session; 0: ONNX Runtime's choice"
+)
+INTRA_OP_SPINNING_PARAMETER = ConfigParameter(
+    "intra_op_spinning", bool, False, "whether idle ONNX Runtime pool threads spin instead of sleeping"
+)
+WEIGHTS_PARAMETER = ConfigParameter("postsim_weights", str, "", "where the weights came from (random, pretrained)")
+FINGERPRINT_PARAMETER = ConfigParameter("postsim_fingerprint", str, "", "the weights fingerprint of the export")
+REPOSITORY_ID_PARAMETER = ConfigParameter(
+    "postsim_repository_id", str, "", "the id of the repository folder the export wrote (kept when exported again)"
+)
+
+INPUT_LIMIT_PARAMETERS: tuple[ConfigParameter[int], ...] = (
+    MAX_IMAGE_BYTES_PARAMETER,
+    MAX_IMAGE_PIXELS_PARAMETER,
+    MAX_TEXT_CHARS_PARAMETER,
+    MAX_TOP_K_PARAMETER,
+)
+"""What one post may cost the server; each model enforces those among its ``ModelSpec.parameters``."""
+SESSION_PARAMETERS: tuple[ConfigParameter[Any], ...] = (
+    ONNX_FILE_PARAMETER,
+    INTRA_OP_THREADS_PARAMETER,
+    INTRA_OP_SPINNING_PARAMETER,
+)
+"""How an ONNX model of the embedded target sets up its ONNX Runtime session."""
+PROVENANCE_PARAMETERS: tuple[ConfigParameter[str], ...] = (
+    WEIGHTS_PARAMETER,
+    FINGERPRINT_PARAMETER,
+    REPOSITORY_ID_PARAMETER,
+)
+"""Carried by every model's config, so a client can tell which export a server serves."""
+
+
+# --------------------------------------------------------------------------- tensors
 
 
 class DataType(enum.Enum):
@@ -70,63 +204,31 @@ class TensorSpec:
     """Names of the variable dims, for ONNX dynamic axes (same length as the -1 entries)."""
     copy_of: str | None = None
     """For an output: the name of another output of the same model whose values it repeats."""
+    is_embedding: bool = False
+    """Its one dimension is the embedding dimension ``dim`` (K), which each export chooses."""
 
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes of the batched tensor: axis 0 is the batch."""
         axes = {0: "batch"}
         variable = [axis for axis, size in enumerate(self.dims, start=1) if size == -1]
         if len(variable) != len(self.dim_names):
-            raise ValueError(f"{self.name}: name each variable dim (got {self.dim_names} for {self.dims})")
+            raise ExportError(f"{self.name}: name each variable dim (got {self.dim_names} for {self.dims})")
         axes.update(dict(zip(variable, self.dim_names, strict=True)))
         return axes
 
-
-@dataclass(frozen=True, kw_only=True)
-class OnnxExportSpec:
-    """How a PyTorch module becomes ONNX and how closely it must agree with PyTorch."""
-
-    opset: int = 17
-    atol: float = 1e-4
-    """Largest absolute difference allowed between ONNX Runtime and PyTorch outputs."""
-    min_cosine: float = 0.9999
-    """Smallest cosine similarity allowed between the two, per output row."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int = MAX_BATCH_SIZE
-    onnx: OnnxExportSpec | None = None
-    """Set for the models exported from PyTorch to ONNX."""
-
-    def input(self, name: str) -> TensorSpec:
-        return _by_name(self.inputs, name, self.name)
-
-    def output(self, name: str) -> TensorSpec:
-        return _by_name(self.outputs, name, self.name)
-
-    @property
-    def input_names(self) -> list[str]:
-        return [tensor.name for tensor in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [tensor.name for tensor in self.outputs]
-
-
-def _by_name(tensors: tuple[TensorSpec, ...], name: str, model: str) -> TensorSpec:
-    for tensor in tensors:
-        if tensor.name == name:
-            return tensor
-    raise KeyError(f"model '{model}' has no tensor '{name}'; it has {[t.name for t in tensors]}")
+    def at_dim(self, dim: int) -> TensorSpec:
+        """This tensor in an export of embeddings of ``dim`` floats (itself unless it is an embedding)."""
+        return replace(self, dims=(dim,)) if self.is_embedding else self
 
 
 def _tensor(
     name: str, dtype: DataType, *dims: int, dim_names: tuple[str, ...] = (), copy_of: str | None = None
 ) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, dims=dims, dim_names=dim_names, copy_of=copy_of)
+
+
+def _embedding(name: str, *, copy_of: str | None = None) -> TensorSpec:
+    return TensorSpec(name=name, dtype=DataType.FP32, dims=(DEFAULT_DIM,), copy_of=copy_of, is_embedding=True)
 
 
 # Raw post, as a client sends it: one encoded image and one UTF-8 text per post.
@@ -141,14 +243,31 @@ ATTENTION_MASK = _tensor("ATTENTION_MASK", DataType.INT64, -1, dim_names=("seque
 TEXT_MASK = _tensor("TEXT_MASK", DataType.FP32, 1)
 CHECKED_TEXT = _tensor("CHECKED_TEXT", DataType.STRING, 1)
 """The post's TEXT, passed on by preprocess_image once the whole post is checked; tokenize reads it."""
+IMAGE_EMBEDDING = _embedding("IMAGE_EMBEDDING")
+"""The image encoder's projection of the pooled backbone features: ``dim`` floats."""
+TEXT_EMBEDDING = _embedding("TEXT_EMBEDDING")
+"""The text encoder's projection of the mean-pooled token features: ``dim`` floats."""
+EMBEDDING = _embedding("EMBEDDING")
+"""The fused embedding of a post, L2-normalised."""
+QUERY_EMBEDDING = _embedding("QUERY_EMBEDDING", copy_of=EMBEDDING.name)
+"""The fused embedding again, as the fuser's third output: the query ``retrieval_gateway`` reads.
+
+No ensemble output may feed a later step: asked for some of its outputs only (the KServe
+``outputs`` field), Triton's ensemble scheduler prunes the step behind each output not asked
+for, even when a later step reads that output, and the request then deadlocks
+("at least one output is not set while no more ensemble steps can be made"). With its own
+tensor, the query is pruned only when no retrieval output is asked for.
+"""
 MODALITY_WEIGHTS = _tensor("MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES))
-IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbours",))
-SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbours",))
-CAPTIONS = _tensor("CAPTIONS", DataType.STRING, -1, dim_names=("neighbours",))
-"""Each neighbour's caption as its index keeps it (``postsim.client.indexing.post_caption``); "" if none."""
-NEIGHBOUR_OUTPUTS = (IDS, SCORES, CAPTIONS)
+IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbors",))
+SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbors",))
+CAPTIONS = _tensor("CAPTIONS", DataType.STRING, -1, dim_names=("neighbors",))
+"""Each neighbor's caption as its index keeps it (``postsim.indexing.build.post_caption``); "" if none."""
+NEIGHBOR_OUTPUTS = (IDS, SCORES, CAPTIONS)
 """What retrieval answers for each query, and retrieval_gateway passes on."""
 
+
+# --------------------------------------------------------------------------- post ids
 
 MAX_POST_ID_CHARS = 128
 POST_ID_CHARACTERS = "letters A-Z and a-z, digits and - _ . : / @ + = ~"
@@ -177,74 +296,161 @@ def post_id_problem(post_id: str) -> str | None:
     return f"post id {shown} has the character {bad!r} (U+{ord(bad):04X}); {rule}"
 
 
-EMBEDDING_NAME = "EMBEDDING"
-QUERY_EMBEDDING_NAME = "QUERY_EMBEDDING"
+# --------------------------------------------------------------------------- models
 
 
-def image_embedding(dim: int) -> TensorSpec:
-    return _tensor("IMAGE_EMBEDDING", DataType.FP32, dim)
+@dataclass(frozen=True, kw_only=True)
+class OnnxExportSpec:
+    """How a PyTorch module becomes ONNX and how closely it must agree with PyTorch."""
+
+    opset: int = 17
+    atol: float = 1e-4
+    """Largest absolute difference allowed between ONNX Runtime and PyTorch outputs."""
+    min_cosine: float = 0.9999
+    """Smallest cosine similarity allowed between the two, per output row."""
 
 
-def text_embedding(dim: int) -> TensorSpec:
-    return _tensor("TEXT_EMBEDDING", DataType.FP32, dim)
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = MAX_BATCH_SIZE
+    backend_class: str | None = None
+    """The class of ``postsim.model_repository.backend_models`` that serves it in the Python backend
+    (every model of the embedded target but the ensembles)."""
+    steps: tuple[str, ...] = ()
+    """For an ensemble: the models it chains, in order; tensors flow between them by name."""
+    parameters: tuple[ConfigParameter[Any], ...] = ()
+    """The config parameters it reads (besides PROVENANCE_PARAMETERS, which every model carries)."""
+    loaded_with_index: bool = False
+    """Loaded once an index is published (``retrieval`` has a version), never ready before."""
+    onnx: OnnxExportSpec | None = None
+    """Set for the models exported from PyTorch to ONNX."""
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [tensor.name for tensor in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [tensor.name for tensor in self.outputs]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.steps)
+
+    def at_dim(self, dim: int) -> ModelSpec:
+        """This model in an export of embeddings of ``dim`` floats."""
+        return replace(
+            self,
+            inputs=tuple(tensor.at_dim(dim) for tensor in self.inputs),
+            outputs=tuple(tensor.at_dim(dim) for tensor in self.outputs),
+        )
 
 
-def embedding(dim: int) -> TensorSpec:
-    return _tensor(EMBEDDING_NAME, DataType.FP32, dim)
+def _by_name(tensors: tuple[TensorSpec, ...], name: str, model: str) -> TensorSpec:
+    for tensor in tensors:
+        if tensor.name == name:
+            return tensor
+    raise KeyError(f"model '{model}' has no tensor '{name}'; it has {[t.name for t in tensors]}")
 
 
-def query_embedding(dim: int) -> TensorSpec:
-    """The fused embedding again, as the fuser's third output: the query ``retrieval_gateway`` reads.
+_ENCODERS = (PREPROCESS_IMAGE, TOKENIZE, IMAGE_ENCODER, TEXT_ENCODER, FUSER)
 
-    No ensemble output may feed a later step: asked for some of its outputs only (the KServe
-    ``outputs`` field), Triton's ensemble scheduler prunes the step behind each output not asked
-    for, even when a later step reads that output, and the request then deadlocks
-    ("at least one output is not set while no more ensemble steps can be made"). With its own
-    tensor, the query is pruned only when no retrieval output is asked for.
-    """
-    return _tensor(QUERY_EMBEDDING_NAME, DataType.FP32, dim, copy_of=EMBEDDING_NAME)
+MODELS: tuple[ModelSpec, ...] = (
+    # preprocess_image checks the whole post first, and tokenize starts only on its CHECKED_TEXT:
+    # Triton 2.51 mishandles an ensemble request that fails in one step while a parallel step of
+    # it is still queued (the orphaned step runs later on freed buffers and breaks other requests).
+    ModelSpec(
+        name=PREPROCESS_IMAGE,
+        inputs=(IMAGE, TEXT),
+        outputs=(PIXEL_VALUES, IMAGE_MASK, CHECKED_TEXT),
+        backend_class="PreprocessImageModel",
+        parameters=(
+            MAX_IMAGE_BYTES_PARAMETER,
+            MAX_IMAGE_PIXELS_PARAMETER,
+            MAX_TEXT_CHARS_PARAMETER,
+        ),  # it checks the text tokenize will decode
+    ),
+    ModelSpec(
+        name=TOKENIZE,
+        inputs=(CHECKED_TEXT,),
+        outputs=(INPUT_IDS, ATTENTION_MASK, TEXT_MASK),
+        backend_class="TokenizeModel",
+        parameters=(MAX_TEXT_CHARS_PARAMETER,),
+    ),
+    ModelSpec(
+        name=IMAGE_ENCODER,
+        inputs=(PIXEL_VALUES,),
+        outputs=(IMAGE_EMBEDDING,),
+        backend_class="OnnxRuntimeModel",
+        parameters=SESSION_PARAMETERS,
+        onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
+    ),
+    ModelSpec(
+        name=TEXT_ENCODER,
+        inputs=(INPUT_IDS, ATTENTION_MASK),
+        outputs=(TEXT_EMBEDDING,),
+        backend_class="OnnxRuntimeModel",
+        parameters=SESSION_PARAMETERS,
+        onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
+    ),
+    ModelSpec(
+        name=FUSER,
+        inputs=(IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_MASK, TEXT_MASK),
+        outputs=(EMBEDDING, MODALITY_WEIGHTS, QUERY_EMBEDDING),
+        backend_class="OnnxRuntimeModel",
+        parameters=SESSION_PARAMETERS,
+        onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
+    ),
+    ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=(EMBEDDING, MODALITY_WEIGHTS), steps=_ENCODERS),
+    ModelSpec(
+        name=RETRIEVAL,
+        inputs=(EMBEDDING, TOP_K),
+        outputs=NEIGHBOR_OUTPUTS,
+        backend_class="RetrievalModel",
+        parameters=(MAX_TOP_K_PARAMETER,),
+        loaded_with_index=True,
+    ),
+    # similar_posts reaches retrieval through this step (a call, not an ensemble edge): Triton 2.51
+    # re-creates every ensemble that names a model when a new version of it loads, and crashes
+    # when a query reaches the ensemble being retired. So publishing an index swaps retrieval alone.
+    ModelSpec(
+        name=RETRIEVAL_GATEWAY,
+        inputs=(QUERY_EMBEDDING, TOP_K),
+        outputs=NEIGHBOR_OUTPUTS,
+        backend_class="RetrievalGatewayModel",
+        parameters=(MAX_TOP_K_PARAMETER,),  # checked before calling retrieval
+        loaded_with_index=True,
+    ),
+    ModelSpec(
+        name=SIMILAR_POSTS,
+        inputs=(IMAGE, TEXT, TOP_K),
+        outputs=(*NEIGHBOR_OUTPUTS, EMBEDDING, MODALITY_WEIGHTS),
+        steps=(*_ENCODERS, RETRIEVAL_GATEWAY),
+        loaded_with_index=True,
+    ),
+)
+"""Every model of the repository, in the order they load (each after the models it needs)."""
 
 
-def model_specs(dim: int = DEFAULT_EMBEDDING_DIM) -> dict[str, ModelSpec]:
-    """Every model of the repository for embeddings of ``dim`` floats, by name."""
-    specs = [
-        # preprocess_image checks the whole post first, and tokenize starts only on its CHECKED_TEXT:
-        # Triton 2.51 mishandles an ensemble request that fails in one step while a parallel step of
-        # it is still queued (the orphaned step runs later on freed buffers and breaks other requests).
-        ModelSpec(name=PREPROCESS_IMAGE, inputs=(IMAGE, TEXT), outputs=(PIXEL_VALUES, IMAGE_MASK, CHECKED_TEXT)),
-        ModelSpec(name=TOKENIZE, inputs=(CHECKED_TEXT,), outputs=(INPUT_IDS, ATTENTION_MASK, TEXT_MASK)),
-        ModelSpec(
-            name=IMAGE_ENCODER,
-            inputs=(PIXEL_VALUES,),
-            outputs=(image_embedding(dim),),
-            onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
-        ),
-        ModelSpec(
-            name=TEXT_ENCODER,
-            inputs=(INPUT_IDS, ATTENTION_MASK),
-            outputs=(text_embedding(dim),),
-            onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
-        ),
-        ModelSpec(
-            name=FUSER,
-            inputs=(image_embedding(dim), text_embedding(dim), IMAGE_MASK, TEXT_MASK),
-            outputs=(embedding(dim), MODALITY_WEIGHTS, query_embedding(dim)),
-            onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
-        ),
-        ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=(embedding(dim), MODALITY_WEIGHTS)),
-        ModelSpec(name=RETRIEVAL, inputs=(embedding(dim), TOP_K), outputs=NEIGHBOUR_OUTPUTS),
-        # similar_posts reaches retrieval through this step (a call, not an ensemble edge): Triton 2.51
-        # re-creates every ensemble that names a model when a new version of it loads, and crashes
-        # when a query reaches the ensemble being retired. So publishing an index swaps retrieval alone.
-        ModelSpec(name=RETRIEVAL_GATEWAY, inputs=(query_embedding(dim), TOP_K), outputs=NEIGHBOUR_OUTPUTS),
-        ModelSpec(
-            name=SIMILAR_POSTS,
-            inputs=(IMAGE, TEXT, TOP_K),
-            outputs=(*NEIGHBOUR_OUTPUTS, embedding(dim), MODALITY_WEIGHTS),
-        ),
-    ]
-    return {spec.name: spec for spec in specs}
+def model_specs(dim: int = DEFAULT_DIM) -> dict[str, ModelSpec]:
+    """Every model of the repository for embeddings of ``dim`` floats, by name, in load order."""
+    return {spec.name: spec.at_dim(dim) for spec in MODELS}
 
 
-ONNX_MODELS = (IMAGE_ENCODER, TEXT_ENCODER, FUSER)
+MODEL_NAMES = tuple(spec.name for spec in MODELS)
+"""The models' names in load order."""
+ONNX_MODELS = tuple(spec.name for spec in MODELS if spec.onnx is not None)
 """The models exported from PyTorch, in the order they are exported."""
+ENSEMBLES = tuple(spec.name for spec in MODELS if spec.is_ensemble)
+"""The models clients call: the ensembles."""
+INDEX_MODELS = tuple(spec.name for spec in MODELS if spec.loaded_with_index)
+"""The models loaded once an index is published."""

@@ -2,7 +2,7 @@
 
 Triton needs ``<model>/config.pbtxt`` and numbered version folders; a Python-backend
 model's version folder holds a ``model.py`` that names its class in
-:mod:`postsim.model_repository.backend_models`.
+:mod:`postsim.model_repository.backend_models` (the class each model's spec names in the contract).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
+from postsim.core.errors import RepositoryError
 from postsim.model_repository import contract
 
 CONFIG_NAME = "config.pbtxt"
@@ -25,37 +26,18 @@ class Target(enum.Enum):
     """Triton's onnxruntime backend with TensorRT on a GPU: NGC's Triton container (docker/)."""
 
 
-PYTHON_BACKEND_CLASSES = {
-    contract.PREPROCESS_IMAGE: "PreprocessImageModel",
-    contract.TOKENIZE: "TokenizeModel",
-    contract.IMAGE_ENCODER: "OnnxRuntimeModel",
-    contract.TEXT_ENCODER: "OnnxRuntimeModel",
-    contract.FUSER: "OnnxRuntimeModel",
-    contract.RETRIEVAL: "RetrievalModel",
-    contract.RETRIEVAL_GATEWAY: "RetrievalGatewayModel",
-}
-"""The class serving each Python-backend model (every model of the embedded target but the ensembles)."""
-
-LOAD_ORDER = (
-    contract.PREPROCESS_IMAGE,
-    contract.TOKENIZE,
-    contract.IMAGE_ENCODER,
-    contract.TEXT_ENCODER,
-    contract.FUSER,
-    contract.POST_EMBEDDING,
-    contract.RETRIEVAL,
-    contract.RETRIEVAL_GATEWAY,
-    contract.SIMILAR_POSTS,
-)
-INDEX_SERVING_MODELS = (contract.RETRIEVAL_GATEWAY, contract.SIMILAR_POSTS)
+INDEX_SERVING_MODELS = tuple(model for model in contract.INDEX_MODELS if model != contract.RETRIEVAL)
 """Models that serve the index: loaded once ``retrieval`` has a version, so they are never ready without one."""
 
 
 def model_py_source(model: str) -> str:
-    """The ``model.py`` of a Python-backend model: one import of its class."""
+    """The ``model.py`` of a Python-backend model: one import of its class (``ModelSpec.backend_class``)."""
+    backend_class = contract.model_specs()[model].backend_class
+    if backend_class is None:
+        raise RepositoryError(f"model '{model}' is not a Python-backend model: it has no model.py")
     return (
         f'"""Triton Python-backend entry point of `{model}`; the code is in postsim.model_repository."""\n\n'
-        f"from postsim.model_repository.backend_models import {PYTHON_BACKEND_CLASSES[model]} as TritonPythonModel\n\n"
+        f"from postsim.model_repository.backend_models import {backend_class} as TritonPythonModel\n\n"
         '__all__ = ["TritonPythonModel"]\n'
     )
 
@@ -67,6 +49,14 @@ def version_dirs(model_dir: Path) -> list[Path]:
     return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
+def newest_version_dir(repository: Path, model: str) -> Path:
+    """The newest version folder of ``model``; RepositoryError when it has none."""
+    versions = version_dirs(repository / model)
+    if not versions:
+        raise RepositoryError(f"{repository / model} has no version folder: run `postsim export` first")
+    return versions[-1]
+
+
 def loadable_models(repository: Path) -> list[str]:
     """Models with a config and at least one version folder, in dependency order.
 
@@ -75,7 +65,7 @@ def loadable_models(repository: Path) -> list[str]:
     ``retrieval_gateway``); before that ``similar_posts`` is not loaded, and not ready.
     """
     found = []
-    for model in LOAD_ORDER:
+    for model in contract.MODEL_NAMES:
         model_dir = repository / model
         if not (model_dir / CONFIG_NAME).is_file():
             continue

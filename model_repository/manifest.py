@@ -7,7 +7,7 @@ start (a warning when the weights are random), the retrieval model refuses an in
 against another fingerprint, and an index manifest records the fingerprint it was built with.
 
 Every model config carries the weights label, the fingerprint and the repository id as
-parameters (the ``*_PARAMETER`` names below), so a client can tell which export a server
+parameters (``contract.PROVENANCE_PARAMETERS``), so a client can tell which export a server
 serves: ``postsim index publish`` checks that the server serves the repository it writes to.
 """
 
@@ -21,18 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from postsim.model_repository.errors import RepositoryError
-from postsim.model_repository.files import write_text_atomic
+from postsim.core.errors import RepositoryError
+from postsim.core.files import write_text_atomic
 from postsim.model_repository.layout import Target
 
-LOGGER = logging.getLogger("postsim")
+logger = logging.getLogger("postsim")
 MANIFEST_NAME = "weights.json"
-WEIGHTS_PARAMETER = "postsim_weights"
-"""Config parameter: where the weights came from (``random``, ``pretrained``)."""
-FINGERPRINT_PARAMETER = "postsim_fingerprint"
-"""Config parameter: the weights fingerprint."""
-REPOSITORY_ID_PARAMETER = "postsim_repository_id"
-"""Config parameter: the id of the repository folder the export wrote (kept when exported again)."""
 _CHUNK = 1 << 20
 
 
@@ -140,10 +134,10 @@ def repository_id_of(repository: Path) -> str:
 def log_weights(manifest: WeightsManifest) -> None:
     """Say loudly when the server is about to serve random weights."""
     if manifest.random_weights:
-        LOGGER.warning(
+        logger.warning(
             "SERVING RANDOM WEIGHTS: embeddings carry no meaning (%s). Export with `--weights pretrained` "
             "for real results.",
             manifest.describe(),
         )
     else:
-        LOGGER.info("serving %s", manifest.describe())
+        logger.info("serving %s", manifest.describe())

@@ -4,7 +4,7 @@ The ``preprocess_image`` Python-backend model calls :func:`preprocess_images` on
 batch. Every image arrives from an untrusted client, so decoding refuses, before any
 pixel is decoded, what is too big in bytes or in pixels, refuses what is not a whole
 image of a supported format, and turns every such refusal into an
-:class:`~postsim.model_repository.errors.InvalidPostError` that names the ``IMAGE`` input.
+:class:`~postsim.core.errors.InvalidPostError` that names the ``IMAGE`` input.
 
 The geometry is torchvision's ``Resize(256)`` (bilinear, antialiased, which is what
 Pillow's resize does) followed by ``CenterCrop(224)``, then ``ToTensor`` and the ImageNet
@@ -20,19 +20,26 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .contract import IMAGE, IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE
-from .errors import InvalidPostError, PostSimError
+from postsim.core.errors import InvalidPostError, PostSimError, SettingsError
+from postsim.model_repository.contract import (
+    IMAGE,
+    IMAGE_RESIZE_SHORTER_SIDE,
+    IMAGE_SIZE,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_BYTES_PARAMETER,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS_PARAMETER,
+)
 
 logger = logging.getLogger("postsim")
 
-MiB = 1024 * 1024
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 """Pillow format names that :func:`decode_image` opens; Pillow tries no other plugin."""
 _SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP or GIF"
@@ -79,9 +86,9 @@ _TEXT_PREFIXES: tuple[tuple[bytes, str], ...] = (
 class ImageLimits:
     """What one image may cost the server before it is decoded."""
 
-    max_bytes: int = 20 * MiB
+    max_bytes: int = MAX_IMAGE_BYTES
     """Largest encoded image accepted."""
-    max_pixels: int = 40_000_000
+    max_pixels: int = MAX_IMAGE_PIXELS
     """Largest width × height accepted, read from the header before decoding.
 
     Pillow refuses to open an image of more than twice ``Image.MAX_IMAGE_PIXELS`` (about
@@ -91,7 +98,15 @@ class ImageLimits:
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"ImageLimits.{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"ImageLimits.{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> ImageLimits:
+        """The limits a ``preprocess_image`` config carries (``contract.config_parameters`` of it)."""
+        return cls(
+            max_bytes=MAX_IMAGE_BYTES_PARAMETER.read(parameters),
+            max_pixels=MAX_IMAGE_PIXELS_PARAMETER.read(parameters),
+        )
 
 
 DEFAULT_IMAGE_LIMITS = ImageLimits()

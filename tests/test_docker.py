@@ -716,7 +716,7 @@ def test_serve_triton_runs_postsim_serve_on_the_ngc_triton(tmp_path: Path) -> No
 
 def test_postsim_serve_gives_another_triton_install_the_flags_it_gives_the_wheels(tmp_path: Path) -> None:
     from postsim.model_repository.layout import loadable_models
-    from postsim.model_repository.server import ServerSettings, TritonServer
+    from postsim.server.launcher import ServerSettings, TritonServer
 
     repository = _fake_repository(tmp_path / "models").resolve()
     settings = ServerSettings(repository=repository, triton_dir=Path("/opt/tritonserver"))

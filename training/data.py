@@ -13,11 +13,11 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from postsim.export.models import torch_required
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.corpus.split import Split
+from postsim.models.modules import torch_required
 from postsim.training.features import PostFeatures
 from postsim.training.losses import UNLABELLED
-from postsim.training.split import Split
 
 with torch_required():
     import torch
@@ -64,7 +64,7 @@ class ModalityDropout:
 
     def __post_init__(self) -> None:
         if self.image < 0 or self.text < 0 or self.image + self.text >= 1:
-            raise ValueError(
+            raise SettingsError(
                 f"modality dropout rates must be >= 0 and add up to less than 1 (some posts keep both), "
                 f"got image {self.image} and text {self.text}"
             )

@@ -18,7 +18,7 @@ import numpy as np
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
 from postsim.evaluation.slices import DEFAULT_KS, EmbeddingView, SliceSpec, evaluate_embeddings
-from postsim.export.models import torch_required
+from postsim.models.modules import torch_required
 from postsim.training.data import HeadTrainingData, TrainingMode
 from postsim.training.head import TrainableHead
 

@@ -2,9 +2,10 @@
 
 Training the head never runs a backbone during its epochs: it learns on each post's pooled
 image features (the ResNet pooler output, flattened) and pooled text features (the mean of
-the last hidden state over the non-padding tokens), computed here with exactly the
-server's preprocessing (:func:`~postsim.model_repository.preprocessing.preprocess_images`,
-the model's tokenizer through :class:`~postsim.model_repository.tokenization.TextTokenizer`).
+the last hidden state over the non-padding tokens), computed by the in-process pipeline's
+pooled-features stage (:func:`~postsim.models.torch_runtime.pool_images`,
+:func:`~postsim.models.torch_runtime.pool_texts`): the server's preprocessing and tokenizer,
+then the encoders' own pooling, stopped before their projections.
 
 The cache keeps each modality apart, keyed by the content (sha256 of the image file's
 bytes, or of the text) under a folder named by the backbone's fingerprint (a hash of its
@@ -34,14 +35,15 @@ from typing import TypeVar
 
 import numpy as np
 
-from postsim.client.samples import CorpusPost
-from postsim.export.models import ImageEncoder, TextEncoder, masked_mean, torch_required
-from postsim.export.weights import PostSimModels
+from postsim.core.errors import SettingsError, TrainingError
+from postsim.core.files import write_bytes_atomic
+from postsim.core.paths import cache_root
+from postsim.corpus.posts import CorpusPost
 from postsim.model_repository.contract import IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE, MAX_TEXT_TOKENS
-from postsim.model_repository.errors import InvalidPostError
-from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
-from postsim.training.storage import cache_root, write_bytes_atomic
+from postsim.models.modules import torch_required
+from postsim.models.torch_runtime import pool_images, pool_texts
+from postsim.models.weights import PostSimModels
 
 with torch_required():
     import torch
@@ -136,9 +138,9 @@ class PostFeatures:
         count = len(self.ids)
         shapes = (len(self.image), len(self.image_present), len(self.text), len(self.text_present))
         if any(size != count for size in shapes) or len(self.image_keys) != count or len(self.text_keys) != count:
-            raise ValueError(f"PostFeatures: every field needs {count} rows, got {shapes}")
+            raise TrainingError(f"PostFeatures: every field needs {count} rows, got {shapes}")
         if not (self.image_present | self.text_present).all():
-            raise ValueError("PostFeatures: every post needs an image or a text")
+            raise TrainingError("PostFeatures: every post needs an image or a text")
 
 
 def backbone_fingerprints(models: PostSimModels) -> BackboneFingerprints:
@@ -168,49 +170,6 @@ def _module_digest(backbone: PreTrainedModel, settings: dict[str, int]) -> hashl
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest
-
-
-def pool_images(
-    encoder: ImageEncoder, images: Sequence[bytes], device: torch.device
-) -> tuple[np.ndarray, list[InvalidPostError | None]]:
-    """Pooled features ``[B, C]`` of encoded images, preprocessed as the server preprocesses them.
-
-    An image that does not decode gets a zero row and its error in its slot.
-    """
-    pixels, mask, errors = preprocess_images(images)
-    rows = np.flatnonzero(mask[:, 0] > 0)
-    features = np.zeros((len(images), encoder.projection.in_features), dtype=np.float32)
-    if rows.size:
-        with torch.inference_mode():
-            pooled = encoder.backbone(pixel_values=torch.from_numpy(pixels[rows]).to(device)).pooler_output
-            features[rows] = torch.flatten(pooled, start_dim=1).cpu().numpy()
-    return features, errors
-
-
-def pool_texts(
-    encoder: TextEncoder, tokenizer: TextTokenizer, texts: Sequence[str], device: torch.device
-) -> tuple[np.ndarray, list[str | None]]:
-    """Pooled features ``[B, H]`` of texts, tokenised as the server tokenises them.
-
-    A text the tokenizer refuses, or with no token left after its normalisation, gets a zero
-    row and the reason in its slot.
-    """
-    encoded = tokenizer.encode([text.encode("utf-8", errors="surrogatepass") for text in texts])
-    with torch.inference_mode():
-        ids = torch.from_numpy(encoded.input_ids).to(device)
-        attention = torch.from_numpy(encoded.attention_mask).to(device)
-        hidden = encoder.backbone(input_ids=ids, attention_mask=attention).last_hidden_state
-        features = masked_mean(hidden, attention).cpu().numpy().astype(np.float32)
-    reasons: list[str | None] = []
-    for row, error in enumerate(encoded.errors):
-        if error is not None:
-            reasons.append(str(error))
-        elif encoded.text_mask[row, 0] == 0:
-            reasons.append("no token left after the tokenizer's normalisation")
-        else:
-            reasons.append(None)
-    features[[row for row, reason in enumerate(reasons) if reason is not None]] = 0.0
-    return features, reasons
 
 
 class FeatureStore:
@@ -296,11 +255,11 @@ def extract_features(
     """Pooled image and text features of every post, from the cache where it has them.
 
     ``cache_dir`` defaults to ``features/`` in postsim's per-user cache folder
-    (:func:`~postsim.training.storage.cache_root`). Posts keep the corpus order; a post with
+    (:func:`~postsim.core.paths.cache_root`). Posts keep the corpus order; a post with
     nothing usable is left out and listed in the summary.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise SettingsError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
     torch_device = torch.device(device)
     fingerprints = backbone_fingerprints(models)

@@ -4,7 +4,7 @@ The modules are the export path's own: the ``projection`` of :class:`ImageEncode
 :class:`TextEncoder` (``nn.Linear``) and :class:`AttentionFuser`. :meth:`TrainableHead.from_models`
 starts from the head of built models (the seeded initialisation, or a checkpoint), and
 :func:`write_head` writes the checkpoint ``build_models(ModelSettings(head=...))`` loads:
-the format of :func:`postsim.export.weights.save_head`, plus a ``metadata`` section
+the format of :func:`postsim.models.weights.save_head`, plus a ``metadata`` section
 (where it came from, how it was trained, what it scored) that the loader ignores.
 """
 
@@ -15,10 +15,11 @@ import io
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from postsim.export.models import AttentionFuser, torch_required
-from postsim.export.weights import HEAD_FORMAT, PostSimModels
-from postsim.model_repository.contract import DEFAULT_EMBEDDING_DIM
-from postsim.training.storage import write_bytes_atomic
+from postsim.core.errors import SettingsError
+from postsim.core.files import write_bytes_atomic
+from postsim.model_repository.contract import DEFAULT_DIM
+from postsim.models.modules import AttentionFuser, torch_required
+from postsim.models.weights import HEAD_FORMAT, PostSimModels
 
 with torch_required():
     import torch
@@ -43,7 +44,7 @@ class TrainableHead(nn.Module):
         super().__init__()
         dims = {image_projection.out_features, text_projection.out_features, fuser.dim}
         if len(dims) != 1:
-            raise ValueError(f"the projections and the fuser must share one dim, got {sorted(dims)}")
+            raise SettingsError(f"the projections and the fuser must share one dim, got {sorted(dims)}")
         self.image_projection = image_projection
         self.text_projection = text_projection
         self.fuser = fuser
@@ -59,9 +60,7 @@ class TrainableHead(nn.Module):
         return head.requires_grad_(True).train()
 
     @classmethod
-    def seeded(
-        cls, image_features: int, text_features: int, *, dim: int = DEFAULT_EMBEDDING_DIM, seed: int = 0
-    ) -> TrainableHead:
+    def seeded(cls, image_features: int, text_features: int, *, dim: int = DEFAULT_DIM, seed: int = 0) -> TrainableHead:
         """A freshly initialised head for features of the given widths (no backbone needed)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -81,7 +80,7 @@ class TrainableHead(nn.Module):
         return HeadOutput(embedding, weights, image_embedding, text_embedding)
 
     def checkpoint(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The head as :func:`postsim.export.weights.save_head` writes it, with ``metadata`` beside it.
+        """The head as :func:`postsim.models.weights.save_head` writes it, with ``metadata`` beside it.
 
         ``metadata`` must hold only what ``torch.load(weights_only=True)`` reads back:
         dicts, lists, strings, numbers, booleans and None.

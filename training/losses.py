@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from postsim.export.models import l2_normalize, torch_required
-from postsim.model_repository.errors import OptionalDependencyError
+from postsim.core.errors import OptionalDependencyError, SettingsError
+from postsim.models.modules import l2_normalize, torch_required
 
 with torch_required():
     import torch
@@ -43,7 +43,7 @@ class LabelContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = DEFAULT_LABEL_TEMPERATURE) -> None:
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"the label loss temperature must be positive, got {temperature}")
+            raise SettingsError(f"the label loss temperature must be positive, got {temperature}")
         self.loss = SupConLoss(temperature=temperature)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class ImageTextContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = DEFAULT_ALIGNMENT_TEMPERATURE) -> None:
         super().__init__()
         if not temperature >= 1 / MAX_LOGIT_SCALE:
-            raise ValueError(f"the alignment temperature must be at least {1 / MAX_LOGIT_SCALE}, got {temperature}")
+            raise SettingsError(f"the alignment temperature must be at least {1 / MAX_LOGIT_SCALE}, got {temperature}")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
     @property

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from postsim.core.files import atomic_path, write_text_atomic
 from postsim.evaluation.metrics import Metric
-from postsim.model_repository.files import write_text_atomic
 from postsim.training.data import TrainingMode
 from postsim.training.evaluator import HELD_OUT_SLICES, PAIR, POST
 from postsim.training.features import BackboneFingerprints, ExtractionSummary
@@ -132,12 +132,9 @@ def write_plot(report: TrainingReport, path: Path) -> Path:
         f"postsim head training: {corpus}, {report.posts['kept']} posts, {report.outcome.mode.value}", fontsize=10
     )
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
     try:
-        figure.savefig(temporary, dpi=110)
-        temporary.replace(path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=110)
     finally:
-        temporary.unlink(missing_ok=True)
         plt.close(figure)
     return path

@@ -14,14 +14,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postsim.export.weights import ModelSettings, build_models
-from postsim.model_repository.errors import InvalidPostError
-from postsim.training.corpus import LabelledPost, read_labelled_posts
+from postsim.core.errors import InvalidPostError
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.corpus.split import Split, split_of
+from postsim.models.settings import ModelSettings
+from postsim.models.weights import build_models
 from postsim.training.data import HeadTrainingData, training_mode
 from postsim.training.features import DEFAULT_BATCH, PostFeatures, Progress, extract_features
 from postsim.training.head import TrainableHead
 from postsim.training.report import TrainingReport, planned_outputs, write_outputs
-from postsim.training.split import Split, split_of
 from postsim.training.trainer import EpochRecord, HeadTrainer, TrainingSettings
 
 logger = logging.getLogger("postsim")
@@ -60,13 +61,13 @@ def train_head(
         raise InvalidPostError(
             f"{outputs.head} exists: pass another output folder, or overwrite=True to replace that head"
         )
-    posts = read_labelled_posts(settings.corpus)
+    posts = list(read_posts(settings.corpus))
     if not posts:
         raise InvalidPostError(f"{settings.corpus} has no posts")
     training_mode([post.label for post in posts])  # a single label is refused before any extraction
     models = build_models(settings.models)
     features = extract_features(
-        [post.post for post in posts],
+        posts,
         models,
         cache_dir=settings.cache_dir,
         batch_size=settings.extraction_batch,
@@ -99,7 +100,7 @@ def train_head(
     return report
 
 
-def corpus_fingerprint(posts: Sequence[LabelledPost], features: PostFeatures, splits: dict[str, Split]) -> str:
+def corpus_fingerprint(posts: Sequence[CorpusPost], features: PostFeatures, splits: dict[str, Split]) -> str:
     """sha256 of what training saw: each kept post's id, label, side of the split and content hashes.
 
     Independent of the order of the lines and of where the image files are.

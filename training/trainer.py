@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.corpus.split import DEFAULT_HELD_OUT
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
-from postsim.export.models import torch_required
-from postsim.model_repository.errors import InvalidPostError
+from postsim.models.modules import torch_required
 from postsim.training.data import Batch, HeadTrainingData, ModalityDropout, TrainingMode
 from postsim.training.evaluator import POST, HeldOutEvaluator, selection_value
 from postsim.training.head import HeadOutput, TrainableHead
@@ -36,7 +37,6 @@ from postsim.training.losses import (
     ImageTextContrastiveLoss,
     LabelContrastiveLoss,
 )
-from postsim.training.split import DEFAULT_HELD_OUT
 
 with torch_required():
     import torch
@@ -89,12 +89,12 @@ class TrainingSettings:
         positive = ("epochs", "batch_size", "learning_rate", "label_temperature", "alignment_temperature")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "label_weight", "alignment_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.label_weight == 0 and self.alignment_weight == 0:
-            raise ValueError("label_weight and alignment_weight are both 0: nothing to learn from")
+            raise SettingsError("label_weight and alignment_weight are both 0: nothing to learn from")
         ModalityDropout(self.drop_image, self.drop_text)  # checks the rates
 
     def torch_device(self) -> torch.device:
@@ -118,7 +118,7 @@ class HeadObjective(nn.Module):
         self.label_weight = settings.label_weight if mode is TrainingMode.SUPERVISED else 0.0
         self.alignment_weight = settings.alignment_weight
         if self.label_weight == 0 and self.alignment_weight == 0:
-            raise ValueError(
+            raise SettingsError(
                 "without labels the head learns from the alignment loss alone: alignment_weight must be > 0"
             )
         self.label_loss = LabelContrastiveLoss(settings.label_temperature)

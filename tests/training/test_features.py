@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from postsim.client.samples import CorpusPost, read_posts, write_sample_posts
-from postsim.export.models import ModelSize
-from postsim.export.weights import ModelSettings, PostSimModels, build_models
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
+from postsim.models.settings import ModelSettings, ModelSize
+from postsim.models.torch_runtime import pool_images, pool_texts
+from postsim.models.weights import PostSimModels, build_models
 from postsim.training import features as features_module
 from postsim.training.features import (
     IMAGE,
     TEXT,
     backbone_fingerprints,
     extract_features,
-    pool_images,
-    pool_texts,
 )
 
 CPU = torch.device("cpu")

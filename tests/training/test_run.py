@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from postsim.client.samples import read_posts, write_sample_posts
-from postsim.export.models import ModelSize
-from postsim.export.torch_pipeline import TorchPostPipeline
-from postsim.export.weights import ModelSettings, build_models
-from postsim.model_repository.errors import ExportError, InvalidPostError
-from postsim.model_repository.preprocessing import preprocess_images
-from postsim.model_repository.tokenization import TextTokenizer
-from postsim.training import storage
+from postsim.core import files
+from postsim.core.errors import ExportError, InvalidPostError
+from postsim.corpus.posts import read_posts
+from postsim.corpus.samples import write_sample_posts
+from postsim.models.pipeline import PostPipeline, Preprocessor
+from postsim.models.settings import ModelSettings, ModelSize
+from postsim.models.torch_runtime import TorchRuntime
+from postsim.models.weights import build_models
 from postsim.training.features import IMAGE, extract_features
 from postsim.training.head import METADATA_KEY
 from postsim.training.run import TrainHeadSettings, TrainingReport, train_head
@@ -65,10 +65,10 @@ def test_the_trained_head_loads_into_export_and_embeds_posts_as_training_does(tr
 
     # The served computation (preprocessing, backbones, head) in PyTorch gives what training computes from cached features.
     posts = [post for post in read_posts(trained.corpus) if post.id != "post-00001"][:16]
-    images = preprocess_images([post.image_path.read_bytes() if post.image_path else b"" for post in posts])
-    texts = TextTokenizer.from_json(models.tokenizer_json).encode([(post.text or "").encode() for post in posts])
-    served, _ = TorchPostPipeline(models).embed(
-        images.pixel_values, texts.input_ids, texts.attention_mask, images.image_mask, texts.text_mask
+    pipeline = PostPipeline(Preprocessor.from_tokenizer_json(models.tokenizer_json), TorchRuntime(models))
+    served, _ = pipeline.embed(
+        [post.image_path.read_bytes() if post.image_path else b"" for post in posts],
+        [(post.text or "").encode() for post in posts],
     )
     features = extract_features(posts, models, cache_dir=trained.cache)
     assert features.summary.computed == {IMAGE: 0, "text": 0}  # the run cached them all
@@ -136,7 +136,7 @@ def test_an_interrupted_write_leaves_no_head(trained: Trained, tmp_path: Path, m
     def interrupted(source: str, destination: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(storage.os, "replace", interrupted)
+    monkeypatch.setattr(files.os, "replace", interrupted)
     settings = TrainHeadSettings(
         corpus=trained.corpus,
         out_dir=tmp_path / "out",

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from postsim.core.errors import InvalidPostError
+from postsim.corpus.split import Split, split_of
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
-from postsim.model_repository.errors import InvalidPostError
 from postsim.training.data import HeadTrainingData, ModalityDropout, TrainingMode
 from postsim.training.evaluator import IMAGE, PAIR, POST, TEXT, HeldOutEvaluator
 from postsim.training.features import PostFeatures
 from postsim.training.head import TrainableHead
-from postsim.training.split import Split, split_of
 from postsim.training.trainer import HeadTrainer, TrainingSettings
 
 MakeFeatures = Callable[..., tuple[PostFeatures, dict[str, str | None]]]

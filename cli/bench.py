@@ -1,0 +1,160 @@
+"""``postsim bench serve | index | soak | stress | front-end``: measurements against same-run baselines."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from postsim.cli.common import RepositoryOption, UrlOption, choice, reports_errors, run_dir_option, stdout
+from postsim.client.settings import DEFAULT_URL
+from postsim.core.errors import SettingsError
+from postsim.core.paths import default_repository
+from postsim.model_repository import contract
+
+logger = logging.getLogger("postsim")
+app = typer.Typer(help="Measure latency, throughput and recall.", no_args_is_help=True)
+
+
+@app.command("serve")
+@reports_errors
+def bench_serve(
+    out: Annotated[Path, run_dir_option("bench", "Folder for serving-bench.json and serving-bench.png.")],
+    repository: Annotated[
+        Path | None,
+        typer.Option(
+            help="Repository to serve (on a scratch copy) and to run the baselines from.",
+            show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository",
+        ),
+    ] = None,
+    url: Annotated[str | None, typer.Option(help="Measure this running server instead (no baselines).")] = None,
+    concurrency: Annotated[
+        list[int] | None, typer.Option(help="Concurrency levels (repeat); default 1 2 4 8 16.")
+    ] = None,
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests per level.")] = 64,
+    posts: Annotated[int, typer.Option(min=1, help="Bench corpus size (JPEG ~640×480, 20–60 words).")] = 64,
+) -> None:
+    """Latency and throughput of post_embedding and similar_posts through Triton, against in-process
+    ONNX Runtime and PyTorch eager on the same posts: a table, a JSON file and a plot."""
+    from postsim.bench.report import format_report, write_outputs
+    from postsim.bench.serving import ServingBenchSettings, SweepSettings, run_serving_benchmark
+
+    sweep = (
+        SweepSettings(concurrency=tuple(concurrency), requests=requests)
+        if concurrency
+        else SweepSettings(requests=requests)
+    )
+    if url is not None and repository is not None:
+        raise SettingsError(
+            f"--repository would be ignored: --url measures the server at {url} as it runs, and no repository is "
+            "served or read for baselines then; drop --repository, or drop --url to bench that repository"
+        )
+    settings = ServingBenchSettings(
+        repository=None if url else (repository or default_repository()), url=url, posts=posts, sweep=sweep
+    )
+    report = run_serving_benchmark(settings)
+    stdout.print(format_report(report))
+    outputs = write_outputs(report, out)
+    stdout.print(f"wrote {outputs.json} and {outputs.plot}")
+
+
+@app.command("index")
+@reports_errors
+def bench_index(
+    count: Annotated[int, typer.Option(min=1, help="Unit vectors in the index.")] = 1_000_000,
+    dim: Annotated[int, typer.Option(min=1, help="Their dimension.")] = contract.DEFAULT_DIM,
+    queries: Annotated[int, typer.Option(min=1, help="Queries for latency and recall.")] = 1000,
+    index_type: Annotated[list[str] | None, typer.Option(help="flat, hnsw, ivfpq (repeat); default all.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="FAISS threads (default: all cores).")] = None,
+    data: Annotated[
+        str, typer.Option(help="random (no structure, the worst case) or clustered (like post embeddings).")
+    ] = "random",
+) -> None:
+    """Build time, p50 latency and recall@10 against exact search for each index type (CPU, and GPU if present)."""
+    from postsim.bench.index_bench import DEFAULT_INDEX_TYPES, BenchData, format_table, run_index_benchmark
+    from postsim.model_repository.search_index import IndexType
+
+    types = [choice(IndexType, value, "--index-type") for value in index_type] if index_type else DEFAULT_INDEX_TYPES
+    results = run_index_benchmark(
+        count=count,
+        dim=dim,
+        queries=queries,
+        index_types=types,
+        threads=threads,
+        data=choice(BenchData, data, "--data"),
+    )
+    stdout.print(format_table(results), highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("soak")
+@reports_errors
+def bench_soak(
+    url: UrlOption = DEFAULT_URL,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests held in flight.")] = 16,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to hold the load, after the warm-up.")] = 600.0,
+    interval: Annotated[float, typer.Option(min=1, help="Seconds per reported interval.")] = 30.0,
+    warmup: Annotated[float, typer.Option(min=0, help="Seconds of load before measuring.")] = 30.0,
+    server_pid: Annotated[
+        int | None, typer.Option(help="tritonserver's pid, to report its and its stubs' memory.")
+    ] = None,
+) -> None:
+    """Hold a concurrency of requests for a while; report latency over time, errors and memory. Exit 1 on any error."""
+    from postsim.bench.soak import format_soak, run_soak
+    from postsim.client.settings import ClientSettings
+
+    def show(interval_stats: Any) -> None:
+        logger.info("%s", interval_stats)
+
+    report = run_soak(
+        ClientSettings(url=url),
+        concurrency=concurrency,
+        duration_s=duration,
+        interval_s=interval,
+        warmup_s=warmup,
+        server_pid=server_pid,
+        on_interval=show,
+    )
+    stdout.print(format_soak(report), highlight=False, markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("stress")
+@reports_errors
+def bench_stress(
+    repository: RepositoryOption,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to run the load.")] = 300.0,
+    busy: Annotated[int, typer.Option(min=0, help="Processes spinning on the CPU meanwhile.")] = 4,
+    storm_clients: Annotated[int, typer.Option(min=0, help="Clients sending requests with a 10 ms deadline.")] = 2,
+    storm_rate: Annotated[float, typer.Option(min=0.1, help="Requests a second from each storm client.")] = 20.0,
+) -> None:
+    """Index builds, publish/rollback cycles and 10 ms-deadline storms at once on a busy CPU, against a server
+    started on a scratch copy of the repository. Exit 1 on a crash or a readiness stuck false."""
+    from postsim.bench.stress import StressSettings, format_stress, run_stress
+
+    report = run_stress(
+        StressSettings(
+            repository=repository,
+            duration_s=duration,
+            busy_processes=busy,
+            storm_clients=storm_clients,
+            storm_rate=storm_rate,
+        )
+    )
+    stdout.print(format_stress(report), highlight=False, markup=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("front-end")
+@reports_errors
+def bench_front_end(
+    repository: RepositoryOption,
+    requests: Annotated[int, typer.Option(min=1, help="Measured requests on each path.")] = 300,
+) -> None:
+    """The latency the front end adds: post_embedding at concurrency 1 through it and straight to tritonserver."""
+    from postsim.bench.front_end import format_front_end, measure_front_end
+
+    stdout.print(format_front_end(measure_front_end(repository, requests=requests)), highlight=False, markup=False)

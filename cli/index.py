@@ -1,0 +1,108 @@
+"""``postsim index build | publish | rollback``: FAISS indexes of a corpus and the versions the server serves."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from postsim.cli.common import RepositoryOption, UrlOption, choice, reports_errors, run_dir_option, stderr, stdout
+from postsim.client.settings import DEFAULT_URL
+from postsim.model_repository import contract
+from postsim.model_repository.protocol import ADMIN_KEY_VARIABLE
+
+app = typer.Typer(help="Build, publish and roll back FAISS indexes of posts.", no_args_is_help=True)
+
+
+@app.command("build")
+@reports_errors
+def index_build(
+    corpus: Annotated[Path, typer.Argument(help="JSONL corpus: one {id, text, image} object per line.")],
+    out: Annotated[Path, run_dir_option("index", "Index folder to write (replaced atomically).")],
+    index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
+    url: UrlOption = DEFAULT_URL,
+    batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+    max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
+) -> None:
+    """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
+    from postsim.cli.progress import ProgressReporter
+    from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
+    from postsim.model_repository.search_index import IndexType
+
+    settings = CorpusIndexSettings(
+        corpus=corpus,
+        out_dir=out,
+        url=url,
+        index_type=choice(IndexType, index_type, "--index-type"),
+        batch_size=batch_size,
+        concurrency=concurrency,
+    )
+    with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
+        report = build_corpus_index(settings, on_progress=progress.update)
+    manifest = report.manifest
+    params = "".join(f" {name}={value}" for name, value in manifest.params.items())
+    stdout.print(
+        f"indexed {report.indexed} posts into {report.index_dir} ({manifest.index_type.value}{params}, dim "
+        f"{manifest.dimension}) in {report.seconds:.1f} s, {report.posts_per_second:.1f} posts/s"
+    )
+    if report.failures:
+        stderr.print(f"{len(report.failures)} post(s) not indexed:")
+        for failure in report.failures:
+            stderr.print(f"  {failure.id}: {failure.reason}", highlight=False, markup=False, soft_wrap=True)
+    if len(report.failures) > max_failures:
+        stderr.print(f"[bold red]error:[/] {len(report.failures)} failed posts exceed --max-failures {max_failures}")
+        raise typer.Exit(1)
+
+
+@app.command("publish")
+@reports_errors
+def index_publish(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder written by `postsim index build`.")],
+    repository: RepositoryOption,
+    url: Annotated[
+        str | None, typer.Option(help="Running server to switch over (HOST:PORT); none: install only.")
+    ] = None,
+    admin_key: Annotated[
+        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
+    ] = None,
+) -> None:
+    """Install an index as the next version of `retrieval` and make the running server serve it."""
+    from postsim.indexing.publish import publish_index
+
+    with _admin_client(url, admin_key) as client:
+        report = publish_index(index_dir, repository, client=client)
+    where = f"; {url} serves it now" if report.loaded else "; start `postsim serve` to serve it"
+    stdout.print(f"published {index_dir} as retrieval version {report.version}{where}")
+
+
+@app.command("rollback")
+@reports_errors
+def index_rollback(
+    repository: RepositoryOption,
+    url: Annotated[str | None, typer.Option(help="Running server to switch back (HOST:PORT).")] = None,
+    admin_key: Annotated[
+        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
+    ] = None,
+) -> None:
+    """Retire the newest index version and serve the previous one."""
+    from postsim.indexing.publish import rollback_index
+
+    with _admin_client(url, admin_key) as client:
+        version = rollback_index(repository, client=client)
+    stdout.print(f"retrieval version {version} is current again")
+
+
+@contextlib.contextmanager
+def _admin_client(url: str | None, admin_key: str | None) -> Iterator[Any]:
+    """A client for model control, or None when no server is named."""
+    if url is None:
+        yield None
+        return
+    from postsim.client.api import PostSimClient
+
+    with PostSimClient(url, admin_key=admin_key) as client:
+        yield client

@@ -1,0 +1,398 @@
+"""What the blocking and the asyncio client share: everything but the I/O.
+
+Each public method of the clients is written once here, as an *operation*: a generator that
+checks its arguments, yields the gRPC calls it needs (:class:`Call`, or :class:`Gather` for
+the chunks of a batch) and a :class:`Pause` between readiness polls, gets each call's
+answer back, and returns the method's result. :class:`~postsim.client.api.PostSimClient`
+runs an operation with blocking calls, :class:`~postsim.client.api.AsyncPostSimClient` with
+awaited ones (the chunks of a batch a few at a time); neither knows what any method does.
+
+A call that fails comes back into the operation as the postsim exception
+:func:`~postsim.client.errors.map_server_error` makes of it, already raised ``from None``;
+an operation that does not catch it lets it reach the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from postsim.client.errors import load_error, map_server_error
+from postsim.client.posts import (
+    EmbeddingResult,
+    ModelStatus,
+    Neighbor,
+    Post,
+    ServedRepository,
+    ServerInfo,
+    SimilarResult,
+)
+from postsim.client.settings import ClientSettings, checked_timeout
+from postsim.core.errors import InvalidPostError, PostSimError, ServerError, ServerUnavailableError
+from postsim.model_repository import contract
+
+_T = TypeVar("_T")
+
+EMBED_OUTPUTS = (contract.EMBEDDING.name, contract.MODALITY_WEIGHTS.name)
+SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOR_OUTPUTS), *EMBED_OUTPUTS)
+MAX_CHUNKS_IN_FLIGHT = 4
+"""How many chunks of a batch the asyncio client sends at once."""
+POLL_S = 0.5
+"""Between two readiness polls of ``wait_until_ready``."""
+_IMAGE_COLUMN = contract.MODALITIES.index("image")
+_TEXT_COLUMN = contract.MODALITIES.index("text")
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+# --------------------------------------------------------------------------- what an operation yields
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call(Generic[_T]):
+    """One call of tritonclient's ``InferenceServerClient``: the same method, by name, in its blocking and aio forms.
+
+    ``arguments`` is called when the call is sent (an inference reads its posts' image files
+    then, chunk by chunk); ``parse`` turns the answer into what the operation gets back.
+    ``model`` and ``what`` word the error when the call fails.
+    """
+
+    method: str
+    arguments: Callable[[], dict[str, Any]]
+    parse: Callable[[Any], _T]
+    model: str | None = None
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class Gather(Generic[_T]):
+    """Calls whose answers the operation gets back together, in order; the first failure fails them all.
+
+    The blocking client sends them one after the other, the asyncio client a few at a time.
+    """
+
+    calls: tuple[Call[_T], ...]
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Wait ``seconds`` before the next call (``time.sleep``, or ``asyncio.sleep``)."""
+
+    seconds: float
+
+
+Step = Call[Any] | Gather[Any] | Pause
+Operation = Generator[Step, Any, _T]
+"""A client method without its I/O: yields steps, receives each one's result, returns the method's."""
+
+
+def _same(answer: _T) -> _T:
+    return answer
+
+
+# --------------------------------------------------------------------------- the operations
+
+
+@dataclass(frozen=True)
+class ClientCore:
+    """The client's methods as operations over checked settings."""
+
+    settings: ClientSettings = field(default_factory=ClientSettings)
+
+    def error(self, exc: Exception, call: Call[Any]) -> PostSimError:
+        """The postsim exception for a failed call, ready to be thrown into its operation (``from None``)."""
+        settings = self.settings
+        error = map_server_error(
+            exc,
+            url=settings.url,
+            model=call.model,
+            what=call.what,
+            timeout_s=settings.timeout_s,
+            ssl=settings.ssl,
+            client_certificate=settings.client_certificate,
+            admin_key=settings.sends_admin_key,
+        )
+        error.__cause__, error.__suppress_context__ = None, True
+        return error
+
+    def call(
+        self,
+        method: str,
+        *,
+        model: str | None = None,
+        what: str = "",
+        parse: Callable[[Any], _T] = _same,
+        client_timeout: float | None = None,
+        **arguments: Any,
+    ) -> Call[_T]:
+        """A call with the settings' headers and timeout (``client_timeout`` instead, when given)."""
+        timeout = self.settings.timeout_s if client_timeout is None else client_timeout
+        headers = self.settings.grpc_headers
+        return Call(
+            method=method,
+            arguments=lambda: {**arguments, "headers": headers, "client_timeout": timeout},
+            parse=parse,
+            model=model,
+            what=what,
+        )
+
+    def _infer(
+        self,
+        model: str,
+        posts: list[Post],
+        start: int,
+        outputs: Sequence[str],
+        k: int | None,
+        parse: Callable[[Any], _T],
+    ) -> Call[_T]:
+        def arguments() -> dict[str, Any]:
+            return {
+                "model_name": model,
+                "inputs": build_inputs(posts, k=k, first=start),
+                "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs],
+                "headers": self.settings.grpc_headers,
+                "client_timeout": self.settings.timeout_s,
+            }
+
+        return Call(method="infer", arguments=arguments, parse=parse, model=model, what=_span(start, len(posts)))
+
+    def embed(self, posts: Sequence[Post]) -> Operation[list[EmbeddingResult]]:
+        """The fused embedding of each post, in order (chunks of at most ``max_batch_size``)."""
+        batch = checked_posts(posts, "embed")
+        model = contract.POST_EMBEDDING
+        calls = tuple(
+            self._infer(model, chunk, start, EMBED_OUTPUTS, None, _parser(embedding_results, model, len(chunk)))
+            for start, chunk in chunks(batch)
+        )
+        parts: list[list[EmbeddingResult]] = yield Gather(calls)
+        return [result for part in parts for result in part]
+
+    def similar_many(self, posts: Sequence[Post], k: int = 10) -> Operation[list[SimilarResult]]:
+        """For each post, in order: its ``k`` nearest indexed posts (best first) and its embedding."""
+        top_k = checked_k(k)
+        batch = checked_posts(posts, "similar_many")
+        model = contract.SIMILAR_POSTS
+        calls = tuple(
+            self._infer(model, chunk, start, SIMILAR_OUTPUTS, top_k, _parser(similar_results, model, len(chunk)))
+            for start, chunk in chunks(batch)
+        )
+        parts: list[list[SimilarResult]] = yield Gather(calls)
+        return [result for part in parts for result in part]
+
+    def similar(self, post: Post, k: int = 10) -> Operation[list[Neighbor]]:
+        """The ``k`` indexed posts nearest to ``post``, best first."""
+        if not isinstance(post, Post):
+            raise InvalidPostError(f"similar() takes one Post; got {type(post).__name__}")
+        results = yield from self.similar_many([post], k)
+        return results[0].neighbors
+
+    def not_ready_reason(self, client_timeout: float | None = None) -> Operation[str | None]:
+        """None when the server is live and ``post_embedding`` is ready, else why not; never raises for that."""
+        model = contract.POST_EMBEDDING
+        try:
+            if not (yield self.call("is_server_live", model=model, client_timeout=client_timeout)):
+                return "the server is not live"
+            if not (yield self.call("is_model_ready", model_name=model, model=model, client_timeout=client_timeout)):
+                return f"model '{model}' is not ready"
+        except PostSimError as error:
+            return str(error)
+        return None
+
+    def wait_until_ready(self, timeout_s: float = 60.0) -> Operation[None]:
+        """Poll readiness until the server is ready; ServerUnavailableError after ``timeout_s``."""
+        limit = checked_timeout(timeout_s, "wait_until_ready timeout_s")
+        if limit is None:
+            raise PostSimError("wait_until_ready timeout_s must be a positive number of seconds; got None")
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            reason = yield from self.not_ready_reason(self.settings.poll_timeout(remaining))
+            if reason is None:
+                return
+            if time.monotonic() + POLL_S > deadline:
+                raise ServerUnavailableError(
+                    f"the server at {self.settings.url} was not ready within {limit:g} s ({reason}): "
+                    "start it with `postsim serve` or check `--url`",
+                    status="UNAVAILABLE",
+                )
+            yield Pause(POLL_S)
+
+    def server_info(self) -> Operation[ServerInfo]:
+        """The server's version, its models and their states, and how ``post_embedding`` was built."""
+        metadata = yield self.call("get_server_metadata")
+        index = yield self.call("get_model_repository_index")
+        ready = any(entry.name == contract.POST_EMBEDDING and entry.state == "READY" for entry in index.models)
+        served = (yield from self.served_repository()) if ready else ServedRepository()
+        models = tuple(
+            ModelStatus(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
+            for entry in index.models
+        )
+        url = self.settings.url
+        return ServerInfo(url=url, server=metadata.name, version=metadata.version, models=models, served=served)
+
+    def served_repository(self) -> Operation[ServedRepository]:
+        """Which export ``post_embedding`` comes from (weights, fingerprint, repository id); needs no admin key."""
+        model = contract.POST_EMBEDDING
+        response = yield self.call("get_model_config", model_name=model, model=model)
+        return served_repository(response.config)
+
+    def load_model(self, model: str) -> Operation[None]:
+        """(Re)load a model through Triton's model-control API: new versions load while the old one serves.
+
+        Triton loads a model again only if its files changed on disk. A server started with
+        an admin key needs it (``admin_key=``). A version the server refuses raises
+        ServerError with its reason; the version it had keeps serving.
+        """
+        try:
+            yield self.call("load_model", model_name=model, model=model)
+        except PostSimError as error:
+            raise load_error(error, model) from None
+
+    def is_model_ready(self, model: str, version: str = "") -> Operation[bool]:
+        ready = yield self.call("is_model_ready", model_name=model, model_version=version, model=model)
+        return bool(ready)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def checked_posts(posts: Sequence[Post], caller: str) -> list[Post]:
+    """The posts as a list, each checked to be a Post whose image file (if any) exists."""
+    if isinstance(posts, Post):
+        raise InvalidPostError(f"{caller}() takes a sequence of posts; got a single Post: pass [post]")
+    if isinstance(posts, str | bytes | bytearray) or not isinstance(posts, Sequence):
+        raise InvalidPostError(f"{caller}() takes a sequence of Post; got {type(posts).__name__}")
+    checked = list(posts)
+    for index, post in enumerate(checked):
+        if not isinstance(post, Post):
+            raise InvalidPostError(f"{caller}(): posts[{index}] must be a Post; got {type(post).__name__}")
+        post.check_image_file()
+    return checked
+
+
+def checked_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise InvalidPostError(f"k must be a positive int; got {type(k).__name__} {k!r}")
+    if not 1 <= k <= _INT32_MAX:
+        raise InvalidPostError(f"k must be a positive int (at most {_INT32_MAX}); got {k}")
+    return int(k)
+
+
+def chunks(posts: list[Post], size: int = contract.MAX_BATCH_SIZE) -> list[tuple[int, list[Post]]]:
+    """``(index of the first post, posts)`` for consecutive chunks of at most ``size`` posts."""
+    return [(start, posts[start : start + size]) for start in range(0, len(posts), size)]
+
+
+def _span(start: int, count: int) -> str:
+    return f"post {start}" if count == 1 else f"posts {start}..{start + count - 1}"
+
+
+def _bytes_input(spec: contract.TensorSpec, values: list[bytes]) -> grpcclient.InferInput:
+    array = np.empty((len(values), 1), dtype=np.object_)
+    for row, value in enumerate(values):
+        array[row, 0] = value
+    tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.dtype.wire)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def build_inputs(posts: Sequence[Post], *, k: int | None = None, first: int = 0) -> list[grpcclient.InferInput]:
+    """The request tensors for one chunk: IMAGE and TEXT as ``[B, 1]`` BYTES, TOP_K if ``k``.
+
+    Reads image files now. ``first`` is the index of ``posts[0]`` in the caller's batch,
+    for error messages. An absent image or text is sent as an empty element.
+    """
+    images: list[bytes] = []
+    texts: list[bytes] = []
+    for offset, post in enumerate(posts):
+        images.append(post.image_bytes())
+        try:
+            texts.append((post.text or "").encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidPostError(
+                f"the text of post {first + offset} cannot be encoded as UTF-8: {exc.reason} at character {exc.start}"
+            ) from None
+    inputs = [_bytes_input(contract.IMAGE, images), _bytes_input(contract.TEXT, texts)]
+    if k is not None:
+        top_k = np.full((len(posts), 1), k, dtype=contract.TOP_K.dtype.numpy)
+        tensor = grpcclient.InferInput(contract.TOP_K.name, list(top_k.shape), contract.TOP_K.dtype.wire)
+        tensor.set_data_from_numpy(top_k)
+        inputs.append(tensor)
+    return inputs
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _parser(parse: Callable[[Any, str, int], _T], model: str, rows: int) -> Callable[[Any], _T]:
+    return lambda result: parse(result, model, rows)
+
+
+def _output(result: Any, name: str, model: str, rows: int, columns: int | None = None) -> np.ndarray:
+    array = result.as_numpy(name)
+    if array is None:
+        raise ServerError(f"model '{model}' returned no {name} output")
+    if array.ndim != 2 or array.shape[0] != rows or (columns is not None and array.shape[1] != columns):
+        expected = f"({rows}, {columns if columns is not None else 'n'})"
+        raise ServerError(
+            f"model '{model}' returned {name} of shape {tuple(array.shape)} for {rows} posts; expected {expected}"
+        )
+    return np.asarray(array)
+
+
+def embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResult]:
+    embeddings = _output(result, contract.EMBEDDING.name, model, rows).astype(np.float32, copy=True)
+    weights = _output(result, contract.MODALITY_WEIGHTS.name, model, rows, len(contract.MODALITIES))
+    return [
+        EmbeddingResult(
+            embedding=embeddings[row],
+            image_weight=float(weights[row, _IMAGE_COLUMN]),
+            text_weight=float(weights[row, _TEXT_COLUMN]),
+        )
+        for row in range(rows)
+    ]
+
+
+def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
+    ids = _output(result, contract.IDS.name, model, rows)
+    scores = _output(result, contract.SCORES.name, model, rows, ids.shape[1])
+    captions = _output(result, contract.CAPTIONS.name, model, rows, ids.shape[1])
+    embedded = embedding_results(result, model, rows)
+    similar = []
+    for row, query in enumerate(embedded):
+        neighbors = [
+            Neighbor(id=_decode(raw), score=float(score), text=_decode(caption) or None)
+            for raw, score, caption in zip(ids[row], scores[row], captions[row], strict=True)
+            # An index smaller than k pads its answer with empty ids: no neighbor there.
+            if raw
+        ]
+        similar.append(
+            SimilarResult(
+                neighbors=neighbors,
+                embedding=query.embedding,
+                image_weight=query.image_weight,
+                text_weight=query.text_weight,
+            )
+        )
+    return similar
+
+
+def _decode(raw: Any) -> str:
+    """A BYTES element (an id, a caption) as text."""
+    return raw.decode("utf-8", errors="replace") if isinstance(raw, bytes | np.bytes_) else str(raw)
+
+
+def served_repository(config: Any) -> ServedRepository:
+    """What a ``post_embedding`` config says about its export."""
+    parameters = contract.config_parameters(config)
+    dims = [int(output.dims[-1]) for output in config.output if output.name == contract.EMBEDDING.name and output.dims]
+    return ServedRepository(
+        weights=contract.WEIGHTS_PARAMETER.read(parameters) or None,
+        fingerprint=contract.FINGERPRINT_PARAMETER.read(parameters) or None,
+        repository_id=contract.REPOSITORY_ID_PARAMETER.read(parameters) or None,
+        dim=dims[0] if dims else None,
+    )

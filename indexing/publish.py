@@ -1,0 +1,154 @@
+"""``postsim index publish`` and ``rollback``: index versions of the ``retrieval`` model.
+
+Publishing copies a verified index directory into the next numbered version folder of
+``retrieval`` (staged under a hidden name, then renamed, so Triton never sees half a
+version) and asks the running server to load it. Triton loads the new version while the
+old one keeps serving and then retires the old one, so queries never fail during the
+swap. A version the server refuses is moved aside, and the server keeps the one it had.
+Old versions stay on disk; rollback moves the newest aside and reloads.
+
+``similar_posts`` reaches ``retrieval`` through ``retrieval_gateway``, so no ensemble
+names it and a publish loads ``retrieval`` alone.
+
+Before anything is installed or retired, the running server must serve the repository
+being written to: its configs carry the repository id and weights fingerprint of the export
+it was started on, and both must be the repository's own. (A copy of a repository keeps
+its id: publish into the copy the server was started on.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from postsim.client.api import PostSimClient
+from postsim.client.posts import ServedRepository
+from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError
+from postsim.model_repository import contract
+from postsim.model_repository.layout import CONFIG_NAME, model_py_source, version_dirs
+from postsim.model_repository.manifest import WeightsManifest
+from postsim.model_repository.search_index import load_index_dir, version_index_dir
+
+logger = logging.getLogger("postsim")
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    version: int
+    version_dir: Path
+    loaded: bool
+    """Whether a running server was asked to load it and did."""
+
+
+def _retrieval_dir(repository: Path) -> Path:
+    model_dir = repository / contract.RETRIEVAL
+    if not (model_dir / CONFIG_NAME).is_file():
+        raise RepositoryError(
+            f"{repository} has no retrieval model config: run `postsim export --repository {repository}` first"
+        )
+    return model_dir
+
+
+def _set_aside(version_dir: Path, why: str) -> Path:
+    """Move a version folder out of Triton's sight (non-numeric names are not versions), keeping it on disk."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target = version_dir.with_name(f".{why}-{version_dir.name}-{stamp}")
+    version_dir.rename(target)
+    return target
+
+
+def install_version(index_dir: Path, repository: Path) -> Path:
+    """Verify the index against the repository's weights and install it as the next retrieval version."""
+    weights = WeightsManifest.read(repository)
+    # Full verification (checksums before FAISS reads the file, dimension, fingerprint) before it goes live.
+    load_index_dir(index_dir, expected_fingerprint=weights.fingerprint, use_gpu=False)
+    model_dir = _retrieval_dir(repository)
+    existing = version_dirs(model_dir)
+    version = int(existing[-1].name) + 1 if existing else 1
+    staging = model_dir / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(index_dir, version_index_dir(staging))
+        (staging / "model.py").write_text(model_py_source(contract.RETRIEVAL))
+        staging.rename(model_dir / str(version))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("installed %s as retrieval version %d", index_dir, version)
+    return model_dir / str(version)
+
+
+def check_served(repository: Path, served: ServedRepository, url: str) -> None:
+    """Raise RepositoryError unless ``served`` (what the server at ``url`` says it serves) is ``repository``."""
+    manifest = WeightsManifest.read(repository)
+    server = f"repository id {served.repository_id or 'none'}, weights fingerprint {served.fingerprint or 'none'}"
+    own = f"repository id {manifest.repository_id or 'none'}, weights fingerprint {manifest.fingerprint}"
+    if not served.repository_id or not manifest.repository_id:
+        older = "the server's repository" if not served.repository_id else str(repository)
+        raise RepositoryError(
+            f"cannot tell whether the server at {url} serves {repository} ({server}; {repository}: {own}): {older} "
+            "was exported by an older postsim, without a repository id; export it again and restart the server"
+        )
+    if served.repository_id != manifest.repository_id:
+        raise RepositoryError(
+            f"the server at {url} serves another model repository than {repository} (server: {server}; "
+            f"{repository}: {own}), so an index version installed there would never reach it: pass the folder that "
+            "server was started on (its `postsim serve --repository`) as `--repository DIR`, or POSTSIM_REPOSITORY"
+        )
+    if served.fingerprint != manifest.fingerprint:
+        raise RepositoryError(
+            f"{repository} was exported again after the server at {url} started on it ({server}; now: {own}): "
+            "restart `postsim serve` so it serves the new models, then build the index against it and publish"
+        )
+
+
+def _require_served(repository: Path, client: PostSimClient | None) -> None:
+    if client is not None:
+        check_served(repository, client.served_repository(), client.url)
+
+
+def _load_and_check(client: PostSimClient, version: int) -> None:
+    """Reload retrieval; raise unless ``version`` is what serves."""
+    client.load_model(contract.RETRIEVAL)
+    if not client.is_model_ready(contract.RETRIEVAL, str(version)):
+        raise SearchIndexError(f"the server did not bring retrieval version {version} up")
+
+
+def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | None = None) -> PublishReport:
+    """Install the index as the next retrieval version and, given a client, make the server serve it.
+
+    With a client, nothing is installed unless that server serves ``repository`` (:func:`check_served`).
+    """
+    _require_served(repository, client)
+    version_dir = install_version(index_dir, repository)
+    version = int(version_dir.name)
+    if client is None:
+        return PublishReport(version=version, version_dir=version_dir, loaded=False)
+    try:
+        _load_and_check(client, version)
+    except PostSimError as error:
+        aside = _set_aside(version_dir, "refused")
+        raise SearchIndexError(
+            f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
+            f"the refused version is kept in {aside}, the server log says why"
+        ) from None
+    logger.info("server at %s now serves retrieval version %d", client.url, version)
+    return PublishReport(version=version, version_dir=version_dir, loaded=True)
+
+
+def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> int:
+    """Retire the newest retrieval version (kept on disk, hidden) and serve the one before; returns it."""
+    _require_served(repository, client)
+    model_dir = _retrieval_dir(repository)
+    versions = version_dirs(model_dir)
+    if len(versions) < 2:
+        raise SearchIndexError(f"{model_dir} holds {len(versions)} published index version(s): nothing to roll back to")
+    newest, previous = versions[-1], versions[-2]
+    aside = _set_aside(newest, "rolled-back")
+    logger.info("retired retrieval version %s (kept in %s)", newest.name, aside)
+    if client is not None:
+        _load_and_check(client, int(previous.name))
+    return int(previous.name)

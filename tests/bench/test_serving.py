@@ -1,0 +1,222 @@
+"""The serving benchmark: the load generator on its own, and a tiny sweep against a real server.
+
+No timing is asserted (the machine decides those); the tests check that the benchmark
+measures what it says (warm-up excluded, concurrency held, errors counted), that the
+configurations agree on the embeddings, and that the JSON and the plot are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from postsim.bench.baselines import BaselineSettings
+from postsim.bench.cpu import cpu_ms_per_post
+from postsim.bench.report import JSON_NAME, PLOT_NAME, format_markdown, format_report, target_checks, write_outputs
+from postsim.bench.results import (
+    ORT_IN_PROCESS,
+    TORCH_EAGER,
+    TRITON_POST_EMBEDDING,
+    TRITON_SIMILAR_POSTS,
+    BenchPoint,
+    ConfigurationKind,
+    ConfigurationResult,
+    LatencyStats,
+    MachineInfo,
+    ServingBenchReport,
+)
+from postsim.bench.serving import (
+    ServingBenchSettings,
+    SweepSettings,
+    apply_serving_settings,
+    run_level,
+    run_serving_benchmark,
+    scratch_repository,
+    serving_summary,
+)
+from postsim.bench.workload import BenchPost
+from postsim.core.errors import BenchError, ServerError
+from postsim.export.triton_config import ServingSettings
+
+POSTS = [BenchPost(id=f"p{i}", image=b"", text=f"post {i}") for i in range(5)]
+
+
+def test_latency_stats_are_percentiles_in_ms() -> None:
+    stats = LatencyStats.of([i / 1000 for i in range(1, 101)])
+    assert stats.count == 100
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p50_ms <= stats.p95_ms <= stats.p99_ms <= stats.max_ms == pytest.approx(100)
+    assert math.isnan(LatencyStats.of([]).p50_ms)
+
+
+def test_run_level_holds_concurrency_and_skips_warmup() -> None:
+    sent: list[str] = []
+    in_flight = 0
+    most_in_flight = 0
+
+    async def send(post: BenchPost) -> np.ndarray:
+        nonlocal in_flight, most_in_flight
+        sent.append(post.id)
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        await asyncio.sleep(0.001)
+        in_flight -= 1
+        return np.zeros(4, np.float32)
+
+    point, embeddings = asyncio.run(run_level(send, POSTS, concurrency=3, requests=10, warmup=2))
+    assert most_in_flight == 3
+    assert point.requests == 10 and point.errors == 0 and point.latency.count == 10
+    # warm-up is at least the concurrency (3 requests), then 10 measured, then the cool-down ones
+    assert len(sent) >= 13
+    assert sent[:13] == [POSTS[i % len(POSTS)].id for i in range(13)]
+    assert set(embeddings) == {post.id for post in POSTS}
+    assert point.posts_per_s > 0
+
+
+def test_run_level_counts_errors() -> None:
+    async def send(post: BenchPost) -> np.ndarray:
+        if post.id == "p1":
+            raise ServerError("refused")
+        return np.zeros(4, np.float32)
+
+    point, _ = asyncio.run(run_level(send, POSTS, concurrency=1, requests=5, warmup=0))
+    assert point.errors == 1 and point.latency.count == 4 and point.first_error == "refused"
+    assert point.posts == 4
+
+
+def test_cpu_per_post_by_model_survives_processes_coming_and_going() -> None:
+    before = {1: ("tritonserver", 1.0), 2: ("image_encoder", 5.0), 3: ("retrieval", 2.0)}
+    after = {1: ("tritonserver", 1.5), 2: ("image_encoder", 9.0), 4: ("retrieval", 0.2)}  # retrieval reloaded
+    assert cpu_ms_per_post(before, after, posts=10) == pytest.approx(
+        {"image_encoder": 400.0, "retrieval": 20.0, "tritonserver": 50.0}
+    )
+
+
+def test_settings_refuse_what_cannot_run() -> None:
+    with pytest.raises(BenchError, match="repository"):
+        ServingBenchSettings()
+    with pytest.raises(BenchError, match="concurrency"):
+        SweepSettings(concurrency=(0,))
+    with pytest.raises(BenchError, match="cannot benchmark"):
+        ServingBenchSettings(url="localhost:1", ensembles=("fuser",))
+
+
+def _point(p50_ms: float, *, concurrency: int = 1, batch_size: int = 1) -> BenchPoint:
+    latency = LatencyStats(count=10, p50_ms=p50_ms, p95_ms=p50_ms, p99_ms=p50_ms, mean_ms=p50_ms, max_ms=p50_ms)
+    seconds = 10 * p50_ms / 1e3 / concurrency
+    return BenchPoint(
+        concurrency=concurrency, batch_size=batch_size, requests=10, errors=0, seconds=seconds, latency=latency
+    )
+
+
+def _report(precision: str, *, torch_ms: float, triton_ms: float, cosine: float) -> ServingBenchReport:
+    def configuration(name: str, points: list[BenchPoint], **extra: Any) -> ConfigurationResult:
+        kind = ConfigurationKind.TRITON if name.startswith("Triton") else ConfigurationKind.IN_PROCESS
+        return ConfigurationResult(name=name, kind=kind, description="", points=points, **extra)
+
+    return ServingBenchReport(
+        machine=MachineInfo.current(),
+        repository="repo",
+        precision=precision,
+        models="random",
+        serving={},
+        corpus_posts=10,
+        configurations=[
+            configuration(ORT_IN_PROCESS, [_point(50.0), _point(300.0, batch_size=8)]),
+            configuration(TORCH_EAGER, [_point(torch_ms)]),
+            configuration(
+                TRITON_POST_EMBEDDING,
+                [_point(triton_ms), _point(triton_ms, concurrency=4)],
+                mean_cosine_to_torch_fp32=cosine,
+            ),
+        ],
+    )
+
+
+def test_quantised_repository_is_checked_for_speed_up_and_agreement_with_torch_fp32() -> None:
+    checks = {
+        check.name.split(":")[0]: check
+        for check in target_checks(_report("int8", torch_ms=135.0, triton_ms=30.0, cosine=0.995))
+    }
+    assert set(checks) == {"latency", "throughput", "speed-up", "agreement"}
+    assert checks["speed-up"].measured == pytest.approx(4.5) and checks["speed-up"].met
+    assert checks["agreement"].measured == 0.995 and checks["agreement"].met
+    slow = {
+        check.name.split(":")[0]: check
+        for check in target_checks(_report("int8", torch_ms=135.0, triton_ms=40.0, cosine=0.98))
+    }
+    assert not slow["speed-up"].met and not slow["agreement"].met
+    fp32 = target_checks(_report("fp32", torch_ms=135.0, triton_ms=30.0, cosine=1.0))
+    assert {check.name.split(":")[0] for check in fp32} == {"latency", "throughput"}
+
+
+def test_serving_settings_rewrite_only_the_scratch_copy(exported_repository: Any, tmp_path: Path) -> None:
+    original = serving_summary(exported_repository.path)
+    copy = scratch_repository(exported_repository.path, tmp_path / "copy")
+    serving = ServingSettings(
+        max_queue_delay_us=500,
+        preferred_batch_sizes=(2, 32),
+        instances={"image_encoder": 2},
+        intra_op_threads={"text_encoder": 1},
+        intra_op_spinning=True,
+    )
+    apply_serving_settings(copy, serving)
+    summary = serving_summary(copy)
+    assert summary["image_encoder"]["instances"] == 2
+    assert summary["text_encoder"]["intra_op_threads"] == 1
+    assert summary["text_encoder"]["intra_op_spinning"] is True
+    assert original["text_encoder"]["intra_op_spinning"] is False
+    assert summary["fuser"]["max_queue_delay_us"] == 500
+    assert summary["fuser"]["preferred_batch_sizes"] == [2]  # 32 is above max_batch_size
+    assert serving_summary(exported_repository.path) == original  # hard links were not written through
+
+
+@pytest.mark.integration
+def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Path) -> None:
+    settings = ServingBenchSettings(
+        repository=exported_repository.path,
+        work_dir=tmp_path / "work",
+        posts=8,
+        sweep=SweepSettings(concurrency=(1, 2), requests=6, warmup=2),
+        baselines=BaselineSettings(batch_sizes=(1, 8), posts=8, warmup_posts=1),
+    )
+    report = run_serving_benchmark(settings, torch_models=exported_repository.models)
+
+    names = [configuration.name for configuration in report.configurations]
+    assert names == [ORT_IN_PROCESS, TORCH_EAGER, TRITON_POST_EMBEDDING, TRITON_SIMILAR_POSTS]
+    for configuration in report.configurations:
+        assert configuration.max_abs_diff is not None and configuration.max_abs_diff < 1e-3, configuration.name
+        if configuration.kind is ConfigurationKind.TRITON:
+            assert configuration.mean_cosine_to_torch_fp32 is not None
+            assert configuration.mean_cosine_to_torch_fp32 > 0.999, configuration.name
+        for point in configuration.points:
+            assert point.errors == 0, point.first_error
+            assert 0 < point.latency.p50_ms <= point.latency.p95_ms <= point.latency.p99_ms
+            assert point.posts_per_s > 0
+    assert [p.concurrency for p in report.configurations[2].points] == [1, 2]
+    if sys.platform == "linux":  # CPU time comes from /proc
+        by_model = report.configurations[2].points[0].cpu_ms_per_post_by_model
+        assert {"image_encoder", "text_encoder", "fuser", "tritonserver"} <= set(by_model)
+        assert all(value >= 0 for value in by_model.values())
+    assert report.precision == "fp32" and report.serving["image_encoder"]["instances"] >= 1
+
+    outputs = write_outputs(report, tmp_path / "out")
+    assert outputs.json.name == JSON_NAME and outputs.plot.name == PLOT_NAME
+    data = json.loads(outputs.json.read_text())
+    assert data["machine"]["cores"] >= 1
+    assert {target["name"].split(":")[0] for target in data["targets"]} == {"latency", "throughput"}
+    assert data["configurations"][2]["points"][0]["posts_per_s"] > 0
+    assert outputs.plot.read_bytes().startswith(b"\x89PNG")
+
+    console = Console(record=True, width=200)
+    console.print(format_report(report))
+    assert TRITON_SIMILAR_POSTS in console.export_text()
+    assert "| Triton post_embedding | c=1 |" in format_markdown(report)

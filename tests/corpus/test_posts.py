@@ -1,0 +1,50 @@
+"""Labels and splits in the corpus (postsim.corpus.posts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from postsim.core.errors import InvalidPostError
+from postsim.corpus.posts import read_posts
+from postsim.corpus.split import Split
+
+
+def _corpus(tmp_path: Path, *records: dict[str, object]) -> Path:
+    path = tmp_path / "posts.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_labels_and_splits_are_read_with_the_posts(tmp_path: Path) -> None:
+    path = _corpus(
+        tmp_path,
+        {"id": "a", "text": "one", "label": "dogs", "split": "test"},
+        {"id": "b", "text": "two", "label": " "},
+        {"id": "c", "text": "three", "label": None, "topic": "ignored"},
+    )
+    posts = list(read_posts(path))
+    assert [(post.id, post.label, post.split) for post in posts] == [
+        ("a", "dogs", Split.TEST),
+        ("b", None, None),
+        ("c", None, None),
+    ]
+    assert posts[0].text == "one"
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": "a", "text": "x", "label": 3}, "posts.jsonl:2: 'label' must be a string or null, got int"),
+        ({"id": "a", "text": "x", "split": "validation"}, "posts.jsonl:2: 'split' must be 'train', 'test' or null"),
+        ({"id": "first", "text": "x"}, "posts.jsonl:2: duplicate id 'first'"),
+    ],
+)
+def test_bad_labels_splits_and_duplicate_ids_name_the_line(
+    tmp_path: Path, record: dict[str, object], message: str
+) -> None:
+    path = _corpus(tmp_path, {"id": "first", "text": "fine"}, record)
+    with pytest.raises(InvalidPostError, match=message):
+        list(read_posts(path))
