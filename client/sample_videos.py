@@ -12,11 +12,12 @@ little and its keyframes are far apart.
 from __future__ import annotations
 
 import enum
-import io
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import av
 from PIL import Image
@@ -62,8 +63,14 @@ class VideoSpec:
     keyframe_interval: int = 60
     """Frames from one keyframe to the next (the GOP): far apart keeps a long, still video small."""
     encoding: VideoEncoding = VideoEncoding.H264_MP4
+    index_first: bool = False
+    """MP4 only: the index (``moov``) before the frames, as in files made for streaming."""
 
     def __post_init__(self) -> None:
+        if self.index_first and self.encoding is not VideoEncoding.H264_MP4:
+            raise ValueError(
+                f"VideoSpec.index_first is for MP4; {self.encoding.container} keeps its index after the frames"
+            )
         width, height = self.size
         if width < 2 or height < 2 or width % 2 or height % 2:
             raise ValueError(f"VideoSpec.size must be even and at least 2×2, got {width}×{height}")
@@ -81,8 +88,18 @@ def encode_video(draw: FrameDrawer, spec: VideoSpec = VideoSpec()) -> bytes:
 
     Raises ValueError when a drawn frame is not of ``spec.size``.
     """
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=spec.encoding.container, options={"fflags": "+bitexact"}) as container:
+    options = {"fflags": "+bitexact"} | ({"movflags": "+faststart"} if spec.index_first else {})
+    # Through a file: moving the index to the front rewrites the file, which PyAV cannot do in memory.
+    with tempfile.TemporaryDirectory(prefix="postsim-video-") as folder:
+        path = Path(folder) / f"video.{spec.encoding.container}"
+        _encode_into(path, draw, spec, options)
+        data = path.read_bytes()
+    logger.debug("encoded %d frames of %s as %s: %d bytes", spec.frames, spec.size, spec.encoding.name, len(data))
+    return data
+
+
+def _encode_into(path: Path, draw: FrameDrawer, spec: VideoSpec, options: dict[str, str]) -> None:
+    with av.open(str(path), "w", format=spec.encoding.container, options=options) as container:
         stream = container.add_stream(spec.encoding.encoder, Fraction(spec.frame_rate), spec.encoding.options)
         assert isinstance(stream, av.VideoStream)
         stream.width, stream.height = spec.size
@@ -97,6 +114,3 @@ def encode_video(draw: FrameDrawer, spec: VideoSpec = VideoSpec()) -> bytes:
             frame.pts = index
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    data = buffer.getvalue()
-    logger.debug("encoded %d frames of %s as %s: %d bytes", spec.frames, spec.size, spec.encoding.name, len(data))
-    return data

@@ -336,11 +336,16 @@ class _ContainerSampler:
                 info = self._info(container, stream)
                 check_limits(info, self.limits)
                 walker = _FrameWalker(
-                    container, stream, self._time_base(stream), self.limits, self.deadline, sampling.decoder_threads
+                    container,
+                    stream,
+                    info,
+                    self._time_base(stream),
+                    self.limits,
+                    self.deadline,
+                    sampling.decoder_threads,
                 )
                 assert info.duration_seconds is not None  # _info refuses a header without one
-                times = sample_times(info.start_seconds, info.duration_seconds, sampling.frames)
-                pictures = walker.frames_at(times, info)
+                pictures = walker.frames_at(sample_times(info.start_seconds, info.duration_seconds, sampling.frames))
                 logger.debug(
                     "%s: %d frames of %s %s %d×%d, %.3g s: %d decoded, %.3g s",
                     IMAGE.name,
@@ -442,6 +447,7 @@ class _FrameWalker:
         self,
         container: InputContainer,
         stream: VideoStream,
+        info: VideoInfo,
         time_base: Fraction,
         limits: VideoLimits,
         deadline: _Deadline,
@@ -449,6 +455,7 @@ class _FrameWalker:
     ) -> None:
         self.container = container
         self.stream = stream
+        self.info = info
         self.time_base = time_base
         self.limits = limits
         self.deadline = deadline
@@ -465,36 +472,41 @@ class _FrameWalker:
         """A frame decoded past the previous target, not yet looked at for the next."""
         self.decoded = 0
 
-    def frames_at(self, seconds: list[float], info: VideoInfo) -> list[Image.Image]:
+    def frames_at(self, seconds: list[float]) -> list[Image.Image]:
         """The distinct frames shown at ``seconds`` (increasing), as upright pictures."""
         pictures: list[Image.Image] = []
         last_pts: int | None = None
-        frame_span = 1 / info.frame_rate if info.frame_rate else 0.0
+        frame_span = 1 / self.info.frame_rate if self.info.frame_rate else 0.0
         for second in seconds:
             frame = self._frame_at(int(second / self.time_base))
             if frame is None:
-                raise self._truncated(info, "it holds no frame")
+                raise self._truncated("it holds no frame")
             shown_until = float((_pts(frame) + (frame.duration or 0)) * self.time_base)
             # The last frame lasts to the end; one that ends over a frame before the time is not the last.
             if shown_until + 2 * frame_span < second:
-                raise self._truncated(info, f"its frames end at {_seconds(shown_until)}")
+                raise self._truncated(f"its frames end at {_seconds(shown_until)}")
             if frame.pts == last_pts:
                 continue  # a video with fewer frames than samples: each frame counts once
             last_pts = frame.pts
             pictures.append(self._picture(frame))
         return pictures
 
-    @staticmethod
-    def _truncated(info: VideoInfo, what: str) -> InvalidPostError:
+    def _truncated(self, what: str) -> InvalidPostError:
         return InvalidPostError(
-            f"{IMAGE.name}: truncated {info.format.value}: its header says {_seconds(info.duration_seconds or 0)} "
-            f"and {what}"
+            f"{IMAGE.name}: truncated {self.info.format.value}: its header says "
+            f"{_seconds(self.info.duration_seconds or 0)} and {what}"
         )
 
     def _frame_at(self, target: int) -> VideoFrame | None:
         """The frame shown at ``target`` (stream time base); None when the stream ends first."""
         if self._must_seek(target):
-            self.container.seek(target, stream=self.stream, backward=True)
+            try:
+                self.container.seek(target, stream=self.stream, backward=True)
+            except av.error.FFmpegError:  # FFmpeg says only "-1" (EPERM) when it finds no place
+                raise InvalidPostError(
+                    f"{IMAGE.name}: truncated or corrupt {self.info.format.value}: cannot seek to "
+                    f"{_seconds(float(target * self.time_base))} in it"
+                ) from None
             self.frames = self._decode()
             self.shown = self.pending = None
         assert self.frames is not None
@@ -618,6 +630,8 @@ class _AnimationSampler:
             try:
                 with Image.open(io.BytesIO(self.data), formats=(pillow_format,)) as image:
                     return self._sample(image, sampling.frames)
+            except InvalidPostError:
+                raise
             except _UNREADABLE_IMAGE as error:
                 raise InvalidPostError(f"{IMAGE.name}: truncated or corrupt {self.format.value}: {error}") from None
 
