@@ -38,7 +38,6 @@ import enum
 import io
 import logging
 import math
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .contract import IMAGE, IMAGE_SIZE
 from .errors import InvalidPostError
+from .iso_media import iso_tracks
 from .preprocessing import (
     _PILLOW_ERRORS,
     ImageLimits,
@@ -256,24 +256,33 @@ def sample_times(start: float, duration: float, frames: int) -> list[float]:
 
 def check_limits(info: VideoInfo, limits: VideoLimits) -> None:
     """Raise InvalidPostError naming the first limit the header says ``info``'s video is over."""
-    what = info.format.value
     if info.width <= 0 or info.height <= 0:
-        raise InvalidPostError(f"{IMAGE.name}: {what} header gives no frame size ({info.width}×{info.height})")
-    pixels = info.width * info.height
-    if pixels > limits.max_pixels:
         raise InvalidPostError(
-            f"{IMAGE.name}: {what} frames are {info.width}×{info.height} = {pixels:,} pixels, over the limit of "
-            f"{limits.max_pixels:,} pixels"
+            f"{IMAGE.name}: {info.format.value} header gives no frame size ({info.width}×{info.height})"
         )
-    if info.duration_seconds is not None and info.duration_seconds > limits.max_duration_seconds:
-        raise InvalidPostError(
-            f"{IMAGE.name}: video is {_seconds(info.duration_seconds)} long, over the limit of "
-            f"{_seconds(limits.max_duration_seconds)}"
-        )
+    _check_pixels(info.width, info.height, limits, f"{info.format.value} frames are")
+    if info.duration_seconds is not None:
+        _check_duration(info.duration_seconds, limits)
     if info.frame_rate is not None and info.frame_rate > limits.max_frame_rate:
         raise InvalidPostError(
             f"{IMAGE.name}: video has {info.frame_rate:,.4g} frames/s, over the limit of "
             f"{limits.max_frame_rate:,.4g} frames/s"
+        )
+
+
+def _check_pixels(width: int, height: int, limits: VideoLimits, claim: str) -> None:
+    if width * height > limits.max_pixels:
+        raise InvalidPostError(
+            f"{IMAGE.name}: {claim} {width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{limits.max_pixels:,} pixels"
+        )
+
+
+def _check_duration(seconds: float, limits: VideoLimits) -> None:
+    if seconds > limits.max_duration_seconds:
+        raise InvalidPostError(
+            f"{IMAGE.name}: video is {_seconds(seconds)} long, over the limit of "
+            f"{_seconds(limits.max_duration_seconds)}"
         )
 
 
@@ -291,9 +300,6 @@ class _Deadline:
 
     def elapsed(self) -> float:
         return time.monotonic() - (self.end - self.seconds)
-
-    def left(self) -> float:
-        return max(self.end - time.monotonic(), 0.0)
 
     def check(self) -> None:
         if time.monotonic() > self.end:
@@ -325,7 +331,7 @@ class _ContainerSampler:
         self.deadline = deadline
 
     def sample(self, sampling: VideoSampling) -> list[Image.Image]:
-        self._check_declared_sizes()
+        self._check_track_headers()
         try:
             container = self._open()
         except av.error.FFmpegError as error:
@@ -363,25 +369,32 @@ class _ContainerSampler:
             raise self._translate(error) from None
 
     def _open(self) -> InputContainer:
-        seconds = self.deadline.left()
+        # No timeout: FFmpeg's interrupt callback, which PyAV's timeout sets, is not consulted
+        # while it reads a file from memory (measured: a 1 ns timeout interrupts nothing).
         return av.open(
-            io.BytesIO(self.data),
-            "r",
-            format=self.format.demuxer,
-            options=_PROBE_OPTIONS,
-            timeout=(seconds, seconds),
-            io_open=_refuse_other_files,
+            io.BytesIO(self.data), "r", format=self.format.demuxer, options=_PROBE_OPTIONS, io_open=_refuse_other_files
         )
 
-    def _check_declared_sizes(self) -> None:
-        """An MP4's track headers may announce a size its stream headers do not: the larger counts."""
+    def _check_track_headers(self) -> None:
+        """Refuse, before FFmpeg parses it, an MP4 whose video track headers are over a limit.
+
+        FFmpeg indexes every sample of an MP4 while opening it, and reports the frame size
+        of the stream's own header, not the size a track header may claim.
+        """
         if self.format is not VideoFormat.MP4:
             return
-        for width, height in _iso_track_sizes(self.data):
-            if width * height > self.limits.max_pixels:
+        most_frames = int(self.limits.max_duration_seconds * self.limits.max_frame_rate)
+        for track in iso_tracks(self.data):
+            if not track.is_video:
+                continue
+            _check_pixels(track.width, track.height, self.limits, f"{self.format.value} track header says")
+            if track.duration_seconds is not None:
+                _check_duration(track.duration_seconds, self.limits)
+            if track.sample_count is not None and track.sample_count > most_frames:
                 raise InvalidPostError(
-                    f"{IMAGE.name}: {self.format.value} track header says {width}×{height} = {width * height:,} "
-                    f"pixels, over the limit of {self.limits.max_pixels:,} pixels"
+                    f"{IMAGE.name}: {self.format.value} track header lists {track.sample_count:,} frames, over the "
+                    f"{most_frames:,} that the limits allow ({_seconds(self.limits.max_duration_seconds)} at "
+                    f"{self.limits.max_frame_rate:g} frames/s)"
                 )
 
     def _video_stream(self, container: InputContainer) -> VideoStream:
@@ -430,8 +443,6 @@ class _ContainerSampler:
         )
 
     def _translate(self, error: Exception) -> InvalidPostError:
-        if isinstance(error, av.error.ExitError):  # FFmpeg's interrupt callback: the deadline passed
-            return self.deadline.error()
         reason = getattr(error, "strerror", None) or str(error)
         return InvalidPostError(f"{IMAGE.name}: truncated or corrupt {self.format.value}: {reason}")
 
@@ -580,35 +591,6 @@ def _pts(frame: VideoFrame) -> int:
 
 _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 """Pillow's turn for a frame's display-matrix rotation (degrees counter-clockwise, as PyAV reports it)."""
-
-
-def _iso_track_sizes(data: bytes) -> Iterator[tuple[int, int]]:
-    """The width and height each track header (``moov/trak/tkhd``) of an ISO media file announces."""
-    for moov in _boxes(data, 0, len(data), b"moov"):
-        for trak in _boxes(data, *moov, b"trak"):
-            for start, end in _boxes(data, *trak, b"tkhd"):
-                version = data[start] if start < end else 0
-                offset = start + (88 if version == 1 else 76)  # after the times, ids, layer, volume, matrix
-                if offset + 8 <= end:
-                    width, height = struct.unpack(">II", data[offset : offset + 8])
-                    yield width >> 16, height >> 16  # 16.16 fixed point
-
-
-def _boxes(data: bytes, start: int, end: int, kind: bytes) -> Iterator[tuple[int, int]]:
-    """(payload start, end) of each box of type ``kind`` directly inside ``data[start:end]``."""
-    position = start
-    while position + 8 <= end:
-        size, box = struct.unpack(">I4s", data[position : position + 8])
-        header = 8
-        if size == 1 and position + 16 <= end:
-            size, header = struct.unpack(">Q", data[position + 8 : position + 16])[0], 16
-        elif size == 0:
-            size = end - position
-        if size < header:
-            return
-        if box == kind:
-            yield position + header, min(position + size, end)
-        position += size
 
 
 # --- Animations Pillow decodes (GIF, WebP) ----------------------------------------------

@@ -278,6 +278,16 @@ def test_a_track_header_claiming_16k_by_16k_is_refused(short_video: bytes) -> No
     assert "16384×16384" in message and "over the limit of 8,294,400 pixels" in message
 
 
+def test_an_mp4_listing_more_frames_than_the_limits_allow_is_refused_before_ffmpeg_reads_it(short_video: bytes) -> None:
+    edited = bytearray(short_video)
+    count = edited.index(b"stsz") + 4 + 8  # version and flags, sample size, then the count
+    edited[count : count + 4] = struct.pack(">I", 50_000_000)
+    assert refusal(bytes(edited)) == (
+        "IMAGE: MP4/MOV track header lists 50,000,000 frames, over the 72,000 that the limits allow "
+        "(600 s at 120 frames/s)"
+    )
+
+
 def test_frames_over_the_pixel_limit_are_refused_from_the_stream_header() -> None:
     data = encode_video(numbered, VideoSpec(frames=2, encoding=VideoEncoding.VP9_WEBM))
     message = refusal(data, VideoLimits(max_pixels=32 * 32))
