@@ -31,7 +31,7 @@ FrameDrawer = Callable[[int], Image.Image]
 class VideoEncoding(enum.Enum):
     """A codec in its usual container, as PyAV names them."""
 
-    H264_MP4 = ("libx264", "mp4", {"preset": "veryfast", "tune": "stillimage"})
+    H264_MP4 = ("libx264", "mp4", {"preset": "veryfast", "tune": "stillimage", "x264-params": "scenecut=0"})
     VP9_WEBM = ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8", "row-mt": "0", "lag-in-frames": "0"})
 
     @property
@@ -61,7 +61,8 @@ class VideoSpec:
     frames: int = 10
     """Number of frames; the video lasts ``frames / frame_rate`` seconds."""
     keyframe_interval: int = 60
-    """Frames from one keyframe to the next (the GOP): far apart keeps a long, still video small."""
+    """Frames from one keyframe to the next, exactly (no extra keyframes at scene cuts): far apart keeps a
+    long, still video small."""
     encoding: VideoEncoding = VideoEncoding.H264_MP4
     index_first: bool = False
     """MP4 only: the index (``moov``) before the frames, as in files made for streaming."""

@@ -5,9 +5,9 @@ returns a single stream: a 100 MiB file may list tens of millions of samples. Re
 few header boxes here first lets the video path refuse such a file, or one whose track
 header claims a huge frame, before FFmpeg parses anything.
 
-Only the boxes needed are read: ``moov/trak`` → ``tkhd`` (presentation size),
-``mdia/hdlr`` (track kind), ``mdia/mdhd`` (time scale, duration), ``mdia/minf/stbl/stsz`` or
-``stz2`` (sample count). A box that is cut short or absent is not reported; FFmpeg still
+Only the boxes needed are read: ``moov/mvhd`` (the movie's time scale), and in each
+``moov/trak``: ``tkhd`` (presentation duration and size), ``mdia/hdlr`` (track kind),
+``mdia/minf/stbl/stsz`` or ``stz2`` (sample count). A box that is cut short or absent is not reported; FFmpeg still
 reads the file afterwards and refuses what is broken.
 """
 
@@ -41,8 +41,11 @@ class IsoTrack:
 def iso_tracks(data: bytes) -> Iterator[IsoTrack]:
     """Every track of the file's ``moov`` box, in order."""
     for moov in boxes(data, (0, len(data)), b"moov"):
+        mvhd = _path(data, moov, b"mvhd")
+        # The movie's time scale, after the creation and modification times (32- or 64-bit).
+        timescale = _ints(data, mvhd, 20 if data[mvhd[0]] == 1 else 12, ">I") if mvhd is not None else None
         for trak in boxes(data, moov, b"trak"):
-            yield _track(data, trak)
+            yield _track(data, trak, timescale[0] if timescale else 0)
 
 
 def boxes(data: bytes, within: Span, kind: bytes) -> Iterator[Span]:
@@ -62,34 +65,29 @@ def boxes(data: bytes, within: Span, kind: bytes) -> Iterator[Span]:
         position += size
 
 
-def _track(data: bytes, trak: Span) -> IsoTrack:
+def _track(data: bytes, trak: Span, timescale: int) -> IsoTrack:
     width = height = 0
+    duration = None
     tkhd = _path(data, trak, b"tkhd")
     if tkhd is not None:
-        # Version 1 has 64-bit times; then ids, duration, layer, volume, matrix: 76 or 88 bytes.
-        fields = _ints(data, tkhd, 88 if data[tkhd[0]] == 1 else 76, ">II")
+        version_1 = data[tkhd[0]] == 1  # 64-bit times and duration
+        # After the times, track id and a reserved word: the duration as presented (edits applied).
+        length = _ints(data, tkhd, 28 if version_1 else 20, ">Q" if version_1 else ">I")
+        if length is not None and length[0] and timescale:
+            duration = length[0] / timescale
+        # After the duration, layer, volume and matrix: the size, 16.16 fixed point.
+        fields = _ints(data, tkhd, 88 if version_1 else 76, ">II")
         if fields is not None:
-            width, height = (value >> 16 for value in fields)  # 16.16 fixed point
+            width, height = (value >> 16 for value in fields)
     hdlr = _path(data, trak, b"mdia", b"hdlr")
     kind = data[hdlr[0] + 8 : hdlr[0] + 12] if hdlr is not None and hdlr[0] + 12 <= hdlr[1] else None
     return IsoTrack(
         kind=kind,
         width=width,
         height=height,
-        duration_seconds=_duration(data, _path(data, trak, b"mdia", b"mdhd")),
+        duration_seconds=duration,
         sample_count=_sample_count(data, trak),
     )
-
-
-def _duration(data: bytes, mdhd: Span | None) -> float | None:
-    if mdhd is None:
-        return None
-    version_1 = data[mdhd[0]] == 1
-    fields = _ints(data, mdhd, 20 if version_1 else 12, ">IQ" if version_1 else ">II")
-    if fields is None or fields[0] == 0:
-        return None
-    timescale, duration = fields
-    return float(duration / timescale)
 
 
 def _sample_count(data: bytes, trak: Span) -> int | None:

@@ -17,9 +17,8 @@ def mp4() -> bytes:
 
 
 def test_a_video_track_declares_its_kind_size_duration_and_frames(mp4: bytes) -> None:
-    # The media duration counts the B-frame reordering delay that the edit list hides from players: 12 s + 1 s.
     assert list(iso_tracks(mp4)) == [
-        IsoTrack(kind=b"vide", width=64, height=48, duration_seconds=13.0, sample_count=12)
+        IsoTrack(kind=b"vide", width=64, height=48, duration_seconds=12.0, sample_count=12)
     ]
 
 
