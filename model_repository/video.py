@@ -39,6 +39,7 @@ import io
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -179,6 +180,7 @@ _IMAGE_BRANDS = frozenset({b"mif1", b"msf1", b"miaf", b"heic", b"heix", b"heim",
 _WEBP_ANIMATION_FLAG = 0x02
 _UNREADABLE_IMAGE: tuple[type[Exception], ...] = (UnidentifiedImageError, *_PILLOW_ERRORS)
 """What Pillow raises on a file it cannot identify or read."""
+_UNOPENABLE_IMAGE: tuple[type[Exception], ...] = (*_UNREADABLE_IMAGE, Image.DecompressionBombError)
 
 
 def sniff_video(data: bytes) -> VideoFormat | None:
@@ -202,11 +204,13 @@ def sniff_video(data: bytes) -> VideoFormat | None:
 
 
 def _gif_is_animated(data: bytes) -> bool:
-    """Whether a GIF holds a second frame; a GIF Pillow cannot read is left to the image path."""
+    """Whether a GIF holds a second frame; a GIF Pillow cannot read is left to the image path, which says why."""
     try:
-        with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
-            return bool(getattr(image, "is_animated", False))
-    except _UNREADABLE_IMAGE:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=("GIF",)) as image:
+                return bool(getattr(image, "is_animated", False))
+    except _UNOPENABLE_IMAGE:
         return False
 
 

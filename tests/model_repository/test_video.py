@@ -161,6 +161,12 @@ def test_images_and_other_data_are_not_videos() -> None:
     assert sniff_video(b"<html><body>not a video</body></html>") is None
 
 
+def test_a_gif_pillow_will_not_open_is_left_to_the_image_path() -> None:
+    huge = b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\x00\x00\x00" + b"\x2c" + bytes(9) + b"\x02\x00\x3b"
+    assert sniff_video(huge) is None
+    assert sniff_video(b"GIF89a") is None
+
+
 def test_quicktime_without_a_file_type_box_is_recognised() -> None:
     assert sniff_video(b"\0\0\0\x08wide\0\0\x10\0mdat" + bytes(32)) is VideoFormat.MP4
 
