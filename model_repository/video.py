@@ -25,9 +25,12 @@ every frame up to the last one taken, and their limit is the pixels that costs (
 canvas), which the header tells. A GIF or WebP of one frame stays an image.
 
 Time: every call has a wall-clock budget (``VideoLimits.max_decode_seconds``), checked
-between packets and frames and given to FFmpeg's interrupt callback while it opens the
-file. One FFmpeg call (parsing a header, decoding one frame) cannot be interrupted from
-Python; the pixel and byte limits bound it, and a caller that must bound it by the clock
+between packets and between frames. One FFmpeg call (opening the file, seeking, decoding
+one frame) cannot be interrupted: PyAV's open and read timeouts work through FFmpeg's
+interrupt callback, which FFmpeg does not consult while it reads a file from memory. What
+one call may cost is bounded by what is checked before it instead: an MP4's header by the
+sample count its boxes list (read without FFmpeg, :mod:`.iso_media`), a frame by the pixel
+limit, everything by the byte limit. A caller that must bound a single call by the clock
 too runs this in a process it can kill.
 """
 
@@ -474,8 +477,8 @@ class _FrameWalker:
         self.time_base = time_base
         self.limits = limits
         self.deadline = deadline
-        # Slice threads share the work of each frame; frame threads would hold frames in
-        # flight, which seeking throws away.
+        # Slice threads share the work of each frame (of a stream encoded in several slices);
+        # frame threads would hold frames in flight, which each seek throws away.
         stream.thread_type = "SLICE" if threads != 1 else "NONE"
         stream.thread_count = threads
         stream.codec_context.options = {"max_pixels": str(limits.max_pixels)}
