@@ -250,10 +250,8 @@ def decode_video_frames(
     video_format = sniff_video(data)
     if video_format is None:
         raise InvalidPostError(f"{IMAGE.name}: not a video postsim decodes; send {_SUPPORTED_NAMES}")
-    deadline = _Deadline(limits.max_decode_seconds)
-    if video_format.demuxer is None:
-        return _AnimationSampler(data, video_format, limits, deadline).sample(sampling)
-    return _ContainerSampler(data, video_format, limits, deadline).sample(sampling)
+    sampler = _AnimationSampler if video_format.demuxer is None else _ContainerSampler
+    return sampler(data, video_format, limits, _Deadline(limits.max_decode_seconds)).sample(sampling)
 
 
 def sample_times(start: float, duration: float, frames: int) -> list[float]:
@@ -330,13 +328,20 @@ def _refuse_other_files(url: str, flags: int, options: dict[str, str]) -> NoRetu
     raise PermissionError(f"a posted video may not open other files ({url})")
 
 
-class _ContainerSampler:
-    def __init__(self, data: bytes, video_format: VideoFormat, limits: VideoLimits, deadline: _Deadline) -> None:
-        self.data = data
-        self.format = video_format
-        self.limits = limits
-        self.deadline = deadline
+@dataclass(frozen=True)
+class _Sampler:
+    """Samples one video of a known format within its limits and time budget."""
 
+    data: bytes
+    format: VideoFormat
+    limits: VideoLimits
+    deadline: _Deadline
+
+    def sample(self, sampling: VideoSampling) -> list[Image.Image]:
+        raise NotImplementedError
+
+
+class _ContainerSampler(_Sampler):
     def sample(self, sampling: VideoSampling) -> list[Image.Image]:
         self._check_track_headers()
         try:
@@ -603,13 +608,7 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 # --- Animations Pillow decodes (GIF, WebP) ----------------------------------------------
 
 
-class _AnimationSampler:
-    def __init__(self, data: bytes, video_format: VideoFormat, limits: VideoLimits, deadline: _Deadline) -> None:
-        self.data = data
-        self.format = video_format
-        self.limits = limits
-        self.deadline = deadline
-
+class _AnimationSampler(_Sampler):
     def sample(self, sampling: VideoSampling) -> list[Image.Image]:
         _require_truncated_images_refused()
         pillow_format = "GIF" if self.format is VideoFormat.GIF else "WEBP"
