@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from postsim.client.sample_videos import FrameDrawer, VideoSpec, encode_video
+from postsim.corpus.sample_videos import FrameDrawer, VideoSpec, encode_video
 from postsim.model_repository.preprocessing import image_to_pixels
 from postsim.model_repository.video import DEFAULT_VIDEO_SAMPLING, VideoLimits, VideoSampling, decode_video_frames
 

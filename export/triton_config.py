@@ -110,6 +110,20 @@ class InputLimits:
     """Characters of a text kept before tokenising (``tokenize``); the rest is never decoded."""
     max_top_k: int = contract.MAX_TOP_K
     """Largest ``TOP_K`` a similar_posts request may ask for (``retrieval``)."""
+    video_frames: int = contract.VIDEO_FRAMES
+    """Frames F sampled from a video post (``preprocess_image``); the image encoder runs on each."""
+    max_video_bytes: int = contract.MAX_VIDEO_BYTES
+    """Largest encoded video accepted."""
+    max_video_seconds: int = contract.MAX_VIDEO_SECONDS
+    """Longest video accepted, from its container's header."""
+    max_video_pixels: int = contract.MAX_VIDEO_PIXELS
+    """Largest video frame (width × height) accepted, from the header."""
+    max_video_frame_rate: int = contract.MAX_VIDEO_FRAME_RATE
+    """Highest average frame rate accepted (frames per second)."""
+    max_animation_pixels: int = contract.MAX_ANIMATION_PIXELS
+    """Largest frames × canvas pixels of an animated GIF or WebP."""
+    video_decode_seconds: int = contract.VIDEO_DECODE_SECONDS
+    """Wall-clock budget of decoding one video."""
 
     def __post_init__(self) -> None:
         for parameter in contract.INPUT_LIMIT_PARAMETERS:

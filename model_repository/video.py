@@ -7,7 +7,7 @@ frame is decoded, a video over the :class:`VideoLimits` (bytes, duration, frame 
 frame rate), in a format or codec postsim does not decode, or without a video stream; it
 takes F frames spread evenly over the duration and turns each into pixels exactly as an
 image is (:func:`~postsim.model_repository.preprocessing.image_to_pixels`). Every refusal
-is an :class:`~postsim.model_repository.errors.InvalidPostError` that names the ``IMAGE``
+is an :class:`~postsim.core.errors.InvalidPostError` that names the ``IMAGE``
 input, like the image path's.
 
 How frames are found: the frame shown at each of the F timestamps ``(k + ½) · duration / F``
@@ -43,7 +43,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple, NoReturn
@@ -55,16 +55,16 @@ from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 from PIL import Image, UnidentifiedImageError
 
-from .contract import IMAGE, IMAGE_SIZE
-from .errors import InvalidPostError
-from .iso_media import iso_tracks
-from .preprocessing import (
-    _PILLOW_ERRORS,
+from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.model_repository import contract
+from postsim.model_repository.contract import IMAGE, IMAGE_SIZE
+from postsim.model_repository.iso_media import iso_tracks
+from postsim.model_repository.preprocessing import (
+    PILLOW_ERRORS,
     ImageLimits,
-    MiB,
-    _decompression_bombs_refused,
-    _require_truncated_images_refused,
+    decompression_bombs_refused,
     image_to_pixels,
+    require_truncated_images_refused,
 )
 
 logger = logging.getLogger("postsim")
@@ -93,17 +93,17 @@ class VideoFormat(enum.Enum):
 class VideoLimits:
     """What one video may cost the server; all but the clock are checked before a frame is decoded."""
 
-    max_bytes: int = 100 * MiB
+    max_bytes: int = contract.MAX_VIDEO_BYTES
     """Largest encoded video accepted."""
-    max_duration_seconds: float = 600.0
+    max_duration_seconds: float = contract.MAX_VIDEO_SECONDS
     """Longest duration accepted, from the container's header."""
-    max_pixels: int = 3840 * 2160
+    max_pixels: int = contract.MAX_VIDEO_PIXELS
     """Largest frame (width × height) accepted: 4K UHD, in either orientation."""
-    max_frame_rate: float = 120.0
+    max_frame_rate: float = contract.MAX_VIDEO_FRAME_RATE
     """Highest average frame rate accepted (frames per second)."""
-    max_animation_pixels: int = 200_000_000
+    max_animation_pixels: int = contract.MAX_ANIMATION_PIXELS
     """Largest frames × canvas pixels of an animated GIF or WebP (all of which sampling may decode)."""
-    max_decode_seconds: float = 10.0
+    max_decode_seconds: float = contract.VIDEO_DECODE_SECONDS
     """Wall-clock budget of one video, from opening it to its last sampled frame."""
 
     def __post_init__(self) -> None:
@@ -116,7 +116,19 @@ class VideoLimits:
             "max_decode_seconds",
         ):
             if not getattr(self, name) > 0:
-                raise ValueError(f"VideoLimits.{name} must be positive, got {getattr(self, name)}")
+                raise SettingsError(f"VideoLimits.{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> VideoLimits:
+        """The limits a ``preprocess_image`` config carries (``contract.config_parameters`` of it)."""
+        return cls(
+            max_bytes=contract.MAX_VIDEO_BYTES_PARAMETER.read(parameters),
+            max_duration_seconds=contract.MAX_VIDEO_SECONDS_PARAMETER.read(parameters),
+            max_pixels=contract.MAX_VIDEO_PIXELS_PARAMETER.read(parameters),
+            max_frame_rate=contract.MAX_VIDEO_FRAME_RATE_PARAMETER.read(parameters),
+            max_animation_pixels=contract.MAX_ANIMATION_PIXELS_PARAMETER.read(parameters),
+            max_decode_seconds=contract.VIDEO_DECODE_SECONDS_PARAMETER.read(parameters),
+        )
 
 
 DEFAULT_VIDEO_LIMITS = VideoLimits()
@@ -126,7 +138,7 @@ DEFAULT_VIDEO_LIMITS = VideoLimits()
 class VideoSampling:
     """How a video becomes frames."""
 
-    frames: int = 8
+    frames: int = contract.VIDEO_FRAMES
     """Frames sampled, F: the frames shown at the centres of F equal slices of the duration."""
     decoder_threads: int = 1
     """FFmpeg decoder threads per video (slice threading above 1; 0 is one per core).
@@ -137,11 +149,16 @@ class VideoSampling:
 
     def __post_init__(self) -> None:
         if self.frames < 1:
-            raise ValueError(f"VideoSampling.frames must be at least 1, got {self.frames}")
+            raise SettingsError(f"VideoSampling.frames must be at least 1, got {self.frames}")
         if self.decoder_threads < 0:
-            raise ValueError(
+            raise SettingsError(
                 f"VideoSampling.decoder_threads must be 0 (one per core) or more, got {self.decoder_threads}"
             )
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> VideoSampling:
+        """The sampling a ``preprocess_image`` config sets (its ``video_frames``)."""
+        return cls(frames=contract.VIDEO_FRAMES_PARAMETER.read(parameters))
 
 
 DEFAULT_VIDEO_SAMPLING = VideoSampling()
@@ -181,7 +198,7 @@ _QUICKTIME_FIRST_BOXES = frozenset({b"moov", b"mdat", b"wide", b"free", b"skip",
 _IMAGE_BRANDS = frozenset({b"mif1", b"msf1", b"miaf", b"heic", b"heix", b"heim", b"heis", b"hevc", b"avif", b"avis"})
 """Major brands of ISO media images and image sequences (HEIF, AVIF): not videos postsim decodes."""
 _WEBP_ANIMATION_FLAG = 0x02
-_UNREADABLE_IMAGE: tuple[type[Exception], ...] = (UnidentifiedImageError, *_PILLOW_ERRORS)
+_UNREADABLE_IMAGE: tuple[type[Exception], ...] = (UnidentifiedImageError, *PILLOW_ERRORS)
 """What Pillow raises on a file it cannot identify or read."""
 _UNOPENABLE_IMAGE: tuple[type[Exception], ...] = (*_UNREADABLE_IMAGE, Image.DecompressionBombError)
 
@@ -610,9 +627,9 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 
 class _AnimationSampler(_Sampler):
     def sample(self, sampling: VideoSampling) -> list[Image.Image]:
-        _require_truncated_images_refused()
+        require_truncated_images_refused()
         pillow_format = "GIF" if self.format is VideoFormat.GIF else "WEBP"
-        with _decompression_bombs_refused(
+        with decompression_bombs_refused(
             ImageLimits(max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels)
         ):
             try:

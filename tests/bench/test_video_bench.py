@@ -13,7 +13,7 @@ from postsim.bench.video_bench import (
     panning_scene,
     small_video,
 )
-from postsim.client.sample_videos import VideoSpec
+from postsim.corpus.sample_videos import VideoSpec
 
 
 def test_each_case_is_encoded_sampled_and_tabled() -> None:

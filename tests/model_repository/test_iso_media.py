@@ -7,7 +7,7 @@ import struct
 import pytest
 from PIL import Image
 
-from postsim.client.sample_videos import VideoSpec, encode_video
+from postsim.corpus.sample_videos import VideoSpec, encode_video
 from postsim.model_repository.iso_media import IsoTrack, boxes, iso_tracks
 
 

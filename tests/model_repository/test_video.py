@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from postsim.client.sample_videos import VideoEncoding, VideoSpec, encode_video
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError, SettingsError
+from postsim.corpus.sample_videos import VideoEncoding, VideoSpec, encode_video
 from postsim.model_repository.preprocessing import decode_image, image_to_pixels
 from postsim.model_repository.video import (
     DEFAULT_VIDEO_LIMITS,
@@ -372,5 +372,5 @@ def test_a_video_past_its_time_budget_is_refused(long_video: bytes) -> None:
     ],
 )
 def test_settings_out_of_range_are_refused(make: Callable[[], object], problem: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(problem)):
+    with pytest.raises(SettingsError, match=re.escape(problem)):
         make()

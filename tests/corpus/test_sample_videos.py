@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from postsim.client.sample_videos import VideoEncoding, VideoSpec, encode_video
+from postsim.corpus.sample_videos import VideoEncoding, VideoSpec, encode_video
 
 
 def gradient(index: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
