@@ -38,7 +38,7 @@ from postsim.model_repository import contract
 
 _T = TypeVar("_T")
 
-EMBED_OUTPUTS = (contract.EMBEDDING.name, contract.MODALITY_WEIGHTS.name)
+EMBED_OUTPUTS = (contract.EMBEDDING.name, contract.MODALITY_WEIGHTS.name, contract.FRAMES.name)
 SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOR_OUTPUTS), *EMBED_OUTPUTS)
 MAX_CHUNKS_IN_FLIGHT = 4
 """How many chunks of a batch the asyncio client sends at once."""
@@ -347,11 +347,13 @@ def _output(result: Any, name: str, model: str, rows: int, columns: int | None =
 def embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResult]:
     embeddings = _output(result, contract.EMBEDDING.name, model, rows).astype(np.float32, copy=True)
     weights = _output(result, contract.MODALITY_WEIGHTS.name, model, rows, len(contract.MODALITIES))
+    frames = _output(result, contract.FRAMES.name, model, rows, 1)
     return [
         EmbeddingResult(
             embedding=embeddings[row],
             image_weight=float(weights[row, _IMAGE_COLUMN]),
             text_weight=float(weights[row, _TEXT_COLUMN]),
+            frames=int(frames[row, 0]),
         )
         for row in range(rows)
     ]
@@ -376,6 +378,7 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
                 embedding=query.embedding,
                 image_weight=query.image_weight,
                 text_weight=query.text_weight,
+                frames=query.frames,
             )
         )
     return similar

@@ -1,7 +1,7 @@
 """Posts as the client sends them, and what it gets back: embeddings, neighbors, what the server runs.
 
-A :class:`Post` is an image, a text, or both. The image is encoded bytes (JPEG, PNG ...) or
-a path read only when the request is built. Empty values mean "absent", as on the wire:
+A :class:`Post` is an image, a text, or both. The image is encoded bytes (JPEG, PNG ..., or a
+video: MP4/MOV, WebM, animated GIF or WebP) or a path read only when the request is built. Empty values mean "absent", as on the wire:
 ``Post(text="", image=b"")`` has neither and is rejected. Nothing is stripped or
 normalised here; the server's tokenizer and image preprocessing see what the caller gave.
 """
@@ -101,6 +101,8 @@ class EmbeddingResult:
     """float32, shape ``(K,)``."""
     image_weight: float
     text_weight: float
+    frames: int
+    """Frames its image embedding pools (``FRAMES``): 1 for an image, up to F for a video, 0 without one."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +124,8 @@ class SimilarResult:
     embedding: np.ndarray
     image_weight: float
     text_weight: float
+    frames: int
+    """Frames the query's image embedding pools (``FRAMES``): 1 for an image, up to F for a video, 0 without one."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,13 +54,18 @@ def test_public_contract_of_post_embedding(target: Target) -> None:
     inputs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in config.input}
     assert inputs == {"IMAGE": ("TYPE_STRING", [1]), "TEXT": ("TYPE_STRING", [1])}
     outputs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output}
-    assert outputs == {"EMBEDDING": ("TYPE_FP32", [DIM]), "MODALITY_WEIGHTS": ("TYPE_FP32", [2])}
+    assert outputs == {
+        "EMBEDDING": ("TYPE_FP32", [DIM]),
+        "MODALITY_WEIGHTS": ("TYPE_FP32", [2]),
+        "FRAMES": ("TYPE_INT32", [1]),
+    }
+    # Written last first (see ensemble_config): Triton charges pruned ensemble inputs to the first step.
     assert [step.model_name for step in config.ensemble_scheduling.step] == [
-        "preprocess_image",
-        "tokenize",
-        "image_encoder",
-        "text_encoder",
         "fuser",
+        "text_encoder",
+        "image_encoder",
+        "tokenize",
+        "preprocess_image",
     ]
 
 
@@ -73,7 +78,8 @@ def test_public_contract_of_similar_posts(target: Target) -> None:
     assert outputs["IDS"] == ("TYPE_STRING", [-1])
     assert outputs["SCORES"] == ("TYPE_FP32", [-1])
     # retrieval is reached through the gateway, so loading an index version re-creates no ensemble.
-    assert config.ensemble_scheduling.step[-1].model_name == "retrieval_gateway"
+    assert config.ensemble_scheduling.step[0].model_name == "retrieval_gateway"
+    assert outputs["FRAMES"] == ("TYPE_INT32", [1])
 
 
 def test_tokenize_waits_for_the_post_checks_of_preprocess_image() -> None:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import av
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
+from support import PALETTE, VIDEO_SIZE, audio_only_mp4, picture, tkhd_payload, with_track_header_size
 
 from postsim.core.errors import InvalidPostError, SettingsError
 from postsim.corpus.sample_videos import VideoEncoding, VideoSpec, encode_video
@@ -27,23 +28,10 @@ from postsim.model_repository.video import (
     sniff_video,
 )
 
-SIZE = (64, 48)
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48)]
-PALETTE += [(145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128)]
-"""Ten colours far apart, one per frame of the numbered videos."""
+SIZE = VIDEO_SIZE
 LONG_VIDEO = VideoSpec(size=SIZE, frame_rate=1, frames=30 * 60, keyframe_interval=60)
 """30 minutes at 1 frame/s, a keyframe a minute: 175 kB."""
 SHORT_VIDEO = VideoSpec(size=SIZE, frame_rate=1, frames=10, keyframe_interval=60)
-
-
-def picture(colour: tuple[int, int, int], size: tuple[int, int] = SIZE) -> Image.Image:
-    """A flat colour with a white disc and a dark bar, so that position and orientation show."""
-    image = Image.new("RGB", size, colour)
-    draw = ImageDraw.Draw(image)
-    width, height = size
-    draw.ellipse((width // 4, height // 4, width // 2, height // 2 + height // 4), fill=(250, 250, 250))
-    draw.rectangle((0, height - height // 6, width // 3, height), fill=(20, 20, 20))
-    return image
 
 
 def numbered(index: int) -> Image.Image:
@@ -72,18 +60,6 @@ def animation(image_format: str, frames: int = 10, size: tuple[int, int] = SIZE)
     return encoded(pictures[0], image_format, save_all=True, append_images=pictures[1:], duration=100, loop=0)
 
 
-def audio_only_mp4() -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=8000)
-        for index in range(8):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 8000, index * 1024
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buffer.getvalue()
-
-
 def mpeg4_part2_mp4() -> bytes:
     buffer = io.BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
@@ -95,18 +71,6 @@ def mpeg4_part2_mp4() -> bytes:
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
-
-
-def tkhd_payload(data: bytes | bytearray) -> int:
-    return data.index(b"tkhd") + 4
-
-
-def with_track_header_size(data: bytes, width: int, height: int) -> bytes:
-    """The MP4 with its track header's size edited (16.16 fixed point, after 76 bytes of a version-0 tkhd)."""
-    edited = bytearray(data)
-    offset = tkhd_payload(edited) + 76
-    edited[offset : offset + 8] = struct.pack(">II", width << 16, height << 16)
-    return bytes(edited)
 
 
 def with_rotation_90_clockwise(data: bytes) -> bytes:
