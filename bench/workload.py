@@ -44,11 +44,15 @@ def write_bench_corpus(
     seed: int = 0,
     image_size: tuple[int, int] = BENCH_IMAGE_SIZE,
     words: tuple[int, int] = BENCH_WORDS,
+    videos: int = 0,
 ) -> Path:
-    """A corpus of ``n`` realistic sample posts in ``out_dir``; returns its ``posts.jsonl``."""
+    """A corpus of ``n`` realistic sample posts in ``out_dir``; returns its ``posts.jsonl``.
+
+    Images only unless ``videos`` says otherwise: the image workload measures image posts.
+    """
     if n < 1:
         raise BenchError(f"the benchmark needs at least one post, got {n}")
-    return write_sample_posts(n, out_dir, seed, image_size=image_size, words=words)
+    return write_sample_posts(n, out_dir, seed, image_size=image_size, words=words, videos=videos)
 
 
 def load_bench_posts(corpus: Path) -> list[BenchPost]:
