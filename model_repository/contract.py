@@ -177,11 +177,7 @@ REPOSITORY_ID_PARAMETER = ConfigParameter(
     "postsim_repository_id", str, "", "the id of the repository folder the export wrote (kept when exported again)"
 )
 
-INPUT_LIMIT_PARAMETERS: tuple[ConfigParameter[int], ...] = (
-    MAX_IMAGE_BYTES_PARAMETER,
-    MAX_IMAGE_PIXELS_PARAMETER,
-    MAX_TEXT_CHARS_PARAMETER,
-    MAX_TOP_K_PARAMETER,
+VIDEO_PARAMETERS: tuple[ConfigParameter[int], ...] = (
     VIDEO_FRAMES_PARAMETER,
     MAX_VIDEO_BYTES_PARAMETER,
     MAX_VIDEO_SECONDS_PARAMETER,
@@ -189,6 +185,14 @@ INPUT_LIMIT_PARAMETERS: tuple[ConfigParameter[int], ...] = (
     MAX_VIDEO_FRAME_RATE_PARAMETER,
     MAX_ANIMATION_PIXELS_PARAMETER,
     VIDEO_DECODE_SECONDS_PARAMETER,
+)
+"""How ``preprocess_image`` samples a video post (F) and what one may cost."""
+INPUT_LIMIT_PARAMETERS: tuple[ConfigParameter[int], ...] = (
+    MAX_IMAGE_BYTES_PARAMETER,
+    MAX_IMAGE_PIXELS_PARAMETER,
+    MAX_TEXT_CHARS_PARAMETER,
+    MAX_TOP_K_PARAMETER,
+    *VIDEO_PARAMETERS,
 )
 """What one post may cost the server; each model enforces those among its ``ModelSpec.parameters``."""
 SESSION_PARAMETERS: tuple[ConfigParameter[Any], ...] = (
@@ -421,13 +425,7 @@ MODELS: tuple[ModelSpec, ...] = (
             MAX_IMAGE_BYTES_PARAMETER,
             MAX_IMAGE_PIXELS_PARAMETER,
             MAX_TEXT_CHARS_PARAMETER,  # it checks the text tokenize will decode
-            VIDEO_FRAMES_PARAMETER,
-            MAX_VIDEO_BYTES_PARAMETER,
-            MAX_VIDEO_SECONDS_PARAMETER,
-            MAX_VIDEO_PIXELS_PARAMETER,
-            MAX_VIDEO_FRAME_RATE_PARAMETER,
-            MAX_ANIMATION_PIXELS_PARAMETER,
-            VIDEO_DECODE_SECONDS_PARAMETER,
+            *VIDEO_PARAMETERS,
         ),
     ),
     ModelSpec(
