@@ -44,10 +44,18 @@ from postsim.bench.results import (
     MachineInfo,
     ServingBenchReport,
 )
-from postsim.bench.workload import BenchPost, load_bench_posts, post_at, video_bench_posts, write_bench_corpus
+from postsim.bench.workload import (
+    BENCH_VIDEO,
+    BenchPost,
+    load_bench_posts,
+    post_at,
+    video_bench_posts,
+    write_bench_corpus,
+)
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
 from postsim.core.files import write_text_atomic
+from postsim.corpus.sample_videos import VideoSpec
 from postsim.export.triton_config import ServingSettings
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
 from postsim.indexing.publish import publish_index
@@ -100,6 +108,8 @@ class VideoWorkloadSettings:
     requests: int = 8
     """Measured requests per concurrency level."""
     concurrency: tuple[int, ...] = (1, 4)
+    spec: VideoSpec = BENCH_VIDEO
+    """Each clip's size, rate, length and keyframe spacing (what the README's figures use by default)."""
 
     def __post_init__(self) -> None:
         if self.clips < 0 or self.requests < 1 or not self.concurrency or min(self.concurrency) < 1:
@@ -402,7 +412,7 @@ def run_serving_benchmark(
         video_posts: list[BenchPost] = []
         if settings.video.clips and contract.POST_EMBEDDING in settings.ensembles:
             logger.info("encoding %d video post(s) for the video workload", settings.video.clips)
-            video_posts = video_bench_posts(posts, settings.video.clips)
+            video_posts = video_bench_posts(posts, settings.video.clips, settings.video.spec)
 
         configurations: list[ConfigurationResult] = []
         skipped: dict[str, str] = {}
@@ -451,6 +461,7 @@ def run_serving_benchmark(
                 )
             )
         if video_posts and contract.POST_EMBEDDING in ensembles:
+            spec = settings.video.spec
             points, _ = asyncio.run(
                 sweep_ensemble(
                     url,
@@ -466,9 +477,9 @@ def run_serving_benchmark(
                     kind=ConfigurationKind.TRITON,
                     description=(
                         f"{contract.POST_EMBEDDING} over gRPC at {url}, one video post per request "
-                        f"({len(video_posts)} clip(s) of 30 s 720p H.264, {contract.VIDEO_FRAMES} frames sampled "
-                        "unless the repository's video_frames says otherwise); server CPU: preprocess_image "
-                        "decodes, image_encoder encodes"
+                        f"({len(video_posts)} clip(s) of {spec.duration_s:g} s {spec.size[0]}×{spec.size[1]} "
+                        f"H.264, {contract.VIDEO_FRAMES} frames sampled unless the repository's video_frames says "
+                        "otherwise); server CPU: preprocess_image decodes, image_encoder encodes"
                     ),
                     points=points,
                 )

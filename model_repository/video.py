@@ -144,7 +144,7 @@ class VideoSampling:
     """FFmpeg decoder threads per video (slice threading above 1; 0 is one per core).
 
     One is the cheapest per post: the server decodes posts in parallel in its model
-    instances, and extra threads per video cost CPU for latency (see bench/TUNING.md).
+    instances, and extra threads per video trade CPU for latency (not yet measured here).
     """
 
     def __post_init__(self) -> None:
