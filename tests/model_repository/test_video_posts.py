@@ -64,12 +64,14 @@ def test_a_video_of_one_picture_embeds_like_that_picture(grpc_url: str) -> None:
     assert cosine(from_video, from_image) > cosine(from_video, unrelated)
 
 
-def test_a_video_of_two_pictures_embeds_closer_to_each_than_to_an_unrelated_one(grpc_url: str) -> None:
-    first, second, unrelated = scene(3), scene(4), scene(5)
+def test_a_video_of_two_pictures_embeds_closer_to_each_than_to_unrelated_ones(grpc_url: str) -> None:
+    """With random weights every embedding is near every other (cosines ≈ 0.98), so the mean of the two halves
+    is compared with six unrelated pictures, not one: it must be closer to each half than to all of them."""
+    first, second = scene(10), scene(11)
     halves = video(lambda index: first if index < 8 else second, 16)
-    both, one, two, other = embed(grpc_url, halves, png(first), png(second), png(unrelated))
+    both, one, two, *others = embed(grpc_url, halves, png(first), png(second), *(png(scene(s)) for s in range(40, 46)))
     assert both.frames == FRAMES
-    assert min(cosine(both, one), cosine(both, two)) > cosine(both, other)
+    assert min(cosine(both, one), cosine(both, two)) > max(cosine(both, other) for other in others)
 
 
 def test_a_one_frame_video_equals_its_frame_as_an_image(grpc_url: str) -> None:
