@@ -25,10 +25,13 @@ waits until it has consumed the writes up to the read's timestamp
 (https://milvus.io/docs/consistency.md).
 
 Milvus Lite (``pip install 'postsim[milvus]'``, a local ``.db`` path as the URI) runs the
-same calls in-process, which is what the tests use. What it lacks compared with a cluster:
-no GPU indexes (it accepts the index type names but searches on the CPU), no product
-quantisation, one process per database file, and no distributed consistency (reads see
-every acknowledged write at once, so the cost of ``Strong`` cannot be seen there).
+same calls in-process, which is what the tests use. What it lacks compared with a cluster
+(milvus-lite 3.2): no GPU index (it takes ``GPU_CAGRA`` and ``GPU_IVF_PQ`` at collection
+creation but has no implementation of them, so the GPU types are untested here), no product
+quantisation, one process per database file, no authentication or TLS, and no distributed
+consistency (reads see every acknowledged write at once, so what ``Strong`` costs cannot be
+seen there). Aliases, HNSW, IVF_FLAT, nullable fields, arrays and the filter expressions
+postsim uses work as on a cluster.
 """
 
 from __future__ import annotations
