@@ -28,9 +28,10 @@ Milvus Lite (``pip install 'postsim[milvus]'``, a local ``.db`` path as the URI)
 same calls in-process, which is what the tests use. What it lacks compared with a cluster
 (milvus-lite 3.2): no GPU index (it takes ``GPU_CAGRA`` and ``GPU_IVF_PQ`` at collection
 creation but has no implementation of them, so the GPU types are untested here), no product
-quantisation, one process per database file, no authentication or TLS, and no distributed
+quantisation, one process per database file, no authentication or TLS, no distributed
 consistency (reads see every acknowledged write at once, so what ``Strong`` costs cannot be
-seen there). Aliases, HNSW, IVF_FLAT, nullable fields, arrays and the filter expressions
+seen there), and no true index progress (``describe_index`` says finished while the index is
+still built in the background). Aliases, HNSW, IVF_FLAT, nullable fields, arrays and the filter expressions
 postsim uses work as on a cluster.
 """
 
@@ -548,7 +549,6 @@ class MilvusStore:
             self._client.create_collection(
                 name,
                 schema=self._schema(),
-                index_params=self._index_params(spec),
                 consistency_level=READ_CONSISTENCY,
                 properties={MANIFEST_PROPERTY: manifest.to_json()},
             )
@@ -559,7 +559,7 @@ class MilvusStore:
                     self._client.insert(name, rows[start : start + batch])
                 if progress is not None:
                     progress(min(start + batch, len(rows)), len(rows))
-            self._seal_and_load(name)
+            self._index_and_load(name, spec)
         except BaseException:
             with self._errors(f"dropping the incomplete collection {name}"):
                 self._client.drop_collection(name)
@@ -567,10 +567,17 @@ class MilvusStore:
         logger.info("wrote %d posts into %s (%s)", len(rows), name, spec.index_type.value)
         return version
 
-    def _seal_and_load(self, name: str) -> None:
-        """Seal what was written so that Milvus indexes all of it, wait for the index, and load the collection."""
+    def _index_and_load(self, name: str, spec: MilvusIndexSpec) -> None:
+        """Seal what was written, index all of it, wait until Milvus has, and load the collection.
+
+        The index is created after the posts are in, not with the collection: Milvus Lite
+        reports an index finished while it still builds it in the background, and builds it
+        synchronously only when a collection with an index is loaded; a cluster reports its
+        progress (``pending_index_rows``), which is waited for.
+        """
         with self._errors(f"indexing {name}"):
             self._client.flush(name)
+            self._client.create_index(name, self._index_params(spec))
             deadline = time.monotonic() + INDEX_WAIT_S
             while (pending := self._client.describe_index(name, "vector").get("pending_index_rows", 0)) > 0:
                 if time.monotonic() > deadline:
