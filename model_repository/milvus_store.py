@@ -54,9 +54,9 @@ from typing import Any
 
 import numpy as np
 
+from postsim.core.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
-from postsim.model_repository.search_index import Neighbour, _check_queries
+from postsim.model_repository.search_index import SearchHit, check_queries
 
 __all__ = [
     "MAX_TAGS",
@@ -693,7 +693,7 @@ class MilvusStore:
         post_filter: PostFilter | None = None,
         version: int | None = None,
         search_params: Mapping[str, int] | None = None,
-    ) -> list[list[Neighbour]]:
+    ) -> list[list[SearchHit]]:
         """The ``k`` posts most similar to each query that pass ``post_filter``, best first.
 
         Filtering happens inside Milvus's search, so ``k`` come back whenever ``k`` posts pass.
@@ -702,7 +702,7 @@ class MilvusStore:
         """
         return self._search(queries, k, post_filter or PostFilter(), (), version, search_params)
 
-    def search_by_id(self, post_id: str, k: int, *, post_filter: PostFilter | None = None) -> list[Neighbour]:
+    def search_by_id(self, post_id: str, k: int, *, post_filter: PostFilter | None = None) -> list[SearchHit]:
         """The ``k`` posts most similar to the stored post ``post_id``, itself left out."""
         stored = self.get([post_id]).get(post_id)
         if stored is None:
@@ -718,10 +718,10 @@ class MilvusStore:
         also_exclude: tuple[str, ...],
         version: int | None,
         search_params: Mapping[str, int] | None,
-    ) -> list[list[Neighbour]]:
+    ) -> list[list[SearchHit]]:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 < k <= MAX_TOP_K:
             raise SearchIndexError(f"k must be an integer from 1 to {MAX_TOP_K}, got {k!r}")
-        normalised = _check_queries(queries, self.dimension)
+        normalised = check_queries(queries, self.dimension)
         if normalised.shape[0] == 0:
             return []
         if version is None:
@@ -742,7 +742,7 @@ class MilvusStore:
                 consistency_level=READ_CONSISTENCY,
             )
         return [
-            [Neighbour(hit["id"], float(hit["distance"]), hit["entity"].get("caption") or "") for hit in row]
+            [SearchHit(hit["id"], float(hit["distance"]), hit["entity"].get("caption") or "") for hit in row]
             for row in hits
         ]
 
@@ -796,7 +796,7 @@ class MilvusStore:
                 f"metadata must be one PostMetadata per id: got {len(metadata)} for {len(checked)} ids"
             )
         try:
-            units = _check_queries(np.ascontiguousarray(vectors, dtype=np.float32), self.dimension)
+            units = check_queries(np.ascontiguousarray(vectors, dtype=np.float32), self.dimension)
         except SearchIndexError as error:
             raise InvalidPostError(f"the vectors to store are not usable: {error}") from None
         return [

@@ -25,7 +25,7 @@ import pytest
 import typer
 from test_docker import DOCKERFILES, SERVE_TRITON, TRITON_METRICS, parse_dockerfile, promql_metric_names
 
-from postsim.client.cli import app
+from postsim.cli.main import app
 
 yaml = pytest.importorskip("yaml", reason="pyyaml (the dev extra) reads the manifests")
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from postsim.model_repository.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
+from postsim.core.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
 from postsim.model_repository.milvus_store import (
     MilvusIndexSpec,
     MilvusIndexType,

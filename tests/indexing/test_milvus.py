@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from postsim.bench.index_bench import ClusteredVectors
-from postsim.client import indexing
-from postsim.client.milvus_indexing import build_milvus_version, choose_milvus_index
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
+from postsim.indexing import build as indexing
+from postsim.indexing.milvus import build_milvus_version, choose_milvus_index
 from postsim.model_repository.milvus_store import MilvusIndexType, MilvusSettings, MilvusStore, PostMetadata
 
 pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) runs these tests")

@@ -23,17 +23,17 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from postsim.client.indexing import (
+from postsim.core.errors import SearchIndexError
+from postsim.indexing.build import (
     HNSW_MAX_EF_SEARCH,
     TUNING_K,
     TUNING_QUERIES,
     TUNING_RECALL,
     IndexType,
-    _without_self,
     choose_index,
     recall_of,
+    without_self,
 )
-from postsim.model_repository.errors import SearchIndexError
 from postsim.model_repository.milvus_store import MilvusIndexSpec, MilvusIndexType, MilvusStore, PostMetadata
 
 __all__ = ["MilvusBuild", "MilvusTuning", "build_milvus_version", "choose_milvus_index", "tune_milvus_search"]
@@ -137,7 +137,7 @@ def tune_milvus_search(
     faiss.normalize_L2(units)
     sample = np.sort(np.random.default_rng(seed).choice(len(units), size=min(queries, len(units)), replace=False))
     _, exact = faiss.knn(units[sample], units, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = _without_self(exact, sample, k)
+    truth = without_self(exact, sample, k)
     row_of = {post_id: row for row, post_id in enumerate(ids)}
     started = time.perf_counter()
     tuned, recall = spec, 0.0
@@ -145,7 +145,7 @@ def tune_milvus_search(
         tuned = dataclasses.replace(spec, search_params={**spec.search_params, name: value})
         found = store.search(units[sample], k + 1, version=version, search_params=tuned.search_params)
         rows = np.array([[row_of[n.id] for n in row] + [-1] * (k + 1 - len(row)) for row in found])
-        recall = recall_of(truth, _without_self(rows, sample, k))
+        recall = recall_of(truth, without_self(rows, sample, k))
         logger.debug("%s %s=%d: recall@%d %.3f on %d posts", spec.index_type.value, name, value, k, recall, len(sample))
         if recall >= recall_target:
             break
