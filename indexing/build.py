@@ -343,14 +343,14 @@ def tune_search(
     sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(queries, len(vectors)), replace=False))
     probes = np.ascontiguousarray(vectors[sample])
     _, exact = faiss.knn(probes, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = _without_self(exact, sample, k)
+    truth = without_self(exact, sample, k)
     started = time.perf_counter()
     tuned, recall = plan, 0.0
     for value in _search_ladder(plan):
         tuned = dataclasses.replace(plan, params={**plan.params, name: value})
         configure_search(index, tuned.index_type, tuned.params)
         _, found = index.search(probes, k + 1)
-        recall = recall_of(truth, _without_self(found, sample, k))
+        recall = recall_of(truth, without_self(found, sample, k))
         logger.debug("%s %s=%d: recall@%d %.3f on %d posts", plan.index_type.value, name, value, k, recall, len(sample))
         if recall >= recall_target:
             break
@@ -379,7 +379,7 @@ def _search_ladder(plan: IndexPlan) -> list[int]:
     return [*ladder, most]
 
 
-def _without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[np.ndarray]:
+def without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[np.ndarray]:
     """Each query's first ``k`` neighbours other than itself."""
     return [found[found != query_row][:k] for found, query_row in zip(neighbours, query_rows, strict=True)]
 

@@ -242,7 +242,7 @@ class LoadedIndex:
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise SearchIndexError(f"k must be a positive integer, got {k!r}")
-        normalised = _check_queries(queries, self.dimension)
+        normalised = check_queries(queries, self.dimension)
         if normalised.shape[0] == 0:
             return []
         k = min(int(k), len(self.ids))
@@ -260,7 +260,7 @@ class LoadedIndex:
         ]
 
 
-def _check_queries(queries: np.ndarray, dimension: int) -> np.ndarray:
+def check_queries(queries: np.ndarray, dimension: int) -> np.ndarray:
     if not isinstance(queries, np.ndarray) or queries.ndim != 2 or queries.shape[1] != dimension:
         got = f"shape {queries.shape}" if isinstance(queries, np.ndarray) else type(queries).__name__
         raise SearchIndexError(f"queries must be a [batch, {dimension}] array, got {got}")
