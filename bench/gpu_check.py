@@ -6,7 +6,7 @@ there and measures what it finds, in this order, within a time budget (7 minutes
 default; what the budget leaves out is listed as skipped):
 
 1. the encoders in PyTorch, fp16 then bf16 (ResNet-101 and DistilBERT at full size with random
-   weights, from :mod:`postsim.export.models`; the hub is never asked), eagerly and replayed
+   weights, from :mod:`postsim.models`; the hub is never asked), eagerly and replayed
    from a CUDA graph, at batch 1, 2, 4 … 256: throughput, and the p50 of each call;
 2. exact search as a matrix product on the GPU: 1M × 256 fp16 unit vectors, top 10, one query
    and 1000 at once, and its recall against the same search in fp32;
@@ -52,10 +52,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from postsim.model_repository.contract import DEFAULT_EMBEDDING_DIM, IMAGE_ENCODER, IMAGE_SIZE, TEXT_ENCODER
-from postsim.model_repository.errors import OptionalDependencyError, PostSimError
-from postsim.model_repository.files import write_text_atomic
-from postsim.model_repository.locations import default_run_dir
+from postsim.core.errors import OptionalDependencyError, PostSimError
+from postsim.core.files import write_text_atomic
+from postsim.core.paths import default_run_dir
+from postsim.model_repository.contract import DEFAULT_DIM, IMAGE_ENCODER, IMAGE_SIZE, TEXT_ENCODER, model_specs
+from postsim.models.settings import ModelSettings, ModelSize
 
 try:
     import torch
@@ -95,13 +96,13 @@ class GpuCheckSettings:
     """Wall time for the measurements; points left when it is spent are listed as skipped. The
     default leaves a minute of an 8-minute slot for starting Python and writing results."""
     model_size: str = "full"
-    """``full`` (ResNet-101, DistilBERT) or ``tiny``: :class:`postsim.export.models.ModelSize`'s values."""
+    """``full`` (ResNet-101, DistilBERT) or ``tiny``: :class:`postsim.models.settings.ModelSize`'s values."""
     dtypes: tuple[str, ...] = ("fp16", "bf16")
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     sequence_length: int = 64
     """Tokens per text: a 20–60-word caption with its title and tags."""
     corpus_size: int = 1_000_000
-    dim: int = DEFAULT_EMBEDDING_DIM
+    dim: int = DEFAULT_DIM
     top_k: int = 10
     query_batches: tuple[int, ...] = (1, 1000)
     recall_queries: int = 100
@@ -359,18 +360,15 @@ class _Encoders:
     @classmethod
     def build(cls, settings: GpuCheckSettings, device: torch.device) -> _Encoders:
         try:
-            from transformers import DistilBertModel, ResNetModel
-
-            from postsim.export.models import ImageEncoder, ModelSize, TextEncoder, distilbert_config, resnet_config
-            from postsim.export.weights import _calibrate_batch_norm
+            from postsim.models.weights import build_models
         except ImportError as error:
             raise OptionalDependencyError("transformers", "export", "The GPU check's encoders") from error
         size = ModelSize(settings.model_size)
-        torch.manual_seed(0)
-        backbone = ResNetModel(resnet_config(size))
-        _calibrate_batch_norm(backbone)  # activations at a trained network's scale: fp16 does not overflow
-        image = ImageEncoder(backbone, settings.dim).eval().requires_grad_(False)
-        text = TextEncoder(DistilBertModel(distilbert_config(size)), settings.dim).eval().requires_grad_(False)
+        # Random backbones as export builds them (batch norm calibrated to a trained network's
+        # activation scale, so fp16 does not overflow), seeded, with the seeded head.
+        models = build_models(ModelSettings(weights="random", size=size, dim=settings.dim, seed=0))
+        image = models.image_encoder.requires_grad_(False)
+        text = models.text_encoder.requires_grad_(False)
         logger.info("GPU check: %s encoders built on %s", size.value, device)
         return cls(image=image, text=text)
 
@@ -550,7 +548,6 @@ def _measure_onnxruntime(run: _Run, report: GpuCheckReport, encoders: _Encoders)
         import onnxruntime as ort
 
         from postsim.export.onnx_export import export_onnx_model
-        from postsim.model_repository.contract import model_specs
     except ImportError as error:
         report.skipped.append(f"onnxruntime: {error.name} is not installed")
         return

@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from postsim.bench.workload import BENCH_WORDS, BenchError, BenchPost
-from postsim.client.samples import _TOPICS, IMAGES_DIR, POSTS_FILE, _caption, _Topic
-from postsim.model_repository.files import write_text_atomic
+from postsim.bench.workload import BENCH_WORDS, BenchPost
+from postsim.core.errors import BenchError
+from postsim.core.files import write_text_atomic
+from postsim.corpus.posts import POSTS_FILE
+from postsim.corpus.samples import _TOPICS, IMAGES_DIR, _caption, _Topic
 
 Progress = Callable[[int, int], None]
 """Called with (posts written, posts in all) as a corpus is written."""

@@ -22,7 +22,8 @@ from postsim.bench.photos import (
     photo_posts,
     write_photo_corpus,
 )
-from postsim.bench.workload import BenchError, load_bench_posts
+from postsim.bench.workload import load_bench_posts
+from postsim.core.errors import BenchError
 from postsim.model_repository.preprocessing import decode_image
 
 KB, MB = 1024, 1024 * 1024
