@@ -77,12 +77,17 @@ def test_exported_files_declare_the_contract_signature(
         ("INPUT_IDS", ["batch", "sequence"]),
         ("ATTENTION_MASK", ["batch", "sequence"]),
     ]
-    assert [(o.name, o.shape) for o in session.get_outputs()] == [("TEXT_EMBEDDING", ["batch", 256])]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("TEXT_PROJECTION", ["batch", 256])]
     fuser = ort.InferenceSession(str(paths[FUSER]), providers=["CPUExecutionProvider"])
     assert [(o.name, o.shape) for o in fuser.get_outputs()] == [
         ("EMBEDDING", ["batch", 256]),
         ("MODALITY_WEIGHTS", ["batch", 2]),
         ("QUERY_EMBEDDING", ["batch", 256]),
+        ("IMAGE_EMBEDDING", ["batch", 256]),
+        ("TEXT_EMBEDDING", ["batch", 256]),
+        ("QUERY_IMAGE_EMBEDDING", ["batch", 256]),
+        ("QUERY_TEXT_EMBEDDING", ["batch", 256]),
+        ("QUERY_MODALITY_WEIGHTS", ["batch", 2]),
     ]
 
 
@@ -126,7 +131,12 @@ def test_chained_onnx_models_reproduce_the_torch_pipeline(
 
     (image,) = sessions[IMAGE_ENCODER].run(None, {"PIXEL_VALUES": pixels})
     (text,) = sessions[TEXT_ENCODER].run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
-    fuser_inputs = {"IMAGE_EMBEDDING": image, "TEXT_EMBEDDING": text, "IMAGE_MASK": image_mask, "TEXT_MASK": text_mask}
+    fuser_inputs = {
+        "IMAGE_PROJECTION": image,
+        "TEXT_PROJECTION": text,
+        "IMAGE_MASK": image_mask,
+        "TEXT_MASK": text_mask,
+    }
     embedding, weights, query = sessions[FUSER].run(None, fuser_inputs)
     np.testing.assert_array_equal(query, embedding)
 
@@ -145,7 +155,7 @@ def test_export_that_does_not_match_pytorch_names_the_output(
     with torch.no_grad():
         perturbed.projection.weight.add_(0.05)
     with pytest.raises(
-        ExportMismatchError, match=r"image_encoder.*output IMAGE_EMBEDDING: max abs difference"
+        ExportMismatchError, match=r"image_encoder.*output IMAGE_PROJECTION: max abs difference"
     ) as raised:
         validate_onnx_model(perturbed, SPECS[IMAGE_ENCODER], paths[IMAGE_ENCODER])
     assert "(tolerance 0.001)" in str(raised.value)
@@ -157,7 +167,7 @@ def test_output_shape_mismatch_is_an_error(
 ) -> None:
     paths, _ = exported
     narrower = ImageEncoder(tiny_models.image_encoder.backbone, dim=128).eval()
-    with pytest.raises(ExportMismatchError, match=r"IMAGE_EMBEDDING has shape \(4, 256\).*PyTorch gives \(4, 128\)"):
+    with pytest.raises(ExportMismatchError, match=r"IMAGE_PROJECTION has shape \(4, 256\).*PyTorch gives \(4, 128\)"):
         validate_onnx_model(narrower, SPECS[IMAGE_ENCODER], paths[IMAGE_ENCODER])
 
 
