@@ -45,12 +45,13 @@ def explain_pair(settings: PairSettings) -> ExplainedPair:
         if settings.other is not None:
             explanation = client.explain(settings.query, settings.other, settings.grid)
             return ExplainedPair(explanation=explanation, target="the second post", target_text=settings.other.text)
-        return _against_indexed_post(client, settings, str(settings.post_id), Path(str(settings.index_dir)))
+        return _against_indexed_post(client, settings)
 
 
-def _against_indexed_post(
-    client: PostSimClient, settings: PairSettings, post_id: str, index_dir: Path
-) -> ExplainedPair:
+def _against_indexed_post(client: PostSimClient, settings: PairSettings) -> ExplainedPair:
+    index_dir, post_id = settings.index_dir, settings.post_id
+    if index_dir is None or post_id is None:  # PairSettings refuses this already; here for the types
+        raise SettingsError("an indexed post id needs the index folder it is in")
     index = ExplainableIndex.open(index_dir)
     post = index.post(post_id)
     served = client.served_repository().fingerprint

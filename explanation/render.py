@@ -50,14 +50,14 @@ def explanation_json(explanation: Explanation) -> dict[str, Any]:
 def png_bytes(explanation: Explanation, query_image: bytes | None, *, title: str = "") -> bytes:
     """The explanation as one PNG: the query image with its occlusion heatmap, its words shaded, the score split."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise OptionalDependencyError("matplotlib", "train", "Drawing an explanation") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
 
-    figure: Figure = plt.figure(figsize=(10, 5.6), dpi=100)
+    # The object API, not pyplot: no global state, so pages can draw in worker threads.
+    figure = Figure(figsize=(10, 5.6), dpi=100)
+    FigureCanvasAgg(figure)
     grid = figure.add_gridspec(2, 2, width_ratios=(1.1, 1), height_ratios=(3, 1))
     picture = figure.add_subplot(grid[:, 0])
     words = figure.add_subplot(grid[0, 1])
@@ -69,7 +69,6 @@ def png_bytes(explanation: Explanation, query_image: bytes | None, *, title: str
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    plt.close(figure)
     return buffer.getvalue()
 
 

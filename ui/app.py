@@ -14,6 +14,7 @@ Bad input answers 400 with ``{"error": message}``, which the page shows. It bind
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class UiSettings:
 
 
 _SETTINGS = web.AppKey("settings", UiSettings)
-_POSTS = web.AppKey("posts", dict)
+_POSTS = web.AppKey("posts", dict[str, CorpusPost])
 _INDEX = web.AppKey("index", ExplainableIndex)
 
 
@@ -143,9 +144,9 @@ async def _explain(request: web.Request) -> web.Response:
         target = request.app[_INDEX].post(fields.get("target", ""))
         async with AsyncPostSimClient(request.app[_SETTINGS].url) as client:
             explanation = await client.explain(query, target.embedding)
-        picture = png_bytes(
-            explanation, query.image_bytes() if query.has_image else None, title=f"why similar to {target.id}"
-        )
+        image = query.image_bytes() if query.has_image else None
+        # Drawing takes a few hundred milliseconds: off the event loop, so other requests go on.
+        picture = await asyncio.to_thread(png_bytes, explanation, image, title=f"why similar to {target.id}")
     except PostSimError as error:
         return _error(error)
     data = explanation_json(explanation)
