@@ -137,8 +137,17 @@ def test_chained_onnx_models_reproduce_the_torch_pipeline(
         "IMAGE_MASK": image_mask,
         "TEXT_MASK": text_mask,
     }
-    embedding, weights, query = sessions[FUSER].run(None, fuser_inputs)
-    np.testing.assert_array_equal(query, embedding)
+    fused = dict(zip(SPECS[FUSER].output_names, sessions[FUSER].run(None, fuser_inputs), strict=True))
+    embedding, weights = fused["EMBEDDING"], fused["MODALITY_WEIGHTS"]
+    for repeated, source in (
+        ("QUERY_EMBEDDING", "EMBEDDING"),
+        ("QUERY_IMAGE_EMBEDDING", "IMAGE_EMBEDDING"),
+        ("QUERY_TEXT_EMBEDDING", "TEXT_EMBEDDING"),
+        ("QUERY_MODALITY_WEIGHTS", "MODALITY_WEIGHTS"),
+    ):
+        np.testing.assert_array_equal(fused[repeated], fused[source])
+    np.testing.assert_allclose(np.linalg.norm(fused["IMAGE_EMBEDDING"], axis=1), [1.0, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fused["TEXT_EMBEDDING"], axis=1), [1.0, 1.0, 0.0], atol=1e-6)
 
     expected_embedding, expected_weights = TorchRuntime(tiny_models).embed(pixels, ids, mask, image_mask, text_mask)
     np.testing.assert_allclose(embedding, expected_embedding, atol=1e-4)
