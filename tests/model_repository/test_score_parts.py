@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postsim.client.indexing import build_index_dir
+from postsim.indexing.build import build_index_dir
 from postsim.core.errors import SearchIndexError
 from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors, split_scores
 from postsim.model_repository.search_index import IndexType, load_index_dir
