@@ -40,7 +40,10 @@ NOISE_LEVEL = 8
 """Grain added to every pixel (± this), so the images compress like photos rather than drawings."""
 
 RGB = tuple[int, int, int]
-Drawer = Callable[[ImageDraw.ImageDraw, int, int, random.Random], None]
+Box = tuple[int, int, int, int]
+"""Left, top, right, bottom, in pixels."""
+Drawer = Callable[[ImageDraw.ImageDraw, int, int, random.Random], Box]
+"""Draws the topic's scene and returns the box of its object (sun, moon, dog, plate, peaks, ball)."""
 
 
 def write_sample_posts(
@@ -82,7 +85,10 @@ def write_sample_posts(
             image_count += 1
             image_name = f"{IMAGES_DIR}/{sample.id}.{image_format.extension}"
             image_format.save(sample.image, out_dir / image_name)
-        records.append({"id": sample.id, "text": sample.text, "image": image_name, "topic": sample.topic})
+        record: dict[str, Any] = {"id": sample.id, "text": sample.text, "image": image_name, "topic": sample.topic}
+        if sample.object_box is not None:
+            record["object_box"] = list(sample.object_box)  # where the image's object is: explanations test on it
+        records.append(record)
     _write_jsonl(posts_path, records)
     logger.info("wrote %d sample posts (%d images) to %s", n, image_count, posts_path)
     return posts_path
@@ -101,6 +107,7 @@ class _SamplePost:
     topic: str
     text: str | None
     image: Image.Image | None = field(repr=False)
+    object_box: Box | None = None
 
     @classmethod
     def draw(cls, index: int, seed: int, *, image_size: tuple[int, int] | None, words: tuple[int, int]) -> _SamplePost:
@@ -109,8 +116,8 @@ class _SamplePost:
         topic = rng.choice(_TOPICS)
         kind = index % 10
         text = None if kind == 7 else _caption(topic, rng, words)
-        image = None if kind == 3 else _picture(topic, rng, image_size)
-        return cls(id=f"post-{index:05d}", topic=topic.name, text=text, image=image)
+        image, box = (None, None) if kind == 3 else _picture(topic, rng, image_size)
+        return cls(id=f"post-{index:05d}", topic=topic.name, text=text, image=image, object_box=box)
 
 
 @dataclass(frozen=True)
@@ -200,12 +207,17 @@ def _caption(topic: _Topic, rng: random.Random, words: tuple[int, int]) -> str:
 # --- Pictures ------------------------------------------------------------------------------
 
 
-def _picture(topic: _Topic, rng: random.Random, size: tuple[int, int] | None) -> Image.Image:
+def _picture(topic: _Topic, rng: random.Random, size: tuple[int, int] | None) -> tuple[Image.Image, Box]:
     width, height = size or (rng.randint(*SIDE_RANGE), rng.randint(*SIDE_RANGE))
     top, bottom = (_jitter(colour, rng) for colour in topic.sky)
     image = _vertical_gradient(width, height, top, bottom)
-    topic.draw(ImageDraw.Draw(image), width, height, rng)
-    return _with_grain(image, rng)
+    box = topic.draw(ImageDraw.Draw(image), width, height, rng)
+    return _with_grain(image, rng), _clipped(box, width, height)
+
+
+def _clipped(box: tuple[float, float, float, float], width: int, height: int) -> Box:
+    left, top, right, bottom = box
+    return (max(0, int(left)), max(0, int(top)), min(width, round(right)), min(height, round(bottom)))
 
 
 def _vertical_gradient(width: int, height: int, top: RGB, bottom: RGB) -> Image.Image:
@@ -226,7 +238,7 @@ def _jitter(colour: RGB, rng: random.Random, spread: int = 20) -> RGB:
     return red, green, blue
 
 
-def _draw_sunset_beach(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_sunset_beach(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     horizon = int(h * rng.uniform(0.5, 0.62))
     shore = int(h * rng.uniform(0.78, 0.86))
     radius = min(w, h) * rng.uniform(0.08, 0.16)
@@ -238,9 +250,10 @@ def _draw_sunset_beach(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Ra
         half = radius * rng.uniform(0.4, 1.2)
         draw.line((centre - half, y, centre + half, y), fill=(250, 150, 70), width=max(1, h // 120))
     draw.rectangle((0, shore, w, h), fill=_jitter((226, 196, 146), rng))
+    return (int(centre - radius), int(horizon - radius), round(centre + radius), horizon)  # the sun above the sea
 
 
-def _draw_city_night(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_city_night(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     moon = min(w, h) * 0.06
     mx, my = w * rng.uniform(0.6, 0.9), h * rng.uniform(0.08, 0.2)
     draw.ellipse((mx - moon, my - moon, mx + moon, my + moon), fill=(235, 235, 210))
@@ -255,9 +268,10 @@ def _draw_city_night(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Rand
                 if rng.random() < 0.4:
                     draw.rectangle((wx, wy, wx + window - 1, wy + window - 1), fill=(255, 214, 110))
         x += width + rng.randint(0, max(1, w // 40))
+    return (int(mx - moon), int(my - moon), round(mx + moon), round(my + moon))
 
 
-def _draw_dog(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_dog(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     draw.rectangle((0, int(h * 0.65), w, h), fill=_jitter((84, 150, 62), rng))
     fur = _jitter(rng.choice(((150, 100, 50), (205, 170, 110), (60, 45, 35))), rng, 15)
     unit = min(w, h) / 10
@@ -271,9 +285,10 @@ def _draw_dog(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> 
     draw.ellipse((hx - 1.6 * unit, hy - 1.2 * unit, hx - 0.7 * unit, hy + 1.2 * unit), fill=(40, 30, 25))
     draw.ellipse((hx + 0.3 * unit, hy - 0.5 * unit, hx + 0.6 * unit, hy - 0.2 * unit), fill=(10, 10, 10))
     draw.ellipse((hx + 1.2 * unit, hy, hx + 1.7 * unit, hy + 0.4 * unit), fill=(10, 10, 10))
+    return (int(cx - 4.2 * unit), int(hy - 1.5 * unit), round(hx + 1.7 * unit), round(cy + 2.6 * unit))
 
 
-def _draw_food(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_food(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     cx, cy = w / 2, h / 2
     plate = min(w, h) * rng.uniform(0.36, 0.44)
     draw.ellipse((cx - plate, cy - plate, cx + plate, cy + plate), fill=(246, 246, 240), outline=(200, 200, 195))
@@ -287,13 +302,16 @@ def _draw_food(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) ->
         )
     fork_x = cx + plate * 1.15
     draw.rectangle((fork_x, cy - plate * 0.8, fork_x + plate * 0.08, cy + plate * 0.8), fill=(180, 180, 185))
+    return (int(cx - plate), int(cy - plate), round(fork_x + plate * 0.08), round(cy + plate))
 
 
-def _draw_mountains(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_mountains(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
+    left, top, right = float(w), float(h), 0.0
     for _ in range(rng.randint(2, 4)):
         peak_x, peak_y = w * rng.uniform(0.1, 0.9), h * rng.uniform(0.15, 0.45)
         half = w * rng.uniform(0.25, 0.5)
         base = h * 0.8
+        left, top, right = min(left, peak_x - half), min(top, peak_y), max(right, peak_x + half)
         draw.polygon(
             [(peak_x - half, base), (peak_x, peak_y), (peak_x + half, base)], fill=_jitter((100, 110, 130), rng)
         )
@@ -307,9 +325,10 @@ def _draw_mountains(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Rando
             fill=(245, 245, 250),
         )
     draw.rectangle((0, int(h * 0.8), w, h), fill=_jitter((60, 110, 60), rng))
+    return (int(left), int(top), round(right), int(h * 0.8))  # the peaks
 
 
-def _draw_football(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_football(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     stripes = rng.randint(6, 10)
     for stripe in range(stripes):
         shade = (60, 150, 60) if stripe % 2 else (50, 130, 50)
@@ -322,6 +341,7 @@ def _draw_football(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random
     bx, by = w * rng.uniform(0.2, 0.8), h * rng.uniform(0.3, 0.8)
     draw.ellipse((bx - ball, by - ball, bx + ball, by + ball), fill=(250, 250, 250), outline=(20, 20, 20))
     draw.regular_polygon((bx, by, ball * 0.45), n_sides=5, fill=(20, 20, 20))
+    return (int(bx - ball), int(by - ball), round(bx + ball), round(by + ball))
 
 
 _TOPICS: tuple[_Topic, ...] = (
@@ -410,3 +430,10 @@ _TOPICS: tuple[_Topic, ...] = (
         draw=_draw_football,
     ),
 )
+
+
+def topic_words(topic: str) -> frozenset[str]:
+    """The words a sample caption draws from ``topic`` (its titles, phrases and tags), lower case, no ``#``."""
+    (found,) = [candidate for candidate in _TOPICS if candidate.name == topic]
+    text = " ".join((*found.titles, *found.phrases, *found.tags))
+    return frozenset(word.strip(".,!#").lower() for word in text.split())

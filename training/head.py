@@ -76,7 +76,7 @@ class TrainableHead(nn.Module):
         """Pooled features ``[B, F_image]``, ``[B, F_text]`` and presence masks ``[B, 1]`` → :class:`HeadOutput`."""
         image_embedding = self.image_projection(image)
         text_embedding = self.text_projection(text)
-        embedding, weights = self.fuser(image_embedding, text_embedding, image_mask, text_mask)
+        embedding, weights, *_ = self.fuser(image_embedding, text_embedding, image_mask, text_mask)
         return HeadOutput(embedding, weights, image_embedding, text_embedding)
 
     def checkpoint(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:

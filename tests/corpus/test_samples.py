@@ -47,10 +47,14 @@ def test_the_jsonl_layout(corpus: Path) -> None:
     assert len(lines) == N
     assert len({line["id"] for line in lines}) == N
     for line in lines:
-        assert set(line) == {"id", "text", "image", "topic"}
+        assert set(line) - {"object_box"} == {"id", "text", "image", "topic"}
+        assert ("object_box" in line) == (line["image"] is not None)
         if line["image"] is not None:
             assert line["image"].startswith("images/")
             assert (corpus.parent / line["image"]).is_file()
+            left, top, right, bottom = line["object_box"]
+            with Image.open(corpus.parent / line["image"]) as image:
+                assert 0 <= left < right <= image.width and 0 <= top < bottom <= image.height
     text_only = [line for line in lines if line["image"] is None]
     image_only = [line for line in lines if line["text"] is None]
     assert text_only and image_only
