@@ -27,9 +27,10 @@ from postsim.core.errors import InvalidPostError, SettingsError
 from postsim.corpus.split import DEFAULT_HELD_OUT
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
+from postsim.evaluation.slices import POST
 from postsim.models.modules import torch_required
 from postsim.training.data import Batch, HeadTrainingData, ModalityDropout, TrainingMode
-from postsim.training.evaluator import POST, HeldOutEvaluator, selection_value
+from postsim.training.evaluator import HeldOutEvaluator, selection_value
 from postsim.training.head import HeadOutput, TrainableHead
 from postsim.training.losses import (
     DEFAULT_ALIGNMENT_TEMPERATURE,
