@@ -36,6 +36,10 @@ def train(
         int | None, typer.Option(help="Seed of random backbones, the initial head and training.", show_default="0")
     ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training posts (default: 50).")] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(min=0, help="AdamW's learning rate (default: 3e-3; 3e-4 for full-size random backbones)."),
+    ] = None,
     held_out: Annotated[
         float, typer.Option(min=0, max=0.95, help="Share held out when the corpus has no 'split'.")
     ] = DEFAULT_HELD_OUT,
@@ -52,7 +56,13 @@ def train(
     from postsim.training.run import TrainHeadSettings, train_head
     from postsim.training.trainer import TrainingSettings
 
-    chosen: dict[str, Any] = {"epochs": epochs, "held_out": held_out, "device": device, "seed": seed}
+    chosen: dict[str, Any] = {
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "held_out": held_out,
+        "device": device,
+        "seed": seed,
+    }
     training = TrainingSettings(**{name: value for name, value in chosen.items() if value is not None})
     settings = TrainHeadSettings(
         corpus=corpus,

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from postsim.core.files import atomic_path, write_text_atomic
+from postsim.core.files import write_text_atomic
+from postsim.evaluation.figures import save_figure
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EVALUATION_FILE
 from postsim.evaluation.served import ServedEvaluation
@@ -78,10 +79,4 @@ def write_plot(evaluation: ServedEvaluation, path: Path) -> Path:
         f"weights {evaluation.served.fingerprint}",
         fontsize=10,
     )
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=110)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postsim.core.files import atomic_path, write_text_atomic
+from postsim.core.files import write_text_atomic
+from postsim.evaluation.figures import save_figure
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.slices import PAIR, POST, STANDARD_SLICES
 from postsim.models.fingerprints import BackboneFingerprints
@@ -135,10 +136,4 @@ def write_plot(report: TrainingReport, path: Path) -> Path:
     figure.suptitle(
         f"postsim head training: {corpus}, {report.posts['kept']} posts, {report.outcome.mode.value}", fontsize=10
     )
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=110)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path)
