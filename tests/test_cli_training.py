@@ -110,3 +110,21 @@ def test_serve_warns_loudly_of_an_untrained_head_and_says_how_to_train_one(
     if warned:
         assert "SERVING AN UNTRAINED HEAD" in warnings[0] and "postsim train CORPUS --out DIR" in warnings[0]
         assert "--head DIR/head.pt" in warnings[0]
+
+
+def test_sample_posts_takes_the_generic_shares(tmp_path: Path) -> None:
+    code, output = postsim(
+        "sample-posts", "--n", "30", "--out", str(tmp_path), "--generic-captions", "0", "--generic-images", "1"
+    )
+    assert code == 0, output
+    records = [json.loads(line) for line in (tmp_path / "posts.jsonl").read_text().splitlines()]
+    both = [record for record in records if record["text"] and record["image"]]
+    assert both and all(record["generic"] == "image" for record in both)
+    code, output = postsim("sample-posts", "--n", "3", "--out", str(tmp_path), "--generic-images", "1.5")
+    assert code == 2 and "--generic-images" in output
+
+
+def test_a_device_torch_cannot_use_is_refused_before_any_work(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "posts.jsonl", [{"id": "a", "text": "x", "label": "u"}])
+    code, output = postsim("train", str(corpus), "--out", str(tmp_path / "out"), "--device", "gpu", *TINY)
+    assert code == 2 and "--device gpu: not a torch device; pass cpu, cuda or cuda:N" in output

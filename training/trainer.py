@@ -97,11 +97,19 @@ class TrainingSettings:
         if self.label_weight == 0 and self.alignment_weight == 0:
             raise SettingsError("label_weight and alignment_weight are both 0: nothing to learn from")
         ModalityDropout(self.drop_image, self.drop_text)  # checks the rates
+        self.torch_device()  # checks the device before any work
 
     def torch_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """The device asked for, or the GPU when there is one; SettingsError for one torch cannot use here."""
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise SettingsError(f"--device {self.device}: not a torch device; pass cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SettingsError(f"--device {self.device}: torch sees no CUDA GPU here; pass cpu, or leave --device out")
+        return device
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "select_by": self.select_by.value}
