@@ -89,7 +89,8 @@ def test_images_come_in_every_format_and_shape_and_all_decode(corpus: Path) -> N
 
 
 def test_labels_are_topics_and_a_share_of_captions_or_images_is_generic(tmp_path: Path) -> None:
-    lines = records(write_sample_posts(400, tmp_path / "default", seed=0))
+    small = (64, 48)  # the shares do not depend on the pictures' size; small ones draw fast
+    lines = records(write_sample_posts(400, tmp_path / "default", seed=0, image_size=small))
     assert {line["label"] for line in lines} == {topic.name for topic in samples._TOPICS}
     both = [line for line in lines if line["text"] is not None and line["image"] is not None]
     generic_captions = [line for line in both if line["generic"] == samples.GENERIC_CAPTION]
@@ -103,7 +104,9 @@ def test_labels_are_topics_and_a_share_of_captions_or_images_is_generic(tmp_path
             label_words[line["label"]].update(line["text"].split("\n")[2].split())
     assert all(label_words.values())  # topical captions carry their topic's tags
 
-    plain = records(write_sample_posts(40, tmp_path / "plain", seed=0, generic_captions=0, generic_images=0))
+    plain = records(
+        write_sample_posts(40, tmp_path / "plain", seed=0, image_size=small, generic_captions=0, generic_images=0)
+    )
     assert all(line["generic"] is None for line in plain)
     # The shares pick which posts are generic; the other posts are the same drawings and captions.
     same = [(a, b) for a, b in zip(plain, lines[:40], strict=True) if b["generic"] is None]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TEST_SIZE, server_settings
+from support import ExportedRepository, server_settings
 
 from postsim.client.api import PostSimClient
 from postsim.corpus.posts import read_posts
@@ -35,8 +35,6 @@ from postsim.training.trainer import TrainingSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BACKBONES = ModelSettings(weights="random", size=ModelSize(TEST_SIZE), seed=0)
-"""The conftest export's backbones: the session server serves them with a seeded head."""
 P_AT_10 = (Metric.PRECISION, 10)
 
 
@@ -45,13 +43,20 @@ class Served:
     corpus: Path
     report: TrainingReport
     repository: Path
+    backbones: ModelSettings
     untrained: ServedEvaluation
     trained: ServedEvaluation
     url: str
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, server: TritonServer) -> Iterator[Served]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+    exported_repository: ExportedRepository,
+    server: TritonServer,
+) -> Iterator[Served]:
+    # The session server's backbones: it serves them with a seeded head.
+    backbones = ModelSettings(weights="random", size=ModelSize(exported_repository.models.provenance["size"]), seed=0)
     folder = tmp_path_factory.mktemp("served-evaluation")
     corpus = write_sample_posts(300, folder / "corpus", seed=0)
     held_out_with_image = next(
@@ -63,7 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, server: TritonServer) -> It
         TrainHeadSettings(
             corpus=corpus,
             out_dir=folder / "head",
-            models=BACKBONES,
+            models=backbones,
             training=TrainingSettings(epochs=30, device="cpu"),
             cache_dir=folder / "cache",
         )
@@ -71,15 +76,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, server: TritonServer) -> It
     settings = ServedEvaluationSettings(corpus=corpus, url=server.endpoints.grpc)
     untrained = evaluate_served(settings)
     repository = folder / "repository"
-    export_repository(
-        ExportOptions(
-            repository=repository, models=ModelSettings(**{**BACKBONES.__dict__, "head": report.outputs.head})
-        )
-    )
+    trained_models = ModelSettings(**{**backbones.__dict__, "head": report.outputs.head})
+    export_repository(ExportOptions(repository=repository, models=trained_models))
     with TritonServer(server_settings(repository), log_path=folder / "tritonserver.log") as triton:
         url = triton.endpoints.grpc
         trained = evaluate_served(ServedEvaluationSettings(corpus=corpus, url=url))
-        yield Served(corpus, report, repository, untrained, trained, url)
+        yield Served(corpus, report, repository, backbones, untrained, trained, url)
 
 
 def p10(evaluation: ServedEvaluation, name: str) -> float:
@@ -107,7 +109,7 @@ def test_text_only_queries_find_image_only_posts_far_above_chance(served: Served
 def test_the_served_embedding_is_the_in_process_pipeline_s(served: Served) -> None:
     from postsim.models.weights import build_models
 
-    models = build_models(ModelSettings(**{**BACKBONES.__dict__, "head": served.report.outputs.head}))
+    models = build_models(ModelSettings(**{**served.backbones.__dict__, "head": served.report.outputs.head}))
     pipeline = PostPipeline(Preprocessor.from_repository(served.repository), TorchRuntime(models))
     corrupt = {item.post_id for item in served.report.extraction.skipped}
     posts = [post for post in read_posts(served.corpus) if post.id not in corrupt][:16]
