@@ -1,4 +1,4 @@
-"""Writing matplotlib figures: the plots of ``postsim train`` and ``postsim evaluate``."""
+"""Writing matplotlib figures: the plots of ``postsim train``, ``postsim evaluate`` and the benchmarks."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from typing import Any
 from postsim.core.files import atomic_path
 
 
-def save_figure(figure: Any, path: Path) -> Path:
+def save_figure(figure: Any, path: Path, *, dpi: int = 110) -> Path:
     """Lays out a matplotlib figure, writes it atomically as PNG at ``path`` and closes it."""
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
     try:
         with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=110)
+            figure.savefig(temporary, dpi=dpi)
     finally:
         plt.close(figure)
     return path
