@@ -22,6 +22,10 @@ def evaluate(
         float, typer.Option(min=0, max=0.95, help="Share held out when the corpus has no 'split' (as in training).")
     ] = DEFAULT_HELD_OUT,
     per_label: Annotated[bool, typer.Option(help="Also print each slice's labels.")] = False,
+    weights_by: Annotated[
+        str | None,
+        typer.Option(help="A key of the corpus lines to also group the fuser's weights by (sample posts: generic)."),
+    ] = None,
 ) -> None:
     """Retrieval quality through the running server: the held-out posts of CORPUS embedded as posted, text only and
     image only, exact search among them, relevance = same label; sliced, per label, with the modality weights."""
@@ -30,7 +34,7 @@ def evaluate(
     from postsim.evaluation.result import format_table
     from postsim.evaluation.served import ServedEvaluationSettings, evaluate_served
 
-    settings = ServedEvaluationSettings(corpus=corpus, url=url, k=k, held_out=held_out)
+    settings = ServedEvaluationSettings(corpus=corpus, url=url, k=k, held_out=held_out, weights_by=weights_by)
     with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
         evaluation = evaluate_served(settings, progress=progress.update)
     stdout.print(format_table(evaluation.result, per_label=per_label), highlight=False, markup=False, soft_wrap=True)

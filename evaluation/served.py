@@ -20,6 +20,7 @@ learned from.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from postsim.evaluation.slices import (
     EmbeddingView,
     evaluate_embeddings,
     standard_views,
+    summarise_weights,
 )
 from postsim.indexing.embed import Embedded, FailedPost, embed_corpus, stop_on_interrupt
 
@@ -67,6 +69,9 @@ class ServedEvaluationSettings:
     """Share of the posts held out when the corpus has no ``split`` field; use the value training used."""
     batch_size: int = 8
     concurrency: int = 4
+    weights_by: str | None = None
+    """A key of the corpus lines (e.g. sample posts' ``generic``): the fuser's weights are also
+    summarised per value of it, beside per label."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.batch_size < 1 or self.concurrency < 1:
@@ -139,7 +144,10 @@ def evaluate_served(settings: ServedEvaluationSettings, *, progress: Progress | 
         IMAGE: [replace(post, text=None) for post in held_out if post.image_path is not None],
     }
     served, embedded, refused = asyncio.run(_embed_views(settings, views, progress))
-    result = evaluate_embeddings(_standard_views(held_out, embedded), STANDARD_SLICES, ks=settings.ks)
+    scored = _standard_views(held_out, embedded)
+    result = evaluate_embeddings(scored, STANDARD_SLICES, ks=settings.ks)
+    if settings.weights_by is not None:
+        result = _with_weights_by(result, scored, settings.corpus, settings.weights_by)
     labels = {post.label for post in held_out if post.label is not None}
     return ServedEvaluation(
         corpus=settings.corpus,
@@ -156,6 +164,29 @@ def evaluate_served(settings: ServedEvaluationSettings, *, progress: Progress | 
         refused=tuple(refused),
         seconds=time.monotonic() - started,
     )
+
+
+def _with_weights_by(result: EvaluationResult, views: list[EmbeddingView], corpus: Path, key: str) -> EvaluationResult:
+    """``result`` with the fused view's modality weights summarised per value of ``key`` (absent or null: "none")."""
+    values = _line_values(corpus, key)
+    posted = next(view for view in views if view.name == POST)
+    grouped = replace(posted, name=f"{POST} by {key}", labels=[values.get(post_id, "none") for post_id in posted.ids])
+    summary = summarise_weights(grouped)
+    return replace(result, modality_weights=(*result.modality_weights, *([summary] if summary else [])))
+
+
+def _line_values(corpus: Path, key: str) -> dict[str, str]:
+    """Each post's value of ``key`` in the corpus lines, as a string (read_posts has checked the lines)."""
+    values: dict[str, str] = {}
+    with corpus.open("rb") as lines:
+        for line in lines:
+            if line.strip():
+                record = json.loads(line)
+                if record.get(key) is not None:
+                    values[record["id"]] = str(record[key])
+    if not values:
+        raise EvaluationError(f"no line of {corpus} has a {key!r} key to group the modality weights by")
+    return values
 
 
 def _check_corpus(path: Path, posts: Sequence[CorpusPost], held_out: Sequence[CorpusPost]) -> None:

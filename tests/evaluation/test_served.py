@@ -80,7 +80,7 @@ def served(
     export_repository(ExportOptions(repository=repository, models=trained_models))
     with TritonServer(server_settings(repository), log_path=folder / "tritonserver.log") as triton:
         url = triton.endpoints.grpc
-        trained = evaluate_served(ServedEvaluationSettings(corpus=corpus, url=url))
+        trained = evaluate_served(ServedEvaluationSettings(corpus=corpus, url=url, weights_by="generic"))
         yield Served(corpus, report, repository, backbones, untrained, trained, url)
 
 
@@ -137,7 +137,15 @@ def test_evaluation_json_and_plot(served: Served, tmp_path: Path) -> None:
     assert outputs.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads(outputs.json.read_text())
     assert record["served"]["fingerprint"] == WeightsManifest.read(served.repository).fingerprint
-    (weights,) = record["modality_weights"]
+    weights, by_generic = record["modality_weights"]
     labels = {post.label for post in read_posts(served.corpus)}
     assert weights["view"] == POST and set(weights["per_label"]) == labels
+    assert by_generic["view"] == "post by generic" and set(by_generic["per_label"]) == {"caption", "image", "none"}
     assert all(0 < entry["image"] < 1 for entry in weights["per_label"].values())
+
+
+def test_the_trained_fuser_leans_on_the_image_where_the_caption_is_generic_and_the_reverse(served: Served) -> None:
+    (by_generic,) = [summary for summary in served.trained.result.modality_weights if summary.view == "post by generic"]
+    caption, image = by_generic.per_label["caption"], by_generic.per_label["image"]
+    print(f"image weight: generic caption {caption.image:.2f}, generic image {image.image:.2f}")
+    assert caption.image > 0.5 > image.image
