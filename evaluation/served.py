@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ from postsim.indexing.embed import Embedded, FailedPost, embed_corpus, stop_on_i
 
 logger = logging.getLogger("postsim")
 
+SEARCH = "exact, client-side (numpy), gallery: the held-out posts"
+"""How the neighbours are found, as evaluation.json records it (see the module docstring for why)."""
 NDCG_K = 10
 """nDCG is always reported at 10, beside the k asked for."""
 
@@ -107,7 +109,6 @@ class ServedEvaluation:
     result: EvaluationResult
     refused: tuple[RefusedPost, ...] = ()
     seconds: float = 0.0
-    search: str = field(default="exact, client-side (numpy), gallery: the held-out posts")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,7 +121,7 @@ class ServedEvaluation:
                 "dim": self.served.dim,
             },
             "k": self.k,
-            "search": self.search,
+            "search": SEARCH,
             "posts": self.posts,
             "refused": [{"view": item.view, "id": item.id, "reason": item.reason} for item in self.refused],
             "seconds": round(self.seconds, 3),
