@@ -7,6 +7,13 @@ in the formats and modes the server must handle (JPEG, PNG, WebP, RGBA PNG, grey
 JPEG) and, by default, in varied sizes; ``image_size`` and ``words`` make photo-sized
 images and longer captions for benchmarks.
 
+Each post's topic is its ``label``, so the corpus trains and evaluates a head
+(``postsim train``, ``postsim evaluate``). To make that worth doing, a share of the posts
+with both modalities gets a generic caption ("check this out ✨ #nofilter") and another
+share a generic image (a plain or noisy picture): neither modality alone then tells every
+post's topic, and only both do. The record's ``generic`` key says which one (``caption``,
+``image`` or null), for tests and reports; the corpus reader ignores it.
+
 The corpus it writes is read back with :func:`postsim.corpus.posts.read_posts`, like any other.
 """
 
@@ -38,6 +45,12 @@ MIN_SIDE = 32
 """Smallest side a fixed ``image_size`` may have: the drawings need some room."""
 NOISE_LEVEL = 8
 """Grain added to every pixel (± this), so the images compress like photos rather than drawings."""
+DEFAULT_GENERIC_CAPTIONS = 0.25
+"""Share of the posts with both modalities whose caption says nothing of the topic."""
+DEFAULT_GENERIC_IMAGES = 0.25
+"""Share of them whose image shows nothing of the topic (never the same post as a generic caption)."""
+GENERIC_CAPTION = "caption"
+GENERIC_IMAGE = "image"
 
 RGB = tuple[int, int, int]
 Box = tuple[int, int, int, int]
@@ -53,6 +66,8 @@ def write_sample_posts(
     *,
     image_size: tuple[int, int] | None = None,
     words: tuple[int, int] = DEFAULT_WORDS,
+    generic_captions: float = DEFAULT_GENERIC_CAPTIONS,
+    generic_images: float = DEFAULT_GENERIC_IMAGES,
 ) -> Path:
     """Write ``n`` sample posts as ``out_dir/posts.jsonl`` and ``out_dir/images/``; return the JSONL path.
 
@@ -61,6 +76,9 @@ def write_sample_posts(
     ``image_size`` (width, height) fixes every image's size, e.g. ``(640, 480)`` for
     benchmarks; by default each side is drawn from 160 to 900 px. ``words`` bounds the
     length of each caption's description, e.g. ``(20, 60)`` for realistic captions.
+    ``generic_captions`` and ``generic_images`` are the shares of the posts with both
+    modalities whose caption, or else whose image, is generic (see the module docstring);
+    0 and 0 give every post a topical image and caption.
 
     Any old ``posts.jsonl`` is removed first and the new one appears, renamed into place,
     only after every image is written: a crashed run leaves no corpus, never a half one.
@@ -71,6 +89,11 @@ def write_sample_posts(
         raise SettingsError(f"words must be (min, max) with 0 < min <= max, got {words}")
     if image_size is not None and min(image_size) < MIN_SIDE:
         raise SettingsError(f"image_size sides must be at least {MIN_SIDE} px, got {image_size}")
+    if generic_captions < 0 or generic_images < 0 or generic_captions + generic_images > 1:
+        raise SettingsError(
+            "generic_captions and generic_images are shares of the posts: each 0 or more and together at most 1, "
+            f"got {generic_captions} and {generic_images}"
+        )
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     posts_path = out_dir / POSTS_FILE
@@ -78,14 +101,22 @@ def write_sample_posts(
     records = []
     image_count = 0
     for index in range(n):
-        sample = _SamplePost.draw(index, seed, image_size=image_size, words=words)
+        sample = _SamplePost.draw(
+            index, seed, image_size=image_size, words=words, generic=(generic_captions, generic_images)
+        )
         image_name = None
         if sample.image is not None:
             image_format = _FORMAT_CYCLE[image_count % len(_FORMAT_CYCLE)]
             image_count += 1
             image_name = f"{IMAGES_DIR}/{sample.id}.{image_format.extension}"
             image_format.save(sample.image, out_dir / image_name)
-        record: dict[str, Any] = {"id": sample.id, "text": sample.text, "image": image_name, "topic": sample.topic}
+        record: dict[str, Any] = {
+            "id": sample.id,
+            "text": sample.text,
+            "image": image_name,
+            "label": sample.topic,
+            "generic": sample.generic,
+        }
         if sample.object_box is not None:
             record["object_box"] = list(sample.object_box)  # where the image's object is: explanations test on it
         records.append(record)
@@ -108,16 +139,35 @@ class _SamplePost:
     text: str | None
     image: Image.Image | None = field(repr=False)
     object_box: Box | None = None
+    """Where the topic's object is drawn; None without an image or with a generic one."""
+    generic: str | None = None
+    """GENERIC_CAPTION or GENERIC_IMAGE when that modality says nothing of the topic."""
 
     @classmethod
-    def draw(cls, index: int, seed: int, *, image_size: tuple[int, int] | None, words: tuple[int, int]) -> _SamplePost:
+    def draw(
+        cls,
+        index: int,
+        seed: int,
+        *,
+        image_size: tuple[int, int] | None,
+        words: tuple[int, int],
+        generic: tuple[float, float],
+    ) -> _SamplePost:
         # A generator per post, seeded from (seed, index): post i is the same whatever n is.
         rng = random.Random(f"postsim-samples:{seed}:{index}")
         topic = rng.choice(_TOPICS)
         kind = index % 10
         text = None if kind == 7 else _caption(topic, rng, words)
         image, box = (None, None) if kind == 3 else _picture(topic, rng, image_size)
-        return cls(id=f"post-{index:05d}", topic=topic.name, text=text, image=image, object_box=box)
+        # Its own generator: the shares change which posts are generic, not the others' captions and pictures.
+        generic_rng = random.Random(f"postsim-samples-generic:{seed}:{index}")
+        draw, which = generic_rng.random(), None
+        if text is not None and image is not None:
+            if draw < generic[0]:
+                which, text = GENERIC_CAPTION, generic_rng.choice(_GENERIC_CAPTIONS)
+            elif draw < generic[0] + generic[1]:
+                which, image, box = GENERIC_IMAGE, _generic_picture(generic_rng, image.size), None
+        return cls(id=f"post-{index:05d}", topic=topic.name, text=text, image=image, object_box=box, generic=which)
 
 
 @dataclass(frozen=True)
@@ -204,6 +254,19 @@ def _caption(topic: _Topic, rng: random.Random, words: tuple[int, int]) -> str:
     return f"{rng.choice(topic.titles)}\n{' '.join(sentences)}\n{tags}"
 
 
+_GENERIC_CAPTIONS = (
+    "check this out ✨ #nofilter",
+    "what a day 🙌 #photooftheday",
+    "no words needed #instagood",
+    "mood. #vibes #weekend",
+    "just posting this here 🤷",
+    "throwback #tbt",
+    "can't stop looking at this 😍 #love",
+    "another one for the feed #instadaily",
+)
+"""Captions that fit any topic."""
+
+
 # --- Pictures ------------------------------------------------------------------------------
 
 
@@ -218,6 +281,16 @@ def _picture(topic: _Topic, rng: random.Random, size: tuple[int, int] | None) ->
 def _clipped(box: tuple[float, float, float, float], width: int, height: int) -> Box:
     left, top, right, bottom = box
     return (max(0, int(left)), max(0, int(top)), min(width, round(right)), min(height, round(bottom)))
+
+
+def _generic_picture(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    """A picture that fits any topic: one plain colour with grain, or coloured noise."""
+    width, height = size
+    if rng.random() < 0.5:
+        colour = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+        return _with_grain(Image.new("RGB", (width, height), colour), rng)
+    noise_rng = np.random.default_rng(rng.getrandbits(64))
+    return Image.fromarray(noise_rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
 def _vertical_gradient(width: int, height: int, top: RGB, bottom: RGB) -> Image.Image:

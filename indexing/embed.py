@@ -67,9 +67,11 @@ class CorpusIndexReport:
         return (self.indexed + len(self.failures)) / self.seconds if self.seconds > 0 else 0.0
 
 
-async def _embed_batch(
-    client: AsyncPostSimClient, batch: list[CorpusPost]
-) -> tuple[list[tuple[str, EmbeddingResult]], list[FailedPost]]:
+Embedded = list[tuple[str, EmbeddingResult]]
+"""(post id, what the server answered for it), in corpus order."""
+
+
+async def _embed_batch(client: AsyncPostSimClient, batch: list[CorpusPost]) -> tuple[Embedded, list[FailedPost]]:
     """Embed a batch; when the server refuses it, retry post by post to find the bad ones."""
     try:
         results = await client.embed([post.to_post() for post in batch])
@@ -77,7 +79,7 @@ async def _embed_batch(
     except InvalidPostError:
         if len(batch) == 1:
             raise
-    embedded: list[tuple[str, EmbeddingResult]] = []
+    embedded: Embedded = []
     failed: list[FailedPost] = []
     for post in batch:
         try:
@@ -96,8 +98,8 @@ async def embed_corpus(
     concurrency: int,
     on_progress: ProgressCallback | None = None,
     stop: asyncio.Event | None = None,
-) -> tuple[list[tuple[str, EmbeddingResult]], list[FailedPost]]:
-    """Every post's embedding, in corpus order, and the posts the server refused.
+) -> tuple[Embedded, list[FailedPost]]:
+    """Every post's embedding and modality weights, in corpus order, and the posts the server refused.
 
     Once ``stop`` is set, no further batch is sent and the batches in flight finish.
     """
@@ -107,7 +109,7 @@ async def embed_corpus(
     if on_progress is not None:
         on_progress(0, len(posts))  # starts the clock of whoever shows progress
 
-    async def run(batch: list[CorpusPost]) -> tuple[list[tuple[str, EmbeddingResult]], list[FailedPost]]:
+    async def run(batch: list[CorpusPost]) -> tuple[Embedded, list[FailedPost]]:
         nonlocal done
         async with gate:
             if stop is not None and stop.is_set():
@@ -128,7 +130,7 @@ async def embed_corpus(
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt() -> Iterator[asyncio.Event]:
+def stop_on_interrupt() -> Iterator[asyncio.Event]:
     """Ctrl-C (SIGINT) sets the event instead of cancelling the requests in flight; a second one cancels.
 
     A request cancelled inside a Triton 2.51 ensemble can crash the server, so a build
@@ -167,7 +169,7 @@ def build_corpus_index(
         raise SearchIndexError(f"{settings.corpus} holds no posts: nothing to index")
     started = time.monotonic()
 
-    async def embed_all() -> tuple[str, list[tuple[str, EmbeddingResult]], list[FailedPost]]:
+    async def embed_all() -> tuple[str, Embedded, list[FailedPost]]:
         async with AsyncPostSimClient(settings.url) as client:
             # post_embedding's config, not the repository index: a server's admin key restricts the index.
             info = await client.served_repository()
@@ -176,7 +178,7 @@ def build_corpus_index(
                     f"the server at {settings.url} does not say which weights it serves (no postsim_fingerprint "
                     "in post_embedding's config): export the repository again with this version of postsim"
                 )
-            with _stop_on_interrupt() as stop:
+            with stop_on_interrupt() as stop:
                 embedded, failures = await embed_corpus(
                     posts,
                     client,

@@ -89,7 +89,10 @@ def explained_corpus(explained_server: TritonServer, tmp_path_factory: pytest.Te
     from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
     from postsim.model_repository.search_index import IndexType
 
-    path = write_sample_posts(EXPLAINED_POSTS, tmp_path_factory.mktemp("explained-corpus"), seed=11)
+    # Topical posts only: the explanation tests check regions against the drawn object, which generic images lack.
+    path = write_sample_posts(
+        EXPLAINED_POSTS, tmp_path_factory.mktemp("explained-corpus"), seed=11, generic_captions=0, generic_images=0
+    )
     records = [json.loads(line) for line in path.read_text().splitlines()]
     indexes = tmp_path_factory.mktemp("explained-indexes")
 

@@ -1,9 +1,10 @@
 """postsim's packages: how each is installed, and the import direction between them (read from the AST).
 
 core ← model_repository ← (server, client, models) ← (export, corpus, indexing, training, evaluation,
-explanation) ← (bench, ui) ← cli. Within the fourth tier corpus/ is the format the others read, and training uses
-evaluation's metrics; nothing else imports sideways, so no cycle can form. A package imports
-another inside a function only when that module needs an optional heavy dependency.
+explanation) ← (bench, ui) ← cli. Within the fourth tier corpus/ is the format the others read, training uses
+evaluation's metrics, and served evaluation embeds a corpus as indexing does; nothing else
+imports sideways, so no cycle can form. A package imports another inside a function only
+when that module needs an optional heavy dependency.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SIDEWAYS: frozenset[tuple[str, str]] = frozenset(
         ("indexing", "corpus"),
         ("training", "corpus"),
         ("evaluation", "corpus"),
+        ("evaluation", "indexing"),
         ("training", "evaluation"),
     }
 )

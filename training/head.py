@@ -19,13 +19,13 @@ from postsim.core.errors import SettingsError
 from postsim.core.files import write_bytes_atomic
 from postsim.model_repository.contract import DEFAULT_DIM
 from postsim.models.modules import AttentionFuser, torch_required
-from postsim.models.weights import HEAD_FORMAT, PostSimModels
+from postsim.models.weights import HEAD_FORMAT, HEAD_METADATA_KEY, PostSimModels
 
 with torch_required():
     import torch
     from torch import nn
 
-METADATA_KEY = "metadata"
+METADATA_KEY = HEAD_METADATA_KEY
 
 
 class HeadOutput(NamedTuple):

@@ -27,9 +27,10 @@ from postsim.core.errors import InvalidPostError, SettingsError
 from postsim.corpus.split import DEFAULT_HELD_OUT
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
+from postsim.evaluation.slices import POST
 from postsim.models.modules import torch_required
 from postsim.training.data import Batch, HeadTrainingData, ModalityDropout, TrainingMode
-from postsim.training.evaluator import POST, HeldOutEvaluator, selection_value
+from postsim.training.evaluator import HeldOutEvaluator, selection_value
 from postsim.training.head import HeadOutput, TrainableHead
 from postsim.training.losses import (
     DEFAULT_ALIGNMENT_TEMPERATURE,
@@ -96,11 +97,19 @@ class TrainingSettings:
         if self.label_weight == 0 and self.alignment_weight == 0:
             raise SettingsError("label_weight and alignment_weight are both 0: nothing to learn from")
         ModalityDropout(self.drop_image, self.drop_text)  # checks the rates
+        self.torch_device()  # checks the device before any work
 
     def torch_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """The device asked for, or the GPU when there is one; SettingsError for one torch cannot use here."""
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise SettingsError(f"--device {self.device}: not a torch device; pass cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SettingsError(f"--device {self.device}: torch sees no CUDA GPU here; pass cpu, or leave --device out")
+        return device
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "select_by": self.select_by.value}

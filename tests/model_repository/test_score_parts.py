@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postsim.indexing.build import build_index_dir
 from postsim.core.errors import SearchIndexError
+from postsim.indexing.build import build_index_dir
 from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors, split_scores
 from postsim.model_repository.search_index import IndexType, load_index_dir
 

@@ -13,8 +13,9 @@ from postsim.core.errors import InvalidPostError
 from postsim.corpus.split import Split, split_of
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
+from postsim.evaluation.slices import IMAGE, PAIR, POST, TEXT
 from postsim.training.data import HeadTrainingData, ModalityDropout, TrainingMode
-from postsim.training.evaluator import IMAGE, PAIR, POST, TEXT, HeldOutEvaluator
+from postsim.training.evaluator import HeldOutEvaluator
 from postsim.training.features import PostFeatures
 from postsim.training.head import TrainableHead
 from postsim.training.trainer import HeadTrainer, TrainingSettings
