@@ -228,6 +228,9 @@ class HeadTrainer:
         if best_epoch == 0:
             warnings.append("no epoch beat the head as it started on the held-out posts: the initial head is kept")
             logger.warning(warnings[-1])
+        elif (early := early_peak_warning(best_epoch, self.settings.epochs, self.settings.learning_rate)) is not None:
+            warnings.append(early)
+            logger.warning(warnings[-1])
         self.head.load_state_dict(best_state)
         logger.info(
             "best epoch %d of %d: held-out %.4f", best_epoch, self.settings.epochs, records[best_epoch].selection
@@ -307,3 +310,23 @@ def _check_trainable(data: HeadTrainingData) -> None:
                 "without labels the head is measured by held-out posts finding their own image from their text, "
                 "and fewer than 2 held-out posts have both: add posts with an image and a text"
             )
+
+
+EARLY_PEAK_FRACTION = 0.1
+"""A best epoch within this share of the run, on a run of at least :data:`EARLY_PEAK_MIN_EPOCHS`, is an early peak."""
+EARLY_PEAK_MIN_EPOCHS = 20
+
+
+def early_peak_warning(best_epoch: int, epochs: int, learning_rate: float) -> str | None:
+    """What to do when the held-out figure peaked early and fell after: the head over-fitted.
+
+    Seen with full-size random ResNet-101 features at the default learning rate (README,
+    "Training and evaluation"): the kept epoch 5 of 100 scored below the text alone.
+    """
+    if epochs < EARLY_PEAK_MIN_EPOCHS or best_epoch == 0 or best_epoch > epochs * EARLY_PEAK_FRACTION:
+        return None
+    return (
+        f"the held-out figure peaked at epoch {best_epoch} of {epochs} and fell after: the head over-fits its "
+        f"features early; a lower learning rate usually trains a better head (try --learning-rate "
+        f"{learning_rate / 10:g})"
+    )
