@@ -51,13 +51,16 @@ def write_bench_corpus(
     words: tuple[int, int] = BENCH_WORDS,
     videos: int = 0,
 ) -> Path:
-    """A corpus of ``n`` realistic sample posts in ``out_dir``; returns its ``posts.jsonl``.
+    """A corpus of ``n`` realistic sample posts in ``out_dir`` (no generic captions or images); returns its
+    ``posts.jsonl``.
 
     Images only unless ``videos`` says otherwise: the image workload measures image posts.
     """
     if n < 1:
         raise BenchError(f"the benchmark needs at least one post, got {n}")
-    return write_sample_posts(n, out_dir, seed, image_size=image_size, words=words, videos=videos)
+    return write_sample_posts(
+        n, out_dir, seed, image_size=image_size, words=words, videos=videos, generic_captions=0, generic_images=0
+    )
 
 
 def load_bench_posts(corpus: Path) -> list[BenchPost]:

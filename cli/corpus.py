@@ -23,9 +23,26 @@ def sample_posts(
             show_default=False,
         ),
     ] = None,
+    generic_captions: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="Share of the posts with both modalities whose caption fits any topic."),
+    ] = None,
+    generic_images: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="Share of them whose image (or video) fits any topic (plain or noise)."),
+    ] = None,
 ) -> None:
-    """Write N synthetic posts (drawn images and short videos, captions from a few topics) as a JSONL corpus."""
-    from postsim.corpus.samples import SAMPLE_VIDEOS, write_sample_posts
+    """Write N synthetic posts (procedurally drawn images and short videos, captions from a few topics, each post's
+    topic as its label) as a JSONL corpus; some captions and some images are generic, so only both modalities tell
+    the topic."""
+    from postsim.corpus import samples
 
-    path = write_sample_posts(n, out, seed=seed, videos=SAMPLE_VIDEOS if videos is None else videos)
+    path = samples.write_sample_posts(
+        n,
+        out,
+        seed=seed,
+        videos=samples.SAMPLE_VIDEOS if videos is None else videos,
+        generic_captions=samples.DEFAULT_GENERIC_CAPTIONS if generic_captions is None else generic_captions,
+        generic_images=samples.DEFAULT_GENERIC_IMAGES if generic_images is None else generic_images,
+    )
     stdout.print(f"wrote {n} posts to {path}")

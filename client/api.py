@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.core import MAX_CHUNKS_IN_FLIGHT, Call, ClientCore, Operation, Pause, Step, build_inputs
 from postsim.client.errors import map_server_error
+from postsim.client.explain import DEFAULT_GRID, Explanation
 from postsim.client.posts import (
     EmbeddingResult,
     ModelStatus,
@@ -194,6 +195,10 @@ class PostSimClient(_Client):
         """The ``k`` indexed posts nearest to ``post``, best first."""
         return self._run(self._core.similar(post, k))
 
+    def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Explanation:
+        """Which words and image regions of ``query`` drive its similarity to ``target`` (:mod:`postsim.client.explain`)."""
+        return self._run(self._core.explain(query, target, grid))
+
     def is_ready(self) -> bool:
         """True when the server answers and ``post_embedding`` is ready; never raises for that."""
         reason = self._run(self._core.not_ready_reason())
@@ -310,6 +315,10 @@ class AsyncPostSimClient(_Client):
     async def similar_many(self, posts: Sequence[Post], k: int = 10) -> list[SimilarResult]:
         """For each post, in order: its ``k`` nearest indexed posts (best first) and its embedding."""
         return await self._run(self._core.similar_many(posts, k))
+
+    async def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Explanation:
+        """Which words and image regions of ``query`` drive its similarity to ``target`` (:mod:`postsim.client.explain`)."""
+        return await self._run(self._core.explain(query, target, grid))
 
     async def similar(self, post: Post, k: int = 10) -> list[Neighbor]:
         """The ``k`` indexed posts nearest to ``post``, best first."""

@@ -23,11 +23,13 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from postsim.client.errors import load_error, map_server_error
+from postsim.client.explain import DEFAULT_GRID, Explanation, explain_operation
 from postsim.client.posts import (
     EmbeddingResult,
     ModelStatus,
     Neighbor,
     Post,
+    ScoreParts,
     ServedRepository,
     ServerInfo,
     SimilarResult,
@@ -38,7 +40,7 @@ from postsim.model_repository import contract
 
 _T = TypeVar("_T")
 
-EMBED_OUTPUTS = (contract.EMBEDDING.name, contract.MODALITY_WEIGHTS.name, contract.FRAMES.name)
+EMBED_OUTPUTS = tuple(tensor.name for tensor in contract.POST_OUTPUTS)
 SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOR_OUTPUTS), *EMBED_OUTPUTS)
 MAX_CHUNKS_IN_FLIGHT = 4
 """How many chunks of a batch the asyncio client sends at once."""
@@ -189,6 +191,18 @@ class ClientCore:
             raise InvalidPostError(f"similar() takes one Post; got {type(post).__name__}")
         results = yield from self.similar_many([post], k)
         return results[0].neighbors
+
+    def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Operation[Explanation]:
+        """Which words and image regions of ``query`` drive its similarity to ``target``, and the score's four parts.
+
+        ``target`` is a second post (embedded first) or an embedding already known, such as
+        an indexed post's (``postsim.explanation.indexed_target``). See :mod:`postsim.client.explain`.
+        """
+        if isinstance(target, Post):
+            (target,) = yield from self.embed([target])
+        elif not isinstance(target, EmbeddingResult):
+            raise InvalidPostError(f"explain() compares with a Post or an EmbeddingResult; got {type(target).__name__}")
+        return (yield from explain_operation(self.embed, query, target, grid))
 
     def not_ready_reason(self, client_timeout: float | None = None) -> Operation[str | None]:
         """None when the server is live and ``post_embedding`` is ready, else why not; never raises for that."""
@@ -347,12 +361,17 @@ def _output(result: Any, name: str, model: str, rows: int, columns: int | None =
 def embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResult]:
     embeddings = _output(result, contract.EMBEDDING.name, model, rows).astype(np.float32, copy=True)
     weights = _output(result, contract.MODALITY_WEIGHTS.name, model, rows, len(contract.MODALITIES))
+    dim = embeddings.shape[1]
+    images = _output(result, contract.IMAGE_EMBEDDING.name, model, rows, dim).astype(np.float32, copy=True)
+    texts = _output(result, contract.TEXT_EMBEDDING.name, model, rows, dim).astype(np.float32, copy=True)
     frames = _output(result, contract.FRAMES.name, model, rows, 1)
     return [
         EmbeddingResult(
             embedding=embeddings[row],
             image_weight=float(weights[row, _IMAGE_COLUMN]),
             text_weight=float(weights[row, _TEXT_COLUMN]),
+            image_embedding=images[row],
+            text_embedding=texts[row],
             frames=int(frames[row, 0]),
         )
         for row in range(rows)
@@ -363,12 +382,17 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
     ids = _output(result, contract.IDS.name, model, rows)
     scores = _output(result, contract.SCORES.name, model, rows, ids.shape[1])
     captions = _output(result, contract.CAPTIONS.name, model, rows, ids.shape[1])
+    contributions = result.as_numpy(contract.CONTRIBUTIONS.name)
+    expected = (rows, ids.shape[1], len(contract.SCORE_PARTS))
+    if contributions is None or contributions.shape != expected:
+        got = "none" if contributions is None else f"shape {tuple(contributions.shape)}"
+        raise ServerError(f"model '{model}' returned {contract.CONTRIBUTIONS.name} of {got}; expected {expected}")
     embedded = embedding_results(result, model, rows)
     similar = []
     for row, query in enumerate(embedded):
         neighbors = [
-            Neighbor(id=_decode(raw), score=float(score), text=_decode(caption) or None)
-            for raw, score, caption in zip(ids[row], scores[row], captions[row], strict=True)
+            Neighbor(id=_decode(raw), score=float(score), text=_decode(caption) or None, parts=score_parts(split))
+            for raw, score, caption, split in zip(ids[row], scores[row], captions[row], contributions[row], strict=True)
             # An index smaller than k pads its answer with empty ids: no neighbor there.
             if raw
         ]
@@ -378,10 +402,19 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
                 embedding=query.embedding,
                 image_weight=query.image_weight,
                 text_weight=query.text_weight,
+                image_embedding=query.image_embedding,
+                text_embedding=query.text_embedding,
                 frames=query.frames,
             )
         )
     return similar
+
+
+def score_parts(split: np.ndarray) -> ScoreParts | None:
+    """One neighbour's ``CONTRIBUTIONS`` row as ScoreParts; None for NaN (an index without unimodal vectors)."""
+    if not np.isfinite(split).all():
+        return None
+    return ScoreParts(**{name: float(value) for name, value in zip(contract.SCORE_PARTS, split, strict=True)})
 
 
 def _decode(raw: Any) -> str:

@@ -254,9 +254,11 @@ def sample_corpus(
     Photo-sized images (640×480) and realistic captions (20 to 60 words), in batches of
     ``batch_size``, each padded to its longest text like a batch the server runs.
     """
-    # Images only: calibration and the agreement check measure the backbone on pictures; a video post's
-    # embedding is the mean of such frames.
-    sampled = write_sample_posts(posts, directory, seed, image_size=(640, 480), words=(20, 60), videos=0)
+    # Topical pictures only: calibration and the agreement check measure the backbone on pictures; a video
+    # post's embedding is the mean of such frames.
+    sampled = write_sample_posts(
+        posts, directory, seed, image_size=(640, 480), words=(20, 60), videos=0, generic_captions=0, generic_images=0
+    )
     corpus = list(read_posts(sampled))
     preprocess = Preprocessor.from_tokenizer_json(tokenizer_json)
     batches = []

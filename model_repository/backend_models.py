@@ -424,7 +424,18 @@ class RetrievalModel(_PerRequestModel):
             pb_utils.Tensor(contract.IDS.name, ids.reshape(shape)),
             pb_utils.Tensor(contract.SCORES.name, scores.reshape(shape)),
             pb_utils.Tensor(contract.CAPTIONS.name, captions.reshape(shape)),
+            pb_utils.Tensor(contract.CONTRIBUTIONS.name, self._contributions(request, rows, shape)),
         ]
+
+    def _contributions(self, request: Any, hits: list[list[Any]], shape: tuple[int, int]) -> np.ndarray:
+        """Each neighbour's score split in four (``contract.CONTRIBUTIONS``); NaN from an index without the parts."""
+        from postsim.model_repository.score_parts import split_scores, unsplit_scores
+
+        if self.index.unimodal is None:
+            return unsplit_scores(*shape)
+        image, text, weights = (_input(request, tensor.name) for tensor in contract.RETRIEVAL_QUERY_PARTS)
+        rows = np.array([[hit.row for hit in row] for row in hits], dtype=np.int64).reshape(shape)
+        return split_scores(image, text, weights, self.index.unimodal, rows)
 
 
 class RetrievalGatewayModel:
@@ -459,6 +470,10 @@ class RetrievalGatewayModel:
             inputs = [
                 pb_utils.Tensor(contract.EMBEDDING.name, _input(request, contract.QUERY_EMBEDDING.name)),
                 pb_utils.Tensor(contract.TOP_K.name, top_k),
+                *(
+                    pb_utils.Tensor(part.name, _input(request, copy.name))
+                    for part, copy in zip(contract.RETRIEVAL_QUERY_PARTS, contract.QUERY_PARTS, strict=True)
+                ),
             ]
         except InvalidPostError as error:
             return _error_response(error)

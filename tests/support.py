@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from postsim.corpus.posts import CorpusPost
 from postsim.model_repository import contract
 from postsim.server.launcher import ServerSettings, TritonServer
 from postsim.server.ports import free_ports
@@ -115,3 +116,34 @@ def with_track_header_size(data: bytes, width: int, height: int) -> bytes:
     offset = tkhd_payload(edited) + 76
     edited[offset : offset + 8] = struct.pack(">II", width << 16, height << 16)
     return bytes(edited)
+
+
+EXPLAINED_POSTS = 48
+"""Sample posts the explanation and page tests index (``explained_corpus``)."""
+
+
+@dataclass(frozen=True)
+class ExplainedCorpus:
+    """Sample posts (a few of them videos), where each picture's object was drawn, and three indexes of them."""
+
+    path: Path
+    posts: list[CorpusPost]
+    boxes: dict[str, tuple[int, int, int, int]]
+    flat: Path
+    ivfpq: Path
+    no_unimodal: Path
+
+    def with_image_and_text(self) -> list[CorpusPost]:
+        """The posts with a picture (not a video: its object has no one place) and a text."""
+        return [post for post in self.posts if post.text and post.id in self.boxes]
+
+    def videos(self) -> list[CorpusPost]:
+        return [post for post in self.posts if post.image_path is not None and post.image_path.suffix == ".mp4"]
+
+
+def publish_sample_index(server: TritonServer, index_dir: Path) -> None:
+    from postsim.client.api import PostSimClient
+    from postsim.indexing.publish import publish_index
+
+    with PostSimClient(server.endpoints.grpc) as client:
+        publish_index(index_dir, server.repository, client=client)
