@@ -23,6 +23,7 @@ from postsim.bench.results import (
     ORT_IN_PROCESS,
     TORCH_EAGER,
     TRITON_POST_EMBEDDING,
+    TRITON_VIDEO_POSTS,
     BenchPoint,
     ConfigurationResult,
     ServingBenchReport,
@@ -230,7 +231,28 @@ def _notes(report: ServingBenchReport) -> list[str]:
     notes.append(f"load average (1 min) before {before:.2f}, after {after:.2f} on {report.machine.cores} cores")
     if before > 0.5 * report.machine.cores:
         notes.append("the CPUs were busy before the run started: other work may have slowed it")
-    return notes
+    return notes + _video_notes(report)
+
+
+def _video_notes(report: ServingBenchReport) -> list[str]:
+    """Video posts against image posts of the same run, at c=1: latency, and the server's CPU split."""
+    videos, images = report.configuration(TRITON_VIDEO_POSTS), report.configuration(TRITON_POST_EMBEDDING)
+    video_c1 = videos.point(concurrency=1) if videos is not None else None
+    image_c1 = images.point(concurrency=1) if images is not None else None
+    if video_c1 is None or image_c1 is None:
+        return []
+    by_model = video_c1.cpu_ms_per_post_by_model
+    split = (
+        f"; server CPU per video post: decoding {by_model.get('preprocess_image', 0.0):.0f} ms (preprocess_image), "
+        f"encoding {by_model.get('image_encoder', 0.0):.0f} ms (image_encoder)"
+        if by_model
+        else ""
+    )
+    return [
+        f"video posts at c=1: p50 {video_c1.latency.p50_ms:.0f} ms, {video_c1.posts_per_s:.2f} posts/s, against image "
+        f"posts {image_c1.latency.p50_ms:.0f} ms, {image_c1.posts_per_s:.2f} posts/s ("
+        f"{_ratio(video_c1.latency.p50_ms, image_c1.latency.p50_ms):.1f}× the latency){split}"
+    ]
 
 
 def _cpu_breakdown(report: ServingBenchReport) -> tuple[list[str], list[list[str]]]:

@@ -29,6 +29,7 @@ class ConfigurationKind(enum.Enum):
 
 TRITON_POST_EMBEDDING = "Triton post_embedding"
 TRITON_SIMILAR_POSTS = "Triton similar_posts"
+TRITON_VIDEO_POSTS = "Triton post_embedding, video posts"
 ORT_IN_PROCESS = "ORT in-process"
 TORCH_EAGER = "PyTorch eager"
 

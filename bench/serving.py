@@ -36,6 +36,7 @@ from postsim.bench.cpu import CpuClock, cpu_ms_per_post, process_group_cpu
 from postsim.bench.results import (
     TRITON_POST_EMBEDDING,
     TRITON_SIMILAR_POSTS,
+    TRITON_VIDEO_POSTS,
     BenchPoint,
     ConfigurationKind,
     ConfigurationResult,
@@ -43,10 +44,18 @@ from postsim.bench.results import (
     MachineInfo,
     ServingBenchReport,
 )
-from postsim.bench.workload import BenchPost, load_bench_posts, post_at, write_bench_corpus
+from postsim.bench.workload import (
+    BENCH_VIDEO,
+    BenchPost,
+    load_bench_posts,
+    post_at,
+    video_bench_posts,
+    write_bench_corpus,
+)
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
 from postsim.core.files import write_text_atomic
+from postsim.corpus.sample_videos import VideoSpec
 from postsim.export.triton_config import ServingSettings
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
 from postsim.indexing.publish import publish_index
@@ -91,6 +100,29 @@ class SweepSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VideoWorkloadSettings:
+    """Video posts through ``post_embedding`` in the same run as the image posts (``workload.BENCH_VIDEO`` clips)."""
+
+    clips: int = 1
+    """Distinct video posts the requests cycle through; 0 leaves the video workload out."""
+    requests: int = 8
+    """Measured requests per concurrency level."""
+    concurrency: tuple[int, ...] = (1, 4)
+    spec: VideoSpec = BENCH_VIDEO
+    """Each clip's size, rate, length and keyframe spacing (what the README's figures use by default)."""
+
+    def __post_init__(self) -> None:
+        if self.clips < 0 or self.requests < 1 or not self.concurrency or min(self.concurrency) < 1:
+            raise BenchError(
+                f"video workload: clips must be 0 or more, requests and concurrency at least 1, got {self}"
+            )
+
+    def sweep(self, images: SweepSettings) -> SweepSettings:
+        """The image sweep's settings with this workload's levels and counts (warm-up: one request per worker)."""
+        return replace(images, concurrency=self.concurrency, requests=self.requests, warmup=0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServingBenchSettings:
     """What to benchmark. Give ``repository`` (a server is started on a copy of it), ``url``, or both.
 
@@ -111,6 +143,8 @@ class ServingBenchSettings:
     baselines: BaselineSettings = field(default_factory=BaselineSettings)
     serving: ServingSettings | None = None
     """Scheduling written into the scratch copy before serving it; None keeps the repository's own."""
+    video: VideoWorkloadSettings = field(default_factory=VideoWorkloadSettings)
+    """Video posts through ``post_embedding`` after the image sweeps (when it is among ``ensembles``)."""
 
     def __post_init__(self) -> None:
         if self.repository is None and self.url is None:
@@ -375,6 +409,10 @@ def run_serving_benchmark(
         work_dir.mkdir(parents=True, exist_ok=True)
         corpus = write_bench_corpus(settings.posts, work_dir / "corpus", seed=settings.seed)
         posts = load_bench_posts(corpus)
+        video_posts: list[BenchPost] = []
+        if settings.video.clips and contract.POST_EMBEDDING in settings.ensembles:
+            logger.info("encoding %d video post(s) for the video workload", settings.video.clips)
+            video_posts = video_bench_posts(posts, settings.video.clips, settings.video.spec)
 
         configurations: list[ConfigurationResult] = []
         skipped: dict[str, str] = {}
@@ -420,6 +458,30 @@ def run_serving_benchmark(
                     points=points,
                     max_abs_diff=max_abs_diff(embeddings, reference),
                     mean_cosine_to_torch_fp32=mean_cosine(embeddings, torch_fp32),
+                )
+            )
+        if video_posts and contract.POST_EMBEDDING in ensembles:
+            spec = settings.video.spec
+            points, _ = asyncio.run(
+                sweep_ensemble(
+                    url,
+                    contract.POST_EMBEDDING,
+                    video_posts,
+                    settings.video.sweep(settings.sweep),
+                    server_cpu=server_cpu,
+                )
+            )
+            configurations.append(
+                ConfigurationResult(
+                    name=TRITON_VIDEO_POSTS,
+                    kind=ConfigurationKind.TRITON,
+                    description=(
+                        f"{contract.POST_EMBEDDING} over gRPC at {url}, one video post per request "
+                        f"({len(video_posts)} clip(s) of {spec.duration_s:g} s {spec.size[0]}×{spec.size[1]} "
+                        f"H.264, {contract.VIDEO_FRAMES} frames sampled unless the repository's video_frames says "
+                        "otherwise); server CPU: preprocess_image decodes, image_encoder encodes"
+                    ),
+                    points=points,
                 )
             )
         manifest = WeightsManifest.read(served) if served is not None else None

@@ -12,13 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from postsim.bench.video_bench import panning_scene
 from postsim.client.posts import Post
 from postsim.core.errors import BenchError
 from postsim.corpus.posts import read_posts
+from postsim.corpus.sample_videos import VideoSpec, encode_video
 from postsim.corpus.samples import write_sample_posts
 
 BENCH_IMAGE_SIZE = (640, 480)
 BENCH_WORDS = (20, 60)
+BENCH_VIDEO = VideoSpec(size=(1280, 720), frame_rate=30, frames=900, keyframe_interval=60)
+"""The video posts of the serving benchmark: 30 s of 720p H.264 at 30 frames/s, a keyframe every 2 s, as phones
+record (the server samples 8 frames of it)."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +49,17 @@ def write_bench_corpus(
     seed: int = 0,
     image_size: tuple[int, int] = BENCH_IMAGE_SIZE,
     words: tuple[int, int] = BENCH_WORDS,
+    videos: int = 0,
 ) -> Path:
-    """A corpus of ``n`` realistic sample posts in ``out_dir`` (no generic captions or images); returns its ``posts.jsonl``."""
+    """A corpus of ``n`` realistic sample posts in ``out_dir`` (no generic captions or images); returns its
+    ``posts.jsonl``.
+
+    Images only unless ``videos`` says otherwise: the image workload measures image posts.
+    """
     if n < 1:
         raise BenchError(f"the benchmark needs at least one post, got {n}")
     return write_sample_posts(
-        n, out_dir, seed, image_size=image_size, words=words, generic_captions=0, generic_images=0
+        n, out_dir, seed, image_size=image_size, words=words, videos=videos, generic_captions=0, generic_images=0
     )
 
 
@@ -71,3 +81,20 @@ def load_bench_posts(corpus: Path) -> list[BenchPost]:
 def post_at(posts: Sequence[BenchPost], index: int) -> BenchPost:
     """The ``index``-th post of the request sequence every configuration replays (cycling the corpus)."""
     return posts[index % len(posts)]
+
+
+def video_bench_posts(captions: Sequence[BenchPost], count: int, spec: VideoSpec = BENCH_VIDEO) -> list[BenchPost]:
+    """``count`` video posts: a camera panning over a different scene each, captioned like the image posts.
+
+    Encoding takes about a minute a clip at 720p on a laptop core (the encoder is single-threaded
+    so the bytes are the same on every run).
+    """
+    texts = [post.text for post in captions if post.text] or [""]
+    return [
+        BenchPost(
+            id=f"video-{index}",
+            image=encode_video(panning_scene(spec, seed=index), spec),
+            text=texts[index % len(texts)],
+        )
+        for index in range(count)
+    ]

@@ -1,4 +1,4 @@
-"""``postsim bench serve | index | soak | stress | front-end | training``: measurements against same-run baselines."""
+"""``postsim bench serve | video | index | soak | stress | front-end | training``: measurements against same-run baselines."""
 
 from __future__ import annotations
 
@@ -36,11 +36,20 @@ def bench_serve(
     ] = None,
     requests: Annotated[int, typer.Option(min=1, help="Measured requests per level.")] = 64,
     posts: Annotated[int, typer.Option(min=1, help="Bench corpus size (JPEG ~640×480, 20–60 words).")] = 64,
+    video_posts: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Distinct 30 s 720p H.264 video posts of the video workload (about a minute each to encode); 0: none.",
+        ),
+    ] = 1,
+    video_requests: Annotated[int, typer.Option(min=1, help="Measured video posts per level (c=1 and c=4).")] = 8,
 ) -> None:
     """Latency and throughput of post_embedding and similar_posts through Triton, against in-process
-    ONNX Runtime and PyTorch eager on the same posts: a table, a JSON file and a plot."""
+    ONNX Runtime and PyTorch eager on the same posts, and of video posts against image posts: a table, a JSON
+    file and a plot."""
     from postsim.bench.report import format_report, write_outputs
-    from postsim.bench.serving import ServingBenchSettings, SweepSettings, run_serving_benchmark
+    from postsim.bench.serving import ServingBenchSettings, SweepSettings, VideoWorkloadSettings, run_serving_benchmark
 
     sweep = (
         SweepSettings(concurrency=tuple(concurrency), requests=requests)
@@ -53,12 +62,34 @@ def bench_serve(
             "served or read for baselines then; drop --repository, or drop --url to bench that repository"
         )
     settings = ServingBenchSettings(
-        repository=None if url else (repository or default_repository()), url=url, posts=posts, sweep=sweep
+        repository=None if url else (repository or default_repository()),
+        url=url,
+        posts=posts,
+        sweep=sweep,
+        video=VideoWorkloadSettings(clips=video_posts, requests=video_requests),
     )
     report = run_serving_benchmark(settings)
     stdout.print(format_report(report))
     outputs = write_outputs(report, out)
     stdout.print(f"wrote {outputs.json} and {outputs.plot}")
+
+
+@app.command("video")
+@reports_errors
+def bench_video(
+    repeats: Annotated[int, typer.Option(min=1, help="Timed samplings of each video (the median is shown).")] = 5,
+) -> None:
+    """What sampling a video post's frames costs, decoding and pixels apart: a 10 s against a 30 min video of the
+    same size (sampling seeks, so the long one costs a few times the short one at most), and a 30 s 720p clip."""
+    from postsim.bench.video_bench import default_cases, format_table, measure_video_sampling
+
+    timings = measure_video_sampling(default_cases(), repeats=repeats, progress=logger.info)
+    stdout.print(format_table(timings))
+    short, long = timings[0], timings[1]
+    stdout.print(
+        f"{long.name} / {short.name}: {long.decode_ms / short.decode_ms:.2f}× the decoding time, "
+        f"{long.total_cpu_ms / short.total_cpu_ms:.2f}× the CPU"
+    )
 
 
 @app.command("index")

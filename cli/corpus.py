@@ -12,26 +12,36 @@ from postsim.cli.common import reports_errors, run_dir_option, stdout
 
 @reports_errors
 def sample_posts(
-    out: Annotated[Path, run_dir_option("sample-posts", "Folder for posts.jsonl and images/.")],
+    out: Annotated[Path, run_dir_option("sample-posts", "Folder for posts.jsonl, images/ and videos/.")],
     n: Annotated[int, typer.Option("--n", min=1, help="How many posts.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+    videos: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="How many posts have a 3-second MP4 video instead of an image (posts 5, 15, 25 ...; by default a few).",
+            show_default=False,
+        ),
+    ] = None,
     generic_captions: Annotated[
         float | None,
         typer.Option(min=0, max=1, help="Share of the posts with both modalities whose caption fits any topic."),
     ] = None,
     generic_images: Annotated[
         float | None,
-        typer.Option(min=0, max=1, help="Share of them whose image fits any topic (plain or noise)."),
+        typer.Option(min=0, max=1, help="Share of them whose image (or video) fits any topic (plain or noise)."),
     ] = None,
 ) -> None:
-    """Write N synthetic posts (procedurally drawn images, captions from a few topics, each post's topic as its
-    label) as a JSONL corpus; some captions and some images are generic, so only both modalities tell the topic."""
+    """Write N synthetic posts (procedurally drawn images and short videos, captions from a few topics, each post's
+    topic as its label) as a JSONL corpus; some captions and some images are generic, so only both modalities tell
+    the topic."""
     from postsim.corpus import samples
 
     path = samples.write_sample_posts(
         n,
         out,
         seed=seed,
+        videos=samples.SAMPLE_VIDEOS if videos is None else videos,
         generic_captions=samples.DEFAULT_GENERIC_CAPTIONS if generic_captions is None else generic_captions,
         generic_images=samples.DEFAULT_GENERIC_IMAGES if generic_images is None else generic_images,
     )

@@ -15,7 +15,9 @@ from postsim.client.settings import DEFAULT_URL
 
 @reports_errors
 def embed(
-    image: Annotated[Path | None, typer.Option(help="Image file of the post.")] = None,
+    image: Annotated[
+        Path | None, typer.Option(help="Image or video file of the post (JPEG, PNG, WebP, GIF; MP4, MOV, WebM).")
+    ] = None,
     text: Annotated[str | None, typer.Option(help="Text of the post (title, description, tags).")] = None,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
@@ -30,6 +32,7 @@ def embed(
         {
             "embedding": [round(float(x), 6) for x in result.embedding],
             "modality_weights": {"image": result.image_weight, "text": result.text_weight},
+            "frames": result.frames,
         },
         sys.stdout,
     )
@@ -38,7 +41,7 @@ def embed(
 
 @reports_errors
 def similar(
-    image: Annotated[Path | None, typer.Option(help="Image file of the query post.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image or video file of the query post.")] = None,
     text: Annotated[str | None, typer.Option(help="Text of the query post.")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many similar posts.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

@@ -364,6 +364,7 @@ def embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResul
     dim = embeddings.shape[1]
     images = _output(result, contract.IMAGE_EMBEDDING.name, model, rows, dim).astype(np.float32, copy=True)
     texts = _output(result, contract.TEXT_EMBEDDING.name, model, rows, dim).astype(np.float32, copy=True)
+    frames = _output(result, contract.FRAMES.name, model, rows, 1)
     return [
         EmbeddingResult(
             embedding=embeddings[row],
@@ -371,6 +372,7 @@ def embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResul
             text_weight=float(weights[row, _TEXT_COLUMN]),
             image_embedding=images[row],
             text_embedding=texts[row],
+            frames=int(frames[row, 0]),
         )
         for row in range(rows)
     ]
@@ -402,6 +404,7 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
                 text_weight=query.text_weight,
                 image_embedding=query.image_embedding,
                 text_embedding=query.text_embedding,
+                frames=query.frames,
             )
         )
     return similar

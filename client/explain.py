@@ -13,6 +13,11 @@ Positive effects support the similarity, negative ones work against it. The imag
 first scaled so its shorter side is the server's resize target (what the encoder sees
 anyway), so each variant is a small PNG. The four-part split of the score
 (``contract.SCORE_PARTS``) comes from the two posts' unit modality vectors and weights.
+
+Occlusion is defined on one picture: a query whose image is a video (MP4/MOV, WebM, an
+animated GIF or WebP) is refused before any request, as greying out its first frame would
+explain another post than the one embedded (whose image embedding pools F frames). The
+target may be a video: it is embedded whole, never occluded.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from postsim.core.errors import InvalidPostError
 from postsim.model_repository import contract
 from postsim.model_repository.preprocessing import decode_image
 from postsim.model_repository.score_parts import UnimodalVectors, split_scores
+from postsim.model_repository.video import sniff_video
 
 DEFAULT_GRID = 7
 MAX_GRID = 16
@@ -109,7 +115,15 @@ def checked_grid(grid: int) -> int:
 
 
 def _variants(query: Post, grid: int) -> _Variants:
-    image = _scaled(query.image_bytes()) if query.has_image else None
+    image_bytes = query.image_bytes()
+    video = sniff_video(image_bytes) if image_bytes else None
+    if video is not None:
+        raise InvalidPostError(
+            f"{contract.IMAGE.name}: the query is a video ({video.value}); explain greys out regions of one picture, "
+            "and a video's embedding pools several frames, so it explains image posts only: send one frame of it "
+            "as the query's image, or its text alone (the other post may be a video)"
+        )
+    image = _scaled(image_bytes) if image_bytes else None
     base_image = _png(image) if image is not None else b""
     text = query.text or ""
     spans = _word_spans(text)[:MAX_WORDS]
@@ -124,7 +138,7 @@ def _variants(query: Post, grid: int) -> _Variants:
     cells = []
     size = None
     if image is not None:
-        original = decode_image(query.image_bytes())
+        original = decode_image(image_bytes)
         size = original.size
         for row in range(grid):
             for column in range(grid):

@@ -1,7 +1,7 @@
 """Posts as the client sends them, and what it gets back: embeddings, neighbors, what the server runs.
 
-A :class:`Post` is an image, a text, or both. The image is encoded bytes (JPEG, PNG ...) or
-a path read only when the request is built. Empty values mean "absent", as on the wire:
+A :class:`Post` is an image, a text, or both. The image is encoded bytes (JPEG, PNG ..., or a
+video: MP4/MOV, WebM, animated GIF or WebP) or a path read only when the request is built. Empty values mean "absent", as on the wire:
 ``Post(text="", image=b"")`` has neither and is rejected. Nothing is stripped or
 normalised here; the server's tokenizer and image preprocessing see what the caller gave.
 """
@@ -115,6 +115,10 @@ class EmbeddingResult:
     text_embedding: np.ndarray
     """The post's text alone: its unit vector, float32 ``(K,)``; zeros without a text."""
 
+    frames: int | None
+    """Frames its image embedding pools (``FRAMES``): 1 for an image, up to F for a video, 0 without one; None for
+    an indexed post's stored embedding (``postsim explain --id``), as an index keeps no frame count."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreParts:
@@ -157,6 +161,9 @@ class SimilarResult:
     text_weight: float
     image_embedding: np.ndarray
     text_embedding: np.ndarray
+    frames: int | None
+    """Frames the query's image embedding pools (``FRAMES``): 1 for an image, up to F for a video, 0 without one
+    (always a number from the server; the type is :class:`EmbeddingResult`'s)."""
 
 
 @dataclass(frozen=True, kw_only=True)

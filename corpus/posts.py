@@ -7,7 +7,9 @@
 One JSON object per line: ``id`` is a post id
 (:func:`~postsim.model_repository.contract.post_id_problem`), unique in the file; ``text``
 and ``image`` are strings or null (or absent) when the post has none, the image path
-relative to the file's folder; at least one of them is set. Two optional keys serve training
+relative to the file's folder; at least one of them is set. The image file may be a video
+(MP4/MOV, WebM, animated GIF or WebP; the server tells them from their bytes); a line may
+name it under ``video`` instead, which is the same field (a line with both is refused). Two optional keys serve training
 and evaluation: ``label`` (a string) makes posts relevant to each other, and ``split``
 (``train`` or ``test``) fixes the post's side of the held-out split
 (:mod:`postsim.corpus.split`). Other keys (``topic``) are ignored. :func:`read_posts` refuses a
@@ -29,6 +31,9 @@ from postsim.model_repository.contract import post_id_problem
 
 POSTS_FILE = "posts.jsonl"
 """The corpus file of a folder, as ``postsim sample-posts`` writes it."""
+IMAGE_KEY = "image"
+VIDEO_KEY = "video"
+"""Another name of ``image`` for a post whose visual is a video."""
 LABEL_KEY = "label"
 SPLIT_KEY = "split"
 
@@ -40,7 +45,7 @@ class CorpusPost:
     id: str
     text: str | None
     image_path: Path | None
-    """Resolved against the JSONL file's folder; not checked to exist here."""
+    """The post's image or video file, resolved against the JSONL file's folder; not checked to exist here."""
     label: str | None = None
     """Posts with the same label are relevant to each other; None: unlabelled."""
     split: Split | None = None
@@ -92,9 +97,15 @@ def _parse_line(line: bytes, folder: Path, where: str) -> CorpusPost:
     if problem:
         raise InvalidPostError(f"{where}: {problem}")
     text = _optional_string(record, "text", where) or None
-    image = _optional_string(record, "image", where) or None
+    image = _optional_string(record, IMAGE_KEY, where) or None
+    video = _optional_string(record, VIDEO_KEY, where) or None
+    if image is not None and video is not None:
+        raise InvalidPostError(
+            f"{where}: post {post_id!r} has both '{IMAGE_KEY}' and '{VIDEO_KEY}'; a post has one visual: keep one"
+        )
+    image = image or video
     if text is None and image is None:
-        raise InvalidPostError(f"{where}: post {post_id!r} has neither 'text' nor 'image'")
+        raise InvalidPostError(f"{where}: post {post_id!r} has neither 'text' nor '{IMAGE_KEY}' (or '{VIDEO_KEY}')")
     return CorpusPost(
         id=post_id,
         text=text,

@@ -5,7 +5,11 @@ topics, and images drawn with Pillow whose shapes and colours follow the topic, 
 on the same topic look alike and their embeddings should be neighbours. The images come
 in the formats and modes the server must handle (JPEG, PNG, WebP, RGBA PNG, greyscale
 JPEG) and, by default, in varied sizes; ``image_size`` and ``words`` make photo-sized
-images and longer captions for benchmarks.
+images and longer captions for benchmarks. A few posts (``videos``) have a short H.264 MP4
+instead of an image: the topic's picture (or, for a generic-image post, a generic one), panned
+across (:func:`~postsim.corpus.sample_videos.encode_video`), named in the post's ``image`` like a
+picture. A picture post records where its topic's object is drawn (``object_box``); a video post,
+where the camera pans, and a generic-image post, with no object, do not.
 
 Each post's topic is its ``label``, so the corpus trains and evaluates a head
 (``postsim train``, ``postsim evaluate``). To make that worth doing, a share of the posts
@@ -33,10 +37,23 @@ from PIL import Image, ImageDraw
 from postsim.core.errors import SettingsError
 from postsim.core.files import write_text_atomic
 from postsim.corpus.posts import POSTS_FILE
+from postsim.corpus.sample_videos import VideoSpec, encode_video
 
 logger = logging.getLogger("postsim")
 
 IMAGES_DIR = "images"
+VIDEOS_DIR = "videos"
+SAMPLE_VIDEOS = 4
+"""Video posts in a sample corpus, by default: posts 5, 15, 25 and 35 (those that would have had both an
+image and a text), so a corpus of any size from 6 posts on meets at least one."""
+VIDEO_POST_KIND = 5
+"""Post ``i`` is a video post when ``i % 10`` is this and fewer than ``videos`` came before it."""
+SAMPLE_VIDEO_SIZE = (320, 240)
+"""Frame size of a sample video when no fixed ``image_size`` is asked for."""
+SAMPLE_VIDEO = VideoSpec(size=SAMPLE_VIDEO_SIZE, frame_rate=8, frames=24, keyframe_interval=8)
+"""Three seconds at 8 frames/s, a keyframe a second: a few tens of kB."""
+VIDEO_PAN = 2
+"""Pixels the camera moves right between two frames of a sample video."""
 DEFAULT_WORDS = (6, 18)
 """Words in a caption's description, drawn between the bounds (title and tags aside; whole sentences)."""
 SIDE_RANGE = (160, 900)
@@ -66,13 +83,16 @@ def write_sample_posts(
     *,
     image_size: tuple[int, int] | None = None,
     words: tuple[int, int] = DEFAULT_WORDS,
+    videos: int = SAMPLE_VIDEOS,
     generic_captions: float = DEFAULT_GENERIC_CAPTIONS,
     generic_images: float = DEFAULT_GENERIC_IMAGES,
 ) -> Path:
-    """Write ``n`` sample posts as ``out_dir/posts.jsonl`` and ``out_dir/images/``; return the JSONL path.
+    """Write ``n`` sample posts as ``out_dir/posts.jsonl``, ``out_dir/images/`` and ``out_dir/videos/``;
+    return the JSONL path.
 
     Deterministic from ``seed`` (and post ``i`` does not depend on ``n``). Most posts have
-    both an image and a text, one in ten only a text and one in ten only an image.
+    both an image and a text, one in ten only a text and one in ten only an image; the
+    first ``videos`` posts of one kind in ten have a 3-second MP4 video and a text.
     ``image_size`` (width, height) fixes every image's size, e.g. ``(640, 480)`` for
     benchmarks; by default each side is drawn from 160 to 900 px. ``words`` bounds the
     length of each caption's description, e.g. ``(20, 60)`` for realistic captions.
@@ -89,6 +109,8 @@ def write_sample_posts(
         raise SettingsError(f"words must be (min, max) with 0 < min <= max, got {words}")
     if image_size is not None and min(image_size) < MIN_SIDE:
         raise SettingsError(f"image_size sides must be at least {MIN_SIDE} px, got {image_size}")
+    if videos < 0:
+        raise SettingsError(f"videos must be 0 or more, got {videos}")
     if generic_captions < 0 or generic_images < 0 or generic_captions + generic_images > 1:
         raise SettingsError(
             "generic_captions and generic_images are shares of the posts: each 0 or more and together at most 1, "
@@ -99,13 +121,19 @@ def write_sample_posts(
     posts_path = out_dir / POSTS_FILE
     posts_path.unlink(missing_ok=True)
     records = []
-    image_count = 0
+    image_count = video_count = 0
     for index in range(n):
         sample = _SamplePost.draw(
             index, seed, image_size=image_size, words=words, generic=(generic_captions, generic_images)
         )
-        image_name = None
-        if sample.image is not None:
+        image_name, object_box = None, sample.object_box
+        if index % 10 == VIDEO_POST_KIND and index // 10 < videos:
+            object_box = None  # the camera pans: the object has no one place in a video
+            image_name = f"{VIDEOS_DIR}/{sample.id}.mp4"
+            (out_dir / VIDEOS_DIR).mkdir(exist_ok=True)
+            (out_dir / image_name).write_bytes(_video(sample, seed, image_size))
+            video_count += 1
+        elif sample.image is not None:
             image_format = _FORMAT_CYCLE[image_count % len(_FORMAT_CYCLE)]
             image_count += 1
             image_name = f"{IMAGES_DIR}/{sample.id}.{image_format.extension}"
@@ -117,11 +145,11 @@ def write_sample_posts(
             "label": sample.topic,
             "generic": sample.generic,
         }
-        if sample.object_box is not None:
-            record["object_box"] = list(sample.object_box)  # where the image's object is: explanations test on it
+        if object_box is not None:
+            record["object_box"] = list(object_box)  # where the image's object is: explanations test on it
         records.append(record)
     _write_jsonl(posts_path, records)
-    logger.info("wrote %d sample posts (%d images) to %s", n, image_count, posts_path)
+    logger.info("wrote %d sample posts (%d images, %d videos) to %s", n, image_count, video_count, posts_path)
     return posts_path
 
 
@@ -210,6 +238,26 @@ def _as_sticker(image: Image.Image) -> Image.Image:
     sticker = image.convert("RGBA")
     sticker.putalpha(alpha)
     return sticker
+
+
+def _video(sample: _SamplePost, seed: int, image_size: tuple[int, int] | None) -> bytes:
+    """The post's video: a picture drawn as its image would be (its topic's, or a generic one for a generic-image
+    post), the camera panning across it."""
+    rng = random.Random(f"postsim-sample-video:{seed}:{sample.id}")
+    width, height = (side - side % 2 for side in image_size) if image_size else SAMPLE_VIDEO_SIZE
+    spec = VideoSpec(
+        size=(width, height),
+        frame_rate=SAMPLE_VIDEO.frame_rate,
+        frames=SAMPLE_VIDEO.frames,
+        keyframe_interval=SAMPLE_VIDEO.keyframe_interval,
+    )
+    scene_size = (width + VIDEO_PAN * spec.frames, height)
+    if sample.generic == GENERIC_IMAGE:
+        scene = _generic_picture(rng, scene_size)
+    else:
+        topic = next(topic for topic in _TOPICS if topic.name == sample.topic)
+        scene, _ = _picture(topic, rng, scene_size)
+    return encode_video(lambda frame: scene.crop((VIDEO_PAN * frame, 0, VIDEO_PAN * frame + width, height)), spec)
 
 
 # --- Captions ------------------------------------------------------------------------------

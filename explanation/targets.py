@@ -71,6 +71,7 @@ class ExplainableIndex:
             text_weight=float(weights[_TEXT]),
             image_embedding=unimodal.image[row].astype("float32"),
             text_embedding=unimodal.text[row].astype("float32"),
+            frames=None,  # an index keeps no frame count
         )
         return IndexedPost(id=post_id, caption=self.loaded.captions[row] or None, embedding=embedding)
 

@@ -31,6 +31,7 @@ from postsim.core.errors import ExportError, ExportMismatchError
 from postsim.export.quantize import row_cosines
 from postsim.model_repository.contract import (
     ATTENTION_MASK,
+    FRAME_MASK,
     IMAGE_MASK,
     INPUT_IDS,
     MODALITIES,
@@ -51,10 +52,11 @@ with torch_required():
 logger = logging.getLogger("postsim")
 
 MIN_OPSET = 17
-EXPORT_BATCH, EXPORT_SEQUENCE = 2, 16
+EXPORT_BATCH, EXPORT_SEQUENCE, EXPORT_FRAMES = 2, 16, 2
 """Shape of the example traced by the exporter."""
-VALIDATION_BATCH, VALIDATION_SEQUENCE = 4, 11
+VALIDATION_BATCH, VALIDATION_SEQUENCE, VALIDATION_FRAMES = 4, 11, 3
 """Shape of the validation inputs: different from the example, so fixed axes show up."""
+_FRAME_AXIS = FRAME_MASK.dim_names[0]
 _EXPORT_SEED, _VALIDATION_SEED = 0, 1
 
 
@@ -142,7 +144,9 @@ def export_onnx_model(module: nn.Module, spec: ModelSpec, path: Path) -> None:
     tolerance = onnx_spec(spec)
     if tolerance.opset < MIN_OPSET:
         raise ExportError(f"{spec.name}: opset {tolerance.opset} is too old; use {MIN_OPSET} or newer")
-    example = sample_inputs(spec, batch=EXPORT_BATCH, sequence=EXPORT_SEQUENCE, vocab_size=_vocab_size(module))
+    example = sample_inputs(
+        spec, batch=EXPORT_BATCH, sequence=EXPORT_SEQUENCE, frames=EXPORT_FRAMES, vocab_size=_vocab_size(module)
+    )
     exported = {*spec.input_names, *_computed(spec)}
     dynamic_axes = {
         tensor.name: tensor.dynamic_axes() for tensor in (*spec.inputs, *spec.outputs) if tensor.name in exported
@@ -176,6 +180,7 @@ def validate_onnx_model(
     *,
     batch: int = VALIDATION_BATCH,
     sequence: int = VALIDATION_SEQUENCE,
+    frames: int = VALIDATION_FRAMES,
 ) -> ValidationReport:
     """Runs the ONNX file and ``module`` on the same fresh random inputs and compares them.
 
@@ -185,12 +190,12 @@ def validate_onnx_model(
     """
     tolerance = onnx_spec(spec)
     check_signature(spec, path)
-    inputs = sample_inputs(spec, batch=batch, sequence=sequence, vocab_size=_vocab_size(module))
+    inputs = sample_inputs(spec, batch=batch, sequence=sequence, frames=frames, vocab_size=_vocab_size(module))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actual = dict(zip(spec.output_names, session.run(spec.output_names, inputs), strict=True))
     expected = _run_torch(module, spec, inputs)
     comparisons = tuple(_compare(spec.name, name, expected[name], actual[name]) for name in spec.output_names)
-    has_sequence = any(-1 in tensor.dims for tensor in spec.inputs)
+    has_sequence = any(_FRAME_AXIS not in tensor.dim_names and -1 in tensor.dims for tensor in spec.inputs)
     report = ValidationReport(
         model=spec.name,
         path=path,
@@ -239,28 +244,31 @@ def _check_tensor(model: str, value: onnx.ValueInfoProto, tensor: TensorSpec) ->
 
 
 def sample_inputs(
-    spec: ModelSpec, *, batch: int, sequence: int, vocab_size: int, seed: int = 0
+    spec: ModelSpec, *, batch: int, sequence: int, vocab_size: int, frames: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Random inputs for ``spec``, by name, as numpy arrays of the contract's dtypes.
 
-    Token ids are drawn from the vocabulary; attention masks pad each row but the first
-    after a random length (at least one token); modality masks cover every combination of
-    present and missing modalities (row r has modality m when bit m of r is 0); anything
-    else is standard normal.
+    Token ids are drawn from the vocabulary; attention and frame masks pad each row but the
+    first after a random length (at least one token or frame); modality masks cover every
+    combination of present and missing modalities (row r has modality m when bit m of r is
+    0); anything else is standard normal.
     """
     rng = np.random.default_rng(seed)
-    return {tensor.name: _sample(tensor, batch, sequence, vocab_size, rng) for tensor in spec.inputs}
+    return {tensor.name: _sample(tensor, batch, sequence, frames, vocab_size, rng) for tensor in spec.inputs}
 
 
-def _sample(tensor: TensorSpec, batch: int, sequence: int, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
-    shape = (batch, *(sequence if size == -1 else size for size in tensor.dims))
+def _sample(
+    tensor: TensorSpec, batch: int, sequence: int, frames: int, vocab_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    length = frames if _FRAME_AXIS in tensor.dim_names else sequence
+    shape = (batch, *(length if size == -1 else size for size in tensor.dims))
     dtype = tensor.dtype.numpy
     if tensor.name == INPUT_IDS.name:
         return rng.integers(0, vocab_size, size=shape).astype(dtype)
-    if tensor.name == ATTENTION_MASK.name:
-        lengths = rng.integers(1, sequence + 1, size=batch)
-        lengths[0] = sequence
-        return (np.arange(sequence)[None, :] < lengths[:, None]).astype(dtype)
+    if tensor.name in (ATTENTION_MASK.name, FRAME_MASK.name):
+        lengths = rng.integers(1, length + 1, size=batch)
+        lengths[0] = length
+        return (np.arange(length)[None, :] < lengths[:, None]).astype(dtype)
     modality_masks = {IMAGE_MASK.name: MODALITIES.index("image"), TEXT_MASK.name: MODALITIES.index("text")}
     if tensor.name in modality_masks:
         bit = modality_masks[tensor.name]

@@ -46,6 +46,7 @@ from postsim.core.files import move_atomic
 from postsim.corpus.posts import read_posts
 from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.contract import (
+    FRAME_MASK,
     FUSER,
     IMAGE_ENCODER,
     MAX_BATCH_SIZE,
@@ -253,13 +254,12 @@ def sample_corpus(
     Photo-sized images (640×480) and realistic captions (20 to 60 words), in batches of
     ``batch_size``, each padded to its longest text like a batch the server runs.
     """
-    corpus = list(
-        read_posts(
-            write_sample_posts(
-                posts, directory, seed, image_size=(640, 480), words=(20, 60), generic_captions=0, generic_images=0
-            )
-        )
+    # Topical pictures only: calibration and the agreement check measure the backbone on pictures; a video
+    # post's embedding is the mean of such frames.
+    sampled = write_sample_posts(
+        posts, directory, seed, image_size=(640, 480), words=(20, 60), videos=0, generic_captions=0, generic_images=0
     )
+    corpus = list(read_posts(sampled))
     preprocess = Preprocessor.from_tokenizer_json(tokenizer_json)
     batches = []
     for start in range(0, len(corpus), batch_size):
@@ -284,7 +284,7 @@ def _runtime(paths: Mapping[str, Path]) -> OrtRuntime:
 
 def _encode(runtime: OrtRuntime, batches: Sequence[PreparedPosts]) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, text embeddings) of every post, in order, batch by batch as the server runs them."""
-    image = [runtime.encode_image(batch.pixel_values) for batch in batches]
+    image = [runtime.encode_image(batch.pixel_values, batch.frame_mask) for batch in batches]
     text = [runtime.encode_text(batch.input_ids, batch.attention_mask) for batch in batches]
     return np.concatenate(image), np.concatenate(text)
 
@@ -440,11 +440,12 @@ def convert_models(
 
 
 def calibration_batches(settings: PrecisionSettings, *, tokenizer_json: str, directory: Path) -> list[np.ndarray]:
-    """``settings.calibration_images`` preprocessed sample-post images, in batches of ``calibration_batch``."""
+    """``settings.calibration_images`` preprocessed sample-post frames ``[n, 3, 224, 224]`` (a still image is
+    one frame, a video post several), in batches of ``calibration_batch``."""
     # One sample post in ten has no image: draw enough posts for the images wanted.
     posts = settings.calibration_images + settings.calibration_images // 9 + 1
     batches = sample_corpus(posts, seed=settings.seed, tokenizer_json=tokenizer_json, directory=directory)
-    images = np.concatenate([batch.pixel_values[batch.image_mask[:, 0] > 0] for batch in batches])
+    images = np.concatenate([batch.pixel_values[(batch.frame_mask > 0) & (batch.image_mask > 0)] for batch in batches])
     images = images[: settings.calibration_images]
     step = settings.calibration_batch
     return [images[start : start + step] for start in range(0, len(images), step)]
@@ -471,7 +472,8 @@ class _CalibrationReader:
             len(batch),
             time.perf_counter() - self._started,
         )
-        return {PIXEL_VALUES.name: batch}
+        # Each frame as a post of its own: the backbone's activations are what calibration measures.
+        return {PIXEL_VALUES.name: batch[:, np.newaxis], FRAME_MASK.name: np.ones((len(batch), 1), np.float32)}
 
     def rewind(self) -> None:
         self._position = 0

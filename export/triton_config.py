@@ -110,6 +110,20 @@ class InputLimits:
     """Characters of a text kept before tokenising (``tokenize``); the rest is never decoded."""
     max_top_k: int = contract.MAX_TOP_K
     """Largest ``TOP_K`` a similar_posts request may ask for (``retrieval``)."""
+    video_frames: int = contract.VIDEO_FRAMES
+    """Frames F sampled from a video post (``preprocess_image``); the image encoder runs on each."""
+    max_video_bytes: int = contract.MAX_VIDEO_BYTES
+    """Largest encoded video accepted."""
+    max_video_seconds: int = contract.MAX_VIDEO_SECONDS
+    """Longest video accepted, from its container's header."""
+    max_video_pixels: int = contract.MAX_VIDEO_PIXELS
+    """Largest video frame (width × height) accepted, from the header."""
+    max_video_frame_rate: int = contract.MAX_VIDEO_FRAME_RATE
+    """Highest average frame rate accepted (frames per second)."""
+    max_animation_pixels: int = contract.MAX_ANIMATION_PIXELS
+    """Largest frames × canvas pixels of an animated GIF or WebP."""
+    video_decode_seconds: int = contract.VIDEO_DECODE_SECONDS
+    """Wall-clock budget of decoding one video."""
 
     def __post_init__(self) -> None:
         for parameter in contract.INPUT_LIMIT_PARAMETERS:
@@ -196,12 +210,20 @@ def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.Mode
     does when an index version of `retrieval` is loaded) whose steps map optional inputs.
     A step output that neither a later step nor the ensemble's outputs use is left unmapped
     (Triton refuses unused ensemble tensors; the step is then not asked for it).
+
+    The steps are written last first. Triton schedules them by data, not by their order, but
+    when it prunes the steps behind outputs a request does not ask for, it charges an ensemble
+    input that no kept step reads (``similar_posts``' ``TOP_K`` once ``retrieval_gateway`` is
+    pruned) to the config's first step as if that step had produced it: with
+    ``preprocess_image`` first, a request for ``FRAMES`` alone pruned the step that makes it
+    and deadlocked. The last step is the one that reads such an input (or none does), and it
+    has been pruned by then, so the stray charge is harmless there.
     """
     steps = list(step_specs)
     config = _base_config(spec)
     config.platform = "ensemble"
     used = {tensor.name for tensor in spec.outputs} | {tensor.name for step in steps for tensor in step.inputs}
-    for step in steps:
+    for step in reversed(steps):
         step_config = config.ensemble_scheduling.step.add(model_name=step.name, model_version=-1)
         for tensor in step.inputs:
             step_config.input_map[tensor.name] = tensor.name
@@ -213,8 +235,8 @@ def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.Mode
 
 
 def _check_ensemble_wiring(config: pb.ModelConfig) -> None:
-    """Every step input is an ensemble input or an earlier step's output; every output is produced,
-    and goes to the client only.
+    """Every step input is an ensemble input or another step's output, without a cycle; every output
+    is produced, and goes to the client only.
 
     An ensemble output that a step also reads deadlocks every request that leaves it out of
     its requested outputs: Triton's ensemble scheduler then prunes the step that produces it
@@ -222,17 +244,23 @@ def _check_ensemble_wiring(config: pb.ModelConfig) -> None:
     """
     outputs = {tensor.name for tensor in config.output}
     available = {tensor.name for tensor in config.input}
-    for step in config.ensemble_scheduling.step:
-        missing = set(step.input_map.values()) - available
-        if missing:
-            raise RepositoryError(f"ensemble '{config.name}': step '{step.model_name}' needs {sorted(missing)}")
+    waiting = list(config.ensemble_scheduling.step)
+    for step in waiting:
         shared = set(step.input_map.values()) & outputs
         if shared:
             raise RepositoryError(
                 f"ensemble '{config.name}': step '{step.model_name}' reads the ensemble output(s) {sorted(shared)}; "
                 "Triton deadlocks a request that does not ask for them: give the step its own copy of the tensor"
             )
-        available |= set(step.output_map.values())
+    while waiting:
+        runnable = [step for step in waiting if set(step.input_map.values()) <= available]
+        if not runnable:
+            step = waiting[0]
+            missing = set(step.input_map.values()) - available
+            raise RepositoryError(f"ensemble '{config.name}': step '{step.model_name}' needs {sorted(missing)}")
+        for step in runnable:
+            available |= set(step.output_map.values())
+            waiting.remove(step)
     unproduced = outputs - available
     if unproduced:
         raise RepositoryError(f"ensemble '{config.name}': no step produces {sorted(unproduced)}")

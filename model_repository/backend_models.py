@@ -138,7 +138,7 @@ class _PerRequestModel:
 
 
 class PreprocessImageModel(_PerRequestModel):
-    """Checks every post, then turns encoded image bytes into normalised pixels and a presence mask.
+    """Checks every post, then turns encoded image or video bytes into normalised frames and presence masks.
 
     Every per-post check of the ensembles happens here, in their first step (posts with
     neither modality, images, texts that are not UTF-8), before any other step is
@@ -149,14 +149,14 @@ class PreprocessImageModel(_PerRequestModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
-        from postsim.model_repository.preprocessing import ImageLimits
+        from postsim.model_repository.visuals import VisualSettings
 
         parameters = _parameters(args)
-        self.limits = ImageLimits.from_parameters(parameters)
+        self.visuals = VisualSettings.from_parameters(parameters)
         self.max_text_chars = contract.MAX_TEXT_CHARS_PARAMETER.read(parameters)
 
     def _run(self, request: Any) -> list[Any]:
-        from postsim.model_repository.preprocessing import preprocess_images
+        from postsim.model_repository.visuals import preprocess_visuals
 
         images = _strings(request, contract.IMAGE.name)
         texts = _strings(request, contract.TEXT.name)
@@ -170,12 +170,14 @@ class PreprocessImageModel(_PerRequestModel):
                 f"post {empty_posts[0]} of the request has neither an image nor a text: send IMAGE, TEXT or both"
             )
         _first_error([_text_error(text, self.max_text_chars) for text in texts], contract.TEXT.name)
-        pixels, mask, errors = preprocess_images(images, self.limits)
+        pixels, frame_mask, image_mask, frames, errors = preprocess_visuals(images, self.visuals)
         _first_error(errors, contract.IMAGE.name)
         return [
             pb_utils.Tensor(contract.PIXEL_VALUES.name, pixels),
-            pb_utils.Tensor(contract.IMAGE_MASK.name, mask),
+            pb_utils.Tensor(contract.FRAME_MASK.name, frame_mask),
+            pb_utils.Tensor(contract.IMAGE_MASK.name, image_mask),
             pb_utils.Tensor(contract.CHECKED_TEXT.name, np.array(texts, dtype=np.object_).reshape(-1, 1)),
+            pb_utils.Tensor(contract.FRAMES.name, frames),
         ]
 
 
@@ -212,7 +214,7 @@ class TokenizeModel(_PerRequestModel):
 
 
 def _pad_to(array: np.ndarray, length: int) -> np.ndarray:
-    """Right-pad axis 1 with zeros: a zero token id is [PAD], a zero attention mask hides it."""
+    """Right-pad axis 1 with zeros: a zero token id is [PAD], a zero attention or frame mask hides it."""
     if array.ndim < 2 or array.shape[1] == length:
         return array
     padding = [(0, 0), (0, length - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
@@ -223,7 +225,8 @@ class OnnxRuntimeModel:
     """An exported ONNX model run by ONNX Runtime inside the stub (the embedded target).
 
     Requests batched together by Triton run as one ONNX Runtime call: variable-length inputs
-    (token sequences) are padded to the longest, which the attention mask makes harmless.
+    (token sequences, a post's frames) are padded to the longest, which the attention or frame
+    mask makes harmless (the image encoder runs its backbone on masked frames only).
     Triton has checked each request's dtypes and shapes against the config; what it cannot
     check (inputs whose variable dims must agree, values ONNX Runtime refuses, as token ids
     past the vocabulary in a request sent straight to ``text_encoder``) fails only the

@@ -69,6 +69,20 @@ MAX_TEXT_CHARS = 10_000
 """Characters of a text kept before tokenising, by default; far more than MAX_TEXT_TOKENS tokens need."""
 MAX_TOP_K = 1000
 """Largest ``TOP_K`` a similar_posts request may ask for, by default (``retrieval``)."""
+VIDEO_FRAMES = 8
+"""Frames F sampled from a video post, by default: the frames shown at the centres of F equal slices."""
+MAX_VIDEO_BYTES = 100 * MiB
+"""Largest encoded video accepted, by default."""
+MAX_VIDEO_SECONDS = 600
+"""Longest video accepted, by default, from its container's header."""
+MAX_VIDEO_PIXELS = 3840 * 2160
+"""Largest video frame (width × height) accepted by default: 4K UHD, in either orientation."""
+MAX_VIDEO_FRAME_RATE = 120
+"""Highest average frame rate (frames per second) accepted by default."""
+MAX_ANIMATION_PIXELS = 200_000_000
+"""Largest frames × canvas pixels of an animated GIF or WebP accepted by default (sampling may decode them all)."""
+VIDEO_DECODE_SECONDS = 10
+"""Wall-clock budget of one video, from opening it to its last sampled frame, by default."""
 
 _Value = TypeVar("_Value", int, str, bool)
 
@@ -133,6 +147,23 @@ MAX_TEXT_CHARS_PARAMETER = ConfigParameter(
     "max_text_chars", int, MAX_TEXT_CHARS, "characters of a text kept before tokenising"
 )
 MAX_TOP_K_PARAMETER = ConfigParameter("max_top_k", int, MAX_TOP_K, "largest TOP_K a request may ask for")
+VIDEO_FRAMES_PARAMETER = ConfigParameter("video_frames", int, VIDEO_FRAMES, "frames F sampled from a video post")
+MAX_VIDEO_BYTES_PARAMETER = ConfigParameter("max_video_bytes", int, MAX_VIDEO_BYTES, "largest encoded video accepted")
+MAX_VIDEO_SECONDS_PARAMETER = ConfigParameter(
+    "max_video_seconds", int, MAX_VIDEO_SECONDS, "longest video accepted, from the container's header"
+)
+MAX_VIDEO_PIXELS_PARAMETER = ConfigParameter(
+    "max_video_pixels", int, MAX_VIDEO_PIXELS, "largest video frame (width × height) accepted, from the header"
+)
+MAX_VIDEO_FRAME_RATE_PARAMETER = ConfigParameter(
+    "max_video_frame_rate", int, MAX_VIDEO_FRAME_RATE, "highest average frame rate accepted (frames/s)"
+)
+MAX_ANIMATION_PIXELS_PARAMETER = ConfigParameter(
+    "max_animation_pixels", int, MAX_ANIMATION_PIXELS, "largest frames × canvas pixels of an animated GIF or WebP"
+)
+VIDEO_DECODE_SECONDS_PARAMETER = ConfigParameter(
+    "video_decode_seconds", int, VIDEO_DECODE_SECONDS, "wall-clock budget of decoding one video"
+)
 ONNX_FILE_PARAMETER = ConfigParameter("onnx_file", str, "model.onnx", "the ONNX file of the version folder it runs")
 INTRA_OP_THREADS_PARAMETER = ConfigParameter(
     "intra_op_threads", int, 0, "ONNX Runtime intra-op threads of its session; 0: ONNX Runtime's choice"
@@ -146,11 +177,22 @@ REPOSITORY_ID_PARAMETER = ConfigParameter(
     "postsim_repository_id", str, "", "the id of the repository folder the export wrote (kept when exported again)"
 )
 
+VIDEO_PARAMETERS: tuple[ConfigParameter[int], ...] = (
+    VIDEO_FRAMES_PARAMETER,
+    MAX_VIDEO_BYTES_PARAMETER,
+    MAX_VIDEO_SECONDS_PARAMETER,
+    MAX_VIDEO_PIXELS_PARAMETER,
+    MAX_VIDEO_FRAME_RATE_PARAMETER,
+    MAX_ANIMATION_PIXELS_PARAMETER,
+    VIDEO_DECODE_SECONDS_PARAMETER,
+)
+"""How ``preprocess_image`` samples a video post (F) and what one may cost."""
 INPUT_LIMIT_PARAMETERS: tuple[ConfigParameter[int], ...] = (
     MAX_IMAGE_BYTES_PARAMETER,
     MAX_IMAGE_PIXELS_PARAMETER,
     MAX_TEXT_CHARS_PARAMETER,
     MAX_TOP_K_PARAMETER,
+    *VIDEO_PARAMETERS,
 )
 """What one post may cost the server; each model enforces those among its ``ModelSpec.parameters``."""
 SESSION_PARAMETERS: tuple[ConfigParameter[Any], ...] = (
@@ -231,12 +273,18 @@ def _embedding(name: str, *, copy_of: str | None = None) -> TensorSpec:
     return TensorSpec(name=name, dtype=DataType.FP32, dims=(DEFAULT_DIM,), copy_of=copy_of, is_embedding=True)
 
 
-# Raw post, as a client sends it: one encoded image and one UTF-8 text per post.
+# Raw post, as a client sends it: one encoded image or video and one UTF-8 text per post.
 IMAGE = _tensor("IMAGE", DataType.STRING, 1)
+"""The post's visual, encoded: an image (JPEG, PNG, WebP, BMP, GIF) or a video (MP4/MOV, WebM, animated GIF/WebP)."""
 TEXT = _tensor("TEXT", DataType.STRING, 1)
 TOP_K = _tensor("TOP_K", DataType.INT32, 1)
 # Between the models.
-PIXEL_VALUES = _tensor("PIXEL_VALUES", DataType.FP32, 3, IMAGE_SIZE, IMAGE_SIZE)
+PIXEL_VALUES = _tensor("PIXEL_VALUES", DataType.FP32, -1, 3, IMAGE_SIZE, IMAGE_SIZE, dim_names=("frames",))
+"""A post's frames, normalised: one for an image, up to ``video_frames`` for a video, zeros past FRAME_MASK."""
+FRAME_MASK = _tensor("FRAME_MASK", DataType.FP32, -1, dim_names=("frames",))
+"""1 for each frame of PIXEL_VALUES the image encoder pools (their mean), 0 for padding."""
+FRAMES = _tensor("FRAMES", DataType.INT32, 1)
+"""Frames the post's image embedding pools: 1 for an image, 1 to ``video_frames`` for a video, 0 without a visual."""
 IMAGE_MASK = _tensor("IMAGE_MASK", DataType.FP32, 1)
 INPUT_IDS = _tensor("INPUT_IDS", DataType.INT64, -1, dim_names=("sequence",))
 ATTENTION_MASK = _tensor("ATTENTION_MASK", DataType.INT64, -1, dim_names=("sequence",))
@@ -393,8 +441,8 @@ def _by_name(tensors: tuple[TensorSpec, ...], name: str, model: str) -> TensorSp
 
 
 _ENCODERS = (PREPROCESS_IMAGE, TOKENIZE, IMAGE_ENCODER, TEXT_ENCODER, FUSER)
-POST_OUTPUTS = (EMBEDDING, MODALITY_WEIGHTS, IMAGE_EMBEDDING, TEXT_EMBEDDING)
-"""What the ensembles answer about each query post itself."""
+POST_OUTPUTS = (EMBEDDING, MODALITY_WEIGHTS, IMAGE_EMBEDDING, TEXT_EMBEDDING, FRAMES)
+"""What the ensembles answer about each query post itself (``FRAMES``: how many frames its image embedding pools)."""
 RETRIEVAL_QUERY_PARTS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, MODALITY_WEIGHTS)
 """The query's parts, which ``retrieval`` reads to split each neighbour's score (``CONTRIBUTIONS``)."""
 
@@ -405,13 +453,14 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name=PREPROCESS_IMAGE,
         inputs=(IMAGE, TEXT),
-        outputs=(PIXEL_VALUES, IMAGE_MASK, CHECKED_TEXT),
+        outputs=(PIXEL_VALUES, FRAME_MASK, IMAGE_MASK, CHECKED_TEXT, FRAMES),
         backend_class="PreprocessImageModel",
         parameters=(
             MAX_IMAGE_BYTES_PARAMETER,
             MAX_IMAGE_PIXELS_PARAMETER,
-            MAX_TEXT_CHARS_PARAMETER,
-        ),  # it checks the text tokenize will decode
+            MAX_TEXT_CHARS_PARAMETER,  # it checks the text tokenize will decode
+            *VIDEO_PARAMETERS,
+        ),
     ),
     ModelSpec(
         name=TOKENIZE,
@@ -422,7 +471,7 @@ MODELS: tuple[ModelSpec, ...] = (
     ),
     ModelSpec(
         name=IMAGE_ENCODER,
-        inputs=(PIXEL_VALUES,),
+        inputs=(PIXEL_VALUES, FRAME_MASK),
         outputs=(IMAGE_PROJECTION,),
         backend_class="OnnxRuntimeModel",
         parameters=SESSION_PARAMETERS,

@@ -1,7 +1,8 @@
 """Server-side image preprocessing: encoded image bytes in, normalised pixel tensors out.
 
-The ``preprocess_image`` Python-backend model calls :func:`preprocess_images` on each
-batch. Every image arrives from an untrusted client, so decoding refuses, before any
+The ``preprocess_image`` Python-backend model decodes each post's image through
+:func:`~postsim.model_repository.visuals.preprocess_visuals`, which sends videos to
+:mod:`.video` and images here. Every image arrives from an untrusted client, so decoding refuses, before any
 pixel is decoded, what is too big in bytes or in pixels, refuses what is not a whole
 image of a supported format, and turns every such refusal into an
 :class:`~postsim.core.errors.InvalidPostError` that names the ``IMAGE`` input.
@@ -20,9 +21,8 @@ import math
 import re
 import struct
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -47,7 +47,7 @@ _SUPPORTED_NAMES = "JPEG, PNG, WebP, BMP or GIF"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-_PILLOW_ERRORS: tuple[type[Exception], ...] = (
+PILLOW_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     ValueError,
     SyntaxError,
@@ -112,41 +112,6 @@ class ImageLimits:
 DEFAULT_IMAGE_LIMITS = ImageLimits()
 
 
-class PreprocessedImages(NamedTuple):
-    """A batch ready for the image encoder; unpacks as ``pixels, mask, errors``."""
-
-    pixel_values: np.ndarray
-    """float32 [B, 3, 224, 224]; zeros where there is no usable image."""
-    image_mask: np.ndarray
-    """float32 [B, 1]: 1 where the post has a decoded image, else 0."""
-    errors: list[InvalidPostError | None]
-    """Per item: why its image was refused, or None (also None for 'no image')."""
-
-
-def preprocess_images(images: Sequence[bytes], limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> PreprocessedImages:
-    """Decode and normalise a batch of encoded images.
-
-    Empty bytes mean the post has no image: its row is zeros with mask 0 and no error. A
-    bad image fails only itself: its error is returned in its slot, not raised, because
-    the Triton model answers each request of a batch separately.
-    """
-    batch = len(images)
-    pixels = np.zeros((batch, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    mask = np.zeros((batch, 1), dtype=np.float32)
-    errors: list[InvalidPostError | None] = [None] * batch
-    for index, data in enumerate(images):
-        if not data:
-            continue
-        try:
-            pixels[index] = image_to_pixels(decode_image(data, limits))
-        except InvalidPostError as error:
-            logger.debug("image %d of a batch of %d refused: %s", index, batch, error)
-            errors[index] = error
-            continue
-        mask[index] = 1.0
-    return PreprocessedImages(pixels, mask, errors)
-
-
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> Image.Image:
     """Decode one JPEG, PNG, WebP, BMP or GIF (its first frame) into an upright RGB image.
 
@@ -160,8 +125,8 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> Ima
         raise InvalidPostError(f"{IMAGE.name}: empty (0 bytes); send an encoded image or no image at all")
     if len(data) > limits.max_bytes:
         raise InvalidPostError(f"{IMAGE.name}: {len(data):,} bytes is over the limit of {limits.max_bytes:,} bytes")
-    _require_truncated_images_refused()
-    with _decompression_bombs_refused(limits):
+    require_truncated_images_refused()
+    with decompression_bombs_refused(limits):
         image = _open_header(data)
         _check_pixel_count(image, limits)
         _check_encoded_size(image, data)
@@ -229,7 +194,7 @@ def centre_crop_box(width: int, height: int) -> tuple[float, float, float, float
     )
 
 
-def _require_truncated_images_refused() -> None:
+def require_truncated_images_refused() -> None:
     # With this flag on, Pillow silently pads a truncated file with grey: the server would
     # embed half an image. It is Pillow-global, so someone else in the process set it.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -243,7 +208,7 @@ _PILLOW_PIXEL_COUNT = re.compile(r"\((\d+) pixels\)")
 
 
 @contextlib.contextmanager
-def _decompression_bombs_refused(limits: ImageLimits) -> Iterator[None]:
+def decompression_bombs_refused(limits: ImageLimits) -> Iterator[None]:
     """Pillow's decompression-bomb error, inside the block, as InvalidPostError quoting postsim's limit.
 
     ``limits.max_pixels`` is the limit (:func:`_check_pixel_count`): Pillow's warning, above
@@ -270,7 +235,7 @@ def _open_header(data: bytes) -> ImageFile.ImageFile:
         return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError as error:
         raise InvalidPostError(f"{IMAGE.name}: {_describe_unidentified(data)}") from error
-    except _PILLOW_ERRORS as error:
+    except PILLOW_ERRORS as error:
         kind = _sniff_format(data) or "image"
         raise InvalidPostError(f"{IMAGE.name}: truncated or corrupt {kind} header: {error}") from error
 
@@ -379,7 +344,7 @@ def _load_pixels(image: ImageFile.ImageFile, data: bytes) -> ImageFile.ImageFile
             candidate = image if attempt == 0 else _open_header(data)
             if not _row_still_marked(candidate, row, mark):
                 return candidate
-    except _PILLOW_ERRORS as error:
+    except PILLOW_ERRORS as error:
         raise InvalidPostError(f"{IMAGE.name}: truncated or corrupt {image.format}: {error}") from error
     width, height = image.size
     raise InvalidPostError(
@@ -410,7 +375,7 @@ def _apply_exif_orientation(image: Image.Image) -> None:
     """Turn the pixels upright as the EXIF orientation says; unreadable EXIF is ignored."""
     try:
         ImageOps.exif_transpose(image, in_place=True)
-    except _PILLOW_ERRORS as error:
+    except PILLOW_ERRORS as error:
         logger.debug("%s: ignoring unreadable EXIF data: %s", IMAGE.name, error)
 
 

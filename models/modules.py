@@ -78,20 +78,42 @@ def distilbert_config(size: ModelSize) -> DistilBertConfig:
 
 
 class ImageEncoder(nn.Module):
-    """ResNet backbone → global average pool → ``Linear(channels → dim)``."""
+    """ResNet backbone → global average pool → mean over the post's frames → ``Linear(channels → dim)``.
+
+    A post's visual is frames (one for an image, F sampled ones for a video); the backbone
+    runs only on the frames ``frame_mask`` marks, so padding a batch of images to the frames
+    of a video costs nothing. The frame pooling is in the module, so the exported graph, the
+    server and the in-process pipeline pool one way.
+    """
 
     def __init__(self, backbone: ResNetModel, dim: int = DEFAULT_DIM) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection = nn.Linear(backbone.config.hidden_sizes[-1], dim)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, 224, 224]`` float32 → ``[B, dim]``: the projection of the pooled features."""
-        return self.projection(self.pool(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, F, 3, 224, 224]`` float32 and ``[B, F]`` mask → ``[B, dim]``: the projection of the pooled features."""
+        return self.projection(self.pool(pixel_values, frame_mask))
 
-    def pool(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, 224, 224]`` float32 → the backbone's pooled features ``[B, C]``, before the projection."""
-        pooled = self.backbone(pixel_values=pixel_values).pooler_output  # [B, C, 1, 1]
+    def pool(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """The mean of the backbone's pooled features ``[B, C]`` over each post's masked frames, before the projection.
+
+        A row without any masked frame pools to zeros.
+        """
+        batch, frames = frame_mask.shape
+        flat_mask = frame_mask.reshape(-1)
+        kept = torch.nonzero(flat_mask > 0).reshape(-1)  # [N] of B·F
+        flat_pixels = pixel_values.reshape(-1, *pixel_values.shape[2:])
+        features = self.pool_frames(flat_pixels.index_select(0, kept))  # [N, C]
+        # Row b of `owners` weighs the kept frames of post b by 1 / its frame count: a masked mean as one matmul.
+        owner = torch.div(kept, frames, rounding_mode="floor")
+        owners = (torch.arange(batch, device=owner.device).unsqueeze(1) == owner.unsqueeze(0)).to(features.dtype)
+        counts = owners.sum(dim=1, keepdim=True).clamp(min=1.0)
+        return torch.matmul(owners / counts, features)
+
+    def pool_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, 224, 224]`` float32 frames → the backbone's pooled features ``[N, C]``."""
+        pooled = self.backbone(pixel_values=pixel_values).pooler_output  # [N, C, 1, 1]
         return torch.flatten(pooled, start_dim=1)
 
 

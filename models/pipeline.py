@@ -7,7 +7,7 @@ calibration (``postsim.export.quantize``), the benchmark's in-process baselines
 and the tests.
 
 - :class:`Preprocessor` is the server's own preprocessing: ``preprocess_image``'s decoding
-  and limits (:func:`~postsim.model_repository.preprocessing.preprocess_images`) and
+  of images and videos and its limits (:func:`~postsim.model_repository.visuals.preprocess_visuals`) and
   ``tokenize``'s tokenizer (:class:`~postsim.model_repository.tokenization.TextTokenizer`),
   giving the contract's tensors (:class:`PreparedPosts`).
 - A :class:`Runtime` runs the three models on those tensors: :class:`OrtRuntime`, the
@@ -35,13 +35,14 @@ from postsim.model_repository import contract
 from postsim.model_repository.configs import read_config
 from postsim.model_repository.layout import newest_version_dir
 from postsim.model_repository.onnx_sessions import session_options
-from postsim.model_repository.preprocessing import ImageLimits, preprocess_images
 from postsim.model_repository.tokenization import TOKENIZER_FILE, TextTokenizer
+from postsim.model_repository.visuals import VisualSettings, preprocess_visuals
 
 logger = logging.getLogger("postsim")
 
 PixelValues = np.ndarray | Sequence[np.ndarray | None]
-"""A batch ``[B, 3, 224, 224]``, or one ``[3, 224, 224]`` array per post (None: no image)."""
+"""A batch of frames ``[B, F, 3, 224, 224]`` (with a ``FRAME_MASK``) or of stills ``[B, 3, 224, 224]``,
+or one ``[3, 224, 224]`` array per post (None: no image)."""
 
 
 class Embedded(NamedTuple):
@@ -60,7 +61,10 @@ class PreparedPosts:
     """
 
     pixel_values: np.ndarray
+    frame_mask: np.ndarray
     image_mask: np.ndarray
+    frames: np.ndarray
+    """``FRAMES``: the frames each post's image embedding pools (0 without an image)."""
     input_ids: np.ndarray
     attention_mask: np.ndarray
     text_mask: np.ndarray
@@ -83,9 +87,9 @@ class PreparedPosts:
 class Preprocessor:
     """The server's preprocessing: images decoded as ``preprocess_image`` decodes them, texts tokenised as ``tokenize`` does."""
 
-    def __init__(self, tokenizer: TextTokenizer, *, limits: ImageLimits | None = None) -> None:
+    def __init__(self, tokenizer: TextTokenizer, *, visuals: VisualSettings | None = None) -> None:
         self.tokenizer = tokenizer
-        self.limits = limits or ImageLimits()
+        self.visuals = visuals or VisualSettings()
 
     @classmethod
     def from_tokenizer_json(cls, text: str, *, source: str = "the exported tokenizer") -> Preprocessor:
@@ -101,17 +105,19 @@ class Preprocessor:
             newest_version_dir(repository, contract.TOKENIZE) / TOKENIZER_FILE,
             max_chars=contract.MAX_TEXT_CHARS_PARAMETER.read(text_parameters),
         )
-        return cls(tokenizer, limits=ImageLimits.from_parameters(image_parameters))
+        return cls(tokenizer, visuals=VisualSettings.from_parameters(image_parameters))
 
     def __call__(self, images: Sequence[bytes], texts: Sequence[bytes]) -> PreparedPosts:
-        """Encoded images (``b""``: none) and UTF-8 texts (``b""``: none), one of each per post."""
+        """Encoded images or videos (``b""``: none) and UTF-8 texts (``b""``: none), one of each per post."""
         if len(images) != len(texts):
             raise InvalidPostError(f"one image and one text per post: got {len(images)} and {len(texts)}")
-        pixels = preprocess_images(images, self.limits)
+        pixels = preprocess_visuals(images, self.visuals)
         tokens = self.tokenizer.encode(texts)
         return PreparedPosts(
             pixel_values=pixels.pixel_values,
+            frame_mask=pixels.frame_mask,
             image_mask=pixels.image_mask,
+            frames=pixels.frames,
             input_ids=tokens.input_ids,
             attention_mask=tokens.attention_mask,
             text_mask=tokens.text_mask,
@@ -123,8 +129,8 @@ class Preprocessor:
 class Runtime:
     """The three models of the contract (image encoder, text encoder, fuser) on numpy arrays."""
 
-    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        """``PIXEL_VALUES`` ``[B, 3, 224, 224]`` → ``IMAGE_PROJECTION`` ``[B, dim]``."""
+    def encode_image(self, pixel_values: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        """``PIXEL_VALUES`` ``[B, F, 3, 224, 224]`` and ``FRAME_MASK`` ``[B, F]`` → ``IMAGE_PROJECTION`` ``[B, dim]``."""
         raise NotImplementedError
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -142,15 +148,26 @@ class Runtime:
         attention_mask: np.ndarray,
         image_mask: np.ndarray,
         text_mask: np.ndarray,
+        *,
+        frame_mask: np.ndarray | None = None,
     ) -> Embedded:
         """Embeds a batch of posts given as the contract's tensors, each checked against the contract.
 
-        ``pixel_values`` may be a list with None for posts without an image (zero pixels).
+        ``pixel_values`` may be stills ``[B, 3, 224, 224]`` (one frame each, without ``frame_mask``),
+        or a list with None for posts without an image (zero pixels).
         Like the server, the encoders run on every row; the masks decide what the fuser uses.
         """
         pixels = stack_pixel_values(pixel_values)
         batch = len(pixels)
+        if frame_mask is None and pixels.ndim == len(contract.PIXEL_VALUES.dims):
+            pixels, frame_mask = pixels[:, np.newaxis], np.ones((batch, 1), contract.FRAME_MASK.dtype.numpy)
         image_input = checked(contract.PIXEL_VALUES, pixels, batch)
+        frames_input = checked(contract.FRAME_MASK, frame_mask, batch)
+        if frames_input.shape != image_input.shape[:2]:
+            raise InvalidPostError(
+                f"{contract.FRAME_MASK.name} must have one entry per frame of {contract.PIXEL_VALUES.name}: "
+                f"got {tuple(frames_input.shape)} for {tuple(image_input.shape)}"
+            )
         ids = checked(contract.INPUT_IDS, input_ids, batch)
         tokens_mask = checked(contract.ATTENTION_MASK, attention_mask, batch)
         if ids.shape != tokens_mask.shape:
@@ -161,21 +178,31 @@ class Runtime:
         image_present = checked(contract.IMAGE_MASK, image_mask, batch)
         text_present = checked(contract.TEXT_MASK, text_mask, batch)
         return self.fuse(
-            self.encode_image(image_input), self.encode_text(ids, tokens_mask), image_present, text_present
+            self.encode_image(image_input, frames_input),
+            self.encode_text(ids, tokens_mask),
+            image_present,
+            text_present,
         )
 
     def embed_prepared(self, posts: PreparedPosts) -> Embedded:
-        return self.embed(posts.pixel_values, posts.input_ids, posts.attention_mask, posts.image_mask, posts.text_mask)
+        return self.embed(
+            posts.pixel_values,
+            posts.input_ids,
+            posts.attention_mask,
+            posts.image_mask,
+            posts.text_mask,
+            frame_mask=posts.frame_mask,
+        )
 
 
 def stack_pixel_values(pixel_values: PixelValues) -> np.ndarray:
-    """One ``[B, 3, H, W]`` float32 array; per-post None entries become zero images."""
+    """One float32 array of the batch; per-post ``[3, H, W]`` arrays are stacked, None entries become zero images."""
     if isinstance(pixel_values, np.ndarray):
         return pixel_values
     images = list(pixel_values)
     if not images:
         raise InvalidPostError("no posts to embed: pixel_values is empty")
-    zeros = np.zeros(contract.PIXEL_VALUES.dims, contract.PIXEL_VALUES.dtype.numpy)
+    zeros = np.zeros(contract.PIXEL_VALUES.dims[1:], contract.PIXEL_VALUES.dtype.numpy)
     return np.stack([zeros if image is None else np.asarray(image) for image in images])
 
 
@@ -228,8 +255,9 @@ class OrtRuntime(Runtime):
         results: list[np.ndarray] = self.sessions[model].run(outputs, feed)
         return results
 
-    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self._run(contract.IMAGE_ENCODER, {contract.PIXEL_VALUES.name: pixel_values})[0]
+    def encode_image(self, pixel_values: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        feed = {contract.PIXEL_VALUES.name: pixel_values, contract.FRAME_MASK.name: frame_mask}
+        return self._run(contract.IMAGE_ENCODER, feed)[0]
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feed = {contract.INPUT_IDS.name: input_ids, contract.ATTENTION_MASK.name: attention_mask}

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from postsim.core.errors import InvalidPostError
-from postsim.model_repository.preprocessing import ImageLimits, preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
+from postsim.model_repository.visuals import VisualSettings, preprocess_visuals
 from postsim.models.modules import ImageEncoder, TextEncoder, torch_required
 from postsim.models.pipeline import Embedded, Runtime
 from postsim.models.weights import PostSimModels
@@ -40,9 +40,9 @@ class TorchRuntime(Runtime):
         if threads is not None:
             torch.set_num_threads(threads)
 
-    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+    def encode_image(self, pixel_values: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return self.models.image_encoder(torch.from_numpy(pixel_values)).numpy()
+            return self.models.image_encoder(torch.from_numpy(pixel_values), torch.from_numpy(frame_mask)).numpy()
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -56,18 +56,26 @@ class TorchRuntime(Runtime):
 
 
 def pool_images(
-    encoder: ImageEncoder, images: Sequence[bytes], device: torch.device, *, limits: ImageLimits | None = None
+    encoder: ImageEncoder,
+    images: Sequence[bytes],
+    device: torch.device,
+    *,
+    visuals: VisualSettings | None = None,
 ) -> tuple[np.ndarray, list[InvalidPostError | None]]:
-    """Pooled features ``[B, C]`` of encoded images, preprocessed as the server preprocesses them.
+    """Pooled features ``[B, C]`` of encoded images or videos, preprocessed as the server preprocesses them.
 
+    A video's features are the mean over its sampled frames, the encoder's own frame pooling.
     An image that does not decode gets a zero row and its error in its slot.
     """
-    pixels, mask, errors = preprocess_images(images, limits or ImageLimits())
+    pixels, frame_mask, mask, _, errors = preprocess_visuals(images, visuals or VisualSettings())
     rows = np.flatnonzero(mask[:, 0] > 0)
     features = np.zeros((len(images), encoder.projection.in_features), dtype=np.float32)
     if rows.size:
         with torch.inference_mode():
-            features[rows] = encoder.pool(torch.from_numpy(pixels[rows]).to(device)).cpu().numpy()
+            pooled = encoder.pool(
+                torch.from_numpy(pixels[rows]).to(device), torch.from_numpy(frame_mask[rows]).to(device)
+            )
+            features[rows] = pooled.cpu().numpy()
     return features, errors
 
 

@@ -6,13 +6,18 @@ no other file shares (each folder may have a conftest.py of its own).
 
 from __future__ import annotations
 
+import io
 import itertools
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from postsim.corpus.posts import CorpusPost
 from postsim.model_repository import contract
@@ -71,13 +76,55 @@ def publish_random_index(repository: Path, url: str, count: int = 60) -> None:
         publish_index(index_dir, repository, client=client)
 
 
+# --------------------------------------------------------------------------- videos
+
+VIDEO_SIZE = (64, 48)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48)]
+PALETTE += [(145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0), (0, 0, 128)]
+"""Ten colours far apart, one per frame of the numbered videos."""
+
+
+def picture(colour: tuple[int, int, int], size: tuple[int, int] = VIDEO_SIZE) -> Image.Image:
+    """A flat colour with a white disc and a dark bar, so that position and orientation show."""
+    image = Image.new("RGB", size, colour)
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    draw.ellipse((width // 4, height // 4, width // 2, height // 2 + height // 4), fill=(250, 250, 250))
+    draw.rectangle((0, height - height // 6, width // 3, height), fill=(20, 20, 20))
+    return image
+
+
+def audio_only_mp4() -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=8000)
+        for index in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, index * 1024
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def tkhd_payload(data: bytes | bytearray) -> int:
+    return data.index(b"tkhd") + 4
+
+
+def with_track_header_size(data: bytes, width: int, height: int) -> bytes:
+    """The MP4 with its track header's size edited (16.16 fixed point, after 76 bytes of a version-0 tkhd)."""
+    edited = bytearray(data)
+    offset = tkhd_payload(edited) + 76
+    edited[offset : offset + 8] = struct.pack(">II", width << 16, height << 16)
+    return bytes(edited)
+
+
 EXPLAINED_POSTS = 48
 """Sample posts the explanation and page tests index (``explained_corpus``)."""
 
 
 @dataclass(frozen=True)
 class ExplainedCorpus:
-    """Sample posts, where each image's object was drawn, and three indexes of them."""
+    """Sample posts (a few of them videos), where each picture's object was drawn, and three indexes of them."""
 
     path: Path
     posts: list[CorpusPost]
@@ -87,7 +134,11 @@ class ExplainedCorpus:
     no_unimodal: Path
 
     def with_image_and_text(self) -> list[CorpusPost]:
-        return [post for post in self.posts if post.text and post.image_path]
+        """The posts with a picture (not a video: its object has no one place) and a text."""
+        return [post for post in self.posts if post.text and post.id in self.boxes]
+
+    def videos(self) -> list[CorpusPost]:
+        return [post for post in self.posts if post.image_path is not None and post.image_path.suffix == ".mp4"]
 
 
 def publish_sample_index(server: TritonServer, index_dir: Path) -> None:

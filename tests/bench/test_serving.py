@@ -26,6 +26,7 @@ from postsim.bench.results import (
     TORCH_EAGER,
     TRITON_POST_EMBEDDING,
     TRITON_SIMILAR_POSTS,
+    TRITON_VIDEO_POSTS,
     BenchPoint,
     ConfigurationKind,
     ConfigurationResult,
@@ -36,6 +37,7 @@ from postsim.bench.results import (
 from postsim.bench.serving import (
     ServingBenchSettings,
     SweepSettings,
+    VideoWorkloadSettings,
     apply_serving_settings,
     run_level,
     run_serving_benchmark,
@@ -44,7 +46,11 @@ from postsim.bench.serving import (
 )
 from postsim.bench.workload import BenchPost
 from postsim.core.errors import BenchError, ServerError
+from postsim.corpus.sample_videos import VideoSpec
 from postsim.export.triton_config import ServingSettings
+
+TINY_CLIP = VideoSpec(size=(64, 48), frame_rate=4, frames=16, keyframe_interval=4)
+"""The video workload's clip in tests: 4 s, encoded in milliseconds."""
 
 POSTS = [BenchPost(id=f"p{i}", image=b"", text=f"post {i}") for i in range(5)]
 
@@ -187,12 +193,24 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
         posts=8,
         sweep=SweepSettings(concurrency=(1, 2), requests=6, warmup=2),
         baselines=BaselineSettings(batch_sizes=(1, 8), posts=8, warmup_posts=1),
+        video=VideoWorkloadSettings(clips=1, requests=2, concurrency=(1,), spec=TINY_CLIP),
     )
     report = run_serving_benchmark(settings, torch_models=exported_repository.models)
 
     names = [configuration.name for configuration in report.configurations]
-    assert names == [ORT_IN_PROCESS, TORCH_EAGER, TRITON_POST_EMBEDDING, TRITON_SIMILAR_POSTS]
-    for configuration in report.configurations:
+    assert names == [ORT_IN_PROCESS, TORCH_EAGER, TRITON_POST_EMBEDDING, TRITON_SIMILAR_POSTS, TRITON_VIDEO_POSTS]
+    *images, videos = report.configurations
+    (video_point,) = videos.points
+    assert video_point.errors == 0 and video_point.requests == 2, video_point.first_error
+    assert videos.max_abs_diff is None  # no in-process baseline of video posts
+    if sys.platform == "linux":
+        video_cpu, image_cpu = (
+            video_point.cpu_ms_per_post_by_model,
+            report.configurations[2].points[0].cpu_ms_per_post_by_model,
+        )
+        assert video_cpu["image_encoder"] > image_cpu["image_encoder"]  # 8 frames against 1
+        assert "preprocess_image" in video_cpu
+    for configuration in images:
         assert configuration.max_abs_diff is not None and configuration.max_abs_diff < 1e-3, configuration.name
         if configuration.kind is ConfigurationKind.TRITON:
             assert configuration.mean_cosine_to_torch_fp32 is not None
@@ -218,5 +236,6 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
 
     console = Console(record=True, width=200)
     console.print(format_report(report))
-    assert TRITON_SIMILAR_POSTS in console.export_text()
+    text = console.export_text()
+    assert TRITON_SIMILAR_POSTS in text and "video posts at c=1: p50" in text
     assert "| Triton post_embedding | c=1 |" in format_markdown(report)

@@ -303,3 +303,15 @@ def test_export_without_the_hub_still_loads_a_cached_model(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout + result.stderr
     provenance = json.loads((repository / "weights.json").read_text())["provenance"]
     assert provenance["image_encoder"]["backbone"] == "pretrained:postsim-test/tiny-resnet"
+
+
+@pytest.mark.integration
+def test_sample_posts_write_video_posts_that_embed_from_the_command_line(grpc_url: str, tmp_path: Path) -> None:
+    code, output = _postsim("sample-posts", "--out", str(tmp_path), "--n", "16", "--videos", "1")
+    assert code == 0, output
+    (clip,) = (tmp_path / "videos").iterdir()
+    code, output = _postsim("embed", "--image", str(clip), "--text", "a clip", "--url", grpc_url)
+    assert code == 0, output
+    result = json.loads(output)
+    assert result["frames"] == 8 and len(result["embedding"]) == 256
+    assert result["modality_weights"]["image"] > 0 and result["modality_weights"]["text"] > 0

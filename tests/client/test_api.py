@@ -118,11 +118,13 @@ class FakeTriton:
         embedding = np.zeros((len(numbers), DIM), dtype=np.float32)
         embedding[:, 0] = numbers
         weights = np.tile(np.array([[0.25, 0.75]], dtype=np.float32), (len(numbers), 1))
+        frames = np.array([[number % 9] for number in numbers], dtype=np.int32)
         answer: dict[str, np.ndarray] = {
             contract.EMBEDDING.name: embedding,
             contract.MODALITY_WEIGHTS.name: weights,
             contract.IMAGE_EMBEDDING.name: np.eye(1, DIM, 1, dtype=np.float32).repeat(len(numbers), axis=0),
             contract.TEXT_EMBEDDING.name: np.eye(1, DIM, 2, dtype=np.float32).repeat(len(numbers), axis=0),
+            contract.FRAMES.name: frames,
         }
         if model_name == contract.SIMILAR_POSTS:
             ids = np.array([[f"{n}-a".encode(), f"{n}-b".encode()] for n in numbers], dtype=np.object_)
@@ -385,7 +387,13 @@ def test_embed_splits_20_posts_into_16_and_4_in_order(client: PostSimClient, fak
     results = client.embed(numbered(20))
     assert [len(tensor_values(call["inputs"][0])) for call in fake.calls] == [16, 4]
     assert all(call["model"] == "post_embedding" for call in fake.calls)
-    assert fake.calls[0]["outputs"] == ["EMBEDDING", "MODALITY_WEIGHTS", "IMAGE_EMBEDDING", "TEXT_EMBEDDING"]
+    assert fake.calls[0]["outputs"] == [
+        "EMBEDDING",
+        "MODALITY_WEIGHTS",
+        "IMAGE_EMBEDDING",
+        "TEXT_EMBEDDING",
+        "FRAMES",
+    ]
     assert fake.calls[0]["client_timeout"] == 5.0
     assert fake.calls[0]["headers"] == {"x-tenant": "t1"}
     assert [int(result.embedding[0]) for result in results] == list(range(20))
@@ -395,6 +403,7 @@ def test_embed_splits_20_posts_into_16_and_4_in_order(client: PostSimClient, fak
     assert first.embedding.flags.writeable
     assert (first.image_weight, first.text_weight) == (0.25, 0.75)
     assert first.image_embedding[1] == 1.0 and first.text_embedding[2] == 1.0
+    assert [result.frames for result in results[:10]] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]
 
 
 def test_similar_sends_top_k_and_returns_neighbours(client: PostSimClient, fake: FakeTriton) -> None:
@@ -417,13 +426,14 @@ def test_similar_sends_top_k_and_returns_neighbours(client: PostSimClient, fake:
         "MODALITY_WEIGHTS",
         "IMAGE_EMBEDDING",
         "TEXT_EMBEDDING",
+        "FRAMES",
     ]
 
     many = client.similar_many(numbered(18), k=2)
     assert [len(tensor_values(call["inputs"][0])) for call in fake.calls[1:]] == [16, 2]
     assert isinstance(many[17], SimilarResult)
     assert [n.id for n in many[17].neighbors] == ["17-a", "17-b"]
-    assert int(many[17].embedding[0]) == 17
+    assert int(many[17].embedding[0]) == 17 and many[17].frames == 17 % 9
 
 
 def test_a_response_of_the_wrong_shape_is_a_server_error(client: PostSimClient, fake: FakeTriton) -> None:

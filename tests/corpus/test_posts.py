@@ -48,3 +48,18 @@ def test_bad_labels_splits_and_duplicate_ids_name_the_line(
     path = _corpus(tmp_path, {"id": "first", "text": "fine"}, record)
     with pytest.raises(InvalidPostError, match=message):
         list(read_posts(path))
+
+
+def test_a_video_may_be_named_under_image_or_video(tmp_path: Path) -> None:
+    path = _corpus(
+        tmp_path,
+        {"id": "a", "image": "clips/a.mp4"},
+        {"id": "b", "text": "two", "video": "clips/b.webm"},
+    )
+    assert [post.image_path for post in read_posts(path)] == [tmp_path / "clips/a.mp4", tmp_path / "clips/b.webm"]
+
+
+def test_a_line_with_both_image_and_video_is_refused(tmp_path: Path) -> None:
+    path = _corpus(tmp_path, {"id": "a", "image": "a.jpg", "video": "a.mp4"})
+    with pytest.raises(InvalidPostError, match=r"posts.jsonl:1: post 'a' has both 'image' and 'video'"):
+        list(read_posts(path))

@@ -15,8 +15,10 @@ from postsim.corpus import samples
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.corpus.samples import write_sample_posts
 from postsim.model_repository.preprocessing import decode_image
+from postsim.model_repository.video import VideoFormat, sample_video, sniff_video
 
 N = 20
+VIDEO_POSTS = ("post-00005", "post-00015")
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,9 @@ def records(path: Path) -> list[dict[str, Any]]:
 def test_same_seed_same_bytes_other_seed_other_posts(corpus: Path, tmp_path: Path) -> None:
     again = write_sample_posts(N, tmp_path / "again", seed=0)
     assert again.read_bytes() == corpus.read_bytes()
-    for image in sorted((corpus.parent / "images").iterdir()):
-        assert (again.parent / "images" / image.name).read_bytes() == image.read_bytes()
+    for folder in ("images", "videos"):
+        for image in sorted((corpus.parent / folder).iterdir()):
+            assert (again.parent / folder / image.name).read_bytes() == image.read_bytes()
     other = write_sample_posts(5, tmp_path / "other", seed=1)
     assert records(other) != records(corpus)[:5]
 
@@ -49,9 +52,10 @@ def test_the_jsonl_layout(corpus: Path) -> None:
     for line in lines:
         assert set(line) - {"object_box"} == {"id", "text", "image", "label", "generic"}
         has_object = line["image"] is not None and line["generic"] != samples.GENERIC_IMAGE
+        has_object = has_object and line["id"] not in VIDEO_POSTS  # the camera pans: no one place in a video
         assert ("object_box" in line) == has_object
         if line["image"] is not None:
-            assert line["image"].startswith("images/")
+            assert line["image"].startswith("videos/" if line["id"] in VIDEO_POSTS else "images/")
             assert (corpus.parent / line["image"]).is_file()
         if has_object:
             left, top, right, bottom = line["object_box"]
@@ -77,7 +81,7 @@ def test_images_come_in_every_format_and_shape_and_all_decode(corpus: Path) -> N
     kinds = set()
     shapes = set()
     for post in read_posts(corpus):
-        if post.image_path is None:
+        if post.image_path is None or post.id in VIDEO_POSTS:
             continue
         with Image.open(post.image_path) as image:
             kinds.add((image.format, image.mode))
@@ -118,7 +122,7 @@ def test_benchmark_sizes_and_longer_captions(tmp_path: Path) -> None:
         6, tmp_path, seed=3, image_size=(640, 480), words=(20, 60), generic_captions=0, generic_images=0
     )
     for post in read_posts(path):
-        if post.image_path is not None:
+        if post.image_path is not None and post.id not in VIDEO_POSTS:
             assert Image.open(post.image_path).size == (640, 480)
         if post.text is not None:
             assert 20 <= len(post.text.split("\n")[1].split()) <= 60 + 10  # whole sentences
@@ -131,10 +135,19 @@ def test_benchmark_sizes_and_longer_captions(tmp_path: Path) -> None:
         {"words": (0, 5)},
         {"words": (9, 5)},
         {"image_size": (16, 480)},
+        {"videos": -1},
         {"generic_captions": -0.1},
         {"generic_captions": 0.6, "generic_images": 0.5},
     ],
-    ids=["negative-n", "zero-words", "inverted-words", "tiny-image", "negative-share", "shares-over-1"],
+    ids=[
+        "negative-n",
+        "zero-words",
+        "inverted-words",
+        "tiny-image",
+        "negative-videos",
+        "negative-share",
+        "shares-over-1",
+    ],
 )
 def test_nonsense_arguments_are_refused(tmp_path: Path, options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -157,6 +170,36 @@ def test_a_crash_leaves_no_corpus_behind(tmp_path: Path, monkeypatch: pytest.Mon
         write_sample_posts(10, tmp_path, seed=1)
     assert not posts.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_video_posts_are_short_mp4s_of_their_topic_named_in_image(corpus: Path, tmp_path: Path) -> None:
+    posts = {post.id: post for post in read_posts(corpus)}
+    for post_id in VIDEO_POSTS:
+        post = posts[post_id]
+        assert post.image_path is not None and post.image_path.suffix == ".mp4" and post.text
+        data = post.image_path.read_bytes()
+        assert sniff_video(data) is VideoFormat.MP4
+        pixels, used = sample_video(data)
+        assert used == 8 and pixels.any()
+    assert sorted(path.stem for path in (corpus.parent / "videos").iterdir()) == list(VIDEO_POSTS)
+    fewer = write_sample_posts(N, tmp_path / "one", seed=0, videos=1)
+    assert [line["image"] for line in records(fewer) if line["image"] and line["image"].startswith("videos/")] == [
+        "videos/post-00005.mp4"
+    ]
+    assert [line["text"] for line in records(fewer)] == [line["text"] for line in records(corpus)]
+    assert not (write_sample_posts(N, tmp_path / "none", seed=0, videos=0).parent / "videos").exists()
+
+
+def test_a_generic_image_video_post_pans_a_generic_picture(corpus: Path, tmp_path: Path) -> None:
+    """The generic share applies to video posts too: only a generic-image post's video changes without it."""
+    generic = {line["id"]: line["generic"] for line in records(corpus)}
+    assert [generic[post_id] for post_id in VIDEO_POSTS] == [None, samples.GENERIC_IMAGE]
+    topical = write_sample_posts(N, tmp_path, seed=0, generic_captions=0, generic_images=0).parent
+    for post_id in VIDEO_POSTS:
+        same = (topical / "videos" / f"{post_id}.mp4").read_bytes() == (
+            corpus.parent / "videos" / f"{post_id}.mp4"
+        ).read_bytes()
+        assert same == (generic[post_id] is None)
 
 
 def test_read_back(corpus: Path) -> None:

@@ -17,6 +17,7 @@ from postsim.cli.main import app
 from postsim.client.api import PostSimClient
 from postsim.client.explain import MAX_WORDS, OCCLUSION_GREY
 from postsim.client.posts import Post
+from postsim.core.errors import InvalidPostError
 from postsim.corpus.posts import CorpusPost
 from postsim.explanation.targets import indexed_post
 from postsim.model_repository import contract
@@ -180,6 +181,27 @@ def test_the_cli_prints_the_tables_and_the_time_and_draws_the_png(
     data = json.loads(as_json.stdout)
     assert data["target"] == post.id and len(data["regions"]) == 9 and data["seconds"] > 0
     assert sum(data["parts"].values()) == pytest.approx(data["score"], abs=1e-3)
+
+
+def test_a_video_query_is_refused_before_any_request_and_a_video_target_is_explained(
+    explained_server: TritonServer, explained_corpus: ExplainedCorpus
+) -> None:
+    """Occlusion greys regions of one picture; a video's embedding pools frames, so a video query is refused."""
+    url = explained_server.endpoints.grpc
+    video = explained_corpus.videos()[0]
+    target = indexed_post(explained_corpus.flat, video.id).embedding
+    assert target.frames is None  # an index keeps no frame count
+    before = _post_embedding_requests(url)
+    with (
+        PostSimClient(url) as client,
+        pytest.raises(InvalidPostError, match=r"IMAGE: the query is a video \(MP4/MOV\)"),
+    ):
+        client.explain(video.to_post(), target)
+    assert _post_embedding_requests(url) == before
+    still = explained_corpus.with_image_and_text()[0]
+    with PostSimClient(url) as client:
+        explanation = client.explain(still.to_post(), video.to_post())  # the other post may be a video
+    assert len(explanation.regions) == 49 and explanation.parts.total == pytest.approx(explanation.score, abs=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,11 @@ def test_exported_files_declare_the_contract_signature(
         ("ATTENTION_MASK", ["batch", "sequence"]),
     ]
     assert [(o.name, o.shape) for o in session.get_outputs()] == [("TEXT_PROJECTION", ["batch", 256])]
+    image = ort.InferenceSession(str(paths[IMAGE_ENCODER]), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in image.get_inputs()] == [
+        ("PIXEL_VALUES", ["batch", "frames", 3, 224, 224]),
+        ("FRAME_MASK", ["batch", "frames"]),
+    ]
     fuser = ort.InferenceSession(str(paths[FUSER]), providers=["CPUExecutionProvider"])
     assert [(o.name, o.shape) for o in fuser.get_outputs()] == [
         ("EMBEDDING", ["batch", 256]),
@@ -91,18 +96,19 @@ def test_exported_files_declare_the_contract_signature(
     ]
 
 
-@pytest.mark.parametrize(("batch", "sequence"), [(1, 3), (7, 40)])
+@pytest.mark.parametrize(("batch", "sequence", "frames"), [(1, 3, 1), (7, 40, 5)])
 def test_onnx_runtime_matches_pytorch_at_other_sizes(
     tiny_models: PostSimModels,
     exported: tuple[dict[str, Path], dict[str, ValidationReport]],
     batch: int,
     sequence: int,
+    frames: int,
 ) -> None:
     paths, _ = exported
     modules = tiny_models.modules()
     for name in ONNX_MODELS:
         spec = SPECS[name]
-        inputs = sample_inputs(spec, batch=batch, sequence=sequence, vocab_size=30522, seed=7)
+        inputs = sample_inputs(spec, batch=batch, sequence=sequence, frames=frames, vocab_size=30522, seed=7)
         session = ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"])
         actual = dict(zip(spec.output_names, session.run(spec.output_names, inputs), strict=True))
         with torch.inference_mode():
@@ -123,13 +129,14 @@ def test_chained_onnx_models_reproduce_the_torch_pipeline(
     paths, _ = exported
     sessions = {name: ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"]) for name in paths}
     rng = np.random.default_rng(3)
-    pixels = rng.standard_normal((3, 3, 224, 224)).astype(np.float32)
+    pixels = rng.standard_normal((3, 2, 3, 224, 224)).astype(np.float32)
+    frame_mask = np.array([[1, 1], [1, 0], [1, 0]], np.float32)
     ids = rng.integers(1000, 30522, size=(3, 9)).astype(np.int64)
     mask = np.ones_like(ids)
     image_mask = np.array([[1], [0], [1]], np.float32)
     text_mask = np.array([[1], [1], [0]], np.float32)
 
-    (image,) = sessions[IMAGE_ENCODER].run(None, {"PIXEL_VALUES": pixels})
+    (image,) = sessions[IMAGE_ENCODER].run(None, {"PIXEL_VALUES": pixels, "FRAME_MASK": frame_mask})
     (text,) = sessions[TEXT_ENCODER].run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
     fuser_inputs = {
         "IMAGE_PROJECTION": image,
@@ -149,7 +156,9 @@ def test_chained_onnx_models_reproduce_the_torch_pipeline(
     np.testing.assert_allclose(np.linalg.norm(fused["IMAGE_EMBEDDING"], axis=1), [1.0, 0.0, 1.0], atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(fused["TEXT_EMBEDDING"], axis=1), [1.0, 1.0, 0.0], atol=1e-6)
 
-    expected_embedding, expected_weights = TorchRuntime(tiny_models).embed(pixels, ids, mask, image_mask, text_mask)
+    expected_embedding, expected_weights = TorchRuntime(tiny_models).embed(
+        pixels, ids, mask, image_mask, text_mask, frame_mask=frame_mask
+    )
     np.testing.assert_allclose(embedding, expected_embedding, atol=1e-4)
     np.testing.assert_allclose(weights, expected_weights, atol=1e-5)
     assert weights[1, 0] == 0.0 and weights[2, 1] == 0.0
@@ -185,7 +194,7 @@ def test_file_with_another_signature_is_an_error(
     exported: tuple[dict[str, Path], dict[str, ValidationReport]],
 ) -> None:
     paths, _ = exported
-    with pytest.raises(ExportMismatchError, match=r"text_encoder: ONNX inputs are \['PIXEL_VALUES'\]"):
+    with pytest.raises(ExportMismatchError, match=r"text_encoder: ONNX inputs are \['PIXEL_VALUES', 'FRAME_MASK'\]"):
         validate_onnx_model(tiny_models.text_encoder, SPECS[TEXT_ENCODER], paths[IMAGE_ENCODER])
 
 

@@ -59,13 +59,15 @@ def test_public_contract_of_post_embedding(target: Target) -> None:
         "MODALITY_WEIGHTS": ("TYPE_FP32", [2]),
         "IMAGE_EMBEDDING": ("TYPE_FP32", [DIM]),
         "TEXT_EMBEDDING": ("TYPE_FP32", [DIM]),
+        "FRAMES": ("TYPE_INT32", [1]),
     }
+    # Written last first (see ensemble_config): Triton charges pruned ensemble inputs to the first step.
     assert [step.model_name for step in config.ensemble_scheduling.step] == [
-        "preprocess_image",
-        "tokenize",
-        "image_encoder",
-        "text_encoder",
         "fuser",
+        "text_encoder",
+        "image_encoder",
+        "tokenize",
+        "preprocess_image",
     ]
 
 
@@ -80,7 +82,8 @@ def test_public_contract_of_similar_posts(target: Target) -> None:
     assert outputs["CONTRIBUTIONS"] == ("TYPE_FP32", [-1, 4])
     assert outputs["IMAGE_EMBEDDING"] == outputs["TEXT_EMBEDDING"] == ("TYPE_FP32", [DIM])
     # retrieval is reached through the gateway, so loading an index version re-creates no ensemble.
-    assert config.ensemble_scheduling.step[-1].model_name == "retrieval_gateway"
+    assert config.ensemble_scheduling.step[0].model_name == "retrieval_gateway"
+    assert outputs["FRAMES"] == ("TYPE_INT32", [1])
 
 
 def test_tokenize_waits_for_the_post_checks_of_preprocess_image() -> None:

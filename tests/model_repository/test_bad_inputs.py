@@ -35,6 +35,7 @@ from tritonclient.utils import InferenceServerException
 from postsim.client.api import AsyncPostSimClient, PostSimClient, map_server_error
 from postsim.client.posts import Post
 from postsim.core.errors import InvalidPostError
+from postsim.corpus.sample_videos import VideoSpec, encode_video
 from postsim.export.triton_config import InputLimits, apply_input_limits
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
@@ -356,17 +357,14 @@ def test_odd_but_valid_images_are_embedded(url: str, case: str) -> None:
     assert (result.image_weight, result.text_weight) == (1.0, 0.0)
 
 
-def test_an_animated_gif_is_embedded_as_its_first_frame(url: str) -> None:
+def test_an_animated_gif_is_embedded_from_frames_spread_over_it(url: str) -> None:
+    """Animated GIFs go through the video sampler: the embedding pools its frames, not its first alone."""
     with PostSimClient(url) as client:
-        animated, first, second = client.embed(
-            [
-                Post(image=_animated_gif([(255, 0, 0), (0, 0, 255)])),
-                Post(image=_animated_gif([(255, 0, 0)])),
-                Post(image=_animated_gif([(0, 0, 255)])),
-            ]
+        animated, first = client.embed(
+            [Post(image=_animated_gif([(255, 0, 0), (0, 0, 255)])), Post(image=_animated_gif([(255, 0, 0)]))]
         )
-    assert np.allclose(animated.embedding, first.embedding, atol=1e-5)
-    assert not np.allclose(animated.embedding, second.embedding, atol=1e-3)
+    assert (animated.frames, first.frames) == (2, 1)
+    assert not np.allclose(animated.embedding, first.embedding, atol=1e-3)
 
 
 ODD_TEXTS = {
@@ -410,9 +408,8 @@ def _since(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
     return after[0] - before[0], after[1] - before[1]
 
 
-def test_one_bad_post_among_batched_requests_fails_only_itself(url: str) -> None:
-    posts = [Post(text=f"post {i} at the beach", image=_encoded(_photo(seed=i), "JPEG")) for i in range(16)]
-    posts[7] = Post(text="the bad one", image=b"<html>not an image</html>")
+def _embed_batched(url: str, posts: list[Post]) -> list[Any]:
+    """Each post in a request of its own, all sent at once so that preprocess_image batches them."""
     before = _batching(url, contract.PREPROCESS_IMAGE)
 
     async def send_all() -> list[Any]:
@@ -421,12 +418,43 @@ def test_one_bad_post_among_batched_requests_fails_only_itself(url: str) -> None
 
     results = asyncio.run(send_all())
     inferences, executions = _since(before, _batching(url, contract.PREPROCESS_IMAGE))
-    assert inferences == 16 and executions < inferences, "the requests were not batched together"
+    assert inferences == len(posts) and executions < inferences, "the requests were not batched together"
+    return results
+
+
+def test_one_bad_post_among_batched_requests_fails_only_itself(url: str) -> None:
+    posts = [Post(text=f"post {i} at the beach", image=_encoded(_photo(seed=i), "JPEG")) for i in range(16)]
+    posts[7] = Post(text="the bad one", image=b"<html>not an image</html>")
+    results = _embed_batched(url, posts)
     failed = {i: result for i, result in enumerate(results) if isinstance(result, BaseException)}
     assert list(failed) == [7]
     assert isinstance(failed[7], InvalidPostError) and "IMAGE" in str(failed[7]) and "HTML" in str(failed[7])
     for result in results[:7] + results[8:]:
         assert isinstance(result, list) and np.linalg.norm(result[0].embedding) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_one_bad_video_among_batched_requests_fails_only_its_post(url: str) -> None:
+    """Videos, images and a truncated video in one batch: the image encoder pads the images to the videos'
+    frames, and each good post embeds as it does alone."""
+    spec = VideoSpec(size=(64, 48), frame_rate=4, frames=12, keyframe_interval=4)
+    posts = [
+        Post(image=encode_video(lambda index, i=i: _photo(64, 48, seed=i + index // 6), spec))
+        if i % 2
+        else Post(image=_encoded(_photo(seed=i), "JPEG"))
+        for i in range(8)
+    ]
+    bad = posts[3].image_bytes()
+    posts[3] = Post(text="the bad one", image=bad[: len(bad) // 2])
+    results = _embed_batched(url, posts)
+    failed = {i: result for i, result in enumerate(results) if isinstance(result, BaseException)}
+    assert list(failed) == [3]
+    assert isinstance(failed[3], InvalidPostError) and "IMAGE: truncated or corrupt MP4/MOV" in str(failed[3])
+    with PostSimClient(url) as client:
+        alone = [client.embed([post])[0] for post in posts[:3] + posts[4:]]
+    for result, single in zip(results[:3] + results[4:], alone, strict=True):
+        assert isinstance(result, list)
+        assert result[0].frames == single.frames and single.frames in (1, contract.VIDEO_FRAMES)
+        np.testing.assert_allclose(result[0].embedding, single.embedding, atol=1e-5)
 
 
 def test_one_bad_request_in_an_onnx_batch_fails_only_itself(url: str, limited_server: TritonServer) -> None:

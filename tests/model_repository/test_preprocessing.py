@@ -23,7 +23,6 @@ from postsim.model_repository.preprocessing import (
     centre_crop_box,
     decode_image,
     image_to_pixels,
-    preprocess_images,
     resized_size,
     to_rgb,
 )
@@ -375,24 +374,3 @@ def test_decoding_refuses_to_run_with_truncated_images_allowed(monkeypatch: pyte
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(PostSimError, match="LOAD_TRUNCATED_IMAGES"):
         decode_image(jpeg_photo())
-
-
-# --- Batches --------------------------------------------------------------------------------
-
-
-def test_a_bad_item_fails_only_itself() -> None:
-    good = encode(Image.new("RGB", (50, 30), (128, 128, 128)), "PNG")
-    pixels, mask, errors = preprocess_images([good, b"<html>", b"", good])
-    assert pixels.shape == (4, 3, 224, 224)
-    assert pixels.dtype == mask.dtype == np.float32
-    assert mask.tolist() == [[1.0], [0.0], [0.0], [1.0]]
-    assert errors[0] is None and errors[2] is None and errors[3] is None
-    assert isinstance(errors[1], InvalidPostError)
-    assert str(errors[1]).startswith("IMAGE: ")
-    assert not pixels[1].any() and not pixels[2].any()
-    np.testing.assert_array_equal(pixels[0], pixels[3])
-
-
-def test_an_empty_batch() -> None:
-    pixels, mask, errors = preprocess_images([])
-    assert pixels.shape == (0, 3, 224, 224) and mask.shape == (0, 1) and errors == []

@@ -96,8 +96,25 @@ def test_fuser_embedding_is_the_weighted_sum_of_its_unit_modality_vectors(tiny_m
 @pytest.mark.parametrize("batch", [1, 3])
 def test_image_encoder_maps_pixels_to_dim(tiny_models: PostSimModels, batch: int) -> None:
     with torch.inference_mode():
-        output = tiny_models.image_encoder(torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE))
+        output = tiny_models.image_encoder(torch.randn(batch, 1, 3, IMAGE_SIZE, IMAGE_SIZE), torch.ones(batch, 1))
     assert output.shape == (batch, 256) and output.dtype == torch.float32
+
+
+def test_image_encoder_pools_the_mean_of_the_masked_frames(tiny_models: PostSimModels) -> None:
+    """A post's embedding is the projection of the mean of its frames' features; padded frames change nothing."""
+    encoder = tiny_models.image_encoder
+    frames = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    pixels = torch.zeros(2, 3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    pixels[0] = frames
+    pixels[1, 0], pixels[1, 1:] = frames[0], torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)  # padding that is not zeros
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    with torch.inference_mode():
+        pooled = encoder.pool(pixels, mask)
+        each = encoder.pool_frames(frames)
+        output = encoder(pixels, mask)
+    torch.testing.assert_close(pooled[0], each.mean(dim=0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled[1], each[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output, encoder.projection(pooled))
 
 
 @pytest.mark.parametrize(("batch", "length"), [(1, 4), (3, 17)])

@@ -12,8 +12,8 @@ import torch
 
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.corpus.samples import write_sample_posts
-from postsim.model_repository.preprocessing import preprocess_images
 from postsim.model_repository.tokenization import TextTokenizer
+from postsim.model_repository.visuals import preprocess_visuals
 from postsim.models.settings import ModelSettings, ModelSize
 from postsim.models.torch_runtime import pool_images, pool_texts
 from postsim.models.weights import PostSimModels, build_models
@@ -49,7 +49,8 @@ def test_pooled_features_through_the_projection_are_the_encoders_output(
     features, errors = pool_images(models.image_encoder, images, CPU)
     assert errors == [None] * 4
     with torch.no_grad():
-        expected = models.image_encoder(torch.from_numpy(preprocess_images(images).pixel_values))
+        visuals = preprocess_visuals(images)
+        expected = models.image_encoder(torch.from_numpy(visuals.pixel_values), torch.from_numpy(visuals.frame_mask))
         projected = models.image_encoder.projection(torch.from_numpy(features))
     torch.testing.assert_close(projected, expected, rtol=1e-5, atol=1e-5)
 

@@ -102,7 +102,8 @@ def test_the_corpus_fingerprint_follows_content_not_order(trained: Trained, tmp_
     lines = trained.corpus.read_text().splitlines(keepends=True)
     shuffled = tmp_path / "corpus" / "posts.jsonl"
     shuffled.parent.mkdir()
-    (shuffled.parent / "images").symlink_to(trained.corpus.parent / "images")
+    for folder in ("images", "videos"):  # the sample corpus's media
+        (shuffled.parent / folder).symlink_to(trained.corpus.parent / folder)
     shuffled.write_text("".join(reversed(lines)))
     settings = TrainHeadSettings(
         corpus=shuffled,
