@@ -153,7 +153,11 @@ def _optional_str(value: object, field: str) -> str | None:
 
 
 class AppendableArray:
-    """A 1-D numpy array that grows at the end (its capacity doubles), for columns that rows are appended to."""
+    """A 1-D numpy array that grows at the end, for columns that rows are appended to.
+
+    Capacity grows by an eighth (at least what is needed): appends stay amortised O(1), and
+    a column of a million published rows is not doubled by its first upsert.
+    """
 
     def __init__(self, dtype: type[np.generic], initial: np.ndarray | None = None) -> None:
         values = np.zeros(0, dtype=dtype) if initial is None else np.asarray(initial, dtype=dtype)
@@ -172,7 +176,7 @@ class AppendableArray:
         values = np.asarray(values, dtype=self._data.dtype)
         needed = self._size + len(values)
         if needed > len(self._data):
-            grown = np.zeros(max(needed, 2 * len(self._data), 16), dtype=self._data.dtype)
+            grown = np.zeros(max(needed, len(self._data) + len(self._data) // 8, 16), dtype=self._data.dtype)
             grown[: self._size] = self._data[: self._size]
             self._data = grown
         self._data[self._size : needed] = values

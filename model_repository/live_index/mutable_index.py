@@ -1,20 +1,20 @@
 """A published FAISS index version that takes changes while it serves: the FAISS :class:`LiveIndex`.
 
 **Rows.** The published version's posts are rows ``0 … n-1`` (its own order). Every
-upserted post appends a row, its vector kept in an exact flat index beside the published
-one (the *delta*); the row of a post replaced or deleted is marked dead. Rows are never
-renumbered and what a row holds never changes, only whether it is live, until
-:meth:`MutableIndex.compact` gathers the live rows for a new version. The published index
-itself is never modified: its file stays the one its checksums describe.
+upserted post is added to the loaded index as the next row (IVF lists and PQ codes as
+trained, the graph of HNSW, the full vectors every postsim index keeps); the row of a post
+replaced or deleted is marked dead. Rows are never renumbered and what a row holds never
+changes, only whether it is live, until :meth:`MutableIndex.compact` gathers the live rows
+for a new version, retrained and tuned. The live index takes the loaded index over: it is
+changed in memory only, and its file stays the one its checksums describe.
 
 **Search.** Dead rows and rows a filter drops never reach FAISS's ranking: a bitmap of the
 passing rows (:class:`~postsim.model_repository.live_index.filters.RowBitmap`) goes into the
 search as an ID selector, for IVF-PQ into the IVF search under the exact rerank (FAISS 1.15
-ignores a selector given to ``IndexRefine`` itself). The published part is searched with
-its ANN index, or exactly (the flat index of full vectors it keeps) when a filter lets few
-of its rows through (:attr:`LiveSearchSettings.exact_fraction`); an ANN search that comes
-back with fewer than k results while k rows pass is widened (``nprobe``, ``efSearch``) and
-then done exactly. The delta is searched exactly, and both lists are merged by score.
+ignores a selector given to ``IndexRefine`` itself). When a filter lets few rows through
+(:attr:`LiveSearchSettings.exact_fraction`) they are searched exactly, in the flat index of
+full vectors the ANN index keeps; an ANN search that comes back with fewer than k results
+while k rows pass is widened (``nprobe``, ``efSearch``) and then done exactly.
 
 **Concurrency.** A :class:`~postsim.model_repository.live_index.locking.ReadWriteLock`:
 searches share it; a change takes it alone, only to apply itself in memory, after its
@@ -25,11 +25,11 @@ returned sees it: a delete is effective when the call returns. Compaction copies
 rows in chunks, each under the shared lock, from a snapshot of which rows were live, so
 changes proceed while it copies and none of them is in its result.
 
-**Memory** beyond the published index, per post (measured figures in README):
-one bit of liveness per row and, per search with a filter or with dead rows, a passing
-mask of one byte and a bitmap of one bit per row; metadata columns of 16 bytes plus 12 per
-tag; the id in a list and a dict; per upserted post its full vector in the delta
-(``4 × dimension`` bytes) until compaction.
+**Memory** beyond the published index (measured figures in README): per row one byte of
+liveness; per post the metadata columns (16 bytes, plus 12 per tag) and its id in a list
+and a dict; per upserted post what the index keeps of it (its full vector, and for IVF-PQ
+its code), dead rows included until compaction; per search with a filter or dead rows, a
+mask of one byte and a bitmap of one bit per row.
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ class LiveSearchSettings:
 class MutableIndex:
     """A :class:`~postsim.model_repository.live_index.protocol.LiveIndex` over a loaded FAISS index version.
 
-    Open it with :meth:`open`, which replays the version's journal.
+    Open it with :meth:`open`, which replays the version's journal. It takes the loaded
+    index over: upserts are added to its CPU index (a GPU copy is not used), so search it
+    through this object only.
     """
 
     def __init__(
@@ -119,6 +121,11 @@ class MutableIndex:
     ) -> None:
         count = base.manifest.count
         storage = _full_vectors(base)
+        if base.cpu_index.ntotal != count or storage.ntotal != count:
+            raise SearchIndexError(
+                f"the loaded index holds {base.cpu_index.ntotal} vectors, its manifest {count}: it was changed since it "
+                "was loaded (a live index takes a loaded index over; load it again for another one)"
+            )
         if metadata is not None and len(metadata) != count:
             raise SearchIndexError(f"metadata of {len(metadata)} rows for an index of {count} posts; rebuild the index")
         self.settings = settings or LiveSearchSettings()
@@ -126,7 +133,6 @@ class MutableIndex:
         self._index = base.cpu_index
         self._storage = storage
         self._count = count
-        self._delta = faiss.IndexFlatIP(base.dimension)
         self._ids = list(base.ids)
         self._captions = list(base.captions)
         self._row_of = {post_id: row for row, post_id in enumerate(base.ids)}
@@ -256,7 +262,7 @@ class MutableIndex:
                 self._live.extend([True])
                 added.append(change)
         if added:
-            self._delta.add(np.stack([post.vector for post in added]))
+            self._index.add(np.stack([post.vector for post in added]))
             self._metadata.append([post.metadata for post in added])
         self._sequence = batch.sequence
 
@@ -310,26 +316,17 @@ class MutableIndex:
         return len(self._ids) - self._dead if passing is None else int(np.count_nonzero(passing))
 
     def _ranked(self, queries: np.ndarray, k: int, passing: np.ndarray | None) -> list[Ranked]:
-        """Per query, the ``k`` best rows of those ``passing``, merged from the published part and the delta."""
-        count = self._count
-        base_mask = None if passing is None else passing[:count]
-        delta_mask = None if passing is None else passing[count:]
-        base_passing = count if base_mask is None else int(np.count_nonzero(base_mask))
-        delta_passing = self._delta.ntotal if delta_mask is None else int(np.count_nonzero(delta_mask))
-        parts = []
-        if base_passing:
-            parts.append(self._search_base(queries, min(k, base_passing), base_mask, base_passing))
-        if delta_passing:
-            parts.append(_search_flat(self._delta, queries, min(k, delta_passing), delta_mask, offset=count))
-        if len(parts) == 1:
-            return parts[0]
-        return [sorted(base + delta, key=lambda found: -found[1])[:k] for base, delta in zip(*parts, strict=True)]
-
-    def _search_base(self, queries: np.ndarray, k: int, mask: np.ndarray | None, passing: int) -> list[Ranked]:
+        """Per query, the ``k`` best rows of those ``passing`` (every row when None)."""
+        count = self._passing_count(passing)
+        if not count:
+            return [[] for _ in queries]
+        k = min(k, count)
         index_type = self._base.manifest.index_type
-        if index_type is IndexType.FLAT or (mask is not None and passing <= self.settings.exact_fraction * self._count):
-            return _search_flat(self._storage, queries, k, mask)
-        bitmap = None if mask is None else RowBitmap(mask)
+        if index_type is IndexType.FLAT or (
+            passing is not None and count <= self.settings.exact_fraction * len(self._ids)
+        ):
+            return _search_flat(self._storage, queries, k, passing)
+        bitmap = None if passing is None else RowBitmap(passing)
         found = self._search_ann(queries, k, bitmap, widening=0)
         short = [position for position, ranked in enumerate(found) if len(ranked) < k]
         for widening in range(1, self.settings.widen_steps + 1):
@@ -339,7 +336,7 @@ class MutableIndex:
                 found[position] = ranked
             short = [position for position in short if len(found[position]) < k]
         if short:
-            for position, ranked in zip(short, _search_flat(self._storage, queries[short], k, mask), strict=True):
+            for position, ranked in zip(short, _search_flat(self._storage, queries[short], k, passing), strict=True):
                 found[position] = ranked
         return found
 
@@ -372,6 +369,14 @@ class MutableIndex:
         return self._base.manifest.params["nprobe"] * self.settings.widen_factor ** (widening - 1) < self._nlist
 
     @property
+    def _bytes_per_row(self) -> int:
+        """What the index keeps per row: the full vector, and for IVF-PQ its code and id in an inverted list."""
+        params = self._base.manifest.params
+        code = params["pq_m"] * params["pq_nbits"] // 8 + 8 if "pq_m" in params else 0
+        links = 2 * params["M"] * 4 if "M" in params else 0  # HNSW's level-0 neighbour list
+        return 4 * self.dimension + code + links
+
+    @property
     def _nlist(self) -> int:
         refine = faiss.downcast_index(self._index)
         assert isinstance(refine, faiss.IndexRefine)
@@ -398,12 +403,7 @@ class MutableIndex:
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored unit vectors of ``rows``."""
-        vectors = np.empty((len(rows), self.dimension), dtype=np.float32)
-        published = rows < self._count
-        if published.any():
-            vectors[published] = self._storage.reconstruct_batch(rows[published])
-        if not published.all():
-            vectors[~published] = self._delta.reconstruct_batch(rows[~published] - self._count)
+        vectors: np.ndarray = self._storage.reconstruct_batch(rows)
         return vectors
 
     # State
@@ -433,7 +433,7 @@ class MutableIndex:
         vectors = np.empty((len(rows), self.dimension), dtype=np.float32)
         chunk = self.settings.compaction_chunk
         for start in range(0, len(rows), chunk):
-            with self._lock.read():  # rows never change, but the delta's storage moves when it grows
+            with self._lock.read():  # rows never change, but the storage moves when it grows
                 vectors[start : start + chunk] = self._vectors(rows[start : start + chunk])
         logger.info("compaction: %d live posts at change %d (%d dead rows left out)", len(rows), sequence, self._dead)
         return CompactedState(
@@ -460,7 +460,7 @@ class MutableIndex:
                 "captions (list)": sys.getsizeof(self._captions),
                 "liveness": self._live.nbytes,
                 "metadata columns": self._metadata.nbytes,
-                "delta vectors": self._delta.ntotal * self.dimension * 4,
+                "upserted rows in the index": (len(self._ids) - self._count) * self._bytes_per_row,
                 "per filtered search (mask and bitmap)": len(self._ids) + (len(self._ids) + 7) // 8,
             }
 

@@ -38,22 +38,30 @@ ANN_TYPES = [IndexType.IVFPQ, IndexType.HNSW]
 RARE = PostFilter(tags=frozenset({"rare"}))
 
 
+Built = dict[IndexType, tuple[Path, np.ndarray]]
+
+
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[IndexType, tuple[LoadedIndex, np.ndarray]]:
-    """One version of each index type over the same posts; tests only read them."""
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """One version of each index type over the same posts, on disk; each test loads its own (a live index takes it over)."""
     root = tmp_path_factory.mktemp("bases")
-    return {index_type: build_base(root / index_type.value, COUNT, index_type) for index_type in ALL_TYPES}
+    return {
+        index_type: (root / index_type.value, build_base(root / index_type.value, COUNT, index_type)[1])
+        for index_type in ALL_TYPES
+    }
 
 
 METADATA = random_metadata(COUNT, seed=5, rare_share=0.03)
 
 
-def open_live(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
-) -> tuple[MutableIndex, Reference]:
-    base, vectors = bases[index_type]
+def load(built: Built, index_type: IndexType) -> LoadedIndex:
+    return load_index_dir(built[index_type][0], FINGERPRINT, use_gpu=False)
+
+
+def open_live(built: Built, index_type: IndexType, tmp_path: Path) -> tuple[MutableIndex, Reference]:
+    base = load(built, index_type)
     index = MutableIndex.open(base, tmp_path / "changes.journal", metadata=columns_of(METADATA))
-    return index, Reference(base.ids, vectors, METADATA)
+    return index, Reference(base.ids, built[index_type][1], METADATA)
 
 
 def upsert(index: MutableIndex, reference: Reference, post_id: str, vector: np.ndarray, **metadata: object) -> None:
@@ -71,9 +79,9 @@ QUERIES = clustered(20, seed=99)
 
 @pytest.mark.parametrize("index_type", ALL_TYPES)
 def test_an_upserted_post_is_found_and_a_deleted_one_never_again(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
+    built: Built, index_type: IndexType, tmp_path: Path
 ) -> None:
-    index, reference = open_live(bases, index_type, tmp_path)
+    index, reference = open_live(built, index_type, tmp_path)
     fresh = clustered(1, seed=123)[0]
     upsert(index, reference, "fresh", fresh * 3)  # any length: stored L2-normalised
     (hits,) = index.search(fresh[None], 5)
@@ -94,9 +102,9 @@ def test_an_upserted_post_is_found_and_a_deleted_one_never_again(
 
 @pytest.mark.parametrize("index_type", ALL_TYPES)
 def test_replaying_the_journal_gives_back_exactly_the_acknowledged_state(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
+    built: Built, index_type: IndexType, tmp_path: Path
 ) -> None:
-    index, reference = open_live(bases, index_type, tmp_path)
+    index, reference = open_live(built, index_type, tmp_path)
     rng = np.random.default_rng(1)
     new_vectors = clustered(60, seed=2)
     for step in range(60):
@@ -114,8 +122,7 @@ def test_replaying_the_journal_gives_back_exactly_the_acknowledged_state(
     assert_holds(index, reference)
     before = index.search(QUERIES, 10, where=PostFilter(labels=frozenset({"replaced", "cat"})))
     index.close()
-    base, _ = bases[index_type]
-    reopened = MutableIndex.open(base, tmp_path / "changes.journal", metadata=columns_of(METADATA))
+    reopened = MutableIndex.open(load(built, index_type), tmp_path / "changes.journal", metadata=columns_of(METADATA))
     assert_holds(reopened, reference)
     assert reopened.state() == index.state()
     assert reopened.search(QUERIES, 10, where=PostFilter(labels=frozenset({"replaced", "cat"}))) == before
@@ -124,9 +131,9 @@ def test_replaying_the_journal_gives_back_exactly_the_acknowledged_state(
 
 @pytest.mark.parametrize("index_type", ALL_TYPES)
 def test_a_filter_keeping_3_percent_returns_k_with_the_scores_of_exact_search(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
+    built: Built, index_type: IndexType, tmp_path: Path
 ) -> None:
-    index, reference = open_live(bases, index_type, tmp_path)
+    index, reference = open_live(built, index_type, tmp_path)
     passing = [post_id for post_id in reference.vectors if reference.passes(post_id, RARE)]
     assert 0.025 * COUNT < len(passing) < 0.035 * COUNT
     index.delete(passing[:5])  # dead rows must not count as passing
@@ -153,14 +160,13 @@ def near_label(vectors: np.ndarray, share: float) -> tuple[list[PostMetadata], n
 
 @pytest.mark.parametrize("index_type", ANN_TYPES)
 def test_a_broad_filter_goes_into_the_ann_search_and_a_short_search_is_widened(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]],
+    built: Built,
     index_type: IndexType,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    base, vectors = bases[index_type]
-    metadata, far_query = near_label(vectors, share=0.10)  # above exact_fraction: the ANN search runs
-    index = MutableIndex.open(base, tmp_path / "changes.journal", metadata=columns_of(metadata))
+    metadata, far_query = near_label(built[index_type][1], share=0.10)  # above exact_fraction: the ANN search runs
+    index = MutableIndex.open(load(built, index_type), tmp_path / "changes.journal", metadata=columns_of(metadata))
     widenings: list[int] = []
     ann_search = MutableIndex._search_ann
 
@@ -181,11 +187,9 @@ def test_a_broad_filter_goes_into_the_ann_search_and_a_short_search_is_widened(
     assert {metadata[int(hit.id[1:])].label for hits in results for hit in hits} == {"far"}
 
 
-def test_the_ivf_search_parameters_reach_the_base_index_under_the_rerank(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], tmp_path: Path
-) -> None:
+def test_the_ivf_search_parameters_reach_the_base_index_under_the_rerank(built: Built, tmp_path: Path) -> None:
     """With the tuned nprobe the filtered IVF-PQ search finds what the unfiltered one finds among the passing posts."""
-    index, reference = open_live(bases, IndexType.IVFPQ, tmp_path)
+    index, reference = open_live(built, IndexType.IVFPQ, tmp_path)
     cats = PostFilter(labels=frozenset({"cat"}))
     found = expected = 0
     for query, hits in zip(QUERIES, index.search(QUERIES, 10, where=cats), strict=True):
@@ -197,9 +201,9 @@ def test_the_ivf_search_parameters_reach_the_base_index_under_the_rerank(
 
 @pytest.mark.parametrize("index_type", ALL_TYPES)
 def test_more_like_this_searches_with_the_stored_vector_without_the_post(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
+    built: Built, index_type: IndexType, tmp_path: Path
 ) -> None:
-    index, reference = open_live(bases, index_type, tmp_path)
+    index, reference = open_live(built, index_type, tmp_path)
     upsert(index, reference, "mine", clustered(1, seed=7)[0])
     results = index.search_by_id(["p17", "mine"], 10)
     for post_id, hits in zip(["p17", "mine"], results, strict=True):
@@ -220,10 +224,8 @@ def test_more_like_this_searches_with_the_stored_vector_without_the_post(
 
 
 @pytest.mark.parametrize("index_type", [IndexType.FLAT, IndexType.IVFPQ])
-def test_collapse_folds_reposts_and_still_returns_k_groups(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
-) -> None:
-    index, reference = open_live(bases, index_type, tmp_path)
+def test_collapse_folds_reposts_and_still_returns_k_groups(built: Built, index_type: IndexType, tmp_path: Path) -> None:
+    index, reference = open_live(built, index_type, tmp_path)
     query = QUERIES[5]
     rng = np.random.default_rng(3)
     reposts = [query + rng.normal(0, 0.02, DIM).astype(np.float32) for _ in range(25)]
@@ -244,10 +246,8 @@ def test_collapse_folds_reposts_and_still_returns_k_groups(
     assert len(by_id) == 3 and len(by_id[0].duplicates) == 23  # the post itself is not among them
 
 
-def test_bad_changes_are_refused_and_nothing_is_written(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], tmp_path: Path
-) -> None:
-    index, _ = open_live(bases, IndexType.FLAT, tmp_path)
+def test_bad_changes_are_refused_and_nothing_is_written(built: Built, tmp_path: Path) -> None:
+    index, _ = open_live(built, IndexType.FLAT, tmp_path)
     state = index.state()
     good = clustered(1)[0]
     cases = [
@@ -274,10 +274,8 @@ def test_bad_changes_are_refused_and_nothing_is_written(
     assert (tmp_path / "changes.journal").stat().st_size == state.journal_bytes
 
 
-def test_a_delete_of_unknown_ids_is_reported(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], tmp_path: Path
-) -> None:
-    index, _ = open_live(bases, IndexType.FLAT, tmp_path)
+def test_a_delete_of_unknown_ids_is_reported(built: Built, tmp_path: Path) -> None:
+    index, _ = open_live(built, IndexType.FLAT, tmp_path)
     receipt = index.delete(["p1", "nobody", "p1", "p2"])
     assert (receipt.deleted, receipt.unknown_ids, receipt.sequence) == (2, ("nobody",), 1)
     size = index.state().journal_bytes
@@ -288,9 +286,9 @@ def test_a_delete_of_unknown_ids_is_reported(
 
 @pytest.mark.parametrize("index_type", [IndexType.FLAT, IndexType.IVFPQ])
 def test_a_compacted_version_with_the_later_changes_carried_holds_the_same_posts(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], index_type: IndexType, tmp_path: Path
+    built: Built, index_type: IndexType, tmp_path: Path
 ) -> None:
-    index, reference = open_live(bases, index_type, tmp_path)
+    index, reference = open_live(built, index_type, tmp_path)
     vectors = clustered(40, seed=4)
     for n in range(20):
         upsert(index, reference, f"before{n}" if n % 2 else f"p{n}", vectors[n], author="ana")
@@ -397,16 +395,16 @@ def test_a_process_killed_with_sigkill_comes_back_with_every_acknowledged_change
     # Killed while writing: every change it acknowledged, and the ones after exactly as they were made, or none.
     journal = tmp_path / "mid-write.journal"
     acknowledged = run_and_kill(tmp_path / "base", journal, 1_000_000, kill_after=200)
-    with MutableIndex.open(base, journal) as index:
+    with MutableIndex.open(load_index_dir(tmp_path / "base", FINGERPRINT, use_gpu=False), journal) as index:
         recovered = index.state().sequence
         assert recovered >= acknowledged
         assert_holds(index, expected_after(recovered, base, vectors))
 
 
 def test_searches_running_beside_changes_never_return_a_post_deleted_before_they_started(
-    bases: dict[IndexType, tuple[LoadedIndex, np.ndarray]], tmp_path: Path
+    built: Built, tmp_path: Path
 ) -> None:
-    index, _ = open_live(bases, IndexType.IVFPQ, tmp_path)
+    index, _ = open_live(built, IndexType.IVFPQ, tmp_path)
     deleted: set[str] = set()
     guard = threading.Lock()
     failures: list[str] = []
