@@ -57,6 +57,7 @@ from postsim.model_repository.live_index.protocol import (
     ChangeReceipt,
     CompactedState,
     Hit,
+    LiveIndex,
     LiveIndexState,
     PostUpsert,
     check_post_id,
@@ -103,7 +104,7 @@ class LiveSearchSettings:
                 raise SearchIndexError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-class MutableIndex:
+class MutableIndex(LiveIndex):
     """A :class:`~postsim.model_repository.live_index.protocol.LiveIndex` over a loaded FAISS index version.
 
     Open it with :meth:`open`, which replays the version's journal. It takes the loaded
