@@ -277,24 +277,17 @@ class _Scan:
 
 
 def _scan(path: Path, header: JournalHeader) -> _Scan:
-    data = path.read_bytes()
+    data = memoryview(path.read_bytes())
     offset = _check_header(path, data, header)
     batches: list[ChangeBatch] = []
     while offset < len(data):
-        if data.count(0, offset) == len(data) - offset:
-            return _Scan(batches, offset, offset, len(data))  # a crash can leave the file longer than what was written
-        length, crc = _PAIR.unpack_from(data, offset) if offset + _PAIR.size <= len(data) else (len(data), 0)
-        end = offset + _PAIR.size + length
-        if end > len(data):
-            return _Scan(batches, offset, offset, len(data))  # the file ends inside this frame
-        payload = data[offset + _PAIR.size : end]
-        if zlib.crc32(payload) != crc:
-            if end == len(data):
-                return _Scan(batches, offset, offset, len(data))  # its pages were not all written
-            raise _damaged(path, offset, "its checksum does not match", len(batches))
         try:
-            batch = _decode(payload, header.dimension)
+            end, batch = _frame_at(data, offset, header.dimension)
+        except _Torn:
+            return _Scan(batches, offset, offset, len(data))
         except _Damaged as why:
+            if data[offset:].tobytes().count(0) == len(data) - offset:  # a crash can leave the file zero-filled
+                return _Scan(batches, offset, offset, len(data))
             raise _damaged(path, offset, str(why), len(batches)) from None
         expected = _last_sequence(header, batches) + 1
         if batch.sequence != expected:
@@ -302,6 +295,26 @@ def _scan(path: Path, header: JournalHeader) -> _Scan:
         batches.append(batch)
         offset = end
     return _Scan(batches, offset, None, len(data))
+
+
+class _Torn(Exception):
+    """The file ends inside a frame, or with a frame whose pages were not all written."""
+
+
+def _frame_at(data: memoryview, offset: int, dimension: int) -> tuple[int, ChangeBatch]:
+    """The end of the frame at ``offset`` and its batch; _Torn or _Damaged when it does not check out."""
+    if offset + _PAIR.size > len(data):
+        raise _Torn
+    length, crc = _PAIR.unpack_from(data, offset)
+    end = offset + _PAIR.size + length
+    if end > len(data):
+        raise _Torn
+    payload = data[offset + _PAIR.size : end]
+    if zlib.crc32(payload) != crc:
+        if end == len(data):
+            raise _Torn
+        raise _Damaged("its checksum does not match")
+    return end, _decode(payload, dimension)
 
 
 def _damaged(path: Path, offset: int, why: str, intact: int) -> SearchIndexError:
@@ -312,11 +325,11 @@ def _damaged(path: Path, offset: int, why: str, intact: int) -> SearchIndexError
     )
 
 
-def _check_header(path: Path, data: bytes, expected: JournalHeader) -> int:
+def _check_header(path: Path, data: memoryview, expected: JournalHeader) -> int:
     """The offset of the first frame, once the stored header is ``expected``."""
     start = len(MAGIC) + _PAIR.size
     length, crc = _PAIR.unpack_from(data, len(MAGIC)) if len(data) >= start else (0, 0)
-    header_bytes = data[start : start + length]
+    header_bytes = bytes(data[start : start + length])
     try:
         if data[: len(MAGIC)] != MAGIC or len(data) < start + length or zlib.crc32(header_bytes) != crc:
             raise ValueError("no header")
@@ -393,7 +406,7 @@ def _encode(batch: ChangeBatch, dimension: int) -> bytes:
     return b"".join(parts)
 
 
-def _decode(payload: bytes, dimension: int) -> ChangeBatch:
+def _decode(payload: memoryview, dimension: int) -> ChangeBatch:
     try:
         sequence, count = _BATCH.unpack_from(payload, 0)
         offset = _BATCH.size
@@ -401,7 +414,7 @@ def _decode(payload: bytes, dimension: int) -> ChangeBatch:
         for _ in range(count):
             kind, id_length = _CHANGE.unpack_from(payload, offset)
             offset += _CHANGE.size
-            post_id = payload[offset : offset + id_length].decode()
+            post_id = bytes(payload[offset : offset + id_length]).decode()
             offset += id_length
             if kind == _DELETE:
                 changes.append(Delete(post_id))
@@ -412,7 +425,7 @@ def _decode(payload: bytes, dimension: int) -> ChangeBatch:
             offset += 4 * dimension
             (extra_length,) = _U32.unpack_from(payload, offset)
             offset += _U32.size
-            fields = json.loads(payload[offset : offset + extra_length])
+            fields = json.loads(bytes(payload[offset : offset + extra_length]))
             offset += extra_length
             caption = fields.pop("caption")
             metadata = PostMetadata(**{**fields, "tags": tuple(fields["tags"])})

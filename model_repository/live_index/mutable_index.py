@@ -143,6 +143,7 @@ class MutableIndex(LiveIndex):
         self._dead_base = 0
         self._journal = journal
         self._sequence = journal.header.base_sequence
+        self._unfiltered: _Selection | None = None
         self._lock = ReadWriteLock()
         self._write_mutex = threading.Lock()
 
@@ -266,6 +267,7 @@ class MutableIndex(LiveIndex):
             self._index.add(np.stack([post.vector for post in added]))
             self._metadata.append([post.metadata for post in added])
         self._sequence = batch.sequence
+        self._unfiltered = None
 
     # Searches
 
@@ -297,8 +299,7 @@ class MutableIndex(LiveIndex):
             results = []
             for post_id in wanted:
                 row = self._row_of[post_id]
-                others = (self._live.values if passing is None else passing).copy()
-                others[row] = False
+                others = passing.without(row, self._live.values)
                 query = self._vectors(np.array([row]))[0]
                 if threshold is not None:
                     results.append(self._collapsed(query, k, others, threshold))
@@ -306,28 +307,28 @@ class MutableIndex(LiveIndex):
                     results.append(self._hits(self._ranked(query[None], k, others)[0]))
         return results
 
-    def _passing(self, where: PostFilter | None) -> np.ndarray | None:
-        """The rows a search may return, or None when that is every row (no filter, nothing dead)."""
-        live = self._live.values
-        if where is None or where.is_empty:
-            return live if self._dead else None
-        return filter_mask(where, self._metadata, self._row_of) & live
+    def _passing(self, where: PostFilter | None) -> _Selection:
+        """The rows a search with ``where`` may return; without a filter, the live rows, kept until the next change."""
+        if where is not None and not where.is_empty:
+            mask = filter_mask(where, self._metadata, self._row_of) & self._live.values
+            return _Selection(mask, int(np.count_nonzero(mask)))
+        unfiltered = self._unfiltered
+        if unfiltered is None:  # two readers may both build it: the same value
+            unfiltered = _Selection(self._live.values if self._dead else None, len(self._ids) - self._dead)
+            self._unfiltered = unfiltered
+        return unfiltered
 
-    def _passing_count(self, passing: np.ndarray | None) -> int:
-        return len(self._ids) - self._dead if passing is None else int(np.count_nonzero(passing))
-
-    def _ranked(self, queries: np.ndarray, k: int, passing: np.ndarray | None) -> list[Ranked]:
-        """Per query, the ``k`` best rows of those ``passing`` (every row when None)."""
-        count = self._passing_count(passing)
-        if not count:
+    def _ranked(self, queries: np.ndarray, k: int, passing: _Selection) -> list[Ranked]:
+        """Per query, the ``k`` best rows of those ``passing``."""
+        if not passing.count:
             return [[] for _ in queries]
-        k = min(k, count)
+        k = min(k, passing.count)
         index_type = self._base.manifest.index_type
         if index_type is IndexType.FLAT or (
-            passing is not None and count <= self.settings.exact_fraction * len(self._ids)
+            passing.mask is not None and passing.count <= self.settings.exact_fraction * len(self._ids)
         ):
-            return _search_flat(self._storage, queries, k, passing)
-        bitmap = None if passing is None else RowBitmap(passing)
+            return _search_flat(self._storage, queries, k, passing.bitmap)
+        bitmap = passing.bitmap
         found = self._search_ann(queries, k, bitmap, widening=0)
         short = [position for position, ranked in enumerate(found) if len(ranked) < k]
         for widening in range(1, self.settings.widen_steps + 1):
@@ -337,7 +338,7 @@ class MutableIndex(LiveIndex):
                 found[position] = ranked
             short = [position for position in short if len(found[position]) < k]
         if short:
-            for position, ranked in zip(short, _search_flat(self._storage, queries[short], k, passing), strict=True):
+            for position, ranked in zip(short, _search_flat(self._storage, queries[short], k, bitmap), strict=True):
                 found[position] = ranked
         return found
 
@@ -383,9 +384,9 @@ class MutableIndex(LiveIndex):
         assert isinstance(refine, faiss.IndexRefine)
         return int(faiss.extract_index_ivf(refine.base_index).nlist)
 
-    def _collapsed(self, query: np.ndarray, k: int, passing: np.ndarray | None, threshold: float) -> list[Hit]:
+    def _collapsed(self, query: np.ndarray, k: int, passing: _Selection, threshold: float) -> list[Hit]:
         """``k`` groups of near-duplicates, fetching more candidates until there are ``k`` or no more."""
-        available = min(self._passing_count(passing), self.settings.max_collapse_candidates)
+        available = min(passing.count, self.settings.max_collapse_candidates)
         fetch = min(available, k * self.settings.collapse_overfetch)
         while True:
             ranked = self._ranked(query[None], max(fetch, 1), passing)[0]
@@ -496,23 +497,42 @@ def _checked_k(k: object) -> int:
     return int(k)
 
 
-def _search_flat(
-    index: faiss.Index, queries: np.ndarray, k: int, mask: np.ndarray | None, *, offset: int = 0
-) -> list[Ranked]:
-    """Exact search of a flat index over the rows ``mask`` keeps (all when None); rows shifted by ``offset``."""
-    if mask is None:
+def _search_flat(index: faiss.Index, queries: np.ndarray, k: int, bitmap: RowBitmap | None) -> list[Ranked]:
+    """Exact search of a flat index over the rows ``bitmap`` keeps (every row when None)."""
+    if bitmap is None:
         scores, rows = index.search(queries, k)
     else:
-        bitmap = RowBitmap(mask)  # referenced until the search returns: FAISS reads its bits
         params = faiss.SearchParameters()
-        params.sel = bitmap.selector
+        params.sel = bitmap.selector  # bitmap, referenced by the caller, keeps the bits FAISS reads
         scores, rows = index.search(queries, k, params=params)
-    return _ranked_lists(scores, rows, offset)
+    return _ranked_lists(scores, rows)
 
 
-def _ranked_lists(scores: np.ndarray, rows: np.ndarray, offset: int = 0) -> list[Ranked]:
+class _Selection:
+    """The rows a search may return: a mask (None: every row), how many, and its FAISS bitmap, built when first used."""
+
+    def __init__(self, mask: np.ndarray | None, count: int) -> None:
+        self.mask = mask
+        self.count = count
+        self._bitmap: RowBitmap | None = None
+
+    @property
+    def bitmap(self) -> RowBitmap | None:
+        if self.mask is not None and self._bitmap is None:
+            self._bitmap = RowBitmap(self.mask)
+        return self._bitmap
+
+    def without(self, row: int, live: np.ndarray) -> _Selection:
+        """These rows less ``row`` (the post a search by id starts from)."""
+        mask = (live if self.mask is None else self.mask).copy()
+        passed = bool(mask[row])
+        mask[row] = False
+        return _Selection(mask, self.count - passed)
+
+
+def _ranked_lists(scores: np.ndarray, rows: np.ndarray) -> list[Ranked]:
     """FAISS's result arrays as (row, score) lists, its -1 padding left out."""
     return [
-        [(int(row) + offset, float(score)) for row, score in zip(row_ids, row_scores, strict=True) if row >= 0]
+        [(int(row), float(score)) for row, score in zip(row_ids, row_scores, strict=True) if row >= 0]
         for row_ids, row_scores in zip(rows, scores, strict=True)
     ]
