@@ -203,9 +203,10 @@ class ChangeJournal:
     def append(self, changes: Sequence[Change]) -> ChangeBatch:
         """Write ``changes`` as one frame and fsync it; return them with their sequence number.
 
-        When this returns, the changes survive a crash. When it raises, they are not in the
-        journal; after a failed fsync (the kernel may have dropped the written pages) the
-        journal takes no further changes until it is opened again.
+        When this returns, the changes survive a crash. When it raises, they are not
+        acknowledged: a failed write is cut back out of the file; after a failed fsync the
+        record may or may not survive (the kernel may have dropped its pages), so the journal
+        takes no further changes until it is opened again.
         """
         if self._descriptor is None:
             raise SearchIndexError(f"journal {self.path} is closed")
