@@ -172,8 +172,11 @@ class MutableIndex(LiveIndex):
         journal, batches = ChangeJournal.open(journal_path, header)
         try:
             index = cls(base, journal, metadata=metadata, settings=settings)
+            replayed: list[np.ndarray] = []
             for batch in batches:
-                index._apply(batch)
+                index._apply(batch, replayed)
+            if replayed:  # one add: FAISS adds a batch far faster than many small ones
+                index._index.add(np.concatenate(replayed))
         except BaseException:
             journal.close()
             raise
@@ -248,8 +251,12 @@ class MutableIndex(LiveIndex):
                 self._apply(batch)
         return ChangeReceipt(sequence=batch.sequence, deleted=len(known), unknown_ids=unknown)
 
-    def _apply(self, batch: ChangeBatch) -> None:
-        """Apply one journal batch in memory (the caller holds the write lock, or no one else has the index)."""
+    def _apply(self, batch: ChangeBatch, replayed: list[np.ndarray] | None = None) -> None:
+        """Apply one journal batch in memory (the caller holds the write lock, or no one else has the index).
+
+        With ``replayed``, the upserted vectors are appended to it instead of the index, for
+        the caller to add them all at once, in order.
+        """
         added: list[PostUpsert] = []
         for change in batch.changes:
             old = self._row_of.pop(change.id, None)
@@ -264,7 +271,11 @@ class MutableIndex(LiveIndex):
                 self._live.extend([True])
                 added.append(change)
         if added:
-            self._index.add(np.stack([post.vector for post in added]))
+            vectors = np.stack([post.vector for post in added])
+            if replayed is None:
+                self._index.add(vectors)
+            else:
+                replayed.append(vectors)
             self._metadata.append([post.metadata for post in added])
         self._sequence = batch.sequence
         self._unfiltered = None
