@@ -26,8 +26,8 @@ import faiss
 import numpy as np
 
 from postsim.bench.index_bench import ClusteredVectors
-from postsim.client.indexing import build_index_dir, recall_of
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
+from postsim.indexing.build import build_index_dir, recall_of
 from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.journal import ChangeJournal, JournalHeader
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata

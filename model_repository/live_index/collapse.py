@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.live_index.protocol import Hit
-from postsim.model_repository.search_index import Neighbour
+from postsim.model_repository.search_index import SearchHit
 
 
 def check_collapse_threshold(threshold: object) -> float:
@@ -28,7 +28,7 @@ def check_collapse_threshold(threshold: object) -> float:
     return float(threshold)
 
 
-def collapse_duplicates(ranked: Sequence[Neighbour], vectors: np.ndarray, *, above: float, k: int) -> list[Hit]:
+def collapse_duplicates(ranked: Sequence[SearchHit], vectors: np.ndarray, *, above: float, k: int) -> list[Hit]:
     """At most ``k`` groups of ``ranked`` (best first), each with the near-duplicates folded into it.
 
     ``vectors`` holds the unit vector of each ranked result, row for row. Results after

@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields
 import faiss
 import numpy as np
 
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.live_index.metadata import (
     MAX_NAME_CHARS,
     MAX_TAG_CHARS,

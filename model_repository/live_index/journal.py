@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,7 +46,8 @@ from types import TracebackType
 
 import numpy as np
 
-from postsim.model_repository.errors import InvalidPostError, PostSimError, SearchIndexError
+from postsim.core.errors import InvalidPostError, PostSimError, SearchIndexError
+from postsim.core.files import fsync_path, write_bytes_atomic
 from postsim.model_repository.live_index.metadata import PostMetadata
 from postsim.model_repository.live_index.protocol import PostUpsert, check_post_id
 
@@ -180,18 +180,8 @@ class ChangeJournal:
             [MAGIC, _PAIR.pack(len(header_bytes), zlib.crc32(header_bytes)), header_bytes]
             + [_frame(_encode(batch, header.dimension)) for batch in carried]
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(content)
-                file.flush()
-                os.fsync(file.fileno())
-            os.rename(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
+        write_bytes_atomic(path, content)
+        fsync_path(path.parent)
         logger.info(
             "journal %s started after change %d of base version %s",
             path,
@@ -436,11 +426,3 @@ def _decode(payload: memoryview, dimension: int) -> ChangeBatch:
     if offset != len(payload):
         raise _Damaged(f"{len(payload) - offset} bytes after its last change")
     return ChangeBatch(sequence=sequence, changes=tuple(changes))
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postsim.model_repository.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
 
 METADATA_FILE = "metadata.npz"
 MAX_NAME_CHARS = 256

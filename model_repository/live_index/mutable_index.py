@@ -47,7 +47,7 @@ from types import TracebackType
 import faiss
 import numpy as np
 
-from postsim.model_repository.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.live_index.collapse import check_collapse_threshold, collapse_duplicates
 from postsim.model_repository.live_index.filters import PostFilter, RowBitmap, filter_mask
 from postsim.model_repository.live_index.journal import ChangeBatch, ChangeJournal, Delete, JournalHeader
@@ -65,7 +65,7 @@ from postsim.model_repository.live_index.protocol import (
 from postsim.model_repository.search_index import (
     IndexType,
     LoadedIndex,
-    Neighbour,
+    SearchHit,
     _check_queries,
     exact_storage,
 )
@@ -408,8 +408,8 @@ class MutableIndex(LiveIndex):
                 return hits
             fetch = min(available, fetch * self.settings.collapse_overfetch)
 
-    def _neighbour(self, row: int, score: float) -> Neighbour:
-        return Neighbour(self._ids[row], score, self._captions[row])
+    def _neighbour(self, row: int, score: float) -> SearchHit:
+        return SearchHit(self._ids[row], score, self._captions[row])
 
     def _hits(self, ranked: Ranked) -> list[Hit]:
         return [Hit(self._ids[row], score, self._captions[row]) for row, score in ranked]

@@ -25,11 +25,11 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.errors import InvalidPostError
 from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata
-from postsim.model_repository.search_index import IndexType, Neighbour
+from postsim.model_repository.search_index import IndexType, SearchHit
 
 
 def check_post_id(post_id: object, where: str) -> str:
@@ -68,7 +68,7 @@ class Hit(NamedTuple):
     score: float
     """Cosine similarity to the query."""
     caption: str = ""
-    duplicates: tuple[Neighbour, ...] = ()
+    duplicates: tuple[SearchHit, ...] = ()
     """Lower-ranked results whose cosine to this one exceeded the collapse threshold; empty without collapse."""
 
 

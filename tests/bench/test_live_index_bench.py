@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from postsim.bench.live_index_bench import format_change_recall, run_change_recall
-from postsim.model_repository.errors import SearchIndexError
+from postsim.core.errors import SearchIndexError
 from postsim.model_repository.search_index import IndexType
 
 

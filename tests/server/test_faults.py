@@ -415,7 +415,10 @@ def test_a_killed_tritonserver_is_restarted_with_its_published_index(
     ]
     assert any("restarting tritonserver" in str(error) for error in errors)
     # The stubs may print what they saw of the parent's death (Triton 2.51's lock_exception), quoted after the signal.
-    assert re.search(r"tritonserver died \(killed by signal 9 \(SIGKILL\)[^\n]*\): restarting it in 0\.5 s \(restart 1\)", caplog.text)
+    assert re.search(
+        r"tritonserver died \(killed by signal 9 \(SIGKILL\)[^\n]*\): restarting it in 0\.5 s \(restart 1\)",
+        caplog.text,
+    )
     assert "tritonserver is back (restart 1)" in caplog.text
 
 

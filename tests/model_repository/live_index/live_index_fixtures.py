@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from postsim.bench.index_bench import ClusteredVectors
-from postsim.client.indexing import build_index_dir
+from postsim.indexing.build import build_index_dir
 from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata
 from postsim.model_repository.live_index.mutable_index import MutableIndex

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.live_index.collapse import check_collapse_threshold, collapse_duplicates
-from postsim.model_repository.search_index import Neighbour
+from postsim.model_repository.search_index import SearchHit
 
 
 def unit(*values: float) -> np.ndarray:
@@ -15,8 +15,8 @@ def unit(*values: float) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def ranked(count: int) -> list[Neighbour]:
-    return [Neighbour(f"p{n}", 1.0 - n / 100, f"caption {n}") for n in range(count)]
+def ranked(count: int) -> list[SearchHit]:
+    return [SearchHit(f"p{n}", 1.0 - n / 100, f"caption {n}") for n in range(count)]
 
 
 def test_near_duplicates_fold_into_the_highest_ranked_head() -> None:

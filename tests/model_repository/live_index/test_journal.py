@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postsim.model_repository.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.live_index.journal import (
     MAGIC,
     ChangeBatch,

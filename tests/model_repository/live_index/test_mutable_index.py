@@ -23,8 +23,8 @@ from live_index_fixtures import (
     random_metadata,
 )
 
-from postsim.client.indexing import build_index_dir
-from postsim.model_repository.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
+from postsim.indexing.build import build_index_dir
 from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.journal import ChangeJournal, JournalHeader
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata

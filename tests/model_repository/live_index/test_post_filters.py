@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from live_index_fixtures import AUTHORS, LABELS, TAGS, Reference, clustered, random_metadata
 
-from postsim.model_repository.errors import InvalidPostError
+from postsim.core.errors import InvalidPostError
 from postsim.model_repository.live_index.filters import (
     FILTER_FIELDS,
     MAX_FILTER_VALUES,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from live_index_fixtures import random_metadata
 
-from postsim.model_repository.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.live_index.metadata import (
     MAX_TAGS,
     NO_CODE,
