@@ -10,7 +10,9 @@ and ``image`` are strings or null (or absent) when the post has none, the image 
 relative to the file's folder; at least one of them is set. Two optional keys serve training
 and evaluation: ``label`` (a string) makes posts relevant to each other, and ``split``
 (``train`` or ``test``) fixes the post's side of the held-out split
-(:mod:`postsim.corpus.split`). Other keys (``topic``) are ignored. :func:`read_posts` refuses a
+(:mod:`postsim.corpus.split`). The label and three more optional keys are the post's metadata,
+which an index keeps and a query may filter on: ``author`` (a string), ``created_at``
+(ISO-8601) and ``tags`` (a list of strings). Other keys (``topic``) are ignored. :func:`read_posts` refuses a
 bad line naming the file and the line.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from postsim.client.posts import Post
 from postsim.core.errors import InvalidPostError
 from postsim.corpus.split import Split
 from postsim.model_repository.contract import post_id_problem
+from postsim.model_repository.live_index.metadata import PostMetadata
 
 POSTS_FILE = "posts.jsonl"
 """The corpus file of a folder, as ``postsim sample-posts`` writes it."""
@@ -45,6 +48,8 @@ class CorpusPost:
     """Posts with the same label are relevant to each other; None: unlabelled."""
     split: Split | None = None
     """The post's side of the held-out split when the corpus fixes it; None: by id (:func:`~postsim.corpus.split.split_of`)."""
+    metadata: PostMetadata = field(default_factory=PostMetadata)
+    """Author, creation time, label and tags, as an index keeps them for filters."""
 
     def to_post(self) -> Post:
         """As a client :class:`~postsim.client.posts.Post`, the image read when the request is built."""
@@ -95,12 +100,18 @@ def _parse_line(line: bytes, folder: Path, where: str) -> CorpusPost:
     image = _optional_string(record, "image", where) or None
     if text is None and image is None:
         raise InvalidPostError(f"{where}: post {post_id!r} has neither 'text' nor 'image'")
+    label = _label(record.get(LABEL_KEY), where)
+    try:
+        metadata = PostMetadata.from_fields({**record, LABEL_KEY: label})
+    except InvalidPostError as error:
+        raise InvalidPostError(f"{where}: {error}") from None
     return CorpusPost(
         id=post_id,
         text=text,
         image_path=folder / image if image else None,
-        label=_label(record.get(LABEL_KEY), where),
+        label=label,
         split=_split(record.get(SPLIT_KEY), where),
+        metadata=metadata,
     )
 
 

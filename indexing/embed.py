@@ -25,6 +25,7 @@ from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.indexing.build import build_index_dir, post_caption
+from postsim.model_repository.live_index.metadata import MetadataColumns
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
 logger = logging.getLogger("postsim")
@@ -193,6 +194,7 @@ def build_corpus_index(
     ids = [post_id for post_id, _ in embedded]
     vectors = np.stack([vector for _, vector in embedded]).astype(np.float32)
     texts = {post.id: post.text for post in posts}
+    metadata = {post.id: post.metadata for post in posts}
     manifest = build_index_dir(
         settings.out_dir,
         ids,
@@ -200,6 +202,7 @@ def build_corpus_index(
         weights_fingerprint=fingerprint,
         index_type=settings.index_type,
         captions=[post_caption(texts[post_id]) for post_id in ids],
+        metadata=MetadataColumns.of(metadata[post_id] for post_id in ids),
     )
     return CorpusIndexReport(
         index_dir=settings.out_dir,

@@ -48,3 +48,22 @@ def test_bad_labels_splits_and_duplicate_ids_name_the_line(
     path = _corpus(tmp_path, {"id": "first", "text": "fine"}, record)
     with pytest.raises(InvalidPostError, match=message):
         list(read_posts(path))
+
+
+def test_author_created_at_label_and_tags_are_the_posts_metadata(tmp_path: Path) -> None:
+    from postsim.model_repository.live_index.metadata import PostMetadata
+
+    path = _corpus(
+        tmp_path,
+        {"id": "a", "text": "x", "author": "ann", "created_at": "2024-05-01T00:00:00Z", "label": "dogs", "tags": ["t"]},
+        {"id": "b", "text": "y"},
+    )
+    first, second = read_posts(path)
+    assert first.metadata == PostMetadata(author="ann", created_at=1_714_521_600, label="dogs", tags=("t",))
+    assert second.metadata == PostMetadata()
+
+
+def test_bad_metadata_names_the_line(tmp_path: Path) -> None:
+    path = _corpus(tmp_path, {"id": "a", "text": "x"}, {"id": "b", "text": "y", "tags": "not-a-list"})
+    with pytest.raises(InvalidPostError, match=r"posts\.jsonl:2: tags: expected a list of strings"):
+        list(read_posts(path))
