@@ -127,7 +127,12 @@ class InputLimits:
 
 
 def _input_config(tensor: TensorSpec) -> pb.ModelInput:
-    return pb.ModelInput(name=tensor.name, data_type=pb.DataType.Value(tensor.dtype.triton_config), dims=tensor.dims)
+    return pb.ModelInput(
+        name=tensor.name,
+        data_type=pb.DataType.Value(tensor.dtype.triton_config),
+        dims=tensor.dims,
+        optional=tensor.optional,
+    )
 
 
 def _output_config(tensor: TensorSpec) -> pb.ModelOutput:
@@ -198,6 +203,12 @@ def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.Mode
     (Triton refuses unused ensemble tensors; the step is then not asked for it).
     """
     steps = list(step_specs)
+    optional = [tensor.name for tensor in spec.inputs if tensor.optional]
+    if optional:
+        raise RepositoryError(
+            f"ensemble '{spec.name}': optional inputs {optional} (Triton 2.51 crashes re-creating such an ensemble); "
+            "serve them through a Python-backend model instead"
+        )
     config = _base_config(spec)
     config.platform = "ensemble"
     used = {tensor.name for tensor in spec.outputs} | {tensor.name for step in steps for tensor in step.inputs}

@@ -215,11 +215,11 @@ class MutableIndex(LiveIndex):
         if repeated:
             raise InvalidPostError(f"upsert: each id at most once per call; repeated: {repeated[:5]}")
         with self._write_mutex:
-            replaced = sum(post.id in self._row_of for post in checked)
+            replaced = tuple(post.id for post in checked if post.id in self._row_of)
             batch = self._journal.append(checked)
             with self._lock.write():
                 self._apply(batch)
-        return ChangeReceipt(sequence=batch.sequence, upserted=len(checked), replaced=replaced)
+        return ChangeReceipt(sequence=batch.sequence, upserted=len(checked), replaced_ids=replaced)
 
     def _checked(self, post: PostUpsert) -> PostUpsert:
         """The post with its vector checked and L2-normalised."""

@@ -79,11 +79,15 @@ class ChangeReceipt:
     sequence: int
     """The change's sequence number in the journal (0 when the call changed nothing)."""
     upserted: int = 0
-    replaced: int = 0
+    replaced_ids: tuple[str, ...] = ()
     """Of the upserted posts, those that replaced a post with the same id."""
     deleted: int = 0
     unknown_ids: tuple[str, ...] = ()
     """Ids a delete named that no live post has: nothing was done for them."""
+
+    @property
+    def replaced(self) -> int:
+        return len(self.replaced_ids)
 
 
 @dataclass(frozen=True, kw_only=True)
