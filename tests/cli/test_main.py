@@ -303,3 +303,20 @@ def test_export_without_the_hub_still_loads_a_cached_model(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout + result.stderr
     provenance = json.loads((repository / "weights.json").read_text())["provenance"]
     assert provenance["image_encoder"]["backbone"] == "pretrained:postsim-test/tiny-resnet"
+
+
+def test_index_delete_takes_ids_or_an_ids_file_and_similar_id_takes_no_content(tmp_path: Path) -> None:
+    url = f"localhost:{free_ports(1)[0]}"  # nothing listens there: the arguments are checked first
+    code, output = _postsim("index", "delete", "--url", url)
+    assert code == 2 and "--ids-file" in output
+    code, output = _postsim("similar", "--id", "post-1", "--text", "x", "--url", url)
+    assert code == 2 and "--id" in output
+
+
+def test_index_upsert_refuses_bad_metadata_by_its_line_before_changing_anything(tmp_path: Path) -> None:
+    corpus = tmp_path / "posts.jsonl"
+    corpus.write_text('{"id": "post-1", "text": "fine"}\n{"id": "post-2", "text": "x", "created_at": "yesterday"}\n')
+    url = f"localhost:{free_ports(1)[0]}"
+    code, output = _postsim("index", "upsert", str(corpus), "--url", url)
+    assert code == 1
+    assert f"{corpus}:2: created_at" in output.replace("\n", "")
