@@ -148,6 +148,31 @@ def index_delete(
         raise typer.Exit(1)
 
 
+@app.command("compact")
+@reports_errors
+def index_compact(
+    repository: RepositoryOption,
+    url: UrlOption = DEFAULT_URL,
+    index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
+    admin_key: Annotated[
+        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
+    ] = None,
+) -> None:
+    """Fold the served index's changes into a new version (retrained and tuned) and serve it; the journal restarts.
+
+    Runs where the repository is (it reads the served version and its journal from disk).
+    """
+    from postsim.indexing.compact import compact_index
+    from postsim.model_repository.search_index import IndexType
+
+    with _admin_client(url, admin_key) as client:
+        report = compact_index(repository, client, index_type=choice(IndexType, index_type, "--index-type"))
+    stdout.print(
+        f"compacted {report.live_posts} posts (changes up to {report.folded}) into retrieval version "
+        f"{report.version}, {report.carried} later change batch(es) handed over; {url} serves it now"
+    )
+
+
 @contextlib.contextmanager
 def _admin_client(url: str | None, admin_key: str | None) -> Iterator[Any]:
     """A client for model control, or None when no server is named."""

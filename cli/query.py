@@ -77,10 +77,10 @@ def similar(
         else:
             neighbors = client.similar(Post(text=text, image=image), k=k, where=where, collapse_above=collapse_above)
     if as_json:
-        rows = [
-            {"id": n.id, "score": round(n.score, 6), "text": n.text, "duplicates": [d.id for d in n.duplicates]}
-            for n in neighbors
-        ]
+        rows: list[dict[str, object]] = [{"id": n.id, "score": round(n.score, 6), "text": n.text} for n in neighbors]
+        if collapse_above is not None:  # the near-duplicates folded into each result
+            for row, neighbor in zip(rows, neighbors, strict=True):
+                row["duplicates"] = [duplicate.id for duplicate in neighbor.duplicates]
         json.dump(rows, sys.stdout)
         sys.stdout.write("\n")
         return

@@ -43,6 +43,7 @@ from postsim.client.posts import (
 )
 from postsim.client.settings import DEFAULT_TIMEOUT_S, DEFAULT_URL, ClientSettings
 from postsim.core.errors import PostSimError
+from postsim.model_repository.live_index.wire import Control
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -227,6 +228,10 @@ class PostSimClient(_Client):
     def delete(self, ids: Sequence[str]) -> ChangeReport:
         """Delete the indexed posts with these ids: in no result of a query sent after this returns."""
         return self._run(self._core.delete(ids))
+
+    def control_changes(self, control: Control) -> int:
+        """Seal or unseal the served live index (compaction); the sequence number of its last change."""
+        return self._run(self._core.control_changes(control))
 
     def is_ready(self) -> bool:
         """True when the server answers and ``post_embedding`` is ready; never raises for that."""

@@ -37,6 +37,7 @@ from postsim.client.posts import (
 from postsim.client.settings import ClientSettings, checked_timeout
 from postsim.core.errors import InvalidPostError, PostSimError, ServerError, ServerUnavailableError
 from postsim.model_repository import contract
+from postsim.model_repository.live_index.wire import ChangeRequest, Control, receipt_from_json
 
 _T = TypeVar("_T")
 
@@ -305,6 +306,30 @@ class ClientCore:
         calls = tuple(call(start, wanted[start : start + size]) for start in range(0, len(wanted), size))
         parts: list[list[tuple[str, str, int]]] = yield Gather(calls)
         return change_report(parts)
+
+    def control_changes(self, control: Control) -> Operation[int]:
+        """Seal (or unseal) the live index ``retrieval`` serves; returns the sequence number of its last change.
+
+        Compaction seals the version it replaces, so that the journal tail it hands over is complete.
+        """
+        request = ChangeRequest(control=control).to_json()
+        model = contract.RETRIEVAL
+
+        def arguments() -> dict[str, Any]:
+            return {
+                "model_name": model,
+                "inputs": [_bytes_input(contract.CHANGES, [request])],
+                "outputs": [grpcclient.InferRequestedOutput(contract.CHANGE_RECEIPT.name)],
+                "headers": self.settings.grpc_headers,
+                "client_timeout": self.settings.timeout_s,
+            }
+
+        def parse(result: Any) -> int:
+            raw = _output(result, contract.CHANGE_RECEIPT.name, model, 1, 1)[0, 0]
+            return receipt_from_json(raw).sequence
+
+        sequence: int = yield Call(method="infer", arguments=arguments, parse=parse, model=model, what=control.value)
+        return sequence
 
     def _change_arguments(self, inputs: list[grpcclient.InferInput]) -> dict[str, Any]:
         return {

@@ -68,6 +68,15 @@ class NoIndexPublishedError(SearchIndexError):
         super().__init__(NO_INDEX_MESSAGE)
 
 
+class IndexSealedError(SearchIndexError):
+    """A change reached an index version being compacted into the next one: retry it once that one serves."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the index is being compacted into a new version and takes no changes for a moment: retry in a few seconds"
+        )
+
+
 class IndexNotLoadedError(SearchIndexError):
     """similar_posts was asked while ``retrieval`` has a version on disk but is not loaded or not ready."""
 

@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from postsim.core.errors import (
     IndexNotLoadedError,
+    IndexSealedError,
     InvalidPostError,
     NoIndexPublishedError,
     PostSimError,
@@ -31,7 +32,7 @@ from postsim.core.errors import (
     SearchIndexError,
 )
 from postsim.model_repository import contract
-from postsim.model_repository.layout import version_dirs
+from postsim.model_repository.layout import JOURNAL_NAME, read_base_sequence, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
 logger = logging.getLogger("postsim")
@@ -60,7 +61,7 @@ def _error_response(error: Exception) -> Any:
     """INVALID_ARG for bad input; INTERNAL (with a generic message) for anything else."""
     if isinstance(error, InvalidPostError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError):
+    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError | IndexSealedError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
     logger.exception("request failed", exc_info=error)
     return pb_utils.InferenceResponse(
@@ -388,9 +389,9 @@ def _execution_providers(available: Sequence[str], args: dict[str, Any]) -> list
     return ["CPUExecutionProvider"]
 
 
-BLS_INVALID_ARGUMENT = "[invalid argument] "
-"""Opens the message of a bad-input error ``retrieval`` answers: a caller reached by BLS gets every error
-code as INTERNAL (Triton 2.51, triton-inference-server/server#7804), so it reads the code from this."""
+_BLS_CODES = {"[invalid argument] ": "INVALID_ARG", "[unavailable] ": "UNAVAILABLE"}
+"""Open the message of an error ``retrieval`` answers with that code: a caller reached by BLS gets every
+error code as INTERNAL (Triton 2.51, triton-inference-server/server#7804), so it reads the code from this."""
 
 
 class RetrievalModel(_PerRequestModel):
@@ -414,7 +415,13 @@ class RetrievalModel(_PerRequestModel):
         index_dir = _version_dir(args) / "index"
         try:
             base = load_index_dir(index_dir, expected_fingerprint=manifest.fingerprint, use_gpu=False)
-            self.index = MutableIndex.open(base, _version_dir(args) / JOURNAL_NAME, metadata=base.metadata)
+            self.index = MutableIndex.open(
+                base,
+                _version_dir(args) / JOURNAL_NAME,
+                metadata=base.metadata,
+                base_sequence=read_base_sequence(_version_dir(args)),
+            )
+            self.sealed = False
         except PostSimError as error:
             logger.error("retrieval version %s refused: %s", args["model_version"], error)
             raise
@@ -426,11 +433,13 @@ class RetrievalModel(_PerRequestModel):
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = super().execute(requests)
         for position, response in enumerate(responses):
-            if response.has_error() and response.error().code() == pb_utils.TritonError.INVALID_ARG:
-                message = BLS_INVALID_ARGUMENT + response.error().message()
-                responses[position] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-                )
+            if not response.has_error():
+                continue
+            code = response.error().code()
+            for marker, name in _BLS_CODES.items():
+                if code == getattr(pb_utils.TritonError, name):
+                    message = marker + response.error().message()
+                    responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
         return responses
 
     def _run(self, request: Any) -> list[Any]:
@@ -467,20 +476,25 @@ class RetrievalModel(_PerRequestModel):
         ]
 
     def _change(self, changes: np.ndarray) -> list[Any]:
-        from postsim.model_repository.live_index.wire import ChangeRequest, receipt_to_json
+        from postsim.model_repository.live_index.protocol import ChangeReceipt
+        from postsim.model_repository.live_index.wire import ChangeRequest, Control, receipt_to_json
 
         if changes.size != 1:
             raise InvalidPostError(f"{contract.CHANGES.name}: one change request per call, got {changes.size}")
         request = ChangeRequest.from_json(changes.reshape(-1)[0])
-        if request.upserts:
+        if request.control is not None:
+            self.sealed = request.control is Control.SEAL
+            logger.info(
+                "retrieval %s at change %d", "sealed" if self.sealed else "unsealed", self.index.state().sequence
+            )
+            receipt = ChangeReceipt(sequence=self.index.state().sequence)
+        elif self.sealed:
+            raise IndexSealedError()
+        elif request.upserts:
             receipt = self.index.upsert(request.upserts, weights_fingerprint=request.weights_fingerprint)
         else:
             receipt = self.index.delete(request.deletes)
         return [pb_utils.Tensor(contract.CHANGE_RECEIPT.name, _objects([[receipt_to_json(receipt)]], (1, 1)))]
-
-
-JOURNAL_NAME = "changes.journal"
-"""The change journal of a retrieval version, beside its ``index`` folder."""
 
 
 def _objects(rows: list[list[bytes]], shape: tuple[int, int]) -> np.ndarray:
@@ -531,8 +545,9 @@ class _RetrievalCaller:
             return None, _error_response(self._unserved_index())  # retrieval loads with the first index
         failure = answer.error()
         message, code = failure.message(), failure.code()
-        if BLS_INVALID_ARGUMENT in message:  # retrieval's bad-input error, its code lost on the way
-            message, code = message.split(BLS_INVALID_ARGUMENT, 1)[1], pb_utils.TritonError.INVALID_ARG
+        for marker, name in _BLS_CODES.items():
+            if marker in message:  # retrieval's code, lost on the way
+                message, code = message.split(marker, 1)[1], getattr(pb_utils.TritonError, name)
         return None, pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
     def _unserved_index(self) -> SearchIndexError:

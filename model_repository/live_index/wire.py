@@ -8,7 +8,8 @@ at the model's batch size):
 
 ``vector`` is the post's float32 embedding, little-endian, base64-encoded; ``metadata`` the
 fields :meth:`~postsim.model_repository.live_index.metadata.PostMetadata.from_fields` reads.
-A request carries upserts or deletes, not both. The receipt is a
+A request carries upserts or deletes, not both; or it is a control, ``{"control": "seal"}``
+(take no more changes: compaction hands the journal's tail to the next version) or ``"unseal"``. The receipt is a
 :class:`~postsim.model_repository.live_index.protocol.ChangeReceipt` as a JSON object.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +30,14 @@ from postsim.model_repository.live_index.metadata import PostMetadata
 from postsim.model_repository.live_index.protocol import ChangeReceipt, PostUpsert, check_post_id
 
 
+class Control(enum.Enum):
+    """What a control request asks of the live index."""
+
+    SEAL = "seal"
+    """Take no more changes (until unsealed, or until the next version replaces this one)."""
+    UNSEAL = "unseal"
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ChangeRequest:
     """One call's changes: upserts (embedded by the encoders of ``weights_fingerprint``) or deletes."""
@@ -35,9 +45,12 @@ class ChangeRequest:
     weights_fingerprint: str = ""
     upserts: tuple[PostUpsert, ...] = ()
     deletes: tuple[str, ...] = ()
+    control: Control | None = None
 
     def __post_init__(self) -> None:
-        if bool(self.upserts) == bool(self.deletes):
+        if self.control is not None and (self.upserts or self.deletes):
+            raise InvalidPostError(f"a {self.control.value} request carries no changes")
+        if self.control is None and bool(self.upserts) == bool(self.deletes):
             raise InvalidPostError("a change request carries upserts or deletes (one of them, not both)")
 
     def to_json(self) -> bytes:
@@ -50,7 +63,13 @@ class ChangeRequest:
             }
             for post in self.upserts
         ]
-        document = {"weights_fingerprint": self.weights_fingerprint, "upserts": upserts, "deletes": list(self.deletes)}
+        document: dict[str, object] = {
+            "weights_fingerprint": self.weights_fingerprint,
+            "upserts": upserts,
+            "deletes": list(self.deletes),
+        }
+        if self.control is not None:
+            document["control"] = self.control.value
         return json.dumps(document).encode()
 
     @classmethod
@@ -61,9 +80,20 @@ class ChangeRequest:
             upserts = tuple(_upsert(entry) for entry in document.get("upserts", []))
             deletes = tuple(check_post_id(post_id, "delete") for post_id in document.get("deletes", []))
             fingerprint = str(document.get("weights_fingerprint", ""))
+            control = _control(document.get("control"))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, KeyError) as error:
             raise InvalidPostError(f"{contract.CHANGES.name}: not a change request ({error})") from None
-        return cls(weights_fingerprint=fingerprint, upserts=upserts, deletes=deletes)
+        return cls(weights_fingerprint=fingerprint, upserts=upserts, deletes=deletes, control=control)
+
+
+def _control(value: object) -> Control | None:
+    if value is None:
+        return None
+    try:
+        return Control(value)
+    except ValueError:
+        known = ", ".join(control.value for control in Control)
+        raise InvalidPostError(f"{contract.CHANGES.name}: control {value!r} is none of {known}") from None
 
 
 def _upsert(entry: dict[str, object]) -> PostUpsert:

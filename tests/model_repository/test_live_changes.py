@@ -342,3 +342,27 @@ def test_the_index_upsert_delete_and_similar_id_commands(live: LiveServer, tmp_p
     ids_file.write_text("cli-2\n\n")
     code, output = _postsim("index", "delete", "--ids-file", str(ids_file), "--url", live.url)
     assert code == 0 and "deleted 1 posts" in output
+
+
+def test_compaction_folds_the_changes_into_a_new_version_and_rollback_still_works(live: LiveServer) -> None:
+    from postsim.indexing.compact import compact_index
+    from postsim.indexing.publish import rollback_index
+    from postsim.model_repository.layout import JOURNAL_NAME, version_dirs
+
+    with PostSimClient(live.url, timeout_s=60) as client:
+        client.upsert([_post("compact-1", 500), _post("compact-2", 501)])
+        client.delete(["compact-2", live.ids[5]])
+        before = [(n.id, round(n.score, 5)) for n in client.similar_to_id("compact-1", k=20)]
+        old = version_dirs(live.repository / "retrieval")[-1]
+        report = compact_index(live.repository, client)
+        new = version_dirs(live.repository / "retrieval")[-1]
+        assert int(new.name) == report.version == int(old.name) + 1
+        assert [(n.id, round(n.score, 5)) for n in client.similar_to_id("compact-1", k=20)] == before
+        journal_sizes = [(version / JOURNAL_NAME).stat().st_size for version in (new, old)]
+        assert report.carried == 0 and journal_sizes[0] < journal_sizes[1], "the journal starts again"
+        later = client.upsert([_post("compact-3", 502)])
+        assert later.sequence == report.folded + 1
+        assert rollback_index(live.repository, client=client) == int(old.name)
+        assert [(n.id, round(n.score, 5)) for n in client.similar_to_id("compact-1", k=20)] == before
+        with pytest.raises(InvalidPostError, match="compact-3"):
+            client.similar_to_id("compact-3", k=1)
