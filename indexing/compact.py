@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +127,59 @@ def compact_index(repository: Path, client: PostSimClient, *, index_type: IndexT
     return CompactReport(
         version=int(version_dir.name), live_posts=len(state.ids), folded=state.sequence, carried=len(tail)
     )
+
+
+class AutoCompactor:
+    """Compacts the index a server serves whenever its journal passes ``threshold_bytes`` (``postsim serve``).
+
+    A thread looks every ``interval_s``; a compaction that fails is logged and tried again at
+    the next look (the served version keeps serving every change meanwhile).
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        url: str,
+        *,
+        threshold_bytes: int,
+        interval_s: float = 30.0,
+        admin_key: str | None = None,
+    ) -> None:
+        if threshold_bytes < 1 or interval_s <= 0:
+            raise SearchIndexError(
+                f"compaction threshold and interval must be positive, got {threshold_bytes} and {interval_s}"
+            )
+        self.repository, self.url, self.admin_key = repository, url, admin_key
+        self.threshold_bytes, self.interval_s = threshold_bytes, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="postsim-auto-compact", daemon=True)
+
+    def journal_bytes(self) -> int:
+        """The size of the newest version's journal (0 when there is none)."""
+        versions = version_dirs(self.repository / contract.RETRIEVAL)
+        journal = versions[-1] / JOURNAL_NAME if versions else None
+        return journal.stat().st_size if journal is not None and journal.exists() else 0
+
+    def check_once(self) -> CompactReport | None:
+        """Compact now if the journal is past the threshold; the report, or None when it was not."""
+        size = self.journal_bytes()
+        if size <= self.threshold_bytes:
+            return None
+        logger.info("the change journal holds %d bytes (threshold %d): compacting", size, self.threshold_bytes)
+        with PostSimClient(self.url, admin_key=self.admin_key) as client:
+            return compact_index(self.repository, client)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check_once()
+            except PostSimError as error:
+                logger.warning("automatic compaction failed, retrying in %g s: %s", self.interval_s, error)

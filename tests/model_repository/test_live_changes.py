@@ -366,3 +366,18 @@ def test_compaction_folds_the_changes_into_a_new_version_and_rollback_still_work
         assert [(n.id, round(n.score, 5)) for n in client.similar_to_id("compact-1", k=20)] == before
         with pytest.raises(InvalidPostError, match="compact-3"):
             client.similar_to_id("compact-3", k=1)
+
+
+def test_automatic_compaction_runs_once_the_journal_passes_its_threshold(live: LiveServer) -> None:
+    from postsim.indexing.compact import AutoCompactor
+    from postsim.model_repository.layout import version_dirs
+
+    with PostSimClient(live.url) as client:
+        client.upsert([_post("auto-1", 600)])
+    size = AutoCompactor(live.repository, live.url, threshold_bytes=1).journal_bytes()
+    assert AutoCompactor(live.repository, live.url, threshold_bytes=size).check_once() is None
+    newest = int(version_dirs(live.repository / "retrieval")[-1].name)
+    report = AutoCompactor(live.repository, live.url, threshold_bytes=size - 1).check_once()
+    assert report is not None and report.version == newest + 1
+    with PostSimClient(live.url) as client:
+        assert client.similar_to_id("auto-1", k=1)
