@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -34,6 +34,9 @@ from postsim.core.errors import (
 from postsim.model_repository import contract
 from postsim.model_repository.layout import JOURNAL_NAME, read_base_sequence, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
+
+if TYPE_CHECKING:
+    from postsim.model_repository.live_index.metadata import PostMetadata
 
 logger = logging.getLogger("postsim")
 
@@ -726,7 +729,8 @@ class PostChangesModel(_RetrievalCaller):
         )
 
 
-def _metadata(raw: bytes, post_id: str) -> Any:
+def _metadata(raw: bytes, post_id: str) -> PostMetadata:
+    """One row of POST_METADATA: the post's metadata, or an InvalidPostError naming the post."""
     from postsim.model_repository.live_index.metadata import PostMetadata
 
     if not raw:

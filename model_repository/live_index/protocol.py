@@ -21,15 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
 from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
-from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata
-from postsim.model_repository.search_index import IndexType, SearchHit
+
+if TYPE_CHECKING:  # both load FAISS, which the client and the corpus reader do not need
+    from postsim.model_repository.live_index.filters import PostFilter
+    from postsim.model_repository.search_index import IndexType, SearchHit
 
 
 def check_post_id(post_id: object, where: str) -> str:

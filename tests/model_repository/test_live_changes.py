@@ -376,3 +376,14 @@ def test_automatic_compaction_runs_once_the_journal_passes_its_threshold(live: L
     assert report is not None and report.version == newest + 1
     with PostSimClient(live.url) as client:
         assert client.similar_to_id("auto-1", k=1)
+
+
+def test_the_live_bench_measures_changes_under_query_load(live: LiveServer) -> None:
+    from postsim.bench.live_serving import format_live_serving, run_live_serving
+
+    result = run_live_serving(live.url, duration_s=1.0, concurrency=1, batch=4)
+    assert result.without_writes.failed == 0 and result.with_writes.failed == 0
+    assert result.upserted == result.deleted > 0 and result.upserts_per_s > 0 and result.deletes_per_s > 0
+    assert "| with writes |" in format_live_serving(result)
+    with PostSimClient(live.url) as client, pytest.raises(InvalidPostError, match="bench-live-0"):
+        client.similar_to_id("bench-live-0", k=1)  # the bench deleted what it upserted
