@@ -59,6 +59,7 @@ class BenchError(PostSimError):
 
 NO_INDEX_MESSAGE = "no index is published yet: publish one with `postsim index publish`"
 INDEX_NOT_LOADED_MESSAGE = "the published index is not loaded"
+INDEX_SEALED_MESSAGE = "the index is being compacted into a new version"
 
 
 class NoIndexPublishedError(SearchIndexError):
@@ -72,9 +73,7 @@ class IndexSealedError(SearchIndexError):
     """A change reached an index version being compacted into the next one: retry it once that one serves."""
 
     def __init__(self) -> None:
-        super().__init__(
-            "the index is being compacted into a new version and takes no changes for a moment: retry in a few seconds"
-        )
+        super().__init__(f"{INDEX_SEALED_MESSAGE} and takes no changes for a moment: retry in a few seconds")
 
 
 class IndexNotLoadedError(SearchIndexError):

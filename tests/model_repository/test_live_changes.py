@@ -387,3 +387,63 @@ def test_the_live_bench_measures_changes_under_query_load(live: LiveServer) -> N
     assert "| with writes |" in format_live_serving(result)
     with PostSimClient(live.url) as client, pytest.raises(InvalidPostError, match="bench-live-0"):
         client.similar_to_id("bench-live-0", k=1)  # the bench deleted what it upserted
+
+
+def test_the_asyncio_client_has_the_same_change_and_query_methods(live: LiveServer) -> None:
+    import asyncio
+
+    from postsim.client.api import AsyncPostSimClient
+
+    async def run() -> None:
+        async with AsyncPostSimClient(live.url) as client:
+            posts = [_post(f"async-{n}", 700 + n) for n in range(20)]  # two calls of at most 16
+            report = await client.upsert(posts)
+            assert sorted(report.added) == sorted(post.id for post in posts)
+            (top,) = await client.similar(posts[0], k=1, where={"exclude_ids": ["nothing-1"]})
+            assert top.id == "async-0" and top.score >= 0.99
+            assert "async-0" not in [n.id for n in await client.similar_to_id("async-0", k=5)]
+            deleted = await client.delete([post.id for post in posts] + ["async-404"])
+            assert len(deleted.deleted) == 20 and deleted.unknown == ("async-404",)
+
+    asyncio.run(run())
+
+
+def _send_changes(url: str, request: bytes) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from postsim.client.api import map_server_error
+    from postsim.model_repository import contract
+
+    tensor = grpcclient.InferInput(contract.CHANGES.name, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[request]], dtype=np.object_))
+    with grpcclient.InferenceServerClient(url) as raw:
+        try:
+            raw.infer(contract.RETRIEVAL, [tensor])
+        except InferenceServerException as error:  # as the client maps it
+            raise map_server_error(error, url=url, model=contract.RETRIEVAL) from None
+
+
+def test_a_change_embedded_by_other_encoders_is_refused(live: LiveServer) -> None:
+    from postsim.model_repository.live_index.protocol import PostUpsert
+    from postsim.model_repository.live_index.wire import ChangeRequest
+
+    post = PostUpsert(id="foreign-1", vector=live.vectors[0])
+    request = ChangeRequest(weights_fingerprint="other-encoders", upserts=(post,)).to_json()
+    with pytest.raises(InvalidPostError, match="weights fingerprint 'other-encoders'"):
+        _send_changes(live.url, request)
+
+
+def test_a_change_while_the_index_is_sealed_for_compaction_is_unavailable_and_queries_go_on(live: LiveServer) -> None:
+    from postsim.core.errors import ServerUnavailableError
+    from postsim.model_repository.live_index.wire import Control
+
+    with PostSimClient(live.url) as client:
+        client.control_changes(Control.SEAL)
+        try:
+            with pytest.raises(ServerUnavailableError, match=r"being compacted into a new version.*retry"):
+                client.upsert([_post("sealed-1", 800)])
+            assert client.similar_to_id(live.ids[1], k=3)
+        finally:
+            client.control_changes(Control.UNSEAL)
+        assert client.upsert([_post("sealed-1", 800)]).added == ("sealed-1",)
