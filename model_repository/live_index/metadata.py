@@ -14,7 +14,6 @@ objects), row i describing the post ``ids[i]``.
 from __future__ import annotations
 
 import math
-import os
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from postsim.core.errors import InvalidPostError, SearchIndexError
+from postsim.core.files import atomic_path
 
 METADATA_FILE = "metadata.npz"
 MAX_NAME_CHARS = 256
@@ -314,8 +314,8 @@ class MetadataColumns:
         return sum(column.nbytes for column in columns)
 
     def save(self, path: Path) -> None:
-        """Write the columns as a ``.npz`` file and fsync it (atomicity is the caller's: write into a staging folder)."""
-        with path.open("wb") as file:
+        """Write the columns as a ``.npz`` file, atomically (``postsim.core.files.atomic_path``)."""
+        with atomic_path(path) as temporary, temporary.open("wb") as file:
             np.savez(
                 file,
                 format_version=np.array(_FORMAT_VERSION),
@@ -328,8 +328,6 @@ class MetadataColumns:
                 labels=np.array(self.labels.values, dtype=np.str_),
                 tag_names=np.array(self.tag_names.values, dtype=np.str_),
             )
-            file.flush()
-            os.fsync(file.fileno())
 
     @classmethod
     def load(cls, path: Path, count: int) -> MetadataColumns:
