@@ -387,6 +387,10 @@ class AsyncPostSimClient(_Client):
         """Delete the indexed posts with these ids: in no result of a query sent after this returns."""
         return await self._run(self._core.delete(ids))
 
+    async def control_changes(self, control: Control) -> int:
+        """Seal or unseal the served live index (compaction); the sequence number of its last change."""
+        return await self._run(self._core.control_changes(control))
+
     async def is_ready(self) -> bool:
         """True when the server answers and ``post_embedding`` is ready; never raises for that."""
         reason = await self._run(self._core.not_ready_reason())
