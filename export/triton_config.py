@@ -297,7 +297,12 @@ def repository_configs(
 def retrieval_config(
     dim: int, settings: ServingSettings, *, target: Target, limits: InputLimits | None = None
 ) -> pb.ModelConfig:
-    """The retrieval model: serves the newest index version only."""
+    """The retrieval model: serves the newest index version only, from one instance (it holds the live index)."""
+    if settings.instance_count(contract.RETRIEVAL) != 1:
+        raise RepositoryError(
+            f"retrieval runs as one instance (it holds the live index and appends to its journal), got "
+            f"{settings.instance_count(contract.RETRIEVAL)}: leave it out of ServingSettings.instances"
+        )
     kind = pb.ModelInstanceGroup.KIND_GPU if target is Target.TRITON else pb.ModelInstanceGroup.KIND_CPU
     spec = contract.model_specs(dim)[contract.RETRIEVAL]
     config = python_model_config(spec, settings, kind=kind, parameters=(limits or InputLimits()).parameters(spec))

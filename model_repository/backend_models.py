@@ -413,6 +413,12 @@ class RetrievalModel(_PerRequestModel):
         from postsim.model_repository.search_index import load_index_dir
 
         parameters = _parameters(args)
+        instances = sum(int(group.get("count", 1)) for group in json.loads(args["model_config"])["instance_group"])
+        if instances != 1:
+            raise RepositoryError(
+                f"retrieval runs as one instance (it holds the live index and appends to its journal); its "
+                f"config.pbtxt asks for {instances}: export the repository again"
+            )
         self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(parameters)
         manifest = WeightsManifest.read(_repository_dir(args))
         index_dir = _version_dir(args) / "index"

@@ -8,7 +8,13 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from postsim.core.errors import RepositoryError
-from postsim.export.triton_config import ServingSettings, Target, ensemble_config, repository_configs
+from postsim.export.triton_config import (
+    ServingSettings,
+    Target,
+    ensemble_config,
+    repository_configs,
+    retrieval_config,
+)
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 
@@ -163,3 +169,9 @@ def test_a_step_reading_an_ensemble_output_is_refused() -> None:
 def test_malformed_pbtxt_is_a_repository_error() -> None:
     with pytest.raises(RepositoryError, match="does not parse"):
         parse_pbtxt('name: "x"\nmax_batch_size: "many"\n')
+
+
+def test_retrieval_is_refused_more_than_one_instance() -> None:
+    settings = ServingSettings(instances={contract.RETRIEVAL: 2})
+    with pytest.raises(RepositoryError, match="retrieval runs as one instance"):
+        retrieval_config(DIM, settings, target=Target.EMBEDDED)
