@@ -28,7 +28,8 @@ from postsim.bench.results import (
     ServingBenchReport,
     TargetCheck,
 )
-from postsim.core.files import atomic_path, write_text_atomic
+from postsim.core.files import write_text_atomic
+from postsim.evaluation.figures import save_figure
 
 logger = logging.getLogger("postsim")
 
@@ -158,13 +159,7 @@ def write_plot(report: ServingBenchReport, path: Path) -> Path:
     axes.grid(True, which="both", alpha=0.3)
     axes.set_title(f"postsim serving: {report.machine.describe()}, {report.precision}, {report.models}", fontsize=10)
     axes.legend()
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=120)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120)
 
 
 def write_outputs(report: ServingBenchReport, out_dir: Path) -> BenchOutputs:

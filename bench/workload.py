@@ -45,10 +45,12 @@ def write_bench_corpus(
     image_size: tuple[int, int] = BENCH_IMAGE_SIZE,
     words: tuple[int, int] = BENCH_WORDS,
 ) -> Path:
-    """A corpus of ``n`` realistic sample posts in ``out_dir``; returns its ``posts.jsonl``."""
+    """A corpus of ``n`` realistic sample posts in ``out_dir`` (no generic captions or images); returns its ``posts.jsonl``."""
     if n < 1:
         raise BenchError(f"the benchmark needs at least one post, got {n}")
-    return write_sample_posts(n, out_dir, seed, image_size=image_size, words=words)
+    return write_sample_posts(
+        n, out_dir, seed, image_size=image_size, words=words, generic_captions=0, generic_images=0
+    )
 
 
 def load_bench_posts(corpus: Path) -> list[BenchPost]:

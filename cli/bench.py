@@ -1,4 +1,4 @@
-"""``postsim bench serve | index | soak | stress | front-end``: measurements against same-run baselines."""
+"""``postsim bench serve | index | soak | stress | front-end | training``: measurements against same-run baselines."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from postsim.cli.backbones import SizeOption, TextModelOption
 from postsim.cli.common import RepositoryOption, UrlOption, choice, reports_errors, run_dir_option, stdout
 from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import SettingsError
@@ -182,3 +183,31 @@ def bench_front_end(
     from postsim.bench.front_end import format_front_end, measure_front_end
 
     stdout.print(format_front_end(measure_front_end(repository, requests=requests)), highlight=False, markup=False)
+
+
+@app.command("training")
+@reports_errors
+def bench_training(
+    posts: Annotated[
+        int, typer.Option(min=1, help="Sample posts whose features are extracted (640×480, 20–60 words).")
+    ] = 64,
+    epoch_posts: Annotated[int, typer.Option(min=1, help="Posts of cached features per training epoch.")] = 10_000,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs timed.")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads torch may use.")] = 2,
+    text_model: TextModelOption = None,
+    size: SizeOption = None,
+) -> None:
+    """What `postsim train` costs: feature extraction posts/s through the backbones (full size, random weights
+    unless --text-model), and seconds per epoch over cached features."""
+    from postsim.bench.training_bench import TrainingBenchSettings, format_training_bench, run_training_benchmark
+    from postsim.models.settings import ModelSize
+
+    settings = TrainingBenchSettings(
+        posts=posts,
+        epoch_posts=epoch_posts,
+        epochs=epochs,
+        threads=threads,
+        text_model=text_model,
+        size=ModelSize.FULL if size is None else choice(ModelSize, size, "--size"),
+    )
+    stdout.print(format_training_bench(run_training_benchmark(settings)), highlight=False, markup=False)

@@ -57,7 +57,8 @@ def run_demo(
     export_repository(ExportOptions(repository=settings.repository, models=ModelSettings(weights=settings.weights)))
 
     logger.info("step 2/5: write %d sample posts", settings.posts)
-    corpus = write_sample_posts(settings.posts, settings.work_dir / "corpus")
+    # Topical posts only: generic captions and images are there to train a head, and the demo's head is seeded.
+    corpus = write_sample_posts(settings.posts, settings.work_dir / "corpus", generic_captions=0, generic_images=0)
     posts = list(read_posts(corpus))
 
     server_settings = settings.server or ServerSettings(repository=settings.repository)

@@ -27,6 +27,13 @@ def index_build(
     batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
     max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
+    unimodal: Annotated[
+        bool,
+        typer.Option(
+            help="Keep each post's image and text vectors and weights (fp16), which split scores into "
+            "four parts (similar_posts CONTRIBUTIONS, postsim explain): ~1 GB per million posts at dim 256."
+        ),
+    ] = True,
 ) -> None:
     """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
     from postsim.cli.progress import ProgressReporter
@@ -40,6 +47,7 @@ def index_build(
         index_type=choice(IndexType, index_type, "--index-type"),
         batch_size=batch_size,
         concurrency=concurrency,
+        unimodal=unimodal,
     )
     with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
         report = build_corpus_index(settings, on_progress=progress.update)

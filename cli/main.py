@@ -1,8 +1,8 @@
 """The ``postsim`` command: the command groups put together, and logging set up for them.
 
 Each command lives in the module of its group (:mod:`~postsim.cli.export`, :mod:`~postsim.cli.serve`,
-:mod:`~postsim.cli.query`, :mod:`~postsim.cli.corpus`, :mod:`~postsim.cli.demo`, :mod:`~postsim.cli.index`,
-:mod:`~postsim.cli.bench`) and only parses its options and calls the typed function that does the work,
+:mod:`~postsim.cli.query`, :mod:`~postsim.cli.corpus`, :mod:`~postsim.cli.train`, :mod:`~postsim.cli.evaluate`,
+:mod:`~postsim.cli.demo`, :mod:`~postsim.cli.index`, :mod:`~postsim.cli.bench`, :mod:`~postsim.cli.explain`) and only parses its options and calls the typed function that does the work,
 importing it when the command runs: ``postsim --help`` stays instant and ``postsim serve`` works without
 the export extra's torch.
 """
@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from postsim.cli import bench, corpus, demo, export, index, query, serve
+from postsim.cli import bench, corpus, demo, evaluate, explain, export, index, query, serve, train
 from postsim.cli.common import stderr
 
 logger = logging.getLogger("postsim")
@@ -32,7 +32,11 @@ app.command()(serve.serve)
 app.command()(query.embed)
 app.command()(query.similar)
 app.command("sample-posts")(corpus.sample_posts)
+app.command()(train.train)
+app.command()(evaluate.evaluate)
 app.command()(demo.demo)
+app.command()(explain.explain)
+app.command()(explain.ui)
 
 
 @app.callback()

@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.client.core import MAX_CHUNKS_IN_FLIGHT, Call, ClientCore, Operation, Pause, Step, build_inputs
 from postsim.client.errors import map_server_error
+from postsim.client.explain import DEFAULT_GRID, Explanation
 from postsim.client.posts import (
     ChangeReport,
     EmbeddingResult,
@@ -233,6 +234,10 @@ class PostSimClient(_Client):
         """Seal or unseal the served live index (compaction); the sequence number of its last change."""
         return self._run(self._core.control_changes(control))
 
+    def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Explanation:
+        """Which words and image regions of ``query`` drive its similarity to ``target`` (:mod:`postsim.client.explain`)."""
+        return self._run(self._core.explain(query, target, grid))
+
     def is_ready(self) -> bool:
         """True when the server answers and ``post_embedding`` is ready; never raises for that."""
         reason = self._run(self._core.not_ready_reason())
@@ -390,6 +395,10 @@ class AsyncPostSimClient(_Client):
     async def control_changes(self, control: Control) -> int:
         """Seal or unseal the served live index (compaction); the sequence number of its last change."""
         return await self._run(self._core.control_changes(control))
+
+    async def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Explanation:
+        """Which words and image regions of ``query`` drive its similarity to ``target`` (:mod:`postsim.client.explain`)."""
+        return await self._run(self._core.explain(query, target, grid))
 
     async def is_ready(self) -> bool:
         """True when the server answers and ``post_embedding`` is ready; never raises for that."""

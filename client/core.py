@@ -24,12 +24,14 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from postsim.client.errors import load_error, map_server_error
+from postsim.client.explain import DEFAULT_GRID, Explanation, explain_operation
 from postsim.client.posts import (
     ChangeReport,
     EmbeddingResult,
     ModelStatus,
     Neighbor,
     Post,
+    ScoreParts,
     ServedRepository,
     ServerInfo,
     SimilarResult,
@@ -41,7 +43,7 @@ from postsim.model_repository.live_index.wire import ChangeRequest, Control, rec
 
 _T = TypeVar("_T")
 
-EMBED_OUTPUTS = (contract.EMBEDDING.name, contract.MODALITY_WEIGHTS.name)
+EMBED_OUTPUTS = tuple(tensor.name for tensor in contract.POST_OUTPUTS)
 SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOR_OUTPUTS), *EMBED_OUTPUTS)
 FILTERED_OUTPUTS = tuple(tensor.name for tensor in contract.LIVE_QUERY_OUTPUTS)
 CHANGE_OUTPUTS = (contract.CHANGE_STATUS.name, contract.SEQUENCE.name)
@@ -340,6 +342,18 @@ class ClientCore:
             "client_timeout": self.settings.timeout_s,
         }
 
+    def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Operation[Explanation]:
+        """Which words and image regions of ``query`` drive its similarity to ``target``, and the score's four parts.
+
+        ``target`` is a second post (embedded first) or an embedding already known, such as
+        an indexed post's (``postsim.explanation.indexed_target``). See :mod:`postsim.client.explain`.
+        """
+        if isinstance(target, Post):
+            (target,) = yield from self.embed([target])
+        elif not isinstance(target, EmbeddingResult):
+            raise InvalidPostError(f"explain() compares with a Post or an EmbeddingResult; got {type(target).__name__}")
+        return (yield from explain_operation(self.embed, query, target, grid))
+
     def not_ready_reason(self, client_timeout: float | None = None) -> Operation[str | None]:
         """None when the server is live and ``post_embedding`` is ready, else why not; never raises for that."""
         model = contract.POST_EMBEDDING
@@ -520,11 +534,16 @@ def _output(result: Any, name: str, model: str, rows: int, columns: int | None =
 def embedding_results(result: Any, model: str, rows: int) -> list[EmbeddingResult]:
     embeddings = _output(result, contract.EMBEDDING.name, model, rows).astype(np.float32, copy=True)
     weights = _output(result, contract.MODALITY_WEIGHTS.name, model, rows, len(contract.MODALITIES))
+    dim = embeddings.shape[1]
+    images = _output(result, contract.IMAGE_EMBEDDING.name, model, rows, dim).astype(np.float32, copy=True)
+    texts = _output(result, contract.TEXT_EMBEDDING.name, model, rows, dim).astype(np.float32, copy=True)
     return [
         EmbeddingResult(
             embedding=embeddings[row],
             image_weight=float(weights[row, _IMAGE_COLUMN]),
             text_weight=float(weights[row, _TEXT_COLUMN]),
+            image_embedding=images[row],
+            text_embedding=texts[row],
         )
         for row in range(rows)
     ]
@@ -534,12 +553,13 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
     ids = _output(result, contract.IDS.name, model, rows)
     scores = _output(result, contract.SCORES.name, model, rows, ids.shape[1])
     captions = _output(result, contract.CAPTIONS.name, model, rows, ids.shape[1])
+    contributions = _contributions(result, model, rows, ids.shape[1])
     embedded = embedding_results(result, model, rows)
     similar = []
     for row, query in enumerate(embedded):
         neighbors = [
-            Neighbor(id=_decode(raw), score=float(score), text=_decode(caption) or None)
-            for raw, score, caption in zip(ids[row], scores[row], captions[row], strict=True)
+            Neighbor(id=_decode(raw), score=float(score), text=_decode(caption) or None, parts=score_parts(split))
+            for raw, score, caption, split in zip(ids[row], scores[row], captions[row], contributions[row], strict=True)
             # An index smaller than k pads its answer with empty ids: no neighbor there.
             if raw
         ]
@@ -549,9 +569,21 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
                 embedding=query.embedding,
                 image_weight=query.image_weight,
                 text_weight=query.text_weight,
+                image_embedding=query.image_embedding,
+                text_embedding=query.text_embedding,
             )
         )
     return similar
+
+
+def _contributions(result: Any, model: str, rows: int, width: int) -> np.ndarray:
+    """The ``CONTRIBUTIONS`` output, checked against the neighbours' shape."""
+    contributions = result.as_numpy(contract.CONTRIBUTIONS.name)
+    expected = (rows, width, len(contract.SCORE_PARTS))
+    if contributions is None or contributions.shape != expected:
+        got = "none" if contributions is None else f"shape {tuple(contributions.shape)}"
+        raise ServerError(f"model '{model}' returned {contract.CONTRIBUTIONS.name} of {got}; expected {expected}")
+    return contributions
 
 
 def filtered_results(result: Any, model: str) -> list[Neighbor]:
@@ -560,14 +592,18 @@ def filtered_results(result: Any, model: str) -> list[Neighbor]:
     scores = _output(result, contract.SCORES.name, model, 1, ids.shape[1])
     captions = _output(result, contract.CAPTIONS.name, model, 1, ids.shape[1])
     duplicates = _output(result, contract.DUPLICATES.name, model, 1, ids.shape[1])
+    contributions = _contributions(result, model, 1, ids.shape[1])
     return [
         Neighbor(
             id=_decode(raw),
             score=float(score),
             text=_decode(caption) or None,
+            parts=score_parts(split),
             duplicates=tuple(Neighbor(id=str(dup), score=float(dup_score)) for dup, dup_score in json.loads(folded)),
         )
-        for raw, score, caption, folded in zip(ids[0], scores[0], captions[0], duplicates[0], strict=True)
+        for raw, score, caption, split, folded in zip(
+            ids[0], scores[0], captions[0], contributions[0], duplicates[0], strict=True
+        )
         if raw
     ]
 
@@ -585,6 +621,13 @@ def change_report(parts: Sequence[Sequence[tuple[str, str, int]]]) -> ChangeRepo
     for status in ("added", "replaced", "deleted", "unknown"):
         by_status[status] = tuple(post_id for post_id, found, _ in rows if found == status)
     return ChangeReport(sequence=max((sequence for _, _, sequence in rows), default=0), **by_status)
+
+
+def score_parts(split: np.ndarray) -> ScoreParts | None:
+    """One neighbour's ``CONTRIBUTIONS`` row as ScoreParts; None for NaN (an index without unimodal vectors)."""
+    if not np.isfinite(split).all():
+        return None
+    return ScoreParts(**{name: float(value) for name, value in zip(contract.SCORE_PARTS, split, strict=True)})
 
 
 def _decode(raw: Any) -> str:

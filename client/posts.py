@@ -16,7 +16,16 @@ import numpy as np
 from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
 
-__all__ = ["EmbeddingResult", "ModelStatus", "Neighbor", "Post", "ServedRepository", "ServerInfo", "SimilarResult"]
+__all__ = [
+    "EmbeddingResult",
+    "ModelStatus",
+    "Neighbor",
+    "Post",
+    "ScoreParts",
+    "ServedRepository",
+    "ServerInfo",
+    "SimilarResult",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +110,28 @@ class EmbeddingResult:
     """float32, shape ``(K,)``."""
     image_weight: float
     text_weight: float
+    image_embedding: np.ndarray
+    """The post's image alone: its unit vector, float32 ``(K,)``; zeros without an image."""
+    text_embedding: np.ndarray
+    """The post's text alone: its unit vector, float32 ``(K,)``; zeros without a text."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreParts:
+    """A neighbour's score split by modality pair (``contract.SCORE_PARTS``); the four sum to the score."""
+
+    image_image: float
+    """Query image ↔ neighbour image."""
+    text_text: float
+    """Query text ↔ neighbour text."""
+    image_text: float
+    """Query image ↔ neighbour text."""
+    text_image: float
+    """Query text ↔ neighbour image."""
+
+    @property
+    def total(self) -> float:
+        return self.image_image + self.text_text + self.image_text + self.text_image
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +143,9 @@ class Neighbor:
     text: str | None = None
     """The start of the post's text as the index keeps it (:func:`~postsim.model_repository.contract.post_caption`);
     None when the index does not know it (the post had no text, or the index was built without captions)."""
+    parts: ScoreParts | None = None
+    """Where the score comes from; None when the index keeps no unimodal vectors (built with ``--no-unimodal``),
+    and for a post upserted since the served version was published (or queried by such a post's id)."""
     duplicates: tuple[Neighbor, ...] = ()
     """Near-duplicates folded into this result (a query with ``collapse_above``), best first; their ``text`` is None."""
 
@@ -138,6 +172,8 @@ class SimilarResult:
     embedding: np.ndarray
     image_weight: float
     text_weight: float
+    image_embedding: np.ndarray
+    text_embedding: np.ndarray
 
 
 @dataclass(frozen=True, kw_only=True)

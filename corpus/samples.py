@@ -7,6 +7,13 @@ in the formats and modes the server must handle (JPEG, PNG, WebP, RGBA PNG, grey
 JPEG) and, by default, in varied sizes; ``image_size`` and ``words`` make photo-sized
 images and longer captions for benchmarks.
 
+Each post's topic is its ``label``, so the corpus trains and evaluates a head
+(``postsim train``, ``postsim evaluate``). To make that worth doing, a share of the posts
+with both modalities gets a generic caption ("check this out ✨ #nofilter") and another
+share a generic image (a plain or noisy picture): neither modality alone then tells every
+post's topic, and only both do. The record's ``generic`` key says which one (``caption``,
+``image`` or null), for tests and reports; the corpus reader ignores it.
+
 The corpus it writes is read back with :func:`postsim.corpus.posts.read_posts`, like any other.
 """
 
@@ -38,9 +45,18 @@ MIN_SIDE = 32
 """Smallest side a fixed ``image_size`` may have: the drawings need some room."""
 NOISE_LEVEL = 8
 """Grain added to every pixel (± this), so the images compress like photos rather than drawings."""
+DEFAULT_GENERIC_CAPTIONS = 0.25
+"""Share of the posts with both modalities whose caption says nothing of the topic."""
+DEFAULT_GENERIC_IMAGES = 0.25
+"""Share of them whose image shows nothing of the topic (never the same post as a generic caption)."""
+GENERIC_CAPTION = "caption"
+GENERIC_IMAGE = "image"
 
 RGB = tuple[int, int, int]
-Drawer = Callable[[ImageDraw.ImageDraw, int, int, random.Random], None]
+Box = tuple[int, int, int, int]
+"""Left, top, right, bottom, in pixels."""
+Drawer = Callable[[ImageDraw.ImageDraw, int, int, random.Random], Box]
+"""Draws the topic's scene and returns the box of its object (sun, moon, dog, plate, peaks, ball)."""
 
 
 def write_sample_posts(
@@ -50,6 +66,8 @@ def write_sample_posts(
     *,
     image_size: tuple[int, int] | None = None,
     words: tuple[int, int] = DEFAULT_WORDS,
+    generic_captions: float = DEFAULT_GENERIC_CAPTIONS,
+    generic_images: float = DEFAULT_GENERIC_IMAGES,
 ) -> Path:
     """Write ``n`` sample posts as ``out_dir/posts.jsonl`` and ``out_dir/images/``; return the JSONL path.
 
@@ -58,6 +76,9 @@ def write_sample_posts(
     ``image_size`` (width, height) fixes every image's size, e.g. ``(640, 480)`` for
     benchmarks; by default each side is drawn from 160 to 900 px. ``words`` bounds the
     length of each caption's description, e.g. ``(20, 60)`` for realistic captions.
+    ``generic_captions`` and ``generic_images`` are the shares of the posts with both
+    modalities whose caption, or else whose image, is generic (see the module docstring);
+    0 and 0 give every post a topical image and caption.
 
     Any old ``posts.jsonl`` is removed first and the new one appears, renamed into place,
     only after every image is written: a crashed run leaves no corpus, never a half one.
@@ -68,6 +89,11 @@ def write_sample_posts(
         raise SettingsError(f"words must be (min, max) with 0 < min <= max, got {words}")
     if image_size is not None and min(image_size) < MIN_SIDE:
         raise SettingsError(f"image_size sides must be at least {MIN_SIDE} px, got {image_size}")
+    if generic_captions < 0 or generic_images < 0 or generic_captions + generic_images > 1:
+        raise SettingsError(
+            "generic_captions and generic_images are shares of the posts: each 0 or more and together at most 1, "
+            f"got {generic_captions} and {generic_images}"
+        )
     out_dir = Path(out_dir)
     (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     posts_path = out_dir / POSTS_FILE
@@ -75,14 +101,25 @@ def write_sample_posts(
     records = []
     image_count = 0
     for index in range(n):
-        sample = _SamplePost.draw(index, seed, image_size=image_size, words=words)
+        sample = _SamplePost.draw(
+            index, seed, image_size=image_size, words=words, generic=(generic_captions, generic_images)
+        )
         image_name = None
         if sample.image is not None:
             image_format = _FORMAT_CYCLE[image_count % len(_FORMAT_CYCLE)]
             image_count += 1
             image_name = f"{IMAGES_DIR}/{sample.id}.{image_format.extension}"
             image_format.save(sample.image, out_dir / image_name)
-        records.append({"id": sample.id, "text": sample.text, "image": image_name, "topic": sample.topic})
+        record: dict[str, Any] = {
+            "id": sample.id,
+            "text": sample.text,
+            "image": image_name,
+            "label": sample.topic,
+            "generic": sample.generic,
+        }
+        if sample.object_box is not None:
+            record["object_box"] = list(sample.object_box)  # where the image's object is: explanations test on it
+        records.append(record)
     _write_jsonl(posts_path, records)
     logger.info("wrote %d sample posts (%d images) to %s", n, image_count, posts_path)
     return posts_path
@@ -101,16 +138,36 @@ class _SamplePost:
     topic: str
     text: str | None
     image: Image.Image | None = field(repr=False)
+    object_box: Box | None = None
+    """Where the topic's object is drawn; None without an image or with a generic one."""
+    generic: str | None = None
+    """GENERIC_CAPTION or GENERIC_IMAGE when that modality says nothing of the topic."""
 
     @classmethod
-    def draw(cls, index: int, seed: int, *, image_size: tuple[int, int] | None, words: tuple[int, int]) -> _SamplePost:
+    def draw(
+        cls,
+        index: int,
+        seed: int,
+        *,
+        image_size: tuple[int, int] | None,
+        words: tuple[int, int],
+        generic: tuple[float, float],
+    ) -> _SamplePost:
         # A generator per post, seeded from (seed, index): post i is the same whatever n is.
         rng = random.Random(f"postsim-samples:{seed}:{index}")
         topic = rng.choice(_TOPICS)
         kind = index % 10
         text = None if kind == 7 else _caption(topic, rng, words)
-        image = None if kind == 3 else _picture(topic, rng, image_size)
-        return cls(id=f"post-{index:05d}", topic=topic.name, text=text, image=image)
+        image, box = (None, None) if kind == 3 else _picture(topic, rng, image_size)
+        # Its own generator: the shares change which posts are generic, not the others' captions and pictures.
+        generic_rng = random.Random(f"postsim-samples-generic:{seed}:{index}")
+        draw, which = generic_rng.random(), None
+        if text is not None and image is not None:
+            if draw < generic[0]:
+                which, text = GENERIC_CAPTION, generic_rng.choice(_GENERIC_CAPTIONS)
+            elif draw < generic[0] + generic[1]:
+                which, image, box = GENERIC_IMAGE, _generic_picture(generic_rng, image.size), None
+        return cls(id=f"post-{index:05d}", topic=topic.name, text=text, image=image, object_box=box, generic=which)
 
 
 @dataclass(frozen=True)
@@ -197,15 +254,43 @@ def _caption(topic: _Topic, rng: random.Random, words: tuple[int, int]) -> str:
     return f"{rng.choice(topic.titles)}\n{' '.join(sentences)}\n{tags}"
 
 
+_GENERIC_CAPTIONS = (
+    "check this out ✨ #nofilter",
+    "what a day 🙌 #photooftheday",
+    "no words needed #instagood",
+    "mood. #vibes #weekend",
+    "just posting this here 🤷",
+    "throwback #tbt",
+    "can't stop looking at this 😍 #love",
+    "another one for the feed #instadaily",
+)
+"""Captions that fit any topic."""
+
+
 # --- Pictures ------------------------------------------------------------------------------
 
 
-def _picture(topic: _Topic, rng: random.Random, size: tuple[int, int] | None) -> Image.Image:
+def _picture(topic: _Topic, rng: random.Random, size: tuple[int, int] | None) -> tuple[Image.Image, Box]:
     width, height = size or (rng.randint(*SIDE_RANGE), rng.randint(*SIDE_RANGE))
     top, bottom = (_jitter(colour, rng) for colour in topic.sky)
     image = _vertical_gradient(width, height, top, bottom)
-    topic.draw(ImageDraw.Draw(image), width, height, rng)
-    return _with_grain(image, rng)
+    box = topic.draw(ImageDraw.Draw(image), width, height, rng)
+    return _with_grain(image, rng), _clipped(box, width, height)
+
+
+def _clipped(box: tuple[float, float, float, float], width: int, height: int) -> Box:
+    left, top, right, bottom = box
+    return (max(0, int(left)), max(0, int(top)), min(width, round(right)), min(height, round(bottom)))
+
+
+def _generic_picture(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    """A picture that fits any topic: one plain colour with grain, or coloured noise."""
+    width, height = size
+    if rng.random() < 0.5:
+        colour = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+        return _with_grain(Image.new("RGB", (width, height), colour), rng)
+    noise_rng = np.random.default_rng(rng.getrandbits(64))
+    return Image.fromarray(noise_rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
 def _vertical_gradient(width: int, height: int, top: RGB, bottom: RGB) -> Image.Image:
@@ -226,7 +311,7 @@ def _jitter(colour: RGB, rng: random.Random, spread: int = 20) -> RGB:
     return red, green, blue
 
 
-def _draw_sunset_beach(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_sunset_beach(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     horizon = int(h * rng.uniform(0.5, 0.62))
     shore = int(h * rng.uniform(0.78, 0.86))
     radius = min(w, h) * rng.uniform(0.08, 0.16)
@@ -238,9 +323,10 @@ def _draw_sunset_beach(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Ra
         half = radius * rng.uniform(0.4, 1.2)
         draw.line((centre - half, y, centre + half, y), fill=(250, 150, 70), width=max(1, h // 120))
     draw.rectangle((0, shore, w, h), fill=_jitter((226, 196, 146), rng))
+    return (int(centre - radius), int(horizon - radius), round(centre + radius), horizon)  # the sun above the sea
 
 
-def _draw_city_night(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_city_night(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     moon = min(w, h) * 0.06
     mx, my = w * rng.uniform(0.6, 0.9), h * rng.uniform(0.08, 0.2)
     draw.ellipse((mx - moon, my - moon, mx + moon, my + moon), fill=(235, 235, 210))
@@ -255,9 +341,10 @@ def _draw_city_night(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Rand
                 if rng.random() < 0.4:
                     draw.rectangle((wx, wy, wx + window - 1, wy + window - 1), fill=(255, 214, 110))
         x += width + rng.randint(0, max(1, w // 40))
+    return (int(mx - moon), int(my - moon), round(mx + moon), round(my + moon))
 
 
-def _draw_dog(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_dog(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     draw.rectangle((0, int(h * 0.65), w, h), fill=_jitter((84, 150, 62), rng))
     fur = _jitter(rng.choice(((150, 100, 50), (205, 170, 110), (60, 45, 35))), rng, 15)
     unit = min(w, h) / 10
@@ -271,9 +358,10 @@ def _draw_dog(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> 
     draw.ellipse((hx - 1.6 * unit, hy - 1.2 * unit, hx - 0.7 * unit, hy + 1.2 * unit), fill=(40, 30, 25))
     draw.ellipse((hx + 0.3 * unit, hy - 0.5 * unit, hx + 0.6 * unit, hy - 0.2 * unit), fill=(10, 10, 10))
     draw.ellipse((hx + 1.2 * unit, hy, hx + 1.7 * unit, hy + 0.4 * unit), fill=(10, 10, 10))
+    return (int(cx - 4.2 * unit), int(hy - 1.5 * unit), round(hx + 1.7 * unit), round(cy + 2.6 * unit))
 
 
-def _draw_food(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_food(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     cx, cy = w / 2, h / 2
     plate = min(w, h) * rng.uniform(0.36, 0.44)
     draw.ellipse((cx - plate, cy - plate, cx + plate, cy + plate), fill=(246, 246, 240), outline=(200, 200, 195))
@@ -287,13 +375,16 @@ def _draw_food(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) ->
         )
     fork_x = cx + plate * 1.15
     draw.rectangle((fork_x, cy - plate * 0.8, fork_x + plate * 0.08, cy + plate * 0.8), fill=(180, 180, 185))
+    return (int(cx - plate), int(cy - plate), round(fork_x + plate * 0.08), round(cy + plate))
 
 
-def _draw_mountains(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_mountains(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
+    left, top, right = float(w), float(h), 0.0
     for _ in range(rng.randint(2, 4)):
         peak_x, peak_y = w * rng.uniform(0.1, 0.9), h * rng.uniform(0.15, 0.45)
         half = w * rng.uniform(0.25, 0.5)
         base = h * 0.8
+        left, top, right = min(left, peak_x - half), min(top, peak_y), max(right, peak_x + half)
         draw.polygon(
             [(peak_x - half, base), (peak_x, peak_y), (peak_x + half, base)], fill=_jitter((100, 110, 130), rng)
         )
@@ -307,9 +398,10 @@ def _draw_mountains(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Rando
             fill=(245, 245, 250),
         )
     draw.rectangle((0, int(h * 0.8), w, h), fill=_jitter((60, 110, 60), rng))
+    return (int(left), int(top), round(right), int(h * 0.8))  # the peaks
 
 
-def _draw_football(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_football(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Box:
     stripes = rng.randint(6, 10)
     for stripe in range(stripes):
         shade = (60, 150, 60) if stripe % 2 else (50, 130, 50)
@@ -322,6 +414,7 @@ def _draw_football(draw: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random
     bx, by = w * rng.uniform(0.2, 0.8), h * rng.uniform(0.3, 0.8)
     draw.ellipse((bx - ball, by - ball, bx + ball, by + ball), fill=(250, 250, 250), outline=(20, 20, 20))
     draw.regular_polygon((bx, by, ball * 0.45), n_sides=5, fill=(20, 20, 20))
+    return (int(bx - ball), int(by - ball), round(bx + ball), round(by + ball))
 
 
 _TOPICS: tuple[_Topic, ...] = (
@@ -410,3 +503,10 @@ _TOPICS: tuple[_Topic, ...] = (
         draw=_draw_football,
     ),
 )
+
+
+def topic_words(topic: str) -> frozenset[str]:
+    """The words a sample caption draws from ``topic`` (its titles, phrases and tags), lower case, no ``#``."""
+    (found,) = [candidate for candidate in _TOPICS if candidate.name == topic]
+    text = " ".join((*found.titles, *found.phrases, *found.tags))
+    return frozenset(word.strip(".,!#").lower() for word in text.split())

@@ -37,6 +37,11 @@ from postsim.evaluation.result import (
 DEFAULT_KS = (1, 5, 10)
 _UNLABELLED = -1
 
+POST, TEXT, IMAGE = "post", "text", "image"
+"""The three views of a set of posts: as posted (both modalities where they have both), text only, image only."""
+PAIR = "pair"
+_PAIR_TEXT, _PAIR_IMAGE = "pair-text", "pair-image"
+
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class EmbeddingView:
@@ -88,6 +93,72 @@ class SliceSpec:
     @classmethod
     def across(cls, query: str, gallery: str) -> SliceSpec:
         return cls(f"{query}->{gallery}", query, gallery)
+
+
+STANDARD_SLICES = (
+    SliceSpec.within(POST),
+    SliceSpec.within(TEXT),
+    SliceSpec.within(IMAGE),
+    SliceSpec.across(TEXT, POST),
+    SliceSpec.across(IMAGE, POST),
+    SliceSpec.across(TEXT, IMAGE),
+    SliceSpec.across(IMAGE, TEXT),
+    SliceSpec(PAIR, _PAIR_TEXT, _PAIR_IMAGE, per_label=False),  # each label is one post
+)
+"""The slices of :func:`standard_views`: the fused search (``post``), each single modality, a
+text-only or image-only query against the posts as indexed (``text->post``, ``image->post``),
+the two cross-modal searches, and ``pair``: each post's text-only view searching the
+image-only views for its own image (relevance: the same post), which measures the in-post
+alignment and works without labels. Training scores them in PyTorch every epoch, ``postsim
+evaluate`` through the server."""
+
+
+def standard_views(
+    ids: Sequence[str],
+    labels: Sequence[str | None],
+    *,
+    posted: np.ndarray,
+    posted_weights: np.ndarray | None,
+    text_only: np.ndarray,
+    has_text: np.ndarray,
+    image_only: np.ndarray,
+    has_image: np.ndarray,
+    has_post: np.ndarray | None = None,
+) -> list[EmbeddingView]:
+    """The views :data:`STANDARD_SLICES` search, from each post's three embeddings ``[N, dim]``.
+
+    ``has_text`` and ``has_image`` (bool ``[N]``) choose the rows of ``text_only`` and
+    ``image_only`` that exist; ``has_post`` those of ``posted`` (None: all of them).
+    """
+    everyone = np.ones(len(ids), dtype=bool) if has_post is None else np.asarray(has_post, dtype=bool)
+    both = has_text & has_image
+    # The pair views label each post with its own id, under ids of their own, so a text finds its own image.
+    text_ids, image_ids = [f"{post_id}#{TEXT}" for post_id in ids], [f"{post_id}#{IMAGE}" for post_id in ids]
+    return [
+        _chosen(POST, ids, labels, everyone, posted, posted_weights),
+        _chosen(TEXT, ids, labels, has_text, text_only),
+        _chosen(IMAGE, ids, labels, has_image, image_only),
+        _chosen(_PAIR_TEXT, text_ids, ids, both, text_only),
+        _chosen(_PAIR_IMAGE, image_ids, ids, both, image_only),
+    ]
+
+
+def _chosen(
+    name: str,
+    ids: Sequence[str],
+    labels: Sequence[str | None],
+    chosen: np.ndarray,
+    embeddings: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> EmbeddingView:
+    """The ``chosen`` rows as a view."""
+    return EmbeddingView(
+        name=name,
+        ids=[post_id for post_id, keep in zip(ids, chosen, strict=True) if keep],
+        labels=[label for label, keep in zip(labels, chosen, strict=True) if keep],
+        embeddings=np.asarray(embeddings)[chosen],
+        modality_weights=None if weights is None else np.asarray(weights)[chosen],
+    )
 
 
 def evaluate_embeddings(

@@ -253,7 +253,13 @@ def sample_corpus(
     Photo-sized images (640×480) and realistic captions (20 to 60 words), in batches of
     ``batch_size``, each padded to its longest text like a batch the server runs.
     """
-    corpus = list(read_posts(write_sample_posts(posts, directory, seed, image_size=(640, 480), words=(20, 60))))
+    corpus = list(
+        read_posts(
+            write_sample_posts(
+                posts, directory, seed, image_size=(640, 480), words=(20, 60), generic_captions=0, generic_images=0
+            )
+        )
+    )
     preprocess = Preprocessor.from_tokenizer_json(tokenizer_json)
     batches = []
     for start in range(0, len(corpus), batch_size):

@@ -36,6 +36,7 @@ from postsim.core.errors import SearchIndexError
 from postsim.core.files import fsync_path, write_text_atomic
 from postsim.model_repository.contract import post_caption, post_id_problem
 from postsim.model_repository.live_index.metadata import MetadataColumns
+from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors
 from postsim.model_repository.search_index import (
     CAPTIONS_FILE,
     IDS_FILE,
@@ -344,14 +345,14 @@ def tune_search(
     sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(queries, len(vectors)), replace=False))
     probes = np.ascontiguousarray(vectors[sample])
     _, exact = faiss.knn(probes, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = _without_self(exact, sample, k)
+    truth = without_self(exact, sample, k)
     started = time.perf_counter()
     tuned, recall = plan, 0.0
     for value in _search_ladder(plan):
         tuned = dataclasses.replace(plan, params={**plan.params, name: value})
         configure_search(index, tuned.index_type, tuned.params)
         _, found = index.search(probes, k + 1)
-        recall = recall_of(truth, _without_self(found, sample, k))
+        recall = recall_of(truth, without_self(found, sample, k))
         logger.debug("%s %s=%d: recall@%d %.3f on %d posts", plan.index_type.value, name, value, k, recall, len(sample))
         if recall >= recall_target:
             break
@@ -380,7 +381,7 @@ def _search_ladder(plan: IndexPlan) -> list[int]:
     return [*ladder, most]
 
 
-def _without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[np.ndarray]:
+def without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[np.ndarray]:
     """Each query's first ``k`` neighbours other than itself."""
     return [found[found != query_row][:k] for found, query_row in zip(neighbours, query_rows, strict=True)]
 
@@ -415,12 +416,15 @@ def write_index_dir(
     *,
     captions: Sequence[str] | None = None,
     metadata: MetadataColumns | None = None,
+    unimodal: UnimodalVectors | None = None,
 ) -> IndexManifest:
     """Write an index directory atomically and return its manifest, checksums filled in.
 
     ``captions`` (one string per id, see :func:`post_caption`) go into ``captions.json``,
     and ``metadata`` (one row per id) into ``metadata.npz``, each checksummed like the other
-    files; without them the index has none. Everything is written into a temporary sibling directory and fsynced; the directory
+    files; without them the index has none. ``unimodal`` (one row per id) goes into
+    ``unimodal.npz`` the same way; without it the index's scores do not split. Everything is
+    written into a temporary sibling directory and fsynced; the directory
     then takes ``out_dir``'s place by rename. An existing index at ``out_dir`` stays
     untouched until that last step; an error or KeyboardInterrupt before it leaves
     ``out_dir`` as it was, with no partial files. (Replacing an existing directory takes
@@ -435,11 +439,16 @@ def write_index_dir(
         raise SearchIndexError(f"captions must be one string per id: got {len(captions)} for {len(ids)} ids")
     if metadata is not None and len(metadata) != len(ids):
         raise SearchIndexError(f"metadata must be one row per id: got {len(metadata)} for {len(ids)} ids")
+    if unimodal is not None and (unimodal.count, unimodal.dimension) != (len(ids), manifest.dimension):
+        raise SearchIndexError(
+            f"unimodal vectors must be one row of {manifest.dimension} per id: got {unimodal.count} rows "
+            f"of {unimodal.dimension} for {len(ids)} ids"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     try:
-        written = _write_files(staging, index, ids, manifest, captions, metadata)
+        written = _write_files(staging, index, ids, manifest, captions, metadata, unimodal)
         fsync_path(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -475,6 +484,7 @@ def _write_files(
     manifest: IndexManifest,
     captions: Sequence[str] | None,
     metadata: MetadataColumns | None,
+    unimodal: UnimodalVectors | None,
 ) -> IndexManifest:
     faiss.write_index(index, str(staging / INDEX_FILE))
     fsync_path(staging / INDEX_FILE)
@@ -483,12 +493,16 @@ def _write_files(
         write_text_atomic(staging / CAPTIONS_FILE, json.dumps(list(captions), ensure_ascii=False))
     if metadata is not None:
         metadata.save(staging / METADATA_FILE)
+    if unimodal is not None:
+        unimodal.save(staging / UNIMODAL_FILE)
+        fsync_path(staging / UNIMODAL_FILE)
     written = dataclasses.replace(
         manifest,
         index_sha256=sha256_file(staging / INDEX_FILE),
         ids_sha256=sha256_file(staging / IDS_FILE),
         captions_sha256=sha256_file(staging / CAPTIONS_FILE) if captions is not None else "",
         metadata_sha256=sha256_file(staging / METADATA_FILE) if metadata is not None else "",
+        unimodal_sha256=sha256_file(staging / UNIMODAL_FILE) if unimodal is not None else "",
     )
     write_text_atomic(staging / MANIFEST_FILE, written.to_json())
     return written
@@ -520,11 +534,13 @@ def build_index_dir(
     index_type: IndexType = IndexType.AUTO,
     captions: Sequence[str] | None = None,
     metadata: MetadataColumns | None = None,
+    unimodal: UnimodalVectors | None = None,
 ) -> IndexManifest:
     """Choose, build, tune (:func:`tune_search`) and atomically write an index directory; return its manifest.
 
     ``captions``, one per id (:func:`post_caption`), are kept to be shown with the neighbours;
-    ``metadata``, one row per id, is what a live index filters on.
+    ``metadata``, one row per id, is what a live index filters on; ``unimodal``, one row per
+    id, splits their scores.
     """
     if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
         shape = getattr(embeddings, "shape", type(embeddings).__name__)
@@ -535,4 +551,4 @@ def build_index_dir(
     tuning = tune_search(index, plan, vectors)
     del vectors
     manifest = new_manifest(tuning.plan, len(ids), weights_fingerprint)
-    return write_index_dir(out_dir, index, ids, manifest, captions=captions, metadata=metadata)
+    return write_index_dir(out_dir, index, ids, manifest, captions=captions, metadata=metadata, unimodal=unimodal)

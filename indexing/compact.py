@@ -77,6 +77,7 @@ def compact_index(repository: Path, client: PostSimClient, *, index_type: IndexT
             index_type=index_type,
             captions=state.captions,
             metadata=state.metadata,
+            unimodal=state.unimodal,
         )
         sealed_at = client.control_changes(Control.SEAL)
         try:

@@ -21,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from postsim.client.api import AsyncPostSimClient
+from postsim.client.posts import EmbeddingResult
 from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.indexing.build import build_index_dir, post_caption
 from postsim.model_repository.live_index.metadata import MetadataColumns
+from postsim.model_repository.score_parts import UnimodalVectors
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
 logger = logging.getLogger("postsim")
@@ -43,6 +45,8 @@ class CorpusIndexSettings:
     batch_size: int = 8
     concurrency: int = 4
     """Batches in flight at once."""
+    unimodal: bool = True
+    """Keep each post's unimodal vectors and modality weights, which split its scores (``CONTRIBUTIONS``)."""
 
 
 @dataclass(frozen=True)
@@ -64,22 +68,24 @@ class CorpusIndexReport:
         return (self.indexed + len(self.failures)) / self.seconds if self.seconds > 0 else 0.0
 
 
-async def _embed_batch(
-    client: AsyncPostSimClient, batch: list[CorpusPost]
-) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
+Embedded = list[tuple[str, EmbeddingResult]]
+"""(post id, what the server answered for it), in corpus order."""
+
+
+async def _embed_batch(client: AsyncPostSimClient, batch: list[CorpusPost]) -> tuple[Embedded, list[FailedPost]]:
     """Embed a batch; when the server refuses it, retry post by post to find the bad ones."""
     try:
         results = await client.embed([post.to_post() for post in batch])
-        return [(post.id, result.embedding) for post, result in zip(batch, results, strict=True)], []
+        return [(post.id, result) for post, result in zip(batch, results, strict=True)], []
     except InvalidPostError:
         if len(batch) == 1:
             raise
-    embedded: list[tuple[str, np.ndarray]] = []
+    embedded: Embedded = []
     failed: list[FailedPost] = []
     for post in batch:
         try:
             (result,) = await client.embed([post.to_post()])
-            embedded.append((post.id, result.embedding))
+            embedded.append((post.id, result))
         except InvalidPostError as error:
             failed.append(FailedPost(post.id, str(error)))
     return embedded, failed
@@ -93,8 +99,8 @@ async def embed_corpus(
     concurrency: int,
     on_progress: ProgressCallback | None = None,
     stop: asyncio.Event | None = None,
-) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
-    """Every post's embedding, in corpus order, and the posts the server refused.
+) -> tuple[Embedded, list[FailedPost]]:
+    """Every post's embedding and modality weights, in corpus order, and the posts the server refused.
 
     Once ``stop`` is set, no further batch is sent and the batches in flight finish.
     """
@@ -104,7 +110,7 @@ async def embed_corpus(
     if on_progress is not None:
         on_progress(0, len(posts))  # starts the clock of whoever shows progress
 
-    async def run(batch: list[CorpusPost]) -> tuple[list[tuple[str, np.ndarray]], list[FailedPost]]:
+    async def run(batch: list[CorpusPost]) -> tuple[Embedded, list[FailedPost]]:
         nonlocal done
         async with gate:
             if stop is not None and stop.is_set():
@@ -125,7 +131,7 @@ async def embed_corpus(
 
 
 @contextlib.contextmanager
-def _stop_on_interrupt() -> Iterator[asyncio.Event]:
+def stop_on_interrupt() -> Iterator[asyncio.Event]:
     """Ctrl-C (SIGINT) sets the event instead of cancelling the requests in flight; a second one cancels.
 
     A request cancelled inside a Triton 2.51 ensemble can crash the server, so a build
@@ -164,7 +170,7 @@ def build_corpus_index(
         raise SearchIndexError(f"{settings.corpus} holds no posts: nothing to index")
     started = time.monotonic()
 
-    async def embed_all() -> tuple[str, list[tuple[str, np.ndarray]], list[FailedPost]]:
+    async def embed_all() -> tuple[str, Embedded, list[FailedPost]]:
         async with AsyncPostSimClient(settings.url) as client:
             # post_embedding's config, not the repository index: a server's admin key restricts the index.
             info = await client.served_repository()
@@ -173,7 +179,7 @@ def build_corpus_index(
                     f"the server at {settings.url} does not say which weights it serves (no postsim_fingerprint "
                     "in post_embedding's config): export the repository again with this version of postsim"
                 )
-            with _stop_on_interrupt() as stop:
+            with stop_on_interrupt() as stop:
                 embedded, failures = await embed_corpus(
                     posts,
                     client,
@@ -192,9 +198,11 @@ def build_corpus_index(
     if not embedded:
         raise SearchIndexError(f"no post of {settings.corpus} could be embedded ({len(failures)} failed)")
     ids = [post_id for post_id, _ in embedded]
-    vectors = np.stack([vector for _, vector in embedded]).astype(np.float32)
+    results = [result for _, result in embedded]
+    vectors = np.stack([result.embedding for result in results]).astype(np.float32)
     texts = {post.id: post.text for post in posts}
     metadata = {post.id: post.metadata for post in posts}
+    unimodal = unimodal_vectors(results) if settings.unimodal else None
     manifest = build_index_dir(
         settings.out_dir,
         ids,
@@ -203,6 +211,7 @@ def build_corpus_index(
         index_type=settings.index_type,
         captions=[post_caption(texts[post_id]) for post_id in ids],
         metadata=MetadataColumns.of(metadata[post_id] for post_id in ids),
+        unimodal=unimodal,
     )
     return CorpusIndexReport(
         index_dir=settings.out_dir,
@@ -210,4 +219,13 @@ def build_corpus_index(
         indexed=len(ids),
         failures=failures,
         seconds=time.monotonic() - started,
+    )
+
+
+def unimodal_vectors(results: list[EmbeddingResult]) -> UnimodalVectors:
+    """The parts of the posts' embeddings, as an index keeps them."""
+    return UnimodalVectors.from_float32(
+        np.stack([result.image_embedding for result in results]),
+        np.stack([result.text_embedding for result in results]),
+        np.array([[result.image_weight, result.text_weight] for result in results]),
     )

@@ -402,9 +402,11 @@ class RetrievalModel(_PerRequestModel):
 
     It opens the version's verified FAISS index and replays ``changes.journal`` beside it
     (:class:`~postsim.model_repository.live_index.mutable_index.MutableIndex`), so a restarted
-    server or stub serves every acknowledged change. A request is a search (``EMBEDDING`` or
-    ``QUERY_ID``, with ``TOP_K`` and optionally ``FILTER`` and ``COLLAPSE_ABOVE``) or a change
-    (``CHANGES``), answered once the change is fsynced and applied.
+    server or stub serves every acknowledged change. A request is a search (``EMBEDDING`` with
+    the query's ``RETRIEVAL_QUERY_PARTS``, or ``QUERY_ID``, with ``TOP_K`` and optionally
+    ``FILTER`` and ``COLLAPSE_ABOVE``) or a change (``CHANGES``), answered once the change is
+    fsynced and applied. Each hit's score is split in four (``CONTRIBUTIONS``) from the
+    version's ``unimodal.npz``; a post upserted since has NaN parts (they are not journalled).
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -481,8 +483,28 @@ class RetrievalModel(_PerRequestModel):
             pb_utils.Tensor(
                 contract.CAPTIONS.name, _objects([[hit.caption.encode() for hit in row] for row in rows], shape)
             ),
+            pb_utils.Tensor(contract.CONTRIBUTIONS.name, self._contributions(request, query_ids, rows, shape)),
             pb_utils.Tensor(contract.DUPLICATES.name, _objects(duplicates, shape)),
         ]
+
+    def _contributions(
+        self, request: Any, query_ids: np.ndarray | None, hits: list[list[Any]], shape: tuple[int, int]
+    ) -> np.ndarray:
+        """Each hit's score split in four (``contract.CONTRIBUTIONS``), from the query parts sent or, by id, stored.
+
+        NaN where a part is unknown: a query without its parts, a post upserted since the
+        version was published, a version without unimodal vectors.
+        """
+        parts = [_optional_input(request, tensor.name) for tensor in contract.RETRIEVAL_QUERY_PARTS]
+        if query_ids is not None:
+            image, text, weights = self.index.stored_parts([_text(value) for value in query_ids.reshape(-1)])
+        elif all(part is not None for part in parts):
+            image, text, weights = (np.asarray(part, dtype=np.float32) for part in parts)
+        else:
+            image = text = np.full((shape[0], self.index.dimension), np.nan, dtype=np.float32)
+            weights = np.full((shape[0], len(contract.MODALITIES)), np.nan, dtype=np.float32)
+        rows = np.array([[hit.row for hit in row] for row in hits], dtype=np.int64).reshape(shape)
+        return self.index.split_scores(image, text, weights, rows)
 
     def _change(self, changes: np.ndarray) -> list[Any]:
         from postsim.model_repository.live_index.protocol import ChangeReceipt
@@ -596,6 +618,10 @@ class RetrievalGatewayModel(_RetrievalCaller):
             inputs = [
                 pb_utils.Tensor(contract.EMBEDDING.name, _input(request, contract.QUERY_EMBEDDING.name)),
                 pb_utils.Tensor(contract.TOP_K.name, top_k),
+                *(
+                    pb_utils.Tensor(part.name, _input(request, copy.name))
+                    for part, copy in zip(contract.RETRIEVAL_QUERY_PARTS, contract.QUERY_PARTS, strict=True)
+                ),
             ]
         except InvalidPostError as error:
             return _error_response(error)
@@ -646,17 +672,18 @@ class SimilarPostsFilteredModel(_RetrievalCaller):
         except InvalidPostError as error:
             return _error_response(error)
         if query_id is not None:
-            query = pb_utils.Tensor(contract.QUERY_ID.name, query_id)
+            query = [pb_utils.Tensor(contract.QUERY_ID.name, query_id)]  # retrieval takes its parts from the index
         else:
             post = [
                 pb_utils.Tensor(tensor.name, value)
                 for tensor, value in zip((contract.IMAGE, contract.TEXT), content, strict=True)
             ]
-            embedded, failed = await self._call(contract.POST_EMBEDDING, post, [contract.EMBEDDING.name])
+            wanted = [tensor.name for tensor in (contract.EMBEDDING, *contract.RETRIEVAL_QUERY_PARTS)]
+            embedded, failed = await self._call(contract.POST_EMBEDDING, post, wanted)
             if failed is not None:
                 return failed
-            query = pb_utils.get_output_tensor_by_name(embedded, contract.EMBEDDING.name)
-        inputs = [query, pb_utils.Tensor(contract.TOP_K.name, top_k), *options]
+            query = [pb_utils.get_output_tensor_by_name(embedded, name) for name in wanted]
+        inputs = [*query, pb_utils.Tensor(contract.TOP_K.name, top_k), *options]
         answer, failed = await self._call(contract.RETRIEVAL, inputs, self.output_names)
         if failed is not None:
             return failed

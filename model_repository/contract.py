@@ -11,7 +11,7 @@ search for it.
 - **Tensors** (:class:`TensorSpec`): name, dtype and per-item shape. Shapes leave out the
   batch dimension (Triton adds it with ``max_batch_size > 0``, ONNX gets it as dynamic axis
   0); ``-1`` marks a variable dimension (the token sequence, the neighbour list). The
-  embeddings (``IMAGE_EMBEDDING``, ``TEXT_EMBEDDING``, ``EMBEDDING``, ``QUERY_EMBEDDING``)
+  embeddings (``IMAGE_PROJECTION``, ``IMAGE_EMBEDDING``, ``EMBEDDING``, ``QUERY_EMBEDDING`` ...)
   are ``dim`` floats, K in prose: the constants hold :data:`DEFAULT_DIM`, and
   :func:`model_specs` gives every model at the ``dim`` of an export.
 - **Models** (:class:`ModelSpec`): inputs and outputs, the class that serves a
@@ -258,10 +258,19 @@ ATTENTION_MASK = _tensor("ATTENTION_MASK", DataType.INT64, -1, dim_names=("seque
 TEXT_MASK = _tensor("TEXT_MASK", DataType.FP32, 1)
 CHECKED_TEXT = _tensor("CHECKED_TEXT", DataType.STRING, 1)
 """The post's TEXT, passed on by preprocess_image once the whole post is checked; tokenize reads it."""
+IMAGE_PROJECTION = _embedding("IMAGE_PROJECTION")
+"""The image encoder's projection of the pooled backbone features: ``dim`` floats, not normalised."""
+TEXT_PROJECTION = _embedding("TEXT_PROJECTION")
+"""The text encoder's projection of the mean-pooled token features: ``dim`` floats, not normalised."""
 IMAGE_EMBEDDING = _embedding("IMAGE_EMBEDDING")
-"""The image encoder's projection of the pooled backbone features: ``dim`` floats."""
+"""The post's image alone: ``IMAGE_PROJECTION`` L2-normalised, as the fuser weighs it; zeros without an image.
+
+With ``TEXT_EMBEDDING`` and ``MODALITY_WEIGHTS`` it is what ``EMBEDDING`` is made of:
+``EMBEDDING = normalise(w_image · IMAGE_EMBEDDING + w_text · TEXT_EMBEDDING)``. A client can
+search one modality alone with it, or compare two posts modality by modality.
+"""
 TEXT_EMBEDDING = _embedding("TEXT_EMBEDDING")
-"""The text encoder's projection of the mean-pooled token features: ``dim`` floats."""
+"""The post's text alone: ``TEXT_PROJECTION`` L2-normalised; zeros without a text."""
 EMBEDDING = _embedding("EMBEDDING")
 """The fused embedding of a post, L2-normalised."""
 QUERY_EMBEDDING = _embedding("QUERY_EMBEDDING", copy_of=EMBEDDING.name)
@@ -274,11 +283,34 @@ for, even when a later step reads that output, and the request then deadlocks
 tensor, the query is pruned only when no retrieval output is asked for.
 """
 MODALITY_WEIGHTS = _tensor("MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES))
+QUERY_IMAGE_EMBEDDING = _embedding("QUERY_IMAGE_EMBEDDING", copy_of=IMAGE_EMBEDDING.name)
+QUERY_TEXT_EMBEDDING = _embedding("QUERY_TEXT_EMBEDDING", copy_of=TEXT_EMBEDDING.name)
+QUERY_MODALITY_WEIGHTS = _tensor(
+    "QUERY_MODALITY_WEIGHTS", DataType.FP32, len(MODALITIES), copy_of=MODALITY_WEIGHTS.name
+)
+QUERY_PARTS = (QUERY_IMAGE_EMBEDDING, QUERY_TEXT_EMBEDDING, QUERY_MODALITY_WEIGHTS)
+"""The query's parts again, for ``retrieval_gateway`` to split each neighbour's score (see ``QUERY_EMBEDDING``)."""
 IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbors",))
 SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbors",))
 CAPTIONS = _tensor("CAPTIONS", DataType.STRING, -1, dim_names=("neighbors",))
 """Each neighbor's caption as its index keeps it (:func:`post_caption`); "" if none."""
-NEIGHBOR_OUTPUTS = (IDS, SCORES, CAPTIONS)
+SCORE_PARTS = ("image_image", "text_text", "image_text", "text_image")
+"""The four parts of a neighbour's score, in ``CONTRIBUTIONS`` order: query image ↔ neighbour image,
+query text ↔ neighbour text, query image ↔ neighbour text, query text ↔ neighbour image."""
+CONTRIBUTIONS = _tensor("CONTRIBUTIONS", DataType.FP32, -1, len(SCORE_PARTS), dim_names=("neighbors",))
+"""Each neighbour's score split into the four ``SCORE_PARTS``; they sum to its ``SCORES`` entry.
+
+The fused embeddings are normalised weighted sums of the unit modality vectors, so their
+cosine splits exactly: ``score = Σ w_q,a · w_n,b · <a_q, b_n> / (|e_q| · |e_n|)`` over the
+query's modality a and the neighbour's modality b (``|e|``: the norm of the weighted sum).
+The neighbour's parts come from the index's unimodal-vector file, stored in fp16, so the
+four parts sum to the score within 1e-3. A part of a modality the query or the neighbour
+lacks is exactly 0. An index built without unimodal vectors (``postsim index build
+--no-unimodal``) answers NaN in every part: it cannot split its scores. So does a post
+upserted into the live index since its version was published (the journal keeps its fused
+vector only), as a neighbour or as a ``QUERY_ID``.
+"""
+NEIGHBOR_OUTPUTS = (IDS, SCORES, CAPTIONS, CONTRIBUTIONS)
 """What retrieval answers for each query, and retrieval_gateway passes on."""
 
 # The live index (issue 12): changes while serving, filters, queries by id, near-duplicate collapse.
@@ -421,6 +453,10 @@ def _by_name(tensors: tuple[TensorSpec, ...], name: str, model: str) -> TensorSp
 
 
 _ENCODERS = (PREPROCESS_IMAGE, TOKENIZE, IMAGE_ENCODER, TEXT_ENCODER, FUSER)
+POST_OUTPUTS = (EMBEDDING, MODALITY_WEIGHTS, IMAGE_EMBEDDING, TEXT_EMBEDDING)
+"""What the ensembles answer about each query post itself."""
+RETRIEVAL_QUERY_PARTS = (IMAGE_EMBEDDING, TEXT_EMBEDDING, MODALITY_WEIGHTS)
+"""The query's parts, which ``retrieval`` reads to split each neighbour's score (``CONTRIBUTIONS``)."""
 
 MODELS: tuple[ModelSpec, ...] = (
     # preprocess_image checks the whole post first, and tokenize starts only on its CHECKED_TEXT:
@@ -447,7 +483,7 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name=IMAGE_ENCODER,
         inputs=(PIXEL_VALUES,),
-        outputs=(IMAGE_EMBEDDING,),
+        outputs=(IMAGE_PROJECTION,),
         backend_class="OnnxRuntimeModel",
         parameters=SESSION_PARAMETERS,
         onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
@@ -455,25 +491,28 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name=TEXT_ENCODER,
         inputs=(INPUT_IDS, ATTENTION_MASK),
-        outputs=(TEXT_EMBEDDING,),
+        outputs=(TEXT_PROJECTION,),
         backend_class="OnnxRuntimeModel",
         parameters=SESSION_PARAMETERS,
         onnx=OnnxExportSpec(atol=1e-3, min_cosine=0.9999),
     ),
     ModelSpec(
         name=FUSER,
-        inputs=(IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_MASK, TEXT_MASK),
-        outputs=(EMBEDDING, MODALITY_WEIGHTS, QUERY_EMBEDDING),
+        inputs=(IMAGE_PROJECTION, TEXT_PROJECTION, IMAGE_MASK, TEXT_MASK),
+        outputs=(EMBEDDING, MODALITY_WEIGHTS, QUERY_EMBEDDING, IMAGE_EMBEDDING, TEXT_EMBEDDING, *QUERY_PARTS),
         backend_class="OnnxRuntimeModel",
         parameters=SESSION_PARAMETERS,
         onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
     ),
-    ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=(EMBEDDING, MODALITY_WEIGHTS), steps=_ENCODERS),
+    ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=POST_OUTPUTS, steps=_ENCODERS),
     # retrieval holds the live index (one instance): queries come from retrieval_gateway and
     # similar_posts_filtered, changes from post_changes, all as BLS calls with the inputs they need.
     ModelSpec(
         name=RETRIEVAL,
-        inputs=tuple(_optional(tensor) for tensor in (EMBEDDING, TOP_K, QUERY_ID, FILTER, COLLAPSE_ABOVE, CHANGES)),
+        inputs=tuple(
+            _optional(tensor)
+            for tensor in (EMBEDDING, TOP_K, *RETRIEVAL_QUERY_PARTS, QUERY_ID, FILTER, COLLAPSE_ABOVE, CHANGES)
+        ),
         outputs=(*LIVE_QUERY_OUTPUTS, CHANGE_RECEIPT),
         backend_class="RetrievalModel",
         parameters=(MAX_TOP_K_PARAMETER,),
@@ -484,7 +523,7 @@ MODELS: tuple[ModelSpec, ...] = (
     # when a query reaches the ensemble being retired. So publishing an index swaps retrieval alone.
     ModelSpec(
         name=RETRIEVAL_GATEWAY,
-        inputs=(QUERY_EMBEDDING, TOP_K),
+        inputs=(QUERY_EMBEDDING, TOP_K, *QUERY_PARTS),
         outputs=NEIGHBOR_OUTPUTS,
         backend_class="RetrievalGatewayModel",
         parameters=(MAX_TOP_K_PARAMETER,),  # checked before calling retrieval
@@ -493,7 +532,7 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name=SIMILAR_POSTS,
         inputs=(IMAGE, TEXT, TOP_K),
-        outputs=(*NEIGHBOR_OUTPUTS, EMBEDDING, MODALITY_WEIGHTS),
+        outputs=(*NEIGHBOR_OUTPUTS, *POST_OUTPUTS),
         steps=(*_ENCODERS, RETRIEVAL_GATEWAY),
         loaded_with_index=True,
     ),

@@ -27,6 +27,8 @@ from postsim.model_repository.layout import Target
 
 logger = logging.getLogger("postsim")
 MANIFEST_NAME = "weights.json"
+HEAD_PROVENANCE = "head"
+"""The provenance entry of the head (``postsim.models.weights`` writes it)."""
 _CHUNK = 1 << 20
 
 
@@ -63,6 +65,23 @@ class WeightsManifest:
     postsim_version: str = ""
 
     @property
+    def head(self) -> dict[str, Any]:
+        """Where the projections and the fuser came from: ``{"seeded": seed}`` or a trained checkpoint's record."""
+        head = self.provenance.get(HEAD_PROVENANCE)
+        if isinstance(head, dict):
+            return head
+        fuser = self.provenance.get("fuser", {})  # manifests written before the head entry existed
+        weights = str(fuser.get("weights", "")) if isinstance(fuser, dict) else ""
+        return (
+            {"checkpoint": weights.removeprefix("checkpoint:")} if weights.startswith("checkpoint:") else {"seeded": 0}
+        )
+
+    @property
+    def head_is_seeded(self) -> bool:
+        """True when the projections and the fuser are a seeded initialisation, not trained."""
+        return "checkpoint" not in self.head
+
+    @property
     def weights_label(self) -> str:
         return "random" if self.random_weights else "pretrained"
 
@@ -71,8 +90,11 @@ class WeightsManifest:
         sources = ", ".join(
             f"{model}: {info.get('backbone') or info.get('weights')}"
             for model, info in self.provenance.items()
-            if isinstance(info, dict)
+            if isinstance(info, dict) and model != HEAD_PROVENANCE
         )
+        head = self.head
+        trained = f"head {head.get('sha256', '')[:12] or head.get('checkpoint')}"
+        sources += f"; {'seeded head' if self.head_is_seeded else trained}"
         return (
             f"weights fingerprint {self.fingerprint} ({self.target} target, {self.precision}, dim {self.dim}; "
             f"{sources})"
@@ -132,7 +154,7 @@ def repository_id_of(repository: Path) -> str:
 
 
 def log_weights(manifest: WeightsManifest) -> None:
-    """Say loudly when the server is about to serve random weights."""
+    """Say loudly when the server is about to serve random backbones or an untrained head."""
     if manifest.random_weights:
         logger.warning(
             "SERVING RANDOM WEIGHTS: embeddings carry no meaning (%s). Export with `--weights pretrained` "
@@ -141,3 +163,10 @@ def log_weights(manifest: WeightsManifest) -> None:
         )
     else:
         logger.info("serving %s", manifest.describe())
+    if manifest.head_is_seeded:
+        logger.warning(
+            "SERVING AN UNTRAINED HEAD: the projections and the fuser are a seeded initialisation, so the modality "
+            "weights are arbitrary and the fused space keeps only what random projections keep. Train one on "
+            "labelled posts with `postsim train CORPUS --out DIR` (the backbone options of this export) and export "
+            "with `--head DIR/head.pt`."
+        )

@@ -5,7 +5,7 @@ index with :func:`load_index_dir` and answers queries with :meth:`LoadedIndex.se
 needs numpy and FAISS only. Building and writing index directories lives in
 ``postsim.indexing.build``.
 
-An index directory holds three or four files::
+An index directory holds three to five files::
 
     index.faiss     the FAISS index (``faiss.write_index``); row i is the post ids[i]
     ids.json        the post ids, strings, in index order
@@ -13,6 +13,9 @@ An index directory holds three or four files::
                     indexes built before captions were kept have none
     metadata.npz    each post's author, created_at, label and tags, column by column
                     (``postsim.model_repository.live_index.metadata``), when the corpus had any
+    unimodal.npz    each post's unit image and text vectors and modality weights (fp16), which
+                    split its score into four parts (``postsim.model_repository.score_parts``);
+                    an index built with ``--no-unimodal`` has none
     manifest.json   what the index is, which encoders it belongs to, and the sha256 of
                     the files above
 
@@ -38,6 +41,7 @@ import numpy as np
 
 from postsim.core.errors import SearchIndexError
 from postsim.model_repository.manifest import sha256_file
+from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors
 
 if TYPE_CHECKING:
     from postsim.model_repository.live_index.metadata import MetadataColumns
@@ -103,6 +107,8 @@ class IndexManifest:
     """sha256 of ``captions.json``; empty for an index without captions (built before they were kept)."""
     metadata_sha256: str = ""
     """sha256 of ``metadata.npz``; empty for an index without post metadata."""
+    unimodal_sha256: str = ""
+    """sha256 of ``unimodal.npz``; empty for an index without unimodal vectors (its scores do not split)."""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -144,7 +150,7 @@ class IndexManifest:
         for name in ("index_sha256", "ids_sha256"):
             if not _SHA256.fullmatch(getattr(self, name)):
                 raise SearchIndexError(f"{MANIFEST_FILE}: {name} must be 64 lowercase hex digits")
-        for name in ("captions_sha256", "metadata_sha256"):
+        for name in ("captions_sha256", "metadata_sha256", "unimodal_sha256"):
             value = getattr(self, name)
             if value and not _SHA256.fullmatch(value):
                 raise SearchIndexError(f"{MANIFEST_FILE}: {name} must be 64 lowercase hex digits or empty")
@@ -169,8 +175,9 @@ _FIELD_TYPES: dict[str, type] = {
     "postsim_version": str,
     "captions_sha256": str,
     "metadata_sha256": str,
+    "unimodal_sha256": str,
 }
-_OPTIONAL_FIELDS = frozenset({"captions_sha256", "metadata_sha256"})
+_OPTIONAL_FIELDS = frozenset({"captions_sha256", "metadata_sha256", "unimodal_sha256"})
 """Fields an older postsim did not write; the manifest's default stands in for them."""
 
 
@@ -221,6 +228,8 @@ class SearchHit(NamedTuple):
     """Cosine similarity to the query."""
     caption: str = ""
     """The post's caption as the index keeps it; empty when it has none."""
+    row: int = -1
+    """The post's row in the index (its position in ``ids.json``)."""
 
 
 @dataclass(eq=False)
@@ -233,6 +242,8 @@ class LoadedIndex:
     captions: list[str]
     """One per id, in the same order; all empty for an index without captions."""
     manifest: IndexManifest
+    unimodal: UnimodalVectors | None
+    """Each post's parts, to split its scores; None for an index built without them."""
     cpu_index: faiss.Index
     """The index as loaded; searched when ``k`` is beyond what FAISS GPU can select."""
     device: str = "cpu"
@@ -255,7 +266,7 @@ class LoadedIndex:
         """
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
             raise SearchIndexError(f"k must be a positive integer, got {k!r}")
-        normalised = _check_queries(queries, self.dimension)
+        normalised = check_queries(queries, self.dimension)
         if normalised.shape[0] == 0:
             return []
         k = min(int(k), len(self.ids))
@@ -268,12 +279,12 @@ class LoadedIndex:
         scores, rows = scores[found], rows[found]
         order = np.argsort(-scores, kind="stable")
         return [
-            SearchHit(self.ids[row], float(score), self.captions[row])
+            SearchHit(self.ids[row], float(score), self.captions[row], int(row))
             for row, score in zip(rows[order], scores[order], strict=True)
         ]
 
 
-def _check_queries(queries: np.ndarray, dimension: int) -> np.ndarray:
+def check_queries(queries: np.ndarray, dimension: int) -> np.ndarray:
     if not isinstance(queries, np.ndarray) or queries.ndim != 2 or queries.shape[1] != dimension:
         got = f"shape {queries.shape}" if isinstance(queries, np.ndarray) else type(queries).__name__
         raise SearchIndexError(f"queries must be a [batch, {dimension}] array, got {got}")
@@ -295,7 +306,8 @@ def load_index_dir(path: str | Path, expected_fingerprint: str | None, *, use_gp
     check); the sha256 of ``index.faiss``, ``ids.json`` and ``captions.json`` (when the
     manifest names one) match the manifest, before FAISS reads a byte; the ids are unique
     strings, the captions one string per id; the index's dimension, size and metric match
-    the manifest. Every failure is a :class:`SearchIndexError` that says what to do.
+    the manifest; the unimodal vectors (when the manifest names them) are fp16 numbers of the
+    manifest's count and dimension. Every failure is a :class:`SearchIndexError` that says what to do.
 
     Security: ``faiss.read_index`` is not safe on untrusted input; a crafted file can
     crash the process or worse. The checksums catch corruption and mismatched files, not
@@ -328,10 +340,19 @@ def load_index_dir(path: str | Path, expected_fingerprint: str | None, *, use_gp
 
         _verify_checksum(directory / METADATA_FILE, manifest.metadata_sha256)
         metadata = MetadataColumns.load(directory / METADATA_FILE, manifest.count)
+    unimodal = read_unimodal(directory, manifest)
     index = _read_index(directory / INDEX_FILE)
     _check_index_matches(index, manifest, directory)
     configure_search(index, manifest.index_type, manifest.params)
-    loaded = LoadedIndex(index=index, ids=ids, captions=captions, manifest=manifest, cpu_index=index, metadata=metadata)
+    loaded = LoadedIndex(
+        index=index,
+        ids=ids,
+        captions=captions,
+        manifest=manifest,
+        unimodal=unimodal,
+        cpu_index=index,
+        metadata=metadata,
+    )
     if use_gpu or (use_gpu is None and gpu_available()):
         loaded.index, loaded._gpu_resources = index_to_gpu(index)
         loaded.device = "gpu"
@@ -360,6 +381,17 @@ def read_manifest(directory: Path) -> IndexManifest:
         return IndexManifest.from_json(path.read_text(encoding="utf-8"))
     except SearchIndexError as error:
         raise SearchIndexError(f"{directory}: {error}") from None
+
+
+def read_unimodal(directory: Path, manifest: IndexManifest) -> UnimodalVectors | None:
+    """The index's unimodal vectors after their checksum matches; None when it was built without them."""
+    if not manifest.unimodal_sha256:
+        return None
+    _verify_checksum(directory / UNIMODAL_FILE, manifest.unimodal_sha256)
+    try:
+        return UnimodalVectors.load(directory / UNIMODAL_FILE, count=manifest.count, dimension=manifest.dimension)
+    except SearchIndexError as error:
+        raise SearchIndexError(f"{error}; {_REBUILD_HINT}") from None
 
 
 def _verify_checksum(path: Path, expected: str) -> None:

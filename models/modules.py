@@ -145,8 +145,13 @@ class AttentionFuser(nn.Module):
         text_embedding: torch.Tensor,
         image_mask: torch.Tensor,
         text_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, dim]`` ×2 and ``[B, 1]`` masks ×2 → (embedding ``[B, dim]``, weights ``[B, 2]``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, dim]`` ×2 and ``[B, 1]`` masks ×2 → the contract's ``EMBEDDING`` ``[B, dim]``,
+        ``MODALITY_WEIGHTS`` ``[B, 2]``, ``IMAGE_EMBEDDING`` and ``TEXT_EMBEDDING`` ``[B, dim]``.
+
+        The last two are the unit modality vectors the embedding is the weighted sum of, zero
+        for a missing modality, so ``embedding = normalise(w_image · image + w_text · text)`` holds exactly.
+        """
         image = l2_normalize(image_embedding)
         text = l2_normalize(text_embedding)
         scores = torch.cat([self.image_scorer(image), self.text_scorer(text)], dim=-1)
@@ -154,7 +159,9 @@ class AttentionFuser(nn.Module):
         present = mask > 0
         weights = torch.softmax(scores.masked_fill(~present, MASKED_SCORE), dim=-1) * present.to(scores.dtype)
         fused = weights[:, 0:1] * image + weights[:, 1:2] * text
-        return l2_normalize(fused), weights
+        present_image = present[:, 0:1].to(image.dtype)
+        present_text = present[:, 1:2].to(text.dtype)
+        return l2_normalize(fused), weights, image * present_image, text * present_text
 
 
 def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:

@@ -124,11 +124,11 @@ class Runtime:
     """The three models of the contract (image encoder, text encoder, fuser) on numpy arrays."""
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        """``PIXEL_VALUES`` ``[B, 3, 224, 224]`` → ``IMAGE_EMBEDDING`` ``[B, dim]``."""
+        """``PIXEL_VALUES`` ``[B, 3, 224, 224]`` → ``IMAGE_PROJECTION`` ``[B, dim]``."""
         raise NotImplementedError
 
     def encode_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """``INPUT_IDS`` and ``ATTENTION_MASK`` ``[B, L]`` → ``TEXT_EMBEDDING`` ``[B, dim]``."""
+        """``INPUT_IDS`` and ``ATTENTION_MASK`` ``[B, L]`` → ``TEXT_PROJECTION`` ``[B, dim]``."""
         raise NotImplementedError
 
     def fuse(self, image: np.ndarray, text: np.ndarray, image_mask: np.ndarray, text_mask: np.ndarray) -> Embedded:
@@ -237,8 +237,8 @@ class OrtRuntime(Runtime):
 
     def fuse(self, image: np.ndarray, text: np.ndarray, image_mask: np.ndarray, text_mask: np.ndarray) -> Embedded:
         feed = {
-            contract.IMAGE_EMBEDDING.name: image,
-            contract.TEXT_EMBEDDING.name: text,
+            contract.IMAGE_PROJECTION.name: image,
+            contract.TEXT_PROJECTION.name: text,
             contract.IMAGE_MASK.name: image_mask,
             contract.TEXT_MASK.name: text_mask,
         }

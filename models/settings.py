@@ -111,6 +111,22 @@ class ModelSettings:
             )
         raise SettingsError(f"{' and '.join(given)} would be ignored: {why}; {instead}")
 
+    def options(self) -> list[str]:
+        """These settings as ``postsim export`` (and ``train``) options, the head aside; defaults left out."""
+        options: list[str] = []
+        if self.weights != WEIGHTS_PRETRAINED:
+            options += ["--weights", str(self.weights)]
+        for modality, model in (("image", self.image_model), ("text", self.text_model)):
+            if model is not None:
+                options += [f"--{modality}-model", model]
+        if self.size is not None:
+            options += ["--size", self.size.value]
+        if self.seed is not None:
+            options += ["--seed", str(self.seed)]
+        if self.dim != DEFAULT_DIM:
+            options += ["--dim", str(self.dim)]
+        return options
+
     @property
     def random_backbones(self) -> tuple[str, ...]:
         """The modalities (``image``, ``text``) whose backbone gets seeded random weights."""

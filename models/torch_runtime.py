@@ -51,7 +51,7 @@ class TorchRuntime(Runtime):
     def fuse(self, image: np.ndarray, text: np.ndarray, image_mask: np.ndarray, text_mask: np.ndarray) -> Embedded:
         tensors = (torch.from_numpy(array) for array in (image, text, image_mask, text_mask))
         with torch.inference_mode():
-            embedding, weights = self.models.fuser(*tensors)
+            embedding, weights, *_ = self.models.fuser(*tensors)
         return Embedded(embedding.numpy(), weights.numpy())
 
 

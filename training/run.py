@@ -92,6 +92,7 @@ def train_head(
         extraction=features.summary,
         fingerprints=features.fingerprints,
         provenance=models.provenance,
+        model_options=settings.models.options(),
         settings=settings.training,
         outcome=outcome,
         outputs=outputs,

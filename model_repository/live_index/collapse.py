@@ -48,6 +48,12 @@ def collapse_duplicates(ranked: Sequence[SearchHit], vectors: np.ndarray, *, abo
             heads.append(position)
             members[position] = []
     return [
-        Hit(ranked[head].id, ranked[head].score, ranked[head].caption, tuple(ranked[m] for m in members[head]))
+        Hit(
+            ranked[head].id,
+            ranked[head].score,
+            ranked[head].caption,
+            tuple(ranked[m] for m in members[head]),
+            ranked[head].row,
+        )
         for head in heads
     ]

@@ -48,6 +48,7 @@ import faiss
 import numpy as np
 
 from postsim.core.errors import InvalidPostError, SearchIndexError
+from postsim.model_repository.contract import MODALITIES
 from postsim.model_repository.live_index.collapse import check_collapse_threshold, collapse_duplicates
 from postsim.model_repository.live_index.filters import PostFilter, RowBitmap, filter_mask
 from postsim.model_repository.live_index.journal import ChangeBatch, ChangeJournal, Delete, JournalHeader
@@ -62,11 +63,12 @@ from postsim.model_repository.live_index.protocol import (
     PostUpsert,
     check_post_id,
 )
+from postsim.model_repository.score_parts import UnimodalVectors, split_scores, unsplit_scores
 from postsim.model_repository.search_index import (
     IndexType,
     LoadedIndex,
     SearchHit,
-    _check_queries,
+    check_queries,
     exact_storage,
 )
 
@@ -287,7 +289,7 @@ class MutableIndex(LiveIndex):
     ) -> list[list[Hit]]:
         k = _checked_k(k)
         threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
-        normalised = _check_queries(queries, self.dimension)
+        normalised = check_queries(queries, self.dimension)
         with self._lock.read():
             passing = self._passing(where)
             if threshold is not None:
@@ -409,10 +411,49 @@ class MutableIndex(LiveIndex):
             fetch = min(available, fetch * self.settings.collapse_overfetch)
 
     def _neighbour(self, row: int, score: float) -> SearchHit:
-        return SearchHit(self._ids[row], score, self._captions[row])
+        return SearchHit(self._ids[row], score, self._captions[row], row)
 
     def _hits(self, ranked: Ranked) -> list[Hit]:
-        return [Hit(self._ids[row], score, self._captions[row]) for row, score in ranked]
+        return [Hit(self._ids[row], score, self._captions[row], row=row) for row, score in ranked]
+
+    # Score parts (contract.CONTRIBUTIONS)
+
+    def stored_parts(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The unit image and text vectors and modality weights of posts queried by id, as float32.
+
+        NaN for a post upserted since the version was published (the journal keeps its fused
+        vector only), for an id no live post has, and for every post of a version without
+        unimodal vectors.
+        """
+        unimodal = self._base.unimodal
+        with self._lock.read():
+            rows = np.array([self._row_of.get(post_id, -1) for post_id in ids], dtype=np.int64)
+        published = (rows >= 0) & (rows < self._count)
+        dimension, modalities = self.dimension, len(MODALITIES)
+        image = np.full((len(rows), dimension), np.nan, dtype=np.float32)
+        text = np.full((len(rows), dimension), np.nan, dtype=np.float32)
+        weights = np.full((len(rows), modalities), np.nan, dtype=np.float32)
+        if unimodal is not None:
+            for array, stored in ((image, unimodal.image), (text, unimodal.text), (weights, unimodal.weights)):
+                array[published] = stored[rows[published]]
+        return image, text, weights
+
+    def split_scores(
+        self, query_image: np.ndarray, query_text: np.ndarray, query_weights: np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        """The four parts of each hit's score (``[batch, k, 4]``) from the hits' ``rows``.
+
+        The published rows' parts come from the version's ``unimodal.npz``; a row upserted
+        since (its parts are not journalled) and every row of a version without that file get NaN.
+        """
+        batch, k = rows.shape
+        unimodal = self._base.unimodal
+        if unimodal is None:
+            return unsplit_scores(batch, k)
+        published = (rows >= 0) & (rows < self._count)
+        parts = split_scores(query_image, query_text, query_weights, unimodal, np.where(published, rows, 0))
+        parts[~published] = np.nan
+        return parts
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored unit vectors of ``rows``."""
@@ -449,6 +490,18 @@ class MutableIndex(LiveIndex):
             with self._lock.read():  # rows never change, but the storage moves when it grows
                 vectors[start : start + chunk] = self._vectors(rows[start : start + chunk])
         logger.info("compaction: %d live posts at change %d (%d dead rows left out)", len(rows), sequence, self._dead)
+        unimodal = self._base.unimodal
+        upserted = int(np.count_nonzero(rows >= self._count))
+        if unimodal is not None and upserted:
+            logger.warning(
+                "compaction: %d live posts were upserted since the version was published and their score parts are "
+                "not journalled, so the new version keeps no unimodal vectors (its CONTRIBUTIONS are NaN); "
+                "`postsim index build` and publish restore them",
+                upserted,
+            )
+        kept = None
+        if unimodal is not None and not upserted:
+            kept = UnimodalVectors(image=unimodal.image[rows], text=unimodal.text[rows], weights=unimodal.weights[rows])
         return CompactedState(
             ids=ids,
             vectors=vectors,
@@ -457,6 +510,7 @@ class MutableIndex(LiveIndex):
             sequence=sequence,
             weights_fingerprint=self.weights_fingerprint,
             index_type=self._base.manifest.index_type,
+            unimodal=kept,
         )
 
     def changes_after(self, sequence: int) -> list[ChangeBatch]:

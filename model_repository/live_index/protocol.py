@@ -31,6 +31,7 @@ from postsim.model_repository.live_index.metadata import MetadataColumns, PostMe
 
 if TYPE_CHECKING:  # both load FAISS, which the client and the corpus reader do not need
     from postsim.model_repository.live_index.filters import PostFilter
+    from postsim.model_repository.score_parts import UnimodalVectors
     from postsim.model_repository.search_index import IndexType, SearchHit
 
 
@@ -72,6 +73,8 @@ class Hit(NamedTuple):
     caption: str = ""
     duplicates: tuple[SearchHit, ...] = ()
     """Lower-ranked results whose cosine to this one exceeded the collapse threshold; empty without collapse."""
+    row: int = -1
+    """The post's row in the engine's index, which splits its score (-1 where the engine has no rows)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +132,9 @@ class CompactedState:
     weights_fingerprint: str
     index_type: IndexType
     """The published version's index type (the new version is retrained and tuned on these vectors)."""
+    unimodal: UnimodalVectors | None = None
+    """Each post's unit image and text vectors and weights, row for row, when the engine has them for every
+    live post; None otherwise (the new version then answers NaN score parts)."""
 
 
 class LiveIndex(Protocol):

@@ -118,13 +118,20 @@ class FakeTriton:
         embedding = np.zeros((len(numbers), DIM), dtype=np.float32)
         embedding[:, 0] = numbers
         weights = np.tile(np.array([[0.25, 0.75]], dtype=np.float32), (len(numbers), 1))
-        answer: dict[str, np.ndarray] = {contract.EMBEDDING.name: embedding, contract.MODALITY_WEIGHTS.name: weights}
+        answer: dict[str, np.ndarray] = {
+            contract.EMBEDDING.name: embedding,
+            contract.MODALITY_WEIGHTS.name: weights,
+            contract.IMAGE_EMBEDDING.name: np.eye(1, DIM, 1, dtype=np.float32).repeat(len(numbers), axis=0),
+            contract.TEXT_EMBEDDING.name: np.eye(1, DIM, 2, dtype=np.float32).repeat(len(numbers), axis=0),
+        }
         if model_name == contract.SIMILAR_POSTS:
             ids = np.array([[f"{n}-a".encode(), f"{n}-b".encode()] for n in numbers], dtype=np.object_)
             answer[contract.IDS.name] = ids.reshape(len(numbers), 2)
             answer[contract.SCORES.name] = np.tile(np.array([[0.9, 0.5]], dtype=np.float32), (len(numbers), 1))
             captions = np.array([[f"caption {n}".encode(), b""] for n in numbers], dtype=np.object_)
             answer[contract.CAPTIONS.name] = captions.reshape(len(numbers), 2)
+            parts = np.array([[0.3, 0.4, 0.1, 0.1], [np.nan] * 4], dtype=np.float32)  # the second: not split
+            answer[contract.CONTRIBUTIONS.name] = np.tile(parts, (len(numbers), 1, 1))
         return infer_result(answer)
 
     def get_server_metadata(self, headers: Any = None, client_timeout: Any = None) -> Any:
@@ -378,7 +385,7 @@ def test_embed_splits_20_posts_into_16_and_4_in_order(client: PostSimClient, fak
     results = client.embed(numbered(20))
     assert [len(tensor_values(call["inputs"][0])) for call in fake.calls] == [16, 4]
     assert all(call["model"] == "post_embedding" for call in fake.calls)
-    assert fake.calls[0]["outputs"] == ["EMBEDDING", "MODALITY_WEIGHTS"]
+    assert fake.calls[0]["outputs"] == ["EMBEDDING", "MODALITY_WEIGHTS", "IMAGE_EMBEDDING", "TEXT_EMBEDDING"]
     assert fake.calls[0]["client_timeout"] == 5.0
     assert fake.calls[0]["headers"] == {"x-tenant": "t1"}
     assert [int(result.embedding[0]) for result in results] == list(range(20))
@@ -387,6 +394,7 @@ def test_embed_splits_20_posts_into_16_and_4_in_order(client: PostSimClient, fak
     assert first.embedding.dtype == np.float32 and first.embedding.shape == (DIM,)
     assert first.embedding.flags.writeable
     assert (first.image_weight, first.text_weight) == (0.25, 0.75)
+    assert first.image_embedding[1] == 1.0 and first.text_embedding[2] == 1.0
 
 
 def test_similar_sends_top_k_and_returns_neighbours(client: PostSimClient, fake: FakeTriton) -> None:
@@ -394,10 +402,22 @@ def test_similar_sends_top_k_and_returns_neighbours(client: PostSimClient, fake:
     assert all(isinstance(n, Neighbor) for n in neighbors)
     assert [(n.id, round(n.score, 3)) for n in neighbors] == [("3-a", 0.9), ("3-b", 0.5)]
     assert [n.text for n in neighbors] == ["caption 3", None]  # "" on the wire: the index does not know it
+    assert neighbors[0].parts is not None and neighbors[0].parts.text_text == pytest.approx(0.4)
+    assert neighbors[0].parts.total == pytest.approx(0.9)
+    assert neighbors[1].parts is None  # NaN on the wire: an index without unimodal vectors
     (call,) = fake.calls
     assert call["model"] == "similar_posts"
     assert [t.name() for t in call["inputs"]] == ["IMAGE", "TEXT", "TOP_K"]
-    assert call["outputs"] == ["IDS", "SCORES", "CAPTIONS", "EMBEDDING", "MODALITY_WEIGHTS"]
+    assert call["outputs"] == [
+        "IDS",
+        "SCORES",
+        "CAPTIONS",
+        "CONTRIBUTIONS",
+        "EMBEDDING",
+        "MODALITY_WEIGHTS",
+        "IMAGE_EMBEDDING",
+        "TEXT_EMBEDDING",
+    ]
 
     many = client.similar_many(numbered(18), k=2)
     assert [len(tensor_values(call["inputs"][0])) for call in fake.calls[1:]] == [16, 2]

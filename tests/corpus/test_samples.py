@@ -47,10 +47,16 @@ def test_the_jsonl_layout(corpus: Path) -> None:
     assert len(lines) == N
     assert len({line["id"] for line in lines}) == N
     for line in lines:
-        assert set(line) == {"id", "text", "image", "topic"}
+        assert set(line) - {"object_box"} == {"id", "text", "image", "label", "generic"}
+        has_object = line["image"] is not None and line["generic"] != samples.GENERIC_IMAGE
+        assert ("object_box" in line) == has_object
         if line["image"] is not None:
             assert line["image"].startswith("images/")
             assert (corpus.parent / line["image"]).is_file()
+        if has_object:
+            left, top, right, bottom = line["object_box"]
+            with Image.open(corpus.parent / line["image"]) as image:
+                assert 0 <= left < right <= image.width and 0 <= top < bottom <= image.height
     text_only = [line for line in lines if line["image"] is None]
     image_only = [line for line in lines if line["text"] is None]
     assert text_only and image_only
@@ -60,7 +66,7 @@ def test_the_jsonl_layout(corpus: Path) -> None:
 
 def test_captions_have_a_title_a_description_and_tags(corpus: Path) -> None:
     for line in records(corpus):
-        if line["text"] is not None:
+        if line["text"] is not None and line["generic"] != samples.GENERIC_CAPTION:
             title, description, tags = line["text"].split("\n")
             assert title and description.endswith(".")
             assert all(tag.startswith("#") for tag in tags.split())
@@ -82,8 +88,35 @@ def test_images_come_in_every_format_and_shape_and_all_decode(corpus: Path) -> N
     assert shapes == {"portrait", "landscape"}
 
 
+def test_labels_are_topics_and_a_share_of_captions_or_images_is_generic(tmp_path: Path) -> None:
+    small = (64, 48)  # the shares do not depend on the pictures' size; small ones draw fast
+    lines = records(write_sample_posts(400, tmp_path / "default", seed=0, image_size=small))
+    assert {line["label"] for line in lines} == {topic.name for topic in samples._TOPICS}
+    both = [line for line in lines if line["text"] is not None and line["image"] is not None]
+    generic_captions = [line for line in both if line["generic"] == samples.GENERIC_CAPTION]
+    generic_images = [line for line in both if line["generic"] == samples.GENERIC_IMAGE]
+    assert 0.15 < len(generic_captions) / len(both) < 0.35 and 0.15 < len(generic_images) / len(both) < 0.35
+    assert all(line["generic"] is None for line in lines if line not in both)  # a single modality stays topical
+    assert {line["text"] for line in generic_captions} <= set(samples._GENERIC_CAPTIONS)
+    label_words = {line["label"]: set() for line in lines}
+    for line in both:
+        if line["generic"] is None:
+            label_words[line["label"]].update(line["text"].split("\n")[2].split())
+    assert all(label_words.values())  # topical captions carry their topic's tags
+
+    plain = records(
+        write_sample_posts(40, tmp_path / "plain", seed=0, image_size=small, generic_captions=0, generic_images=0)
+    )
+    assert all(line["generic"] is None for line in plain)
+    # The shares pick which posts are generic; the other posts are the same drawings and captions.
+    same = [(a, b) for a, b in zip(plain, lines[:40], strict=True) if b["generic"] is None]
+    assert same and all(a["text"] == b["text"] for a, b in same)
+
+
 def test_benchmark_sizes_and_longer_captions(tmp_path: Path) -> None:
-    path = write_sample_posts(6, tmp_path, seed=3, image_size=(640, 480), words=(20, 60))
+    path = write_sample_posts(
+        6, tmp_path, seed=3, image_size=(640, 480), words=(20, 60), generic_captions=0, generic_images=0
+    )
     for post in read_posts(path):
         if post.image_path is not None:
             assert Image.open(post.image_path).size == (640, 480)
@@ -93,8 +126,15 @@ def test_benchmark_sizes_and_longer_captions(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"n": -1}, {"words": (0, 5)}, {"words": (9, 5)}, {"image_size": (16, 480)}],
-    ids=["negative-n", "zero-words", "inverted-words", "tiny-image"],
+    [
+        {"n": -1},
+        {"words": (0, 5)},
+        {"words": (9, 5)},
+        {"image_size": (16, 480)},
+        {"generic_captions": -0.1},
+        {"generic_captions": 0.6, "generic_images": 0.5},
+    ],
+    ids=["negative-n", "zero-words", "inverted-words", "tiny-image", "negative-share", "shares-over-1"],
 )
 def test_nonsense_arguments_are_refused(tmp_path: Path, options: dict[str, Any]) -> None:
     with pytest.raises(ValueError):

@@ -77,12 +77,17 @@ def test_exported_files_declare_the_contract_signature(
         ("INPUT_IDS", ["batch", "sequence"]),
         ("ATTENTION_MASK", ["batch", "sequence"]),
     ]
-    assert [(o.name, o.shape) for o in session.get_outputs()] == [("TEXT_EMBEDDING", ["batch", 256])]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("TEXT_PROJECTION", ["batch", 256])]
     fuser = ort.InferenceSession(str(paths[FUSER]), providers=["CPUExecutionProvider"])
     assert [(o.name, o.shape) for o in fuser.get_outputs()] == [
         ("EMBEDDING", ["batch", 256]),
         ("MODALITY_WEIGHTS", ["batch", 2]),
         ("QUERY_EMBEDDING", ["batch", 256]),
+        ("IMAGE_EMBEDDING", ["batch", 256]),
+        ("TEXT_EMBEDDING", ["batch", 256]),
+        ("QUERY_IMAGE_EMBEDDING", ["batch", 256]),
+        ("QUERY_TEXT_EMBEDDING", ["batch", 256]),
+        ("QUERY_MODALITY_WEIGHTS", ["batch", 2]),
     ]
 
 
@@ -126,9 +131,23 @@ def test_chained_onnx_models_reproduce_the_torch_pipeline(
 
     (image,) = sessions[IMAGE_ENCODER].run(None, {"PIXEL_VALUES": pixels})
     (text,) = sessions[TEXT_ENCODER].run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
-    fuser_inputs = {"IMAGE_EMBEDDING": image, "TEXT_EMBEDDING": text, "IMAGE_MASK": image_mask, "TEXT_MASK": text_mask}
-    embedding, weights, query = sessions[FUSER].run(None, fuser_inputs)
-    np.testing.assert_array_equal(query, embedding)
+    fuser_inputs = {
+        "IMAGE_PROJECTION": image,
+        "TEXT_PROJECTION": text,
+        "IMAGE_MASK": image_mask,
+        "TEXT_MASK": text_mask,
+    }
+    fused = dict(zip(SPECS[FUSER].output_names, sessions[FUSER].run(None, fuser_inputs), strict=True))
+    embedding, weights = fused["EMBEDDING"], fused["MODALITY_WEIGHTS"]
+    for repeated, source in (
+        ("QUERY_EMBEDDING", "EMBEDDING"),
+        ("QUERY_IMAGE_EMBEDDING", "IMAGE_EMBEDDING"),
+        ("QUERY_TEXT_EMBEDDING", "TEXT_EMBEDDING"),
+        ("QUERY_MODALITY_WEIGHTS", "MODALITY_WEIGHTS"),
+    ):
+        np.testing.assert_array_equal(fused[repeated], fused[source])
+    np.testing.assert_allclose(np.linalg.norm(fused["IMAGE_EMBEDDING"], axis=1), [1.0, 0.0, 1.0], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(fused["TEXT_EMBEDDING"], axis=1), [1.0, 1.0, 0.0], atol=1e-6)
 
     expected_embedding, expected_weights = TorchRuntime(tiny_models).embed(pixels, ids, mask, image_mask, text_mask)
     np.testing.assert_allclose(embedding, expected_embedding, atol=1e-4)
@@ -145,7 +164,7 @@ def test_export_that_does_not_match_pytorch_names_the_output(
     with torch.no_grad():
         perturbed.projection.weight.add_(0.05)
     with pytest.raises(
-        ExportMismatchError, match=r"image_encoder.*output IMAGE_EMBEDDING: max abs difference"
+        ExportMismatchError, match=r"image_encoder.*output IMAGE_PROJECTION: max abs difference"
     ) as raised:
         validate_onnx_model(perturbed, SPECS[IMAGE_ENCODER], paths[IMAGE_ENCODER])
     assert "(tolerance 0.001)" in str(raised.value)
@@ -157,7 +176,7 @@ def test_output_shape_mismatch_is_an_error(
 ) -> None:
     paths, _ = exported
     narrower = ImageEncoder(tiny_models.image_encoder.backbone, dim=128).eval()
-    with pytest.raises(ExportMismatchError, match=r"IMAGE_EMBEDDING has shape \(4, 256\).*PyTorch gives \(4, 128\)"):
+    with pytest.raises(ExportMismatchError, match=r"IMAGE_PROJECTION has shape \(4, 256\).*PyTorch gives \(4, 128\)"):
         validate_onnx_model(narrower, SPECS[IMAGE_ENCODER], paths[IMAGE_ENCODER])
 
 

@@ -62,7 +62,12 @@ def test_public_contract_of_post_embedding(target: Target) -> None:
     inputs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in config.input}
     assert inputs == {"IMAGE": ("TYPE_STRING", [1]), "TEXT": ("TYPE_STRING", [1])}
     outputs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output}
-    assert outputs == {"EMBEDDING": ("TYPE_FP32", [DIM]), "MODALITY_WEIGHTS": ("TYPE_FP32", [2])}
+    assert outputs == {
+        "EMBEDDING": ("TYPE_FP32", [DIM]),
+        "MODALITY_WEIGHTS": ("TYPE_FP32", [2]),
+        "IMAGE_EMBEDDING": ("TYPE_FP32", [DIM]),
+        "TEXT_EMBEDDING": ("TYPE_FP32", [DIM]),
+    }
     assert [step.model_name for step in config.ensemble_scheduling.step] == [
         "preprocess_image",
         "tokenize",
@@ -80,6 +85,8 @@ def test_public_contract_of_similar_posts(target: Target) -> None:
     outputs = {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output}
     assert outputs["IDS"] == ("TYPE_STRING", [-1])
     assert outputs["SCORES"] == ("TYPE_FP32", [-1])
+    assert outputs["CONTRIBUTIONS"] == ("TYPE_FP32", [-1, 4])
+    assert outputs["IMAGE_EMBEDDING"] == outputs["TEXT_EMBEDDING"] == ("TYPE_FP32", [DIM])
     # retrieval is reached through the gateway, so loading an index version re-creates no ensemble.
     assert config.ensemble_scheduling.step[-1].model_name == "retrieval_gateway"
 
@@ -153,7 +160,13 @@ def test_ensemble_outputs_go_to_the_client_only_and_every_mapped_tensor_is_used(
         for step in _configs(target)[contract.SIMILAR_POSTS].ensemble_scheduling.step
         if step.model_name == contract.RETRIEVAL_GATEWAY
     ]
-    assert dict(gateway.input_map) == {"QUERY_EMBEDDING": "QUERY_EMBEDDING", "TOP_K": "TOP_K"}
+    assert set(gateway.input_map) == {
+        "QUERY_EMBEDDING",
+        "TOP_K",
+        "QUERY_IMAGE_EMBEDDING",
+        "QUERY_TEXT_EMBEDDING",
+        "QUERY_MODALITY_WEIGHTS",
+    }
 
 
 def test_a_step_reading_an_ensemble_output_is_refused() -> None:

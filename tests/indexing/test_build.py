@@ -383,7 +383,7 @@ def test_captions_are_kept_checksummed_and_returned_with_the_neighbours(tmp_path
     assert manifest.captions_sha256 == sha256_file(tmp_path / "index" / CAPTIONS_FILE)
     loaded = load_index_dir(tmp_path / "index", FINGERPRINT, use_gpu=False)
     (hits,) = loaded.search(vectors[5:6], 3)
-    assert hits[0] == ("post-5", pytest.approx(1.0, abs=1e-5), "caption of post 5")
+    assert hits[0] == ("post-5", pytest.approx(1.0, abs=1e-5), "caption of post 5", 5)
     (hits,) = loaded.search(vectors[4:5], 1)
     assert hits[0].caption == ""
     (tmp_path / "index" / CAPTIONS_FILE).write_text(json.dumps(["forged"] * 20))

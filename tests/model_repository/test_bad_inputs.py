@@ -459,5 +459,5 @@ def test_one_bad_request_in_an_onnx_batch_fails_only_itself(url: str, limited_se
     assert "text_encoder cannot run this request" in str(error.message())
     assert "running them one by one" in limited_server.log_text()
     for result in results[:3] + results[4:]:
-        embedding = result.as_numpy("TEXT_EMBEDDING")
+        embedding = result.as_numpy("TEXT_PROJECTION")
         assert embedding is not None and np.isfinite(embedding).all()

@@ -27,6 +27,7 @@ from postsim.indexing.build import build_index_dir
 from postsim.indexing.publish import publish_index
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata
 from postsim.model_repository.manifest import WeightsManifest
+from postsim.model_repository.score_parts import UnimodalVectors
 from postsim.server.launcher import TritonServer
 
 pytestmark = pytest.mark.integration
@@ -50,8 +51,11 @@ class LiveServer:
 
 def publish_index_with_metadata(repository: Path, url: str) -> tuple[list[str], np.ndarray]:
     manifest = WeightsManifest.read(repository)
-    vectors = np.random.default_rng(12).standard_normal((COUNT, manifest.dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rng = np.random.default_rng(12)
+    image, text = (_unit(rng.standard_normal((COUNT, manifest.dim))) for _ in range(2))
+    image_weight = rng.uniform(0.2, 0.8, (COUNT, 1)).astype(np.float32)
+    weights = np.concatenate([image_weight, 1 - image_weight], axis=1)
+    vectors = _unit(weights[:, :1] * image + weights[:, 1:] * text)  # fused as the fuser fuses, so its scores split
     ids = [f"base-{row}" for row in range(COUNT)]
     metadata = MetadataColumns.of(
         PostMetadata(
@@ -62,10 +66,17 @@ def publish_index_with_metadata(repository: Path, url: str) -> tuple[list[str], 
         for row in range(COUNT)
     )
     index_dir = repository.parent / "index"
-    build_index_dir(index_dir, ids, vectors, weights_fingerprint=manifest.fingerprint, metadata=metadata)
+    unimodal = UnimodalVectors.from_float32(image, text, weights)
+    build_index_dir(
+        index_dir, ids, vectors, weights_fingerprint=manifest.fingerprint, metadata=metadata, unimodal=unimodal
+    )
     with PostSimClient(url) as client:
         publish_index(index_dir, repository, client=client)
     return ids, vectors
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +223,24 @@ def test_a_query_by_id_excludes_the_post_and_an_unknown_id_is_invalid_argument(l
         assert [n.id for n in found] == [live.ids[row] for row in best]
         with pytest.raises(InvalidPostError, match=r"'no-such-post'.*no indexed post has this id"):
             client.similar_to_id("no-such-post", k=5)
+
+
+def test_filtered_results_split_the_published_posts_scores_and_not_an_upserted_posts(live: LiveServer) -> None:
+    post = _post("parts-1", 3)
+    with PostSimClient(live.url) as client:
+        client.upsert([post])
+        # Only the published posts carry a label: the upserts of other tests are left out.
+        by_id = client.similar_to_id(live.ids[0], k=5, where={"labels": ["common"]})
+        by_content = client.similar(post, k=20, where={"labels": ["common", "rare"]})
+        (upserted, *_) = client.similar(post, k=3, where={"exclude_author": "nobody"})
+        by_upserted_id = client.similar_to_id("parts-1", k=3)
+    assert len(by_id) == 5 and len(by_content) == 20
+    for neighbor in by_id + by_content:  # the stored parts of base-0, or the parts post_embedding gave the query
+        assert neighbor.id.startswith("base-") and neighbor.parts is not None, neighbor
+        assert abs(neighbor.parts.total - neighbor.score) < 1e-3, neighbor
+    assert upserted.id == "parts-1" and upserted.score >= 0.99
+    assert upserted.parts is None, "an upserted post's parts are not journalled"
+    assert by_upserted_id and all(n.parts is None for n in by_upserted_id), "nor are an upserted query post's"
 
 
 @pytest.mark.parametrize(

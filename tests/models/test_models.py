@@ -58,7 +58,7 @@ def fuse(fuser: AttentionFuser, image_mask: list[float], text_mask: list[float],
 
 def test_fuser_gives_a_missing_modality_weight_exactly_zero(tiny_models: PostSimModels) -> None:
     # A huge image vector must not leak into a text-only post.
-    _, weights = fuse(tiny_models.fuser, image_mask=[0, 1], text_mask=[1, 0], scale=1e6)
+    _, weights, *_ = fuse(tiny_models.fuser, image_mask=[0, 1], text_mask=[1, 0], scale=1e6)
     assert weights.tolist() == [[0.0, 1.0], [1.0, 0.0]]
 
 
@@ -67,21 +67,30 @@ def test_fuser_output_of_a_single_modality_is_that_modality(tiny_models: PostSim
     image, text = torch.randn(1, 256, generator=generator), torch.randn(1, 256, generator=generator)
     present, missing = torch.ones(1, 1), torch.zeros(1, 1)
     with torch.inference_mode():
-        text_only, _ = tiny_models.fuser(image, text, missing, present)
+        text_only, *_ = tiny_models.fuser(image, text, missing, present)
     torch.testing.assert_close(text_only, text / text.norm())
 
 
 def test_fuser_weights_sum_to_one_and_embeddings_are_unit_norm(tiny_models: PostSimModels) -> None:
-    embedding, weights = fuse(tiny_models.fuser, image_mask=[1, 1, 0, 1], text_mask=[1, 1, 1, 0])
+    embedding, weights, *_ = fuse(tiny_models.fuser, image_mask=[1, 1, 0, 1], text_mask=[1, 1, 1, 0])
     torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
     assert bool((weights[:2] > 0).all()), "both present modalities get some weight"
     torch.testing.assert_close(embedding.norm(dim=1), torch.ones(4))
 
 
 def test_fuser_row_without_any_modality_is_zero_not_nan(tiny_models: PostSimModels) -> None:
-    embedding, weights = fuse(tiny_models.fuser, image_mask=[0], text_mask=[0])
+    embedding, weights, *_ = fuse(tiny_models.fuser, image_mask=[0], text_mask=[0])
     assert weights.tolist() == [[0.0, 0.0]]
     assert not embedding.isnan().any() and float(embedding.abs().max()) == 0.0
+
+
+def test_fuser_embedding_is_the_weighted_sum_of_its_unit_modality_vectors(tiny_models: PostSimModels) -> None:
+    """What CONTRIBUTIONS rests on: a missing modality's vector is zero, a present one has unit norm."""
+    embedding, weights, image, text = fuse(tiny_models.fuser, image_mask=[1, 0, 1], text_mask=[1, 1, 0], scale=3.0)
+    torch.testing.assert_close(image.norm(dim=1), torch.tensor([1.0, 0.0, 1.0]))
+    torch.testing.assert_close(text.norm(dim=1), torch.tensor([1.0, 1.0, 0.0]))
+    weighted = weights[:, 0:1] * image + weights[:, 1:2] * text
+    torch.testing.assert_close(embedding, weighted / weighted.norm(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -272,7 +281,7 @@ def test_weights_directory_without_subfolders_is_rejected(tmp_path: Path) -> Non
 
 def test_head_checkpoint_of_another_dim_is_rejected(saved_weights: Path) -> None:
     settings = ModelSettings(weights="random", size=ModelSize.TINY, dim=64, head=saved_weights / "head.pt")
-    with pytest.raises(ExportError, match="does not fit"):
+    with pytest.raises(ExportError, match=r"has dim \d+ and these models dim 64: pass `--dim \d+`"):
         build_models(settings)
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from postsim.training.features import BackboneFingerprints, ExtractionSummary, PostFeatures
+from postsim.models.fingerprints import BackboneFingerprints
+from postsim.training.features import ExtractionSummary, PostFeatures
 
 SIGNAL_DIMS = 8
 

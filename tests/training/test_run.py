@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,15 +29,6 @@ TINY = ModelSettings(weights="random", size=ModelSize.TINY, seed=0, dim=64)
 QUICK = TrainingSettings(epochs=3, batch_size=64, learning_rate=1e-2, device="cpu")
 
 
-def label_sample_corpus(posts_path: Path) -> Path:
-    """The sample corpus with each post's topic as its label, in place (until sample-posts writes labels)."""
-    records = [json.loads(line) for line in posts_path.read_text(encoding="utf-8").splitlines()]
-    for record in records:
-        record["label"] = record.pop("topic")
-    posts_path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return posts_path
-
-
 @dataclass(frozen=True)
 class Trained:
     corpus: Path
@@ -47,7 +39,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     folder = tmp_path_factory.mktemp("run")
-    corpus = label_sample_corpus(write_sample_posts(120, folder / "corpus", seed=0))
+    corpus = write_sample_posts(120, folder / "corpus", seed=0)
     (folder / "corpus" / "images" / "post-00001.png").unlink()  # a missing image: skipped, listed
     settings = TrainHeadSettings(
         corpus=corpus, out_dir=folder / "out", models=TINY, training=QUICK, cache_dir=folder / "cache"
@@ -160,7 +152,25 @@ def test_a_single_label_is_refused_before_any_model_is_built(tmp_path: Path) -> 
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_head_of_another_dim_is_refused_by_export(trained: Trained) -> None:
-    with pytest.raises(ExportError, match="does not fit"):
+def test_a_head_of_another_dim_is_refused_by_export_with_what_to_pass(trained: Trained) -> None:
+    with pytest.raises(ExportError, match=r"has dim 64 and these models dim 32: pass `--dim 64` and the options it"):
         build_models(ModelSettings(**{**TINY.__dict__, "dim": 32, "head": trained.report.outputs.head}))
     assert np.isfinite(trained.report.outcome.best.selection)
+
+
+def test_a_head_trained_on_other_backbones_is_refused_with_the_options_it_was_trained_with(trained: Trained) -> None:
+    # Seed 1 draws other random backbones of the same shapes: the head would load, and mean nothing.
+    with pytest.raises(ExportError, match="trained on other image and text backbone weights") as caught:
+        build_models(ModelSettings(**{**TINY.__dict__, "seed": 1, "head": trained.report.outputs.head}))
+    assert "`--weights random --size tiny --seed 0 --dim 64`" in str(caught.value)
+
+
+def test_the_exported_head_records_its_provenance(trained: Trained) -> None:
+    head = trained.report.outputs.head
+    models = build_models(ModelSettings(**{**TINY.__dict__, "head": head}))
+    record = models.provenance["head"]
+    assert record["sha256"] == hashlib.sha256(head.read_bytes()).hexdigest()
+    assert record["corpus_fingerprint"] == trained.report.corpus_fingerprint
+    assert record["best_epoch"] == trained.report.outcome.best_epoch
+    assert {entry["name"] for entry in record["held_out"]["slices"]} >= {"post", "text->image"}
+    assert build_models(TINY).provenance["head"] == {"seeded": 0}

@@ -13,11 +13,12 @@ from postsim.core.errors import InvalidPostError
 from postsim.corpus.split import Split, split_of
 from postsim.evaluation.metrics import Metric
 from postsim.evaluation.result import EvaluationResult
+from postsim.evaluation.slices import IMAGE, PAIR, POST, TEXT
 from postsim.training.data import HeadTrainingData, ModalityDropout, TrainingMode
-from postsim.training.evaluator import IMAGE, PAIR, POST, TEXT, HeldOutEvaluator
+from postsim.training.evaluator import HeldOutEvaluator
 from postsim.training.features import PostFeatures
 from postsim.training.head import TrainableHead
-from postsim.training.trainer import HeadTrainer, TrainingSettings
+from postsim.training.trainer import HeadTrainer, TrainingSettings, early_peak_warning
 
 MakeFeatures = Callable[..., tuple[PostFeatures, dict[str, str | None]]]
 FAST = TrainingSettings(epochs=20, batch_size=128, learning_rate=1e-2, device="cpu")
@@ -126,3 +127,11 @@ def test_a_held_out_side_without_two_posts_of_a_label_is_refused(make_features: 
     data = HeadTrainingData.build(features, unique, splits)
     with pytest.raises(InvalidPostError, match="no label has two posts among the 2 held-out posts"):
         HeadTrainer(_head(features), data, FAST)
+
+
+def test_an_early_peak_is_reported_with_a_lower_learning_rate_to_try() -> None:
+    warning = early_peak_warning(5, 100, 3e-3)
+    assert warning is not None and "epoch 5 of 100" in warning and "--learning-rate 0.0003" in warning
+    assert early_peak_warning(11, 100, 3e-3) is None  # past the first tenth: not early
+    assert early_peak_warning(0, 100, 3e-3) is None  # nothing learned: its own warning says so
+    assert early_peak_warning(1, 10, 3e-3) is None  # too short a run to call a peak early

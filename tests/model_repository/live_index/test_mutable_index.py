@@ -461,7 +461,12 @@ def test_an_index_without_full_vectors_is_refused(tmp_path: Path) -> None:
         postsim_version="test",
     )
     base = LoadedIndex(
-        index=index, ids=[f"p{n}" for n in range(500)], captions=[""] * 500, manifest=manifest, cpu_index=index
+        index=index,
+        ids=[f"p{n}" for n in range(500)],
+        captions=[""] * 500,
+        manifest=manifest,
+        unimodal=None,
+        cpu_index=index,
     )
     with pytest.raises(SearchIndexError, match="IndexIVFPQ keeps no full vectors"):
         MutableIndex.open(base, tmp_path / "changes.journal")

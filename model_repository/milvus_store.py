@@ -1,0 +1,805 @@
+"""Posts in Milvus: versioned collections behind an alias, searched with metadata filters.
+
+The Milvus retrieval backend keeps what a FAISS index folder keeps (a vector and a caption
+per post id) plus each post's metadata (author, creation time, label, tags), in a Milvus
+collection, so that every postsim replica searches and updates the same posts.
+
+Names. Each index version is a collection ``<prefix>_<fingerprint>_v<N>``; the version that
+serves is the one the alias ``<prefix>_<fingerprint>`` points to. The fingerprint is the
+encoders' weights fingerprint (``weights.json``), and a store is opened for one fingerprint
+only, so it can neither see nor search a collection embedded by other encoders; each
+collection's manifest (a collection property) records the fingerprint again and is checked.
+
+Versions. :meth:`MilvusStore.create_version` writes a new collection that serves nothing yet;
+:meth:`MilvusStore.publish` switches the alias to it, one atomic step for every reader (the
+``postsim index publish`` of this backend); :meth:`MilvusStore.rollback` switches it back
+to the previous version and retires the newest (renamed, kept). Changes (upsert, delete)
+apply to the version that serves.
+
+Consistency. Reads (search, query by id) ask for Milvus's ``Strong`` level: a read sees
+every write acknowledged before it started, whichever client wrote it. That is what makes a
+delete effective when :meth:`MilvusStore.delete` returns, for every postsim replica and not
+only the one that deleted (``Session`` guarantees a client its own writes only; ``Bounded``,
+Milvus's default, may serve a deleted post for a while). The price is latency: a query node
+waits until it has consumed the writes up to the read's timestamp
+(https://milvus.io/docs/consistency.md).
+
+Milvus Lite (``pip install 'postsim[milvus]'``, a local ``.db`` path as the URI) runs the
+same calls in-process, which is what the tests use. What it lacks compared with a cluster
+(milvus-lite 3.2): no GPU index (it takes ``GPU_CAGRA`` and ``GPU_IVF_PQ`` at collection
+creation but has no implementation of them, so the GPU types are untested here), no product
+quantisation, one process per database file, no authentication or TLS, no distributed
+consistency (reads see every acknowledged write at once, so what ``Strong`` costs cannot be
+seen there), and no true index progress (``describe_index`` says finished while the index is
+still built in the background). Aliases, HNSW, IVF_FLAT, nullable fields, arrays and the filter expressions
+postsim uses work as on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import re
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from postsim.core.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
+from postsim.model_repository.contract import post_id_problem
+from postsim.model_repository.search_index import SearchHit, check_queries
+
+__all__ = [
+    "MAX_TAGS",
+    "READ_CONSISTENCY",
+    "DeleteReport",
+    "MilvusIndexSpec",
+    "MilvusIndexType",
+    "MilvusSettings",
+    "MilvusStore",
+    "PostFilter",
+    "PostMetadata",
+    "StoredPost",
+    "VersionManifest",
+    "milvus_string",
+]
+
+logger = logging.getLogger("postsim")
+
+READ_CONSISTENCY = "Strong"
+"""Milvus consistency level of every read: see the module docstring for why."""
+MANIFEST_PROPERTY = "postsim.manifest"
+"""The collection property that holds a version's :class:`VersionManifest` (JSON)."""
+MAX_TEXT_BYTES = 256
+"""Longest author or label, in UTF-8 bytes (Milvus limits VARCHAR fields in bytes)."""
+MAX_TAGS = 64
+MAX_TAG_BYTES = 128
+MAX_CAPTION_BYTES = 1024
+"""A caption is at most 200 characters (``post_caption``), at most 4 bytes each in UTF-8."""
+MAX_ID_BYTES = 128
+MAX_TOP_K = 16_384
+"""Milvus's largest ``limit``."""
+INDEX_WAIT_S = 3600.0
+"""How long :meth:`MilvusStore.create_version` waits for Milvus to finish building the index."""
+SERVING_CACHE_S = 1.0
+"""How long a store trusts which version the alias points to before asking again."""
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FINGERPRINT = re.compile(r"[0-9a-f]{8,64}")
+_FIELDS = ("id", "vector", "author", "created_at", "label", "tags", "caption")
+
+
+def _pymilvus() -> Any:
+    try:
+        import pymilvus
+    except ImportError:
+        raise OptionalDependencyError("pymilvus", "milvus", "the Milvus retrieval backend") from None
+    return pymilvus
+
+
+class MilvusIndexType(str, enum.Enum):
+    """Milvus index types postsim builds: exact, CPU approximate, and GPU approximate."""
+
+    FLAT = "FLAT"
+    """Exact search, for small collections."""
+    IVF_FLAT = "IVF_FLAT"
+    """Inverted lists of full vectors: exact distances within the lists probed (``nprobe``)."""
+    HNSW = "HNSW"
+    """Graph search (``ef``)."""
+    GPU_CAGRA = "GPU_CAGRA"
+    """Graph search on the GPU (``itopk_size``); needs Milvus's GPU build."""
+    GPU_IVF_PQ = "GPU_IVF_PQ"
+    """Inverted lists of product-quantised vectors on the GPU (``nprobe``); needs Milvus's GPU build."""
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.value.startswith("GPU_")
+
+    @property
+    def tuned_param(self) -> str | None:
+        """The search parameter that trades recall for speed, which the build tunes; None for exact search."""
+        return _TUNED_PARAM.get(self)
+
+    @property
+    def required_params(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The build and the search parameters a spec of this type must give."""
+        return _REQUIRED_PARAMS[self]
+
+
+_TUNED_PARAM = {
+    MilvusIndexType.IVF_FLAT: "nprobe",
+    MilvusIndexType.HNSW: "ef",
+    MilvusIndexType.GPU_CAGRA: "itopk_size",
+    MilvusIndexType.GPU_IVF_PQ: "nprobe",
+}
+_REQUIRED_PARAMS: dict[MilvusIndexType, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    MilvusIndexType.FLAT: ((), ()),
+    MilvusIndexType.IVF_FLAT: (("nlist",), ("nprobe",)),
+    MilvusIndexType.HNSW: (("M", "efConstruction"), ("ef",)),
+    MilvusIndexType.GPU_CAGRA: (("intermediate_graph_degree", "graph_degree"), ("itopk_size", "search_width")),
+    MilvusIndexType.GPU_IVF_PQ: (("nlist", "m", "nbits"), ("nprobe",)),
+}
+_AT_LEAST_K = ("ef", "itopk_size")
+"""Search parameters Milvus refuses below the number of results asked for."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MilvusIndexSpec:
+    """A Milvus vector index: its type, build parameters and (tuned) search parameters."""
+
+    index_type: MilvusIndexType
+    build_params: dict[str, int] = field(default_factory=dict)
+    search_params: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        build, search = self.index_type.required_params
+        if set(self.build_params) != set(build) or set(self.search_params) != set(search):
+            raise SearchIndexError(
+                f"a {self.index_type.value} index needs the build parameters {sorted(build)} and the search "
+                f"parameters {sorted(search)}, got {sorted(self.build_params)} and {sorted(self.search_params)}"
+            )
+        for name, value in {**self.build_params, **self.search_params}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise SearchIndexError(f"index parameter {name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index_type": self.index_type.value, "build": self.build_params, "search": self.search_params}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MilvusIndexSpec:
+        return cls(
+            index_type=MilvusIndexType(data["index_type"]),
+            build_params=dict(data["build"]),
+            search_params=dict(data["search"]),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MilvusSettings:
+    """Where the Milvus that holds postsim's collections is, and how postsim names them there."""
+
+    uri: str
+    """``http://host:19530`` for a Milvus server or cluster; a local path ending in ``.db`` for Milvus Lite."""
+    token: str = field(default="", repr=False)
+    """``user:password`` (or an API key) where Milvus requires authentication."""
+    db_name: str = ""
+    """Milvus database; empty: the default one."""
+    collection_prefix: str = "postsim"
+    """First part of every collection and alias name, so that several deployments can share one Milvus."""
+    timeout_s: float = 30.0
+    """Deadline of each Milvus call."""
+    insert_batch: int = 2_000
+    """Posts per insert request (256 floats a post: about 2 MB a request, far below Milvus's 64 MB limit)."""
+
+    def __post_init__(self) -> None:
+        if not self.uri:
+            raise SearchIndexError("MilvusSettings.uri is empty: give http://HOST:19530 or a local .db path")
+        if not _NAME.fullmatch(self.collection_prefix) or len(self.collection_prefix) > 64:
+            raise SearchIndexError(
+                f"collection_prefix {self.collection_prefix!r} must be 1 to 64 letters, digits or underscores, "
+                "not starting with a digit (Milvus's rule for collection names)"
+            )
+        if self.timeout_s <= 0 or self.insert_batch <= 0:
+            raise SearchIndexError("MilvusSettings.timeout_s and insert_batch must be positive")
+
+
+def _printable(value: str, name: str, max_bytes: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidPostError(f"{name} must be a string, got {type(value).__name__}")
+    if not value or len(value.encode()) > max_bytes:
+        raise InvalidPostError(f"{name} must be 1 to {max_bytes} bytes of UTF-8, got {len(value.encode())}")
+    if any(unicodedata.category(character)[0] == "C" for character in value):
+        raise InvalidPostError(f"{name} {value!r} contains control or format characters")
+    return value
+
+
+def _epoch_seconds(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPostError(f"{name} must be whole seconds since the epoch (UTC), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostMetadata:
+    """What a post carries besides its vector; every field is optional."""
+
+    author: str | None = None
+    created_at: int | None = None
+    """Seconds since the epoch, UTC."""
+    label: str | None = None
+    tags: tuple[str, ...] = ()
+    caption: str = ""
+    """The post's text as an index keeps it (``post_caption``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("author", "label"):
+            value = getattr(self, name)
+            if value is not None:
+                _printable(value, name, MAX_TEXT_BYTES)
+        if self.created_at is not None:
+            _epoch_seconds(self.created_at, "created_at")
+        if not isinstance(self.tags, tuple) or len(self.tags) > MAX_TAGS:
+            raise InvalidPostError(f"tags must be a tuple of at most {MAX_TAGS} strings")
+        for tag in self.tags:
+            _printable(tag, "a tag", MAX_TAG_BYTES)
+        if not isinstance(self.caption, str) or len(self.caption.encode()) > MAX_CAPTION_BYTES:
+            raise InvalidPostError(f"caption must be a string of at most {MAX_CAPTION_BYTES} bytes")
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "author": self.author,
+            "created_at": self.created_at,
+            "label": self.label,
+            "tags": list(self.tags),
+            "caption": self.caption,
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> PostMetadata:
+        return cls(
+            author=row.get("author"),
+            created_at=row.get("created_at"),
+            label=row.get("label"),
+            tags=tuple(row.get("tags") or ()),
+            caption=row.get("caption") or "",
+        )
+
+
+def milvus_string(value: str) -> str:
+    """``value`` as a Milvus expression string literal: double-quoted, backslashes and quotes escaped.
+
+    Only what the metadata rules let through reaches here (no control characters), so these
+    two escapes are all a value needs to stay one literal, whatever quotes or operators it
+    holds.
+    """
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _string_list(values: Iterable[str]) -> str:
+    return "[" + ", ".join(milvus_string(value) for value in sorted(values)) + "]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostFilter:
+    """Which posts a search may return. Every condition given must hold; none given: every post.
+
+    A post without an author is never excluded by ``exclude_author``; a post without a
+    creation time or a label never passes a window or a label set.
+    """
+
+    exclude_ids: frozenset[str] = frozenset()
+    exclude_author: str | None = None
+    created_from: int | None = None
+    """Keep posts created at or after this time (epoch seconds)."""
+    created_until: int | None = None
+    """Keep posts created before this time (epoch seconds)."""
+    labels: frozenset[str] | None = None
+    """Keep posts whose label is one of these."""
+    any_tags: frozenset[str] | None = None
+    """Keep posts with at least one of these tags."""
+
+    def __post_init__(self) -> None:
+        for post_id in self.exclude_ids:
+            problem = post_id_problem(post_id) if isinstance(post_id, str) else "not a string"
+            if problem:
+                raise InvalidPostError(f"exclude_ids: {post_id!r}: {problem}")
+        if self.exclude_author is not None:
+            _printable(self.exclude_author, "exclude_author", MAX_TEXT_BYTES)
+        for name in ("created_from", "created_until"):
+            value = getattr(self, name)
+            if value is not None:
+                _epoch_seconds(value, name)
+        if self.created_from is not None and self.created_until is not None and self.created_from >= self.created_until:
+            raise InvalidPostError(
+                f"created_from ({self.created_from}) must be before created_until ({self.created_until}): "
+                "the window keeps no post"
+            )
+        for name, max_bytes in (("labels", MAX_TEXT_BYTES), ("any_tags", MAX_TAG_BYTES)):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not values:
+                raise InvalidPostError(f"{name} is empty, which keeps no post: leave it out to keep every post")
+            for value in values:
+                _printable(value, f"a value of {name}", max_bytes)
+
+    def expression(self, *, also_exclude: Iterable[str] = ()) -> str:
+        """The filter as a Milvus boolean expression; ``""`` when it keeps every post."""
+        excluded = self.exclude_ids | frozenset(also_exclude)
+        terms = []
+        if excluded:
+            terms.append(f"id not in {_string_list(excluded)}")
+        if self.exclude_author is not None:
+            terms.append(f"(author is null or author != {milvus_string(self.exclude_author)})")
+        if self.created_from is not None:
+            terms.append(f"created_at >= {self.created_from}")
+        if self.created_until is not None:
+            terms.append(f"created_at < {self.created_until}")
+        if self.labels is not None:
+            terms.append(f"label in {_string_list(self.labels)}")
+        if self.any_tags is not None:
+            terms.append(f"array_contains_any(tags, {_string_list(self.any_tags)})")
+        return " and ".join(terms)
+
+
+@dataclass(frozen=True)
+class StoredPost:
+    """A post as the store holds it: its unit vector and metadata."""
+
+    id: str
+    vector: np.ndarray
+    metadata: PostMetadata
+
+
+@dataclass(frozen=True)
+class DeleteReport:
+    deleted: tuple[str, ...]
+    unknown: tuple[str, ...]
+    """Ids asked for that the serving version does not hold."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionManifest:
+    """What a collection version holds, kept as its ``postsim.manifest`` property."""
+
+    version: int
+    dimension: int
+    count: int
+    """Posts written when the version was built (upserts and deletes since then not counted)."""
+    weights_fingerprint: str
+    spec: MilvusIndexSpec
+    recall: float | None = None
+    """Recall@10 of the search parameters on the corpus, when they were tuned."""
+    created_at: str
+    postsim_version: str
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VersionManifest:
+        data = json.loads(text)
+        return cls(**{**data, "spec": MilvusIndexSpec.from_dict(data["spec"])})
+
+
+def _postsim_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("postsim")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class MilvusStore:
+    """One Milvus connection, and the collection versions of one set of encoders.
+
+    Use it as a context manager (or call :meth:`close`). Thread-safe as far as pymilvus's
+    client is; every read uses :data:`READ_CONSISTENCY`.
+    """
+
+    def __init__(self, settings: MilvusSettings, *, weights_fingerprint: str, dimension: int) -> None:
+        if not _FINGERPRINT.fullmatch(weights_fingerprint):
+            raise SearchIndexError(
+                f"weights fingerprint {weights_fingerprint!r} is not the hex digest weights.json holds"
+            )
+        if dimension <= 0:
+            raise SearchIndexError(f"dimension must be positive, got {dimension}")
+        self.settings = settings
+        self.fingerprint = weights_fingerprint
+        self.dimension = dimension
+        self._milvus = _pymilvus()
+        self._client = self._connect()
+        self._serving: tuple[float, int | None, VersionManifest | None] = (-float("inf"), None, None)
+        self._lock = threading.Lock()
+
+    def _connect(self) -> Any:
+        with self._errors(f"connecting to Milvus at {self.settings.uri}"):
+            try:
+                return self._milvus.MilvusClient(
+                    uri=self.settings.uri,
+                    token=self.settings.token,
+                    db_name=self.settings.db_name,
+                    timeout=self.settings.timeout_s,
+                )
+            except self._milvus.exceptions.ConnectionConfigException as error:
+                if "milvus-lite" in str(error) or "milvus_lite" in str(error):
+                    raise OptionalDependencyError("milvus-lite", "milvus", "a local Milvus Lite database") from None
+                raise
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> MilvusStore:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """pymilvus's errors as SearchIndexError, with what postsim was doing and where."""
+        try:
+            yield
+        except self._milvus.exceptions.MilvusException as error:
+            message = getattr(error, "message", None) or str(error)
+            raise SearchIndexError(f"Milvus at {self.settings.uri}: {doing} failed: {message}") from None
+
+    # ------------------------------------------------------------------ names and versions
+
+    @property
+    def alias(self) -> str:
+        """The alias of the serving version of these encoders' posts."""
+        return f"{self.settings.collection_prefix}_{self.fingerprint}"
+
+    def collection_name(self, version: int) -> str:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise SearchIndexError(f"a version is a positive integer, got {version!r}")
+        return f"{self.alias}_v{version}"
+
+    def versions(self) -> list[int]:
+        """The versions of these encoders' collections, oldest first (retired ones left out)."""
+        pattern = re.compile(re.escape(self.alias) + r"_v([1-9][0-9]*)")
+        with self._errors("listing collections"):
+            names = self._client.list_collections()
+        return sorted(int(match.group(1)) for name in names if (match := pattern.fullmatch(name)))
+
+    def serving_version(self) -> int | None:
+        """The version the alias points to; None before the first publish."""
+        with self._errors(f"looking up alias {self.alias}"):
+            if self.alias not in self._client.list_aliases().get("aliases", []):
+                return None
+            collection = self._client.describe_alias(self.alias)["collection_name"]
+        match = re.fullmatch(re.escape(self.alias) + r"_v([1-9][0-9]*)", collection)
+        if match is None:
+            raise SearchIndexError(
+                f"alias {self.alias} points to {collection}, which is not a postsim version of these encoders"
+            )
+        return int(match.group(1))
+
+    def manifest(self, version: int) -> VersionManifest:
+        name = self.collection_name(version)
+        with self._errors(f"reading the manifest of {name}"):
+            properties = self._client.describe_collection(name).get("properties") or {}
+        if MANIFEST_PROPERTY not in properties:
+            raise SearchIndexError(f"collection {name} has no {MANIFEST_PROPERTY} property: postsim did not build it")
+        manifest = VersionManifest.from_json(properties[MANIFEST_PROPERTY])
+        if manifest.weights_fingerprint != self.fingerprint or manifest.dimension != self.dimension:
+            raise SearchIndexError(
+                f"collection {name} holds posts of encoders {manifest.weights_fingerprint} (dimension "
+                f"{manifest.dimension}), not {self.fingerprint} ({self.dimension}): it is not searched"
+            )
+        return manifest
+
+    def _serving_manifest(self) -> tuple[int, VersionManifest]:
+        with self._lock:
+            checked_at, version, manifest = self._serving
+            if time.monotonic() - checked_at > SERVING_CACHE_S or manifest is None:
+                version = self.serving_version()
+                manifest = self.manifest(version) if version is not None else None
+                self._serving = (time.monotonic(), version, manifest)
+        if version is None or manifest is None:
+            raise SearchIndexError(
+                f"no index version is published in Milvus for encoders {self.fingerprint} (alias {self.alias}): "
+                "build one and publish it"
+            )
+        return version, manifest
+
+    # ------------------------------------------------------------------ building and publishing
+
+    def create_version(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[PostMetadata],
+        spec: MilvusIndexSpec,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Write the posts into a new collection version, indexed as ``spec`` says; nothing serves it yet.
+
+        Returns the version. The collection is complete (indexed and loaded) when this returns;
+        an error on the way drops it, so a half-written version never exists.
+        ``progress(done, total)`` is called after each batch of posts written.
+        """
+        rows = self._rows(ids, vectors, metadata)
+        version = max(self.versions(), default=0) + 1
+        name = self.collection_name(version)
+        manifest = VersionManifest(
+            version=version,
+            dimension=self.dimension,
+            count=len(rows),
+            weights_fingerprint=self.fingerprint,
+            spec=spec,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            postsim_version=_postsim_version(),
+        )
+        with self._errors(f"creating collection {name}"):
+            self._client.create_collection(
+                name,
+                schema=self._schema(),
+                consistency_level=READ_CONSISTENCY,
+                properties={MANIFEST_PROPERTY: manifest.to_json()},
+            )
+        try:
+            batch = self.settings.insert_batch
+            for start in range(0, len(rows), batch):
+                with self._errors(f"writing posts into {name}"):
+                    self._client.insert(name, rows[start : start + batch])
+                if progress is not None:
+                    progress(min(start + batch, len(rows)), len(rows))
+            self._index_and_load(name, spec)
+        except BaseException:
+            with self._errors(f"dropping the incomplete collection {name}"):
+                self._client.drop_collection(name)
+            raise
+        logger.info("wrote %d posts into %s (%s)", len(rows), name, spec.index_type.value)
+        return version
+
+    def _index_and_load(self, name: str, spec: MilvusIndexSpec) -> None:
+        """Seal what was written, index all of it, wait until Milvus has, and load the collection.
+
+        The index is created after the posts are in, not with the collection: Milvus Lite
+        reports an index finished while it still builds it in the background, and builds it
+        synchronously only when a collection with an index is loaded; a cluster reports its
+        progress (``pending_index_rows``), which is waited for.
+        """
+        with self._errors(f"indexing {name}"):
+            self._client.flush(name)
+            self._client.create_index(name, self._index_params(spec))
+            deadline = time.monotonic() + INDEX_WAIT_S
+            while (pending := self._client.describe_index(name, "vector").get("pending_index_rows", 0)) > 0:
+                if time.monotonic() > deadline:
+                    raise SearchIndexError(
+                        f"Milvus has not indexed {pending} posts of {name} after {INDEX_WAIT_S:.0f} s"
+                    )
+                time.sleep(1.0)
+            self._client.load_collection(name)
+
+    def set_search_params(self, version: int, spec: MilvusIndexSpec, *, recall: float | None) -> None:
+        """Record the (tuned) search parameters of a version in its manifest."""
+        manifest = self.manifest(version)
+        if spec.index_type is not manifest.spec.index_type or spec.build_params != manifest.spec.build_params:
+            raise SearchIndexError(
+                f"version {version} is a {manifest.spec.index_type.value} index built with other parameters"
+            )
+        updated = dataclasses.replace(manifest, spec=spec, recall=recall)
+        with self._errors(f"recording the search parameters of version {version}"):
+            self._client.alter_collection_properties(
+                self.collection_name(version), properties={MANIFEST_PROPERTY: updated.to_json()}
+            )
+        self._forget_serving()
+
+    def publish(self, version: int) -> None:
+        """Serve ``version``: the alias moves to it in one step, for every reader."""
+        self.manifest(version)  # these encoders' posts, built by postsim
+        name = self.collection_name(version)
+        with self._errors(f"pointing alias {self.alias} at {name}"):
+            if self.serving_version() is None:
+                self._client.create_alias(name, self.alias)
+            else:
+                self._client.alter_alias(name, self.alias)
+        self._forget_serving()
+        logger.info("Milvus alias %s now serves %s", self.alias, name)
+
+    def rollback(self) -> int:
+        """Serve the version before the serving one again and retire the serving one; returns the version now serving.
+
+        The retired collection is renamed (``..._retired_v<N>_<time>``), not dropped, and
+        leaves the versions: a next build takes its number again, as with FAISS index folders.
+        """
+        current = self.serving_version()
+        if current is None:
+            raise SearchIndexError(f"nothing to roll back: no version is published for encoders {self.fingerprint}")
+        older = [version for version in self.versions() if version < current]
+        if not older:
+            raise SearchIndexError(f"nothing to roll back to: version {current} is the oldest of {self.alias}")
+        self.publish(older[-1])
+        retired = f"{self.alias}_retired_v{current}_{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+        with self._errors(f"retiring {self.collection_name(current)}"):
+            self._client.rename_collection(self.collection_name(current), retired)
+        logger.info("retired %s as %s", self.collection_name(current), retired)
+        return older[-1]
+
+    def _forget_serving(self) -> None:
+        with self._lock:
+            self._serving = (-float("inf"), None, None)
+
+    # ------------------------------------------------------------------ changes
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[PostMetadata]) -> int:
+        """Add posts to the serving version, replacing those with the same ids; returns how many.
+
+        Visible to every read that starts after this returns.
+        """
+        rows = self._rows(ids, vectors, metadata)
+        version, _ = self._serving_manifest()
+        with self._errors(f"upserting {len(rows)} posts into version {version}"):
+            for start in range(0, len(rows), self.settings.insert_batch):
+                self._client.upsert(self.alias, rows[start : start + self.settings.insert_batch])
+        return len(rows)
+
+    def delete(self, ids: Sequence[str]) -> DeleteReport:
+        """Delete posts from the serving version; effective for every read that starts after this returns.
+
+        Ids the version does not hold are reported in ``unknown``, not silently accepted.
+        """
+        wanted = self._checked_ids(ids)
+        version, _ = self._serving_manifest()
+        found = set(self.get(wanted, with_vectors=False))
+        deleted = [post_id for post_id in wanted if post_id in found]
+        if deleted:
+            with self._errors(f"deleting {len(deleted)} posts from version {version}"):
+                self._client.delete(self.alias, ids=deleted)
+        return DeleteReport(
+            deleted=tuple(deleted), unknown=tuple(post_id for post_id in wanted if post_id not in found)
+        )
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, ids: Sequence[str], *, with_vectors: bool = True) -> dict[str, StoredPost]:
+        """The posts of the serving version with these ids; ids it does not hold are absent."""
+        wanted = self._checked_ids(ids)
+        version, _ = self._serving_manifest()
+        fields = [name for name in _FIELDS if with_vectors or name != "vector"]
+        with self._errors(f"reading posts of version {version}"):
+            rows = self._client.get(self.alias, ids=wanted, output_fields=fields, consistency_level=READ_CONSISTENCY)
+        empty = np.zeros(0, dtype=np.float32)
+        return {
+            row["id"]: StoredPost(
+                row["id"],
+                np.asarray(row["vector"], dtype=np.float32) if with_vectors else empty,
+                PostMetadata.from_row(row),
+            )
+            for row in rows
+        }
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        post_filter: PostFilter | None = None,
+        version: int | None = None,
+        search_params: Mapping[str, int] | None = None,
+    ) -> list[list[SearchHit]]:
+        """The ``k`` posts most similar to each query that pass ``post_filter``, best first.
+
+        Filtering happens inside Milvus's search, so ``k`` come back whenever ``k`` posts pass.
+        ``version`` searches a version that may not serve yet (the build's tuning), with
+        ``search_params`` instead of its manifest's.
+        """
+        return self._search(queries, k, post_filter or PostFilter(), (), version, search_params)
+
+    def search_by_id(self, post_id: str, k: int, *, post_filter: PostFilter | None = None) -> list[SearchHit]:
+        """The ``k`` posts most similar to the stored post ``post_id``, itself left out."""
+        stored = self.get([post_id]).get(post_id)
+        if stored is None:
+            raise InvalidPostError(f"QUERY_ID {post_id!r} is not an indexed post")
+        (found,) = self._search(stored.vector[None, :], k, post_filter or PostFilter(), (post_id,), None, None)
+        return found
+
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        post_filter: PostFilter,
+        also_exclude: tuple[str, ...],
+        version: int | None,
+        search_params: Mapping[str, int] | None,
+    ) -> list[list[SearchHit]]:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 < k <= MAX_TOP_K:
+            raise SearchIndexError(f"k must be an integer from 1 to {MAX_TOP_K}, got {k!r}")
+        normalised = check_queries(queries, self.dimension)
+        if normalised.shape[0] == 0:
+            return []
+        if version is None:
+            version, manifest = self._serving_manifest()
+            target = self.alias
+        else:
+            manifest, target = self.manifest(version), self.collection_name(version)
+        params = {**manifest.spec.search_params, **(search_params or {})}
+        params.update({name: max(params[name], int(k)) for name in _AT_LEAST_K if name in params})
+        with self._errors(f"searching version {version}"):
+            hits = self._client.search(
+                target,
+                data=normalised.tolist(),
+                limit=int(k),
+                filter=post_filter.expression(also_exclude=also_exclude),
+                output_fields=["caption"],
+                search_params={"metric_type": "IP", "params": params},
+                consistency_level=READ_CONSISTENCY,
+            )
+        return [
+            [SearchHit(hit["id"], float(hit["distance"]), hit["entity"].get("caption") or "") for hit in row]
+            for row in hits
+        ]
+
+    # ------------------------------------------------------------------ schema and rows
+
+    def _schema(self) -> Any:
+        data_type = self._milvus.DataType
+        schema = self._milvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", data_type.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        schema.add_field("vector", data_type.FLOAT_VECTOR, dim=self.dimension)
+        schema.add_field("author", data_type.VARCHAR, max_length=MAX_TEXT_BYTES, nullable=True)
+        schema.add_field("created_at", data_type.INT64, nullable=True)
+        schema.add_field("label", data_type.VARCHAR, max_length=MAX_TEXT_BYTES, nullable=True)
+        schema.add_field(
+            "tags", data_type.ARRAY, element_type=data_type.VARCHAR, max_capacity=MAX_TAGS, max_length=MAX_TAG_BYTES
+        )
+        schema.add_field("caption", data_type.VARCHAR, max_length=MAX_CAPTION_BYTES)
+        return schema
+
+    def _index_params(self, spec: MilvusIndexSpec) -> Any:
+        params = self._client.prepare_index_params()
+        params.add_index(
+            field_name="vector",
+            index_name="vector",
+            index_type=spec.index_type.value,
+            metric_type="IP",
+            params=dict(spec.build_params),
+        )
+        return params
+
+    def _checked_ids(self, ids: Sequence[str]) -> list[str]:
+        if isinstance(ids, str):
+            raise InvalidPostError("ids must be a sequence of post ids, not one string")
+        for position, post_id in enumerate(ids):
+            problem = post_id_problem(post_id) if isinstance(post_id, str) else f"not a string: {post_id!r}"
+            if problem:
+                raise InvalidPostError(f"ids[{position}]: {problem}")
+        if len(set(ids)) != len(ids):
+            raise InvalidPostError("ids must be unique within one call")
+        return list(ids)
+
+    def _rows(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[PostMetadata]) -> list[dict[str, Any]]:
+        checked = self._checked_ids(ids)
+        if not checked:
+            raise InvalidPostError("no post given")
+        if not isinstance(vectors, np.ndarray) or vectors.shape != (len(checked), self.dimension):
+            got = vectors.shape if isinstance(vectors, np.ndarray) else type(vectors).__name__
+            raise InvalidPostError(f"vectors must be [{len(checked)}, {self.dimension}] (one per id), got {got}")
+        if len(metadata) != len(checked) or not all(isinstance(m, PostMetadata) for m in metadata):
+            raise InvalidPostError(
+                f"metadata must be one PostMetadata per id: got {len(metadata)} for {len(checked)} ids"
+            )
+        try:
+            units = check_queries(np.ascontiguousarray(vectors, dtype=np.float32), self.dimension)
+        except SearchIndexError as error:
+            raise InvalidPostError(f"the vectors to store are not usable: {error}") from None
+        return [
+            {"id": post_id, "vector": vector.tolist(), **meta.row()}
+            for post_id, vector, meta in zip(checked, units, metadata, strict=True)
+        ]
