@@ -120,6 +120,30 @@ def bench_index(
     stdout.print(format_table(results), highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command("live")
+@reports_errors
+def bench_live(
+    url: UrlOption = DEFAULT_URL,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds of query load without writes, and with them.")] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="similar_posts clients sending back to back.")] = 2,
+    batch: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per change call.")] = 8,
+    posts: Annotated[int, typer.Option(min=1000, help="Posts of the in-process recall part.")] = 50_000,
+) -> None:
+    """Changes under load on a running server (upserts/s, deletes/s, similar_posts p50/p99 without and with writes),
+    then recall@10 after 10% of the posts changed, before and after compaction (in process, clustered vectors)."""
+    import tempfile
+    from pathlib import Path
+
+    from postsim.bench.live_index_bench import format_change_recall, run_change_recall
+    from postsim.bench.live_serving import format_live_serving, run_live_serving
+
+    served = run_live_serving(url, duration_s=duration, concurrency=concurrency, batch=batch)
+    stdout.print(format_live_serving(served), highlight=False, markup=False, soft_wrap=True)
+    with tempfile.TemporaryDirectory(prefix="postsim-bench-live-") as scratch:
+        recall = run_change_recall(Path(scratch), posts=posts, queries=500)
+    stdout.print(format_change_recall(recall), highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("soak")
 @reports_errors
 def bench_soak(

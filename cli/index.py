@@ -1,4 +1,4 @@
-"""``postsim index build | publish | rollback``: FAISS indexes of a corpus and the versions the server serves."""
+"""``postsim index build | publish | rollback | upsert | delete``: FAISS indexes, their versions, and their posts."""
 
 from __future__ import annotations
 
@@ -102,6 +102,83 @@ def index_rollback(
     with _admin_client(url, admin_key) as client:
         version = rollback_index(repository, client=client)
     stdout.print(f"retrieval version {version} is current again")
+
+
+@app.command("upsert")
+@reports_errors
+def index_upsert(
+    corpus: Annotated[Path, typer.Argument(help="JSONL corpus of the posts to add or replace (same format as build).")],
+    url: UrlOption = DEFAULT_URL,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per call, each call one atomic change.")
+    ] = contract.MAX_BATCH_SIZE,
+) -> None:
+    """Add the posts of CORPUS to the index the server serves, or replace the posts with their ids; no rebuild.
+
+    Each call is on the server's disk (fsynced) and served when it returns.
+    """
+    from postsim.cli.progress import ProgressReporter
+    from postsim.indexing.changes import upsert_corpus
+
+    with ProgressReporter("upserting", console=stderr, unit="posts") as progress:
+        summary = upsert_corpus(corpus, url, batch_size=batch_size, on_progress=progress.update)
+    stdout.print(
+        f"upserted {len(summary.added) + len(summary.replaced)} posts ({len(summary.added)} new, "
+        f"{len(summary.replaced)} replaced) up to change {summary.sequence}"
+    )
+
+
+@app.command("delete")
+@reports_errors
+def index_delete(
+    ids: Annotated[list[str] | None, typer.Argument(help="Ids of the posts to delete.")] = None,
+    ids_file: Annotated[Path | None, typer.Option(help="A file of post ids to delete, one a line.")] = None,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Delete posts from the index the server serves: no result of a query sent after this returns holds them.
+
+    Ids the index does not have are listed, and the exit code is 1.
+    """
+    from postsim.cli.progress import ProgressReporter
+    from postsim.indexing.changes import delete_posts, read_ids_file
+
+    if bool(ids) == (ids_file is not None):
+        raise typer.BadParameter("give the ids as arguments or with --ids-file, one of the two", param_hint="IDS")
+    wanted = list(ids) if ids else read_ids_file(ids_file) if ids_file is not None else []
+    with ProgressReporter("deleting", console=stderr, unit="posts") as progress:
+        summary = delete_posts(wanted, url, on_progress=progress.update)
+    stdout.print(f"deleted {len(summary.deleted)} posts up to change {summary.sequence}")
+    if summary.unknown:
+        shown = ", ".join(summary.unknown[:20]) + (" ..." if len(summary.unknown) > 20 else "")
+        stderr.print(
+            f"[bold red]error:[/] {len(summary.unknown)} id(s) not in the index, nothing done for them: {shown}"
+        )
+        raise typer.Exit(1)
+
+
+@app.command("compact")
+@reports_errors
+def index_compact(
+    repository: RepositoryOption,
+    url: UrlOption = DEFAULT_URL,
+    index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
+    admin_key: Annotated[
+        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
+    ] = None,
+) -> None:
+    """Fold the served index's changes into a new version (retrained and tuned) and serve it; the journal restarts.
+
+    Runs where the repository is (it reads the served version and its journal from disk).
+    """
+    from postsim.indexing.compact import compact_index
+    from postsim.model_repository.search_index import IndexType
+
+    with _admin_client(url, admin_key) as client:
+        report = compact_index(repository, client, index_type=choice(IndexType, index_type, "--index-type"))
+    stdout.print(
+        f"compacted {report.live_posts} posts (changes up to {report.folded}) into retrieval version "
+        f"{report.version}, {report.carried} later change batch(es) handed over; {url} serves it now"
+    )
 
 
 @contextlib.contextmanager

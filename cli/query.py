@@ -43,18 +43,48 @@ def embed(
 def similar(
     image: Annotated[Path | None, typer.Option(help="Image or video file of the query post.")] = None,
     text: Annotated[str | None, typer.Option(help="Text of the query post.")] = None,
+    post_id: Annotated[
+        str | None, typer.Option("--id", help="An indexed post's id: posts like it (itself excluded), no content.")
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many similar posts.")] = 10,
+    exclude_id: Annotated[list[str] | None, typer.Option(help="Leave out this post id (repeatable).")] = None,
+    exclude_author: Annotated[str | None, typer.Option(help="Leave out this author's posts.")] = None,
+    created_after: Annotated[str | None, typer.Option(help="Only posts created at or after (ISO-8601).")] = None,
+    created_before: Annotated[str | None, typer.Option(help="Only posts created before (ISO-8601).")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Only posts with this label (repeatable: any of).")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Only posts with this tag (repeatable: any of).")] = None,
+    collapse_above: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Fold results more similar than this into a better one.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
-    """Find the indexed posts most similar to a post, with the start of each one's text when the index keeps it."""
+    """Find the indexed posts most similar to a post (or to an indexed one, --id), optionally filtered."""
     from postsim.client.api import PostSimClient
     from postsim.client.posts import Post
 
+    if post_id is not None and (image is not None or text is not None):
+        raise typer.BadParameter("--id queries by an indexed post's stored vector: leave out --image and --text")
+    fields = {
+        "exclude_ids": exclude_id or None,
+        "exclude_author": exclude_author,
+        "created_after": created_after,
+        "created_before": created_before,
+        "labels": label or None,
+        "tags": tag or None,
+    }
+    where = {name: value for name, value in fields.items() if value is not None} or None
     with PostSimClient(url) as client:
-        neighbors = client.similar(Post(text=text, image=image), k=k)
+        if post_id is not None:
+            neighbors = client.similar_to_id(post_id, k=k, where=where, collapse_above=collapse_above)
+        else:
+            neighbors = client.similar(Post(text=text, image=image), k=k, where=where, collapse_above=collapse_above)
     if as_json:
-        json.dump([{"id": n.id, "score": round(n.score, 6), "text": n.text} for n in neighbors], sys.stdout)
+        rows: list[dict[str, object]] = [{"id": n.id, "score": round(n.score, 6), "text": n.text} for n in neighbors]
+        if collapse_above is not None:  # the near-duplicates folded into each result
+            for row, neighbor in zip(rows, neighbors, strict=True):
+                row["duplicates"] = [duplicate.id for duplicate in neighbor.duplicates]
+        json.dump(rows, sys.stdout)
         sys.stdout.write("\n")
         return
     print_neighbors(neighbors)

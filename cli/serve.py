@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -57,6 +57,10 @@ def serve(
     shm_default_bytes: Annotated[
         int, typer.Option(min=4 << 20, help="Shared memory each Python-backend model instance starts with.")
     ] = 16 << 20,
+    compact_above_mb: Annotated[
+        int,
+        typer.Option(min=0, help="Compact the served index when its change journal passes this many MiB; 0: never."),
+    ] = 256,
 ) -> None:
     """Serve the repository until SIGINT or SIGTERM: tritonserver behind postsim's front end, restarted if it dies."""
     from postsim.server.front_end import TlsSettings
@@ -80,10 +84,13 @@ def serve(
         triton_dir=triton_dir,
         shm_default_bytes=shm_default_bytes,
     )
+    if compact_above_mb and tls is not None:
+        stderr.print("[yellow]warning:[/] no automatic compaction with TLS: run `postsim index compact` yourself")
     server = TritonServer(settings, log_path=log_file)
     stop_requested = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop_requested.set())
+    compactor: Any = None
     endpoints = server.start()
     try:
         secure = " (TLS)" if tls else ""
@@ -94,6 +101,14 @@ def serve(
         if health_address:
             stdout.print(f"  health   http://{health_address}/v2/health/ready (plaintext)")
         stdout.print(f"  log      {server.log_path}")
+        if compact_above_mb and tls is None:
+            from postsim.indexing.compact import AutoCompactor
+
+            compactor = AutoCompactor(
+                repository, endpoints.grpc, threshold_bytes=compact_above_mb << 20, admin_key=settings.admin_key
+            )
+            compactor.start()
+            stdout.print(f"  compacts the index past {compact_above_mb} MiB of changes")
         while not stop_requested.wait(1.0):
             if not server.is_serving():
                 stderr.print(
@@ -102,6 +117,8 @@ def serve(
                 raise typer.Exit(1)
         stdout.print("stopping: in-flight requests finish, new ones are refused")
     finally:
+        if compactor is not None:
+            compactor.stop()
         server.stop()
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from postsim.client.core import MAX_CHUNKS_IN_FLIGHT, Call, ClientCore, Operatio
 from postsim.client.errors import map_server_error
 from postsim.client.explain import DEFAULT_GRID, Explanation
 from postsim.client.posts import (
+    ChangeReport,
     EmbeddingResult,
     ModelStatus,
     Neighbor,
@@ -43,6 +44,7 @@ from postsim.client.posts import (
 )
 from postsim.client.settings import DEFAULT_TIMEOUT_S, DEFAULT_URL, ClientSettings
 from postsim.core.errors import PostSimError
+from postsim.model_repository.live_index.wire import Control
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -191,9 +193,46 @@ class PostSimClient(_Client):
         """For each post, in order: its ``k`` nearest indexed posts (best first) and its embedding."""
         return self._run(self._core.similar_many(posts, k))
 
-    def similar(self, post: Post, k: int = 10) -> list[Neighbor]:
-        """The ``k`` indexed posts nearest to ``post``, best first."""
-        return self._run(self._core.similar(post, k))
+    def similar(
+        self,
+        post: Post,
+        k: int = 10,
+        *,
+        where: Mapping[str, object] | None = None,
+        collapse_above: float | None = None,
+    ) -> list[Neighbor]:
+        """The ``k`` indexed posts nearest to ``post``, best first; with ``where`` only those that pass that filter,
+        with ``collapse_above`` near-duplicates folded into the better result (``similar_posts_filtered``)."""
+        if where is None and collapse_above is None:
+            return self._run(self._core.similar(post, k))
+        return self._run(self._core.similar_filtered(post, k, where=where, collapse_above=collapse_above))
+
+    def similar_to_id(
+        self,
+        post_id: str,
+        k: int = 10,
+        *,
+        where: Mapping[str, object] | None = None,
+        collapse_above: float | None = None,
+    ) -> list[Neighbor]:
+        """The ``k`` posts nearest to the indexed post ``post_id`` (by its stored vector), itself excluded."""
+        return self._run(
+            self._core.similar_filtered(None, k, query_id=post_id, where=where, collapse_above=collapse_above)
+        )
+
+    def upsert(
+        self, posts: Sequence[Post], metadata: Sequence[Mapping[str, object] | None] | None = None
+    ) -> ChangeReport:
+        """Add each post (``Post.id`` required), or replace the indexed post with its id; durable and served on return."""
+        return self._run(self._core.upsert(posts, metadata))
+
+    def delete(self, ids: Sequence[str]) -> ChangeReport:
+        """Delete the indexed posts with these ids: in no result of a query sent after this returns."""
+        return self._run(self._core.delete(ids))
+
+    def control_changes(self, control: Control) -> int:
+        """Seal or unseal the served live index (compaction); the sequence number of its last change."""
+        return self._run(self._core.control_changes(control))
 
     def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Explanation:
         """Which words and image regions of ``query`` drive its similarity to ``target`` (:mod:`postsim.client.explain`)."""
@@ -316,13 +355,50 @@ class AsyncPostSimClient(_Client):
         """For each post, in order: its ``k`` nearest indexed posts (best first) and its embedding."""
         return await self._run(self._core.similar_many(posts, k))
 
+    async def similar(
+        self,
+        post: Post,
+        k: int = 10,
+        *,
+        where: Mapping[str, object] | None = None,
+        collapse_above: float | None = None,
+    ) -> list[Neighbor]:
+        """The ``k`` indexed posts nearest to ``post``, best first; with ``where`` only those that pass that filter,
+        with ``collapse_above`` near-duplicates folded into the better result (``similar_posts_filtered``)."""
+        if where is None and collapse_above is None:
+            return await self._run(self._core.similar(post, k))
+        return await self._run(self._core.similar_filtered(post, k, where=where, collapse_above=collapse_above))
+
+    async def similar_to_id(
+        self,
+        post_id: str,
+        k: int = 10,
+        *,
+        where: Mapping[str, object] | None = None,
+        collapse_above: float | None = None,
+    ) -> list[Neighbor]:
+        """The ``k`` posts nearest to the indexed post ``post_id`` (by its stored vector), itself excluded."""
+        return await self._run(
+            self._core.similar_filtered(None, k, query_id=post_id, where=where, collapse_above=collapse_above)
+        )
+
+    async def upsert(
+        self, posts: Sequence[Post], metadata: Sequence[Mapping[str, object] | None] | None = None
+    ) -> ChangeReport:
+        """Add each post (``Post.id`` required), or replace the indexed post with its id; durable and served on return."""
+        return await self._run(self._core.upsert(posts, metadata))
+
+    async def delete(self, ids: Sequence[str]) -> ChangeReport:
+        """Delete the indexed posts with these ids: in no result of a query sent after this returns."""
+        return await self._run(self._core.delete(ids))
+
+    async def control_changes(self, control: Control) -> int:
+        """Seal or unseal the served live index (compaction); the sequence number of its last change."""
+        return await self._run(self._core.control_changes(control))
+
     async def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Explanation:
         """Which words and image regions of ``query`` drive its similarity to ``target`` (:mod:`postsim.client.explain`)."""
         return await self._run(self._core.explain(query, target, grid))
-
-    async def similar(self, post: Post, k: int = 10) -> list[Neighbor]:
-        """The ``k`` indexed posts nearest to ``post``, best first."""
-        return await self._run(self._core.similar(post, k))
 
     async def is_ready(self) -> bool:
         """True when the server answers and ``post_embedding`` is ready; never raises for that."""

@@ -14,8 +14,9 @@ an operation that does not catch it lets it reach the caller.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +26,7 @@ import tritonclient.grpc as grpcclient
 from postsim.client.errors import load_error, map_server_error
 from postsim.client.explain import DEFAULT_GRID, Explanation, explain_operation
 from postsim.client.posts import (
+    ChangeReport,
     EmbeddingResult,
     ModelStatus,
     Neighbor,
@@ -37,11 +39,14 @@ from postsim.client.posts import (
 from postsim.client.settings import ClientSettings, checked_timeout
 from postsim.core.errors import InvalidPostError, PostSimError, ServerError, ServerUnavailableError
 from postsim.model_repository import contract
+from postsim.model_repository.live_index.wire import ChangeRequest, Control, receipt_from_json
 
 _T = TypeVar("_T")
 
 EMBED_OUTPUTS = tuple(tensor.name for tensor in contract.POST_OUTPUTS)
 SIMILAR_OUTPUTS = (*(tensor.name for tensor in contract.NEIGHBOR_OUTPUTS), *EMBED_OUTPUTS)
+FILTERED_OUTPUTS = tuple(tensor.name for tensor in contract.LIVE_QUERY_OUTPUTS)
+CHANGE_OUTPUTS = (contract.CHANGE_STATUS.name, contract.SEQUENCE.name)
 MAX_CHUNKS_IN_FLIGHT = 4
 """How many chunks of a batch the asyncio client sends at once."""
 POLL_S = 0.5
@@ -192,6 +197,151 @@ class ClientCore:
         results = yield from self.similar_many([post], k)
         return results[0].neighbors
 
+    def similar_filtered(
+        self,
+        post: Post | None,
+        k: int,
+        *,
+        query_id: str | None = None,
+        where: Mapping[str, object] | None = None,
+        collapse_above: float | None = None,
+    ) -> Operation[list[Neighbor]]:
+        """The ``k`` posts nearest to ``post`` (or to the indexed post ``query_id``) that pass ``where``.
+
+        Served by ``similar_posts_filtered``. ``where``: the filter fields (``exclude_ids``,
+        ``exclude_author``, ``created_after``, ``created_before``, ``labels``, ``tags``);
+        ``collapse_above``: fold results more similar than this to a better one into it.
+        """
+        top_k = checked_k(k)
+        if (post is None) == (query_id is None):
+            raise InvalidPostError("give a post or a query_id (an indexed post's id), not both and not neither")
+        if collapse_above is not None and not 0.0 < collapse_above < 1.0:
+            raise InvalidPostError(f"collapse_above must be within 0 and 1 (a cosine), got {collapse_above}")
+        if post is not None and not isinstance(post, Post):
+            raise InvalidPostError(f"similar() takes one Post; got {type(post).__name__}")
+        model = contract.SIMILAR_POSTS_FILTERED
+
+        def arguments() -> dict[str, Any]:
+            inputs = build_inputs([post], k=top_k) if post is not None else [_top_k_input(top_k, 1)]
+            if query_id is not None:
+                inputs.append(_bytes_input(contract.QUERY_ID, [query_id.encode()]))
+            if where:
+                inputs.append(_bytes_input(contract.FILTER, [json.dumps(dict(where)).encode()]))
+            if collapse_above is not None:
+                threshold = np.full((1, 1), collapse_above, dtype=contract.COLLAPSE_ABOVE.dtype.numpy)
+                inputs.append(_numpy_input(contract.COLLAPSE_ABOVE, threshold))
+            return {
+                "model_name": model,
+                "inputs": inputs,
+                "outputs": [grpcclient.InferRequestedOutput(name) for name in FILTERED_OUTPUTS],
+                "headers": self.settings.grpc_headers,
+                "client_timeout": self.settings.timeout_s,
+            }
+
+        what = f"query id {query_id!r}" if query_id is not None else "post 0"
+        neighbors: list[Neighbor] = yield Call(
+            method="infer",
+            arguments=arguments,
+            parse=lambda result: filtered_results(result, model),
+            model=model,
+            what=what,
+        )
+        return neighbors
+
+    def upsert(
+        self, posts: Sequence[Post], metadata: Sequence[Mapping[str, object] | None] | None = None
+    ) -> Operation[ChangeReport]:
+        """Add each post (``Post.id`` required) or replace the indexed post with its id; ``metadata``: one per post.
+
+        Sent in calls of at most ``max_batch_size`` posts, each applied atomically and
+        acknowledged once the server has it on stable storage and serves it.
+        """
+        batch = checked_posts(posts, "upsert")
+        ids = _change_ids([post.id for post in batch], "upsert")
+        if metadata is not None and len(metadata) != len(batch):
+            raise InvalidPostError(f"upsert: metadata must be one per post, got {len(metadata)} for {len(batch)}")
+        texts = [json.dumps(dict(fields)).encode() if fields else b"" for fields in (metadata or [None] * len(batch))]
+
+        def call(start: int, chunk: list[Post]) -> Call[list[tuple[str, str, int]]]:
+            def arguments() -> dict[str, Any]:
+                inputs = [
+                    _bytes_input(contract.POST_ID, [post_id.encode() for post_id in ids[start : start + len(chunk)]]),
+                    *build_inputs(chunk, first=start),
+                    _bytes_input(contract.POST_METADATA, texts[start : start + len(chunk)]),
+                ]
+                return self._change_arguments(inputs)
+
+            chunk_ids = ids[start : start + len(chunk)]
+            return Call(
+                method="infer",
+                arguments=arguments,
+                parse=lambda result: change_results(result, chunk_ids),
+                model=contract.POST_CHANGES,
+                what=_span(start, len(chunk)),
+            )
+
+        parts: list[list[tuple[str, str, int]]] = yield Gather(
+            tuple(call(start, chunk) for start, chunk in chunks(batch))
+        )
+        return change_report(parts)
+
+    def delete(self, ids: Sequence[str]) -> Operation[ChangeReport]:
+        """Delete the indexed posts with these ids: none is in any result of a query sent after this returns.
+
+        Ids no indexed post has are reported in ``ChangeReport.unknown``, nothing done for them.
+        """
+        wanted = _change_ids(list(ids), "delete")
+
+        def call(start: int, chunk: list[str]) -> Call[list[tuple[str, str, int]]]:
+            inputs = lambda: self._change_arguments(  # noqa: E731
+                [_bytes_input(contract.POST_ID, [post_id.encode() for post_id in chunk])]
+            )
+            return Call(
+                method="infer",
+                arguments=inputs,
+                parse=lambda result: change_results(result, chunk),
+                model=contract.POST_CHANGES,
+                what=f"ids {start}..{start + len(chunk) - 1}",
+            )
+
+        size = contract.MAX_BATCH_SIZE
+        calls = tuple(call(start, wanted[start : start + size]) for start in range(0, len(wanted), size))
+        parts: list[list[tuple[str, str, int]]] = yield Gather(calls)
+        return change_report(parts)
+
+    def control_changes(self, control: Control) -> Operation[int]:
+        """Seal (or unseal) the live index ``retrieval`` serves; returns the sequence number of its last change.
+
+        Compaction seals the version it replaces, so that the journal tail it hands over is complete.
+        """
+        request = ChangeRequest(control=control).to_json()
+        model = contract.RETRIEVAL
+
+        def arguments() -> dict[str, Any]:
+            return {
+                "model_name": model,
+                "inputs": [_bytes_input(contract.CHANGES, [request])],
+                "outputs": [grpcclient.InferRequestedOutput(contract.CHANGE_RECEIPT.name)],
+                "headers": self.settings.grpc_headers,
+                "client_timeout": self.settings.timeout_s,
+            }
+
+        def parse(result: Any) -> int:
+            raw = _output(result, contract.CHANGE_RECEIPT.name, model, 1, 1)[0, 0]
+            return receipt_from_json(raw).sequence
+
+        sequence: int = yield Call(method="infer", arguments=arguments, parse=parse, model=model, what=control.value)
+        return sequence
+
+    def _change_arguments(self, inputs: list[grpcclient.InferInput]) -> dict[str, Any]:
+        return {
+            "model_name": contract.POST_CHANGES,
+            "inputs": inputs,
+            "outputs": [grpcclient.InferRequestedOutput(name) for name in CHANGE_OUTPUTS],
+            "headers": self.settings.grpc_headers,
+            "client_timeout": self.settings.timeout_s,
+        }
+
     def explain(self, query: Post, target: Post | EmbeddingResult, grid: int = DEFAULT_GRID) -> Operation[Explanation]:
         """Which words and image regions of ``query`` drive its similarity to ``target``, and the score's four parts.
 
@@ -314,6 +464,32 @@ def _bytes_input(spec: contract.TensorSpec, values: list[bytes]) -> grpcclient.I
     return tensor
 
 
+def _numpy_input(spec: contract.TensorSpec, array: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(spec.name, list(array.shape), spec.dtype.wire)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _top_k_input(k: int, rows: int) -> grpcclient.InferInput:
+    return _numpy_input(contract.TOP_K, np.full((rows, 1), k, dtype=contract.TOP_K.dtype.numpy))
+
+
+def _change_ids(ids: list[str | None], caller: str) -> list[str]:
+    """The ids of a change, each a valid post id, each once."""
+    if not ids:
+        raise InvalidPostError(f"{caller}: no posts given")
+    checked = []
+    for position, post_id in enumerate(ids):
+        problem = "it has none" if post_id is None else contract.post_id_problem(post_id)
+        if problem:
+            raise InvalidPostError(f"{caller}: post {position}: {problem}")
+        checked.append(str(post_id))
+    repeated = sorted({post_id for post_id in checked if checked.count(post_id) > 1})
+    if repeated:
+        raise InvalidPostError(f"{caller}: each id at most once per call; repeated: {repeated[:5]}")
+    return checked
+
+
 def build_inputs(posts: Sequence[Post], *, k: int | None = None, first: int = 0) -> list[grpcclient.InferInput]:
     """The request tensors for one chunk: IMAGE and TEXT as ``[B, 1]`` BYTES, TOP_K if ``k``.
 
@@ -332,10 +508,7 @@ def build_inputs(posts: Sequence[Post], *, k: int | None = None, first: int = 0)
             ) from None
     inputs = [_bytes_input(contract.IMAGE, images), _bytes_input(contract.TEXT, texts)]
     if k is not None:
-        top_k = np.full((len(posts), 1), k, dtype=contract.TOP_K.dtype.numpy)
-        tensor = grpcclient.InferInput(contract.TOP_K.name, list(top_k.shape), contract.TOP_K.dtype.wire)
-        tensor.set_data_from_numpy(top_k)
-        inputs.append(tensor)
+        inputs.append(_top_k_input(k, len(posts)))
     return inputs
 
 
@@ -382,11 +555,7 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
     ids = _output(result, contract.IDS.name, model, rows)
     scores = _output(result, contract.SCORES.name, model, rows, ids.shape[1])
     captions = _output(result, contract.CAPTIONS.name, model, rows, ids.shape[1])
-    contributions = result.as_numpy(contract.CONTRIBUTIONS.name)
-    expected = (rows, ids.shape[1], len(contract.SCORE_PARTS))
-    if contributions is None or contributions.shape != expected:
-        got = "none" if contributions is None else f"shape {tuple(contributions.shape)}"
-        raise ServerError(f"model '{model}' returned {contract.CONTRIBUTIONS.name} of {got}; expected {expected}")
+    contributions = _contributions(result, model, rows, ids.shape[1])
     embedded = embedding_results(result, model, rows)
     similar = []
     for row, query in enumerate(embedded):
@@ -408,6 +577,53 @@ def similar_results(result: Any, model: str, rows: int) -> list[SimilarResult]:
             )
         )
     return similar
+
+
+def _contributions(result: Any, model: str, rows: int, width: int) -> np.ndarray:
+    """The ``CONTRIBUTIONS`` output, checked against the neighbours' shape."""
+    contributions = result.as_numpy(contract.CONTRIBUTIONS.name)
+    expected = (rows, width, len(contract.SCORE_PARTS))
+    if contributions is None or contributions.shape != expected:
+        got = "none" if contributions is None else f"shape {tuple(contributions.shape)}"
+        raise ServerError(f"model '{model}' returned {contract.CONTRIBUTIONS.name} of {got}; expected {expected}")
+    return contributions
+
+
+def filtered_results(result: Any, model: str) -> list[Neighbor]:
+    """The neighbours of one similar_posts_filtered query, each with the near-duplicates folded into it."""
+    ids = _output(result, contract.IDS.name, model, 1)
+    scores = _output(result, contract.SCORES.name, model, 1, ids.shape[1])
+    captions = _output(result, contract.CAPTIONS.name, model, 1, ids.shape[1])
+    duplicates = _output(result, contract.DUPLICATES.name, model, 1, ids.shape[1])
+    contributions = _contributions(result, model, 1, ids.shape[1])
+    return [
+        Neighbor(
+            id=_decode(raw),
+            score=float(score),
+            text=_decode(caption) or None,
+            parts=score_parts(split),
+            duplicates=tuple(Neighbor(id=str(dup), score=float(dup_score)) for dup, dup_score in json.loads(folded)),
+        )
+        for raw, score, caption, split, folded in zip(
+            ids[0], scores[0], captions[0], contributions[0], duplicates[0], strict=True
+        )
+        if raw
+    ]
+
+
+def change_results(result: Any, ids: Sequence[str]) -> list[tuple[str, str, int]]:
+    """``(id, status, sequence)`` for each row of a post_changes call."""
+    statuses = _output(result, contract.CHANGE_STATUS.name, contract.POST_CHANGES, len(ids), 1)
+    sequences = _output(result, contract.SEQUENCE.name, contract.POST_CHANGES, len(ids), 1)
+    return [(post_id, _decode(statuses[row, 0]), int(sequences[row, 0])) for row, post_id in enumerate(ids)]
+
+
+def change_report(parts: Sequence[Sequence[tuple[str, str, int]]]) -> ChangeReport:
+    rows = [row for part in parts for row in part]
+    by_status: dict[str, tuple[str, ...]] = {}
+    for status in ("added", "replaced", "deleted", "unknown"):
+        by_status[status] = tuple(post_id for post_id, found, _ in rows if found == status)
+    return ChangeReport(sequence=max((sequence for _, _, sequence in rows), default=0), **by_status)
 
 
 def score_parts(split: np.ndarray) -> ScoreParts | None:

@@ -33,6 +33,7 @@ from tritonclient.utils import InferenceServerException
 
 from postsim.core.errors import (
     INDEX_NOT_LOADED_MESSAGE,
+    INDEX_SEALED_MESSAGE,
     NO_INDEX_MESSAGE,
     InvalidPostError,
     PostSimError,
@@ -152,6 +153,8 @@ def map_server_error(
         return ServerError(f"{subject} cannot answer{part}: {NO_INDEX_MESSAGE}, then retry", status=status)
     if INDEX_NOT_LOADED_MESSAGE in message:
         return ServerError(f"{subject} cannot answer{part} on the server at {url}: {_short(message)}", status=status)
+    if INDEX_SEALED_MESSAGE in message:
+        return ServerUnavailableError(f"{subject} cannot take the change{part} now: {_short(message)}", status=status)
     unhealthy = unhealthy_stubs(message)
     if unhealthy:
         # Triton says this when a model's process did not answer its one-second health check:

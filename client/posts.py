@@ -145,10 +145,27 @@ class Neighbor:
     id: str
     score: float
     text: str | None = None
-    """The start of the post's text as the index keeps it (:func:`~postsim.indexing.build.post_caption`);
+    """The start of the post's text as the index keeps it (:func:`~postsim.model_repository.contract.post_caption`);
     None when the index does not know it (the post had no text, or the index was built without captions)."""
     parts: ScoreParts | None = None
-    """Where the score comes from; None when the index keeps no unimodal vectors (built with ``--no-unimodal``)."""
+    """Where the score comes from; None when the index keeps no unimodal vectors (built with ``--no-unimodal``),
+    and for a post upserted since the served version was published (or queried by such a post's id)."""
+    duplicates: tuple[Neighbor, ...] = ()
+    """Near-duplicates folded into this result (a query with ``collapse_above``), best first; their ``text`` is None."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChangeReport:
+    """What one upsert or delete did, once the server has it on stable storage and serves it."""
+
+    sequence: int
+    """The journal sequence number of the last change it made (0 when it changed nothing)."""
+    added: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    """Upserted ids that replaced an indexed post with the same id."""
+    deleted: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    """Ids a delete named that no indexed post has: nothing was done for them."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -59,6 +59,7 @@ class BenchError(PostSimError):
 
 NO_INDEX_MESSAGE = "no index is published yet: publish one with `postsim index publish`"
 INDEX_NOT_LOADED_MESSAGE = "the published index is not loaded"
+INDEX_SEALED_MESSAGE = "the index is being compacted into a new version"
 
 
 class NoIndexPublishedError(SearchIndexError):
@@ -66,6 +67,13 @@ class NoIndexPublishedError(SearchIndexError):
 
     def __init__(self) -> None:
         super().__init__(NO_INDEX_MESSAGE)
+
+
+class IndexSealedError(SearchIndexError):
+    """A change reached an index version being compacted into the next one: retry it once that one serves."""
+
+    def __init__(self) -> None:
+        super().__init__(f"{INDEX_SEALED_MESSAGE} and takes no changes for a moment: retry in a few seconds")
 
 
 class IndexNotLoadedError(SearchIndexError):

@@ -12,7 +12,9 @@ relative to the file's folder; at least one of them is set. The image file may b
 name it under ``video`` instead, which is the same field (a line with both is refused). Two optional keys serve training
 and evaluation: ``label`` (a string) makes posts relevant to each other, and ``split``
 (``train`` or ``test``) fixes the post's side of the held-out split
-(:mod:`postsim.corpus.split`). Other keys (``topic``) are ignored. :func:`read_posts` refuses a
+(:mod:`postsim.corpus.split`). The label and three more optional keys are the post's metadata,
+which an index keeps and a query may filter on: ``author`` (a string), ``created_at``
+(ISO-8601) and ``tags`` (a list of strings). Other keys (``topic``) are ignored. :func:`read_posts` refuses a
 bad line naming the file and the line.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from postsim.client.posts import Post
 from postsim.core.errors import InvalidPostError
 from postsim.corpus.split import Split
 from postsim.model_repository.contract import post_id_problem
+from postsim.model_repository.live_index.metadata import PostMetadata
 
 POSTS_FILE = "posts.jsonl"
 """The corpus file of a folder, as ``postsim sample-posts`` writes it."""
@@ -50,6 +53,8 @@ class CorpusPost:
     """Posts with the same label are relevant to each other; None: unlabelled."""
     split: Split | None = None
     """The post's side of the held-out split when the corpus fixes it; None: by id (:func:`~postsim.corpus.split.split_of`)."""
+    metadata: PostMetadata = field(default_factory=PostMetadata)
+    """Author, creation time, label and tags, as an index keeps them for filters."""
 
     def to_post(self) -> Post:
         """As a client :class:`~postsim.client.posts.Post`, the image read when the request is built."""
@@ -106,12 +111,18 @@ def _parse_line(line: bytes, folder: Path, where: str) -> CorpusPost:
     image = image or video
     if text is None and image is None:
         raise InvalidPostError(f"{where}: post {post_id!r} has neither 'text' nor '{IMAGE_KEY}' (or '{VIDEO_KEY}')")
+    label = _label(record.get(LABEL_KEY), where)
+    try:
+        metadata = PostMetadata.from_fields({**record, LABEL_KEY: label})
+    except InvalidPostError as error:
+        raise InvalidPostError(f"{where}: {error}") from None
     return CorpusPost(
         id=post_id,
         text=text,
         image_path=folder / image if image else None,
-        label=_label(record.get(LABEL_KEY), where),
+        label=label,
         split=_split(record.get(SPLIT_KEY), where),
+        metadata=metadata,
     )
 
 

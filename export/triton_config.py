@@ -141,7 +141,12 @@ class InputLimits:
 
 
 def _input_config(tensor: TensorSpec) -> pb.ModelInput:
-    return pb.ModelInput(name=tensor.name, data_type=pb.DataType.Value(tensor.dtype.triton_config), dims=tensor.dims)
+    return pb.ModelInput(
+        name=tensor.name,
+        data_type=pb.DataType.Value(tensor.dtype.triton_config),
+        dims=tensor.dims,
+        optional=tensor.optional,
+    )
 
 
 def _output_config(tensor: TensorSpec) -> pb.ModelOutput:
@@ -220,6 +225,12 @@ def ensemble_config(spec: ModelSpec, step_specs: Iterable[ModelSpec]) -> pb.Mode
     has been pruned by then, so the stray charge is harmless there.
     """
     steps = list(step_specs)
+    optional = [tensor.name for tensor in spec.inputs if tensor.optional]
+    if optional:
+        raise RepositoryError(
+            f"ensemble '{spec.name}': optional inputs {optional} (Triton 2.51 crashes re-creating such an ensemble); "
+            "serve them through a Python-backend model instead"
+        )
     config = _base_config(spec)
     config.platform = "ensemble"
     used = {tensor.name for tensor in spec.outputs} | {tensor.name for step in steps for tensor in step.inputs}
@@ -314,7 +325,12 @@ def repository_configs(
 def retrieval_config(
     dim: int, settings: ServingSettings, *, target: Target, limits: InputLimits | None = None
 ) -> pb.ModelConfig:
-    """The retrieval model: serves the newest index version only."""
+    """The retrieval model: serves the newest index version only, from one instance (it holds the live index)."""
+    if settings.instance_count(contract.RETRIEVAL) != 1:
+        raise RepositoryError(
+            f"retrieval runs as one instance (it holds the live index and appends to its journal), got "
+            f"{settings.instance_count(contract.RETRIEVAL)}: leave it out of ServingSettings.instances"
+        )
     kind = pb.ModelInstanceGroup.KIND_GPU if target is Target.TRITON else pb.ModelInstanceGroup.KIND_CPU
     spec = contract.model_specs(dim)[contract.RETRIEVAL]
     config = python_model_config(spec, settings, kind=kind, parameters=(limits or InputLimits()).parameters(spec))

@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,13 +34,15 @@ import numpy as np
 
 from postsim.core.errors import SearchIndexError
 from postsim.core.files import fsync_path, write_text_atomic
-from postsim.model_repository.contract import post_id_problem
+from postsim.model_repository.contract import post_caption, post_id_problem
+from postsim.model_repository.live_index.metadata import MetadataColumns
 from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors
 from postsim.model_repository.search_index import (
     CAPTIONS_FILE,
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
+    METADATA_FILE,
     IndexManifest,
     IndexType,
     configure_search,
@@ -407,24 +408,6 @@ def new_manifest(plan: IndexPlan, count: int, weights_fingerprint: str) -> Index
     )
 
 
-CAPTION_CHARS = 200
-"""Characters of a post's text that an index keeps to show with it."""
-
-
-def post_caption(text: str | None) -> str:
-    """What an index keeps of a post's text: its first 200 characters, on one line.
-
-    Runs of white space (line breaks included) become one space, and control and format
-    characters (bidirectional overrides, zero-width ones) are dropped, so a caption prints
-    as one safe line in a table or a log. A post without text gets ``""``.
-    """
-    if not text:
-        return ""
-    words = " ".join(text.split())
-    printable = "".join(character for character in words if unicodedata.category(character)[0] != "C")
-    return printable[:CAPTION_CHARS]
-
-
 def write_index_dir(
     out_dir: str | Path,
     index: faiss.Index,
@@ -432,13 +415,16 @@ def write_index_dir(
     manifest: IndexManifest,
     *,
     captions: Sequence[str] | None = None,
+    metadata: MetadataColumns | None = None,
     unimodal: UnimodalVectors | None = None,
 ) -> IndexManifest:
     """Write an index directory atomically and return its manifest, checksums filled in.
 
     ``captions`` (one string per id, see :func:`post_caption`) go into ``captions.json``,
-    checksummed like the other files; without them the index has none. ``unimodal`` (one
-    row per id) goes into ``unimodal.npz`` the same way; without it the index's scores do not split. Everything is written into a temporary sibling directory and fsynced; the directory
+    and ``metadata`` (one row per id) into ``metadata.npz``, each checksummed like the other
+    files; without them the index has none. ``unimodal`` (one row per id) goes into
+    ``unimodal.npz`` the same way; without it the index's scores do not split. Everything is
+    written into a temporary sibling directory and fsynced; the directory
     then takes ``out_dir``'s place by rename. An existing index at ``out_dir`` stays
     untouched until that last step; an error or KeyboardInterrupt before it leaves
     ``out_dir`` as it was, with no partial files. (Replacing an existing directory takes
@@ -451,6 +437,8 @@ def write_index_dir(
         len(captions) != len(ids) or not all(isinstance(caption, str) for caption in captions)
     ):
         raise SearchIndexError(f"captions must be one string per id: got {len(captions)} for {len(ids)} ids")
+    if metadata is not None and len(metadata) != len(ids):
+        raise SearchIndexError(f"metadata must be one row per id: got {len(metadata)} for {len(ids)} ids")
     if unimodal is not None and (unimodal.count, unimodal.dimension) != (len(ids), manifest.dimension):
         raise SearchIndexError(
             f"unimodal vectors must be one row of {manifest.dimension} per id: got {unimodal.count} rows "
@@ -460,7 +448,7 @@ def write_index_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     try:
-        written = _write_files(staging, index, ids, manifest, captions, unimodal)
+        written = _write_files(staging, index, ids, manifest, captions, metadata, unimodal)
         fsync_path(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -495,6 +483,7 @@ def _write_files(
     ids: Sequence[str],
     manifest: IndexManifest,
     captions: Sequence[str] | None,
+    metadata: MetadataColumns | None,
     unimodal: UnimodalVectors | None,
 ) -> IndexManifest:
     faiss.write_index(index, str(staging / INDEX_FILE))
@@ -502,6 +491,8 @@ def _write_files(
     write_text_atomic(staging / IDS_FILE, json.dumps(list(ids)))
     if captions is not None:
         write_text_atomic(staging / CAPTIONS_FILE, json.dumps(list(captions), ensure_ascii=False))
+    if metadata is not None:
+        metadata.save(staging / METADATA_FILE)
     if unimodal is not None:
         unimodal.save(staging / UNIMODAL_FILE)
         fsync_path(staging / UNIMODAL_FILE)
@@ -510,6 +501,7 @@ def _write_files(
         index_sha256=sha256_file(staging / INDEX_FILE),
         ids_sha256=sha256_file(staging / IDS_FILE),
         captions_sha256=sha256_file(staging / CAPTIONS_FILE) if captions is not None else "",
+        metadata_sha256=sha256_file(staging / METADATA_FILE) if metadata is not None else "",
         unimodal_sha256=sha256_file(staging / UNIMODAL_FILE) if unimodal is not None else "",
     )
     write_text_atomic(staging / MANIFEST_FILE, written.to_json())
@@ -541,12 +533,14 @@ def build_index_dir(
     weights_fingerprint: str,
     index_type: IndexType = IndexType.AUTO,
     captions: Sequence[str] | None = None,
+    metadata: MetadataColumns | None = None,
     unimodal: UnimodalVectors | None = None,
 ) -> IndexManifest:
     """Choose, build, tune (:func:`tune_search`) and atomically write an index directory; return its manifest.
 
     ``captions``, one per id (:func:`post_caption`), are kept to be shown with the neighbours;
-    ``unimodal``, one row per id, to split their scores.
+    ``metadata``, one row per id, is what a live index filters on; ``unimodal``, one row per
+    id, splits their scores.
     """
     if not isinstance(embeddings, np.ndarray) or embeddings.ndim != 2:
         shape = getattr(embeddings, "shape", type(embeddings).__name__)
@@ -557,4 +551,4 @@ def build_index_dir(
     tuning = tune_search(index, plan, vectors)
     del vectors
     manifest = new_manifest(tuning.plan, len(ids), weights_fingerprint)
-    return write_index_dir(out_dir, index, ids, manifest, captions=captions, unimodal=unimodal)
+    return write_index_dir(out_dir, index, ids, manifest, captions=captions, metadata=metadata, unimodal=unimodal)

@@ -26,6 +26,7 @@ from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.indexing.build import build_index_dir, post_caption
+from postsim.model_repository.live_index.metadata import MetadataColumns
 from postsim.model_repository.score_parts import UnimodalVectors
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
@@ -200,6 +201,7 @@ def build_corpus_index(
     results = [result for _, result in embedded]
     vectors = np.stack([result.embedding for result in results]).astype(np.float32)
     texts = {post.id: post.text for post in posts}
+    metadata = {post.id: post.metadata for post in posts}
     unimodal = unimodal_vectors(results) if settings.unimodal else None
     manifest = build_index_dir(
         settings.out_dir,
@@ -208,6 +210,7 @@ def build_corpus_index(
         weights_fingerprint=fingerprint,
         index_type=settings.index_type,
         captions=[post_caption(texts[post_id]) for post_id in ids],
+        metadata=MetadataColumns.of(metadata[post_id] for post_id in ids),
         unimodal=unimodal,
     )
     return CorpusIndexReport(

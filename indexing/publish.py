@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _retrieval_dir(repository: Path) -> Path:
     return model_dir
 
 
-def _set_aside(version_dir: Path, why: str) -> Path:
+def set_aside(version_dir: Path, why: str) -> Path:
     """Move a version folder out of Triton's sight (non-numeric names are not versions), keeping it on disk."""
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     target = version_dir.with_name(f".{why}-{version_dir.name}-{stamp}")
@@ -60,8 +61,12 @@ def _set_aside(version_dir: Path, why: str) -> Path:
     return target
 
 
-def install_version(index_dir: Path, repository: Path) -> Path:
-    """Verify the index against the repository's weights and install it as the next retrieval version."""
+def install_version(index_dir: Path, repository: Path, *, prepare: Callable[[Path], None] | None = None) -> Path:
+    """Verify the index against the repository's weights and install it as the next retrieval version.
+
+    ``prepare`` gets the staged version folder before it is renamed into place (compaction
+    writes the new version's journal there), so a version is never seen without its files.
+    """
     weights = WeightsManifest.read(repository)
     # Full verification (checksums before FAISS reads the file, dimension, fingerprint) before it goes live.
     load_index_dir(index_dir, expected_fingerprint=weights.fingerprint, use_gpu=False)
@@ -73,6 +78,8 @@ def install_version(index_dir: Path, repository: Path) -> Path:
     try:
         shutil.copytree(index_dir, version_index_dir(staging))
         (staging / "model.py").write_text(model_py_source(contract.RETRIEVAL))
+        if prepare is not None:
+            prepare(staging)
         staging.rename(model_dir / str(version))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -110,7 +117,7 @@ def _require_served(repository: Path, client: PostSimClient | None) -> None:
         check_served(repository, client.served_repository(), client.url)
 
 
-def _load_and_check(client: PostSimClient, version: int) -> None:
+def load_and_check(client: PostSimClient, version: int) -> None:
     """Reload retrieval; raise unless ``version`` is what serves."""
     client.load_model(contract.RETRIEVAL)
     if not client.is_model_ready(contract.RETRIEVAL, str(version)):
@@ -128,9 +135,9 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
     if client is None:
         return PublishReport(version=version, version_dir=version_dir, loaded=False)
     try:
-        _load_and_check(client, version)
+        load_and_check(client, version)
     except PostSimError as error:
-        aside = _set_aside(version_dir, "refused")
+        aside = set_aside(version_dir, "refused")
         raise SearchIndexError(
             f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
             f"the refused version is kept in {aside}, the server log says why"
@@ -147,8 +154,8 @@ def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> 
     if len(versions) < 2:
         raise SearchIndexError(f"{model_dir} holds {len(versions)} published index version(s): nothing to roll back to")
     newest, previous = versions[-1], versions[-2]
-    aside = _set_aside(newest, "rolled-back")
+    aside = set_aside(newest, "rolled-back")
     logger.info("retired retrieval version %s (kept in %s)", newest.name, aside)
     if client is not None:
-        _load_and_check(client, int(previous.name))
+        load_and_check(client, int(previous.name))
     return int(previous.name)

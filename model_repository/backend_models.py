@@ -17,13 +17,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from postsim.core.errors import (
     IndexNotLoadedError,
+    IndexSealedError,
     InvalidPostError,
     NoIndexPublishedError,
     PostSimError,
@@ -31,8 +32,11 @@ from postsim.core.errors import (
     SearchIndexError,
 )
 from postsim.model_repository import contract
-from postsim.model_repository.layout import version_dirs
+from postsim.model_repository.layout import JOURNAL_NAME, read_base_sequence, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
+
+if TYPE_CHECKING:
+    from postsim.model_repository.live_index.metadata import PostMetadata
 
 logger = logging.getLogger("postsim")
 
@@ -60,7 +64,7 @@ def _error_response(error: Exception) -> Any:
     """INVALID_ARG for bad input; INTERNAL (with a generic message) for anything else."""
     if isinstance(error, InvalidPostError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError):
+    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError | IndexSealedError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
     logger.exception("request failed", exc_info=error)
     return pb_utils.InferenceResponse(
@@ -391,54 +395,202 @@ def _execution_providers(available: Sequence[str], args: dict[str, Any]) -> list
     return ["CPUExecutionProvider"]
 
 
+_BLS_CODES = {"[invalid argument] ": "INVALID_ARG", "[unavailable] ": "UNAVAILABLE"}
+"""Open the message of an error ``retrieval`` answers with that code: a caller reached by BLS gets every
+error code as INTERNAL (Triton 2.51, triton-inference-server/server#7804), so it reads the code from this."""
+
+
 class RetrievalModel(_PerRequestModel):
-    """Nearest indexed posts of a fused embedding, from this version's verified FAISS index."""
+    """The live index of this version (one instance holds it): searches, and changes from post_changes.
+
+    It opens the version's verified FAISS index and replays ``changes.journal`` beside it
+    (:class:`~postsim.model_repository.live_index.mutable_index.MutableIndex`), so a restarted
+    server or stub serves every acknowledged change. A request is a search (``EMBEDDING`` with
+    the query's ``RETRIEVAL_QUERY_PARTS``, or ``QUERY_ID``, with ``TOP_K`` and optionally
+    ``FILTER`` and ``COLLAPSE_ABOVE``) or a change (``CHANGES``), answered once the change is
+    fsynced and applied. Each hit's score is split in four (``CONTRIBUTIONS``) from the
+    version's ``unimodal.npz``; a post upserted since has NaN parts (they are not journalled).
+    """
 
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
+        from postsim.model_repository.live_index.mutable_index import MutableIndex
         from postsim.model_repository.search_index import load_index_dir
 
         parameters = _parameters(args)
+        instances = sum(int(group.get("count", 1)) for group in json.loads(args["model_config"])["instance_group"])
+        if instances != 1:
+            raise RepositoryError(
+                f"retrieval runs as one instance (it holds the live index and appends to its journal); its "
+                f"config.pbtxt asks for {instances}: export the repository again"
+            )
         self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(parameters)
         manifest = WeightsManifest.read(_repository_dir(args))
         index_dir = _version_dir(args) / "index"
         try:
-            self.index = load_index_dir(index_dir, expected_fingerprint=manifest.fingerprint)
+            base = load_index_dir(index_dir, expected_fingerprint=manifest.fingerprint, use_gpu=False)
+            self.index = MutableIndex.open(
+                base,
+                _version_dir(args) / JOURNAL_NAME,
+                metadata=base.metadata,
+                base_sequence=read_base_sequence(_version_dir(args)),
+            )
+            self.sealed = False
         except PostSimError as error:
             logger.error("retrieval version %s refused: %s", args["model_version"], error)
             raise
         logger.info("retrieval version %s serves %s", args["model_version"], index_dir)
 
+    def finalize(self) -> None:
+        self.index.close()
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = super().execute(requests)
+        for position, response in enumerate(responses):
+            if not response.has_error():
+                continue
+            code = response.error().code()
+            for marker, name in _BLS_CODES.items():
+                if code == getattr(pb_utils.TritonError, name):
+                    message = marker + response.error().message()
+                    responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+        return responses
+
     def _run(self, request: Any) -> list[Any]:
-        embeddings = _input(request, contract.EMBEDDING.name).astype(np.float32, copy=False)
-        top_k = _input(request, contract.TOP_K.name).reshape(-1)
-        k = _single_top_k(top_k, self.max_top_k)
-        results = self.index.search(embeddings, k)
-        width = min(len(neighbours) for neighbours in results)  # rows of one response share a width
+        changes = _optional_input(request, contract.CHANGES.name)
+        if changes is not None:
+            return self._change(changes)
+        from postsim.model_repository.live_index.filters import parse_filter
+
+        k = _single_top_k(_input(request, contract.TOP_K.name).reshape(-1), self.max_top_k)
+        filter_text = _single_value(request, contract.FILTER.name)
+        where = parse_filter(filter_text) if filter_text else None
+        collapse = _single_value(request, contract.COLLAPSE_ABOVE.name)
+        collapse_above = float(collapse) if collapse else None
+        query_ids = _optional_input(request, contract.QUERY_ID.name)
+        if query_ids is not None:
+            ids = [_text(value) for value in query_ids.reshape(-1)]
+            results = self.index.search_by_id(ids, k, where=where, collapse_above=collapse_above)
+        else:
+            embeddings = _input(request, contract.EMBEDDING.name).astype(np.float32, copy=False)
+            results = self.index.search(embeddings, k, where=where, collapse_above=collapse_above)
+        width = min(len(hits) for hits in results)  # rows of one response share a width
         rows = [row[:width] for row in results]
-        ids = np.array([[n.id.encode() for n in row] for row in rows], dtype=np.object_)
-        scores = np.array([[n.score for n in row] for row in rows], dtype=np.float32)
-        captions = np.array([[n.caption.encode() for n in row] for row in rows], dtype=np.object_)
         shape = (len(results), width)
+        duplicates = [[json.dumps([[d.id, d.score] for d in hit.duplicates]).encode() for hit in row] for row in rows]
         return [
-            pb_utils.Tensor(contract.IDS.name, ids.reshape(shape)),
-            pb_utils.Tensor(contract.SCORES.name, scores.reshape(shape)),
-            pb_utils.Tensor(contract.CAPTIONS.name, captions.reshape(shape)),
-            pb_utils.Tensor(contract.CONTRIBUTIONS.name, self._contributions(request, rows, shape)),
+            pb_utils.Tensor(contract.IDS.name, _objects([[hit.id.encode() for hit in row] for row in rows], shape)),
+            pb_utils.Tensor(
+                contract.SCORES.name, np.array([[hit.score for hit in row] for row in rows], np.float32).reshape(shape)
+            ),
+            pb_utils.Tensor(
+                contract.CAPTIONS.name, _objects([[hit.caption.encode() for hit in row] for row in rows], shape)
+            ),
+            pb_utils.Tensor(contract.CONTRIBUTIONS.name, self._contributions(request, query_ids, rows, shape)),
+            pb_utils.Tensor(contract.DUPLICATES.name, _objects(duplicates, shape)),
         ]
 
-    def _contributions(self, request: Any, hits: list[list[Any]], shape: tuple[int, int]) -> np.ndarray:
-        """Each neighbour's score split in four (``contract.CONTRIBUTIONS``); NaN from an index without the parts."""
-        from postsim.model_repository.score_parts import split_scores, unsplit_scores
+    def _contributions(
+        self, request: Any, query_ids: np.ndarray | None, hits: list[list[Any]], shape: tuple[int, int]
+    ) -> np.ndarray:
+        """Each hit's score split in four (``contract.CONTRIBUTIONS``), from the query parts sent or, by id, stored.
 
-        if self.index.unimodal is None:
-            return unsplit_scores(*shape)
-        image, text, weights = (_input(request, tensor.name) for tensor in contract.RETRIEVAL_QUERY_PARTS)
+        NaN where a part is unknown: a query without its parts, a post upserted since the
+        version was published, a version without unimodal vectors.
+        """
+        parts = [_optional_input(request, tensor.name) for tensor in contract.RETRIEVAL_QUERY_PARTS]
+        if query_ids is not None:
+            image, text, weights = self.index.stored_parts([_text(value) for value in query_ids.reshape(-1)])
+        elif all(part is not None for part in parts):
+            image, text, weights = (np.asarray(part, dtype=np.float32) for part in parts)
+        else:
+            image = text = np.full((shape[0], self.index.dimension), np.nan, dtype=np.float32)
+            weights = np.full((shape[0], len(contract.MODALITIES)), np.nan, dtype=np.float32)
         rows = np.array([[hit.row for hit in row] for row in hits], dtype=np.int64).reshape(shape)
-        return split_scores(image, text, weights, self.index.unimodal, rows)
+        return self.index.split_scores(image, text, weights, rows)
+
+    def _change(self, changes: np.ndarray) -> list[Any]:
+        from postsim.model_repository.live_index.protocol import ChangeReceipt
+        from postsim.model_repository.live_index.wire import ChangeRequest, Control, receipt_to_json
+
+        if changes.size != 1:
+            raise InvalidPostError(f"{contract.CHANGES.name}: one change request per call, got {changes.size}")
+        request = ChangeRequest.from_json(changes.reshape(-1)[0])
+        if request.control is not None:
+            self.sealed = request.control is Control.SEAL
+            logger.info(
+                "retrieval %s at change %d", "sealed" if self.sealed else "unsealed", self.index.state().sequence
+            )
+            receipt = ChangeReceipt(sequence=self.index.state().sequence)
+        elif self.sealed:
+            raise IndexSealedError()
+        elif request.upserts:
+            receipt = self.index.upsert(request.upserts, weights_fingerprint=request.weights_fingerprint)
+        else:
+            receipt = self.index.delete(request.deletes)
+        return [pb_utils.Tensor(contract.CHANGE_RECEIPT.name, _objects([[receipt_to_json(receipt)]], (1, 1)))]
 
 
-class RetrievalGatewayModel:
+def _objects(rows: list[list[bytes]], shape: tuple[int, int]) -> np.ndarray:
+    return np.array(rows, dtype=np.object_).reshape(shape)
+
+
+def _optional_input(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _text(value: object) -> str:
+    try:
+        return value.decode() if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError:
+        raise InvalidPostError("a string input is not valid UTF-8") from None
+
+
+def _single_value(request: Any, name: str) -> str | None:
+    """An optional input that must hold one value for the whole request, as text; None when absent or empty."""
+    array = _optional_input(request, name)
+    if array is None:
+        return None
+    values = {_text(value) for value in array.reshape(-1)}
+    if len(values) != 1:
+        raise InvalidPostError(f"{name}: every post of a request must carry the same value, got {len(values)}")
+    (value,) = values
+    return value if value not in ("", "0", "0.0") else None
+
+
+class _RetrievalCaller:
+    """A model that calls ``retrieval`` (BLS): refuses its input errors itself and explains a missing index."""
+
+    retrieval_dir: Path
+
+    def _start(self, args: dict[str, Any]) -> None:
+        _check_contract(args)
+        self.retrieval_dir = _repository_dir(args) / contract.RETRIEVAL
+
+    async def _call(self, model: str, inputs: list[Any], outputs: list[str]) -> tuple[Any, Any]:
+        """(answer, None), or (None, the error response to send): errors of the model come back unchanged."""
+        call = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs)
+        answer = await call.async_exec()
+        if not answer.has_error():
+            return answer, None
+        reason = answer.error().message().lower()
+        if model == contract.RETRIEVAL and ("unknown model" in reason or "is not ready" in reason):
+            return None, _error_response(self._unserved_index())  # retrieval loads with the first index
+        failure = answer.error()
+        message, code = failure.message(), failure.code()
+        for marker, name in _BLS_CODES.items():
+            if marker in message:  # retrieval's code, lost on the way
+                message, code = message.split(marker, 1)[1], getattr(pb_utils.TritonError, name)
+        return None, pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+    def _unserved_index(self) -> SearchIndexError:
+        """Why retrieval does not answer: no index on disk, or one the server does not serve."""
+        published = version_dirs(self.retrieval_dir)
+        return IndexNotLoadedError(int(published[-1].name)) if published else NoIndexPublishedError()
+
+
+class RetrievalGatewayModel(_RetrievalCaller):
     """The last step of ``similar_posts``: forwards each request to ``retrieval`` (a BLS call).
 
     ``retrieval`` is loaded once the first index is published; until then this answers
@@ -453,10 +605,9 @@ class RetrievalGatewayModel:
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
-        _check_contract(args)
+        self._start(args)
         self.output_names = [tensor.name for tensor in contract.NEIGHBOR_OUTPUTS]
         self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(_parameters(args))
-        self.retrieval_dir = _repository_dir(args) / contract.RETRIEVAL
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         import asyncio
@@ -477,24 +628,159 @@ class RetrievalGatewayModel:
             ]
         except InvalidPostError as error:
             return _error_response(error)
-        call = pb_utils.InferenceRequest(
-            model_name=contract.RETRIEVAL, requested_output_names=self.output_names, inputs=inputs
-        )
-        answer = await call.async_exec()
-        if answer.has_error():
-            reason = answer.error().message().lower()
-            if "unknown model" in reason or "is not ready" in reason:  # retrieval loads with the first index
-                return _error_response(self._unserved_index())
-            failure = answer.error()
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(failure.message(), failure.code()))
+        answer, failed = await self._call(contract.RETRIEVAL, inputs, self.output_names)
+        if failed is not None:
+            return failed
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in self.output_names]
         )
 
-    def _unserved_index(self) -> SearchIndexError:
-        """Why retrieval does not answer: no index on disk, or one the server does not serve."""
-        published = version_dirs(self.retrieval_dir)
-        return IndexNotLoadedError(int(published[-1].name)) if published else NoIndexPublishedError()
+
+class SimilarPostsFilteredModel(_RetrievalCaller):
+    """``similar_posts`` with a filter, by an indexed post's id, or with near-duplicates collapsed.
+
+    A model of its own, not an ensemble (Triton 2.51 crashes re-creating an ensemble with
+    optional inputs): it embeds ``IMAGE`` and ``TEXT`` through ``post_embedding`` (or takes
+    ``QUERY_ID`` instead), then asks ``retrieval`` with the optional inputs it was given.
+    """
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        self._start(args)
+        self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(_parameters(args))
+        self.output_names = [tensor.name for tensor in contract.LIVE_QUERY_OUTPUTS]
+
+    async def execute(self, requests: list[Any]) -> list[Any]:
+        import asyncio
+
+        return list(await asyncio.gather(*(self._query(request) for request in requests)))
+
+    async def _query(self, request: Any) -> Any:
+        try:
+            top_k = _input(request, contract.TOP_K.name)
+            _single_top_k(top_k.reshape(-1), self.max_top_k)
+            content = [_optional_input(request, tensor.name) for tensor in (contract.IMAGE, contract.TEXT)]
+            query_id = _optional_input(request, contract.QUERY_ID.name)
+            if (query_id is None) == (content[0] is None and content[1] is None):
+                raise InvalidPostError(
+                    f"give either {contract.QUERY_ID.name} (an indexed post's id) or the post's "
+                    f"{contract.IMAGE.name} and {contract.TEXT.name}, not both and not neither"
+                )
+            if query_id is None and (content[0] is None or content[1] is None):
+                raise InvalidPostError(f"a post is {contract.IMAGE.name} and {contract.TEXT.name}; give both")
+            options = [
+                pb_utils.Tensor(tensor.name, value)
+                for tensor in (contract.FILTER, contract.COLLAPSE_ABOVE)
+                if (value := _optional_input(request, tensor.name)) is not None
+            ]
+        except InvalidPostError as error:
+            return _error_response(error)
+        if query_id is not None:
+            query = [pb_utils.Tensor(contract.QUERY_ID.name, query_id)]  # retrieval takes its parts from the index
+        else:
+            post = [
+                pb_utils.Tensor(tensor.name, value)
+                for tensor, value in zip((contract.IMAGE, contract.TEXT), content, strict=True)
+            ]
+            wanted = [tensor.name for tensor in (contract.EMBEDDING, *contract.RETRIEVAL_QUERY_PARTS)]
+            embedded, failed = await self._call(contract.POST_EMBEDDING, post, wanted)
+            if failed is not None:
+                return failed
+            query = [pb_utils.get_output_tensor_by_name(embedded, name) for name in wanted]
+        inputs = [*query, pb_utils.Tensor(contract.TOP_K.name, top_k), *options]
+        answer, failed = await self._call(contract.RETRIEVAL, inputs, self.output_names)
+        if failed is not None:
+            return failed
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.get_output_tensor_by_name(answer, name) for name in self.output_names]
+        )
+
+
+class PostChangesModel(_RetrievalCaller):
+    """Upserts (rows with ``IMAGE`` and ``TEXT``) or deletes (rows with ``POST_ID`` only) into the live index.
+
+    An upsert embeds its posts through ``post_embedding`` and sends them with the encoders'
+    fingerprint; ``retrieval`` journals (fsync) and applies the call's changes as one, and the
+    answer comes back after that: a deleted post is in no result of a search that starts later.
+    """
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        self._start(args)
+        self.fingerprint = contract.FINGERPRINT_PARAMETER.read(_parameters(args))
+
+    async def execute(self, requests: list[Any]) -> list[Any]:
+        return [await self._change(request) for request in requests]  # in order: changes apply as they arrive
+
+    async def _change(self, request: Any) -> Any:
+        from postsim.model_repository.live_index.metadata import PostMetadata
+        from postsim.model_repository.live_index.protocol import PostUpsert, check_post_id
+        from postsim.model_repository.live_index.wire import ChangeRequest, change_statuses, receipt_from_json
+
+        try:
+            ids = [
+                check_post_id(_text(value), contract.POST_ID.name) for value in _strings(request, contract.POST_ID.name)
+            ]
+            image, text = (_optional_input(request, tensor.name) for tensor in (contract.IMAGE, contract.TEXT))
+            upsert = image is not None or text is not None
+            if upsert and (image is None or text is None):
+                raise InvalidPostError(f"an upsert gives each post's {contract.IMAGE.name} and {contract.TEXT.name}")
+            metadata = [PostMetadata()] * len(ids)
+            if _optional_input(request, contract.POST_METADATA.name) is not None:
+                metadata = [
+                    _metadata(raw, post_id)
+                    for raw, post_id in zip(_strings(request, contract.POST_METADATA.name), ids, strict=True)
+                ]
+        except InvalidPostError as error:
+            return _error_response(error)
+        if image is not None and text is not None:
+            post = [pb_utils.Tensor(contract.IMAGE.name, image), pb_utils.Tensor(contract.TEXT.name, text)]
+            embedded, failed = await self._call(contract.POST_EMBEDDING, post, [contract.EMBEDDING.name])
+            if failed is not None:
+                return failed
+            vectors = pb_utils.get_output_tensor_by_name(embedded, contract.EMBEDDING.name).as_numpy()
+            captions = [contract.post_caption(_text(value)) for value in text.reshape(-1)]
+            try:
+                changes = ChangeRequest(
+                    weights_fingerprint=self.fingerprint,
+                    upserts=tuple(
+                        PostUpsert(id=post_id, vector=vector, metadata=meta, caption=caption)
+                        for post_id, vector, meta, caption in zip(ids, vectors, metadata, captions, strict=True)
+                    ),
+                )
+            except InvalidPostError as error:
+                return _error_response(error)
+        else:
+            changes = ChangeRequest(deletes=tuple(ids))
+        wire = pb_utils.Tensor(contract.CHANGES.name, np.array([[changes.to_json()]], dtype=np.object_))
+        answer, failed = await self._call(contract.RETRIEVAL, [wire], [contract.CHANGE_RECEIPT.name])
+        if failed is not None:
+            return failed
+        raw = pb_utils.get_output_tensor_by_name(answer, contract.CHANGE_RECEIPT.name).as_numpy().reshape(-1)[0]
+        receipt = receipt_from_json(raw)
+        statuses = change_statuses(receipt, ids, upsert=upsert)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(contract.CHANGE_STATUS.name, np.array([[s.encode()] for s in statuses], np.object_)),
+                pb_utils.Tensor(contract.SEQUENCE.name, np.full((len(ids), 1), receipt.sequence, dtype=np.int64)),
+            ]
+        )
+
+
+def _metadata(raw: bytes, post_id: str) -> PostMetadata:
+    """One row of POST_METADATA: the post's metadata, or an InvalidPostError naming the post."""
+    from postsim.model_repository.live_index.metadata import PostMetadata
+
+    if not raw:
+        return PostMetadata()
+    try:
+        fields = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InvalidPostError(f"post {post_id!r}: {contract.POST_METADATA.name} is not JSON ({error})") from None
+    if not isinstance(fields, dict):
+        raise InvalidPostError(f"post {post_id!r}: {contract.POST_METADATA.name} must be a JSON object")
+    try:
+        return PostMetadata.from_fields(fields)
+    except InvalidPostError as error:
+        raise InvalidPostError(f"post {post_id!r}: {error}") from None
 
 
 def _single_top_k(top_k: np.ndarray, limit: int) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -57,6 +58,8 @@ POST_EMBEDDING = "post_embedding"
 RETRIEVAL = "retrieval"
 RETRIEVAL_GATEWAY = "retrieval_gateway"
 SIMILAR_POSTS = "similar_posts"
+POST_CHANGES = "post_changes"
+SIMILAR_POSTS_FILTERED = "similar_posts_filtered"
 
 
 # --------------------------------------------------------------------------- config parameters
@@ -248,6 +251,8 @@ class TensorSpec:
     """For an output: the name of another output of the same model whose values it repeats."""
     is_embedding: bool = False
     """Its one dimension is the embedding dimension ``dim`` (K), which each export chooses."""
+    optional: bool = False
+    """An input a request may leave out (never an ensemble's: Triton 2.51 crashes re-creating one that has them)."""
 
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes of the batched tensor: axis 0 is the batch."""
@@ -264,9 +269,19 @@ class TensorSpec:
 
 
 def _tensor(
-    name: str, dtype: DataType, *dims: int, dim_names: tuple[str, ...] = (), copy_of: str | None = None
+    name: str,
+    dtype: DataType,
+    *dims: int,
+    dim_names: tuple[str, ...] = (),
+    copy_of: str | None = None,
+    optional: bool = False,
 ) -> TensorSpec:
-    return TensorSpec(name=name, dtype=dtype, dims=dims, dim_names=dim_names, copy_of=copy_of)
+    return TensorSpec(name=name, dtype=dtype, dims=dims, dim_names=dim_names, copy_of=copy_of, optional=optional)
+
+
+def _optional(tensor: TensorSpec) -> TensorSpec:
+    """``tensor`` as an input a request may leave out."""
+    return replace(tensor, optional=True)
 
 
 def _embedding(name: str, *, copy_of: str | None = None) -> TensorSpec:
@@ -326,7 +341,7 @@ QUERY_PARTS = (QUERY_IMAGE_EMBEDDING, QUERY_TEXT_EMBEDDING, QUERY_MODALITY_WEIGH
 IDS = _tensor("IDS", DataType.STRING, -1, dim_names=("neighbors",))
 SCORES = _tensor("SCORES", DataType.FP32, -1, dim_names=("neighbors",))
 CAPTIONS = _tensor("CAPTIONS", DataType.STRING, -1, dim_names=("neighbors",))
-"""Each neighbor's caption as its index keeps it (``postsim.indexing.build.post_caption``); "" if none."""
+"""Each neighbor's caption as its index keeps it (:func:`post_caption`); "" if none."""
 SCORE_PARTS = ("image_image", "text_text", "image_text", "text_image")
 """The four parts of a neighbour's score, in ``CONTRIBUTIONS`` order: query image ↔ neighbour image,
 query text ↔ neighbour text, query image ↔ neighbour text, query text ↔ neighbour image."""
@@ -339,10 +354,37 @@ query's modality a and the neighbour's modality b (``|e|``: the norm of the weig
 The neighbour's parts come from the index's unimodal-vector file, stored in fp16, so the
 four parts sum to the score within 1e-3. A part of a modality the query or the neighbour
 lacks is exactly 0. An index built without unimodal vectors (``postsim index build
---no-unimodal``) answers NaN in every part: it cannot split its scores.
+--no-unimodal``) answers NaN in every part: it cannot split its scores. So does a post
+upserted into the live index since its version was published (the journal keeps its fused
+vector only), as a neighbour or as a ``QUERY_ID``.
 """
 NEIGHBOR_OUTPUTS = (IDS, SCORES, CAPTIONS, CONTRIBUTIONS)
 """What retrieval answers for each query, and retrieval_gateway passes on."""
+
+# The live index (issue 12): changes while serving, filters, queries by id, near-duplicate collapse.
+POST_ID = _tensor("POST_ID", DataType.STRING, 1)
+"""post_changes: the id of the post each row upserts (with IMAGE and TEXT) or deletes (without them)."""
+POST_METADATA = _tensor("POST_METADATA", DataType.STRING, 1)
+"""post_changes: each upserted post's metadata as a JSON object (author, created_at, label, tags); "" for none."""
+CHANGE_STATUS = _tensor("CHANGE_STATUS", DataType.STRING, 1)
+"""post_changes: what became of each row: ``added``, ``replaced``, ``deleted``, or ``unknown`` (a delete of an
+id no live post has: nothing was done for it)."""
+SEQUENCE = _tensor("SEQUENCE", DataType.INT64, 1)
+"""post_changes: the journal sequence number of the call's change (0 when it changed nothing), on every row."""
+CHANGES = _tensor("CHANGES", DataType.STRING, 1)
+"""retrieval: one call's changes as JSON (``postsim.model_repository.live_index.wire``), from post_changes."""
+CHANGE_RECEIPT = _tensor("CHANGE_RECEIPT", DataType.STRING, 1)
+"""retrieval: what a CHANGES request did, as JSON, once it is fsynced and applied."""
+QUERY_ID = _tensor("QUERY_ID", DataType.STRING, 1)
+"""An indexed post's id, queried by its stored vector instead of content (the post itself excluded)."""
+FILTER = _tensor("FILTER", DataType.STRING, 1)
+"""A JSON object of filter fields (``postsim.model_repository.live_index.filters.parse_filter``); "" for none."""
+COLLAPSE_ABOVE = _tensor("COLLAPSE_ABOVE", DataType.FP32, 1)
+"""Fold a result whose cosine to a higher-ranked one exceeds this into it; 0 or absent: no collapse."""
+DUPLICATES = _tensor("DUPLICATES", DataType.STRING, -1, dim_names=("neighbors",))
+"""Per result, a JSON list of the ``[id, score]`` near-duplicates folded into it (``[]`` without collapse)."""
+LIVE_QUERY_OUTPUTS = (*NEIGHBOR_OUTPUTS, DUPLICATES)
+"""What similar_posts_filtered answers, and retrieval for a filtered, by-id or collapsed query."""
 
 
 # --------------------------------------------------------------------------- post ids
@@ -372,6 +414,24 @@ def post_id_problem(post_id: str) -> str | None:
         return f"post id {shown} has {len(post_id):,} characters; {rule}"
     bad = next(character for character in post_id if not _POST_ID.fullmatch(character))
     return f"post id {shown} has the character {bad!r} (U+{ord(bad):04X}); {rule}"
+
+
+CAPTION_CHARS = 200
+"""Characters of a post's text that an index keeps to show with it."""
+
+
+def post_caption(text: str | None) -> str:
+    """What an index keeps of a post's text: its first 200 characters, on one line.
+
+    Runs of white space (line breaks included) become one space, and control and format
+    characters (bidirectional overrides, zero-width ones) are dropped, so a caption prints
+    as one safe line in a table or a log. A post without text gets ``""``.
+    """
+    if not text:
+        return ""
+    words = " ".join(text.split())
+    printable = "".join(character for character in words if unicodedata.category(character)[0] != "C")
+    return printable[:CAPTION_CHARS]
 
 
 # --------------------------------------------------------------------------- models
@@ -494,10 +554,15 @@ MODELS: tuple[ModelSpec, ...] = (
         onnx=OnnxExportSpec(atol=1e-5, min_cosine=0.99999),
     ),
     ModelSpec(name=POST_EMBEDDING, inputs=(IMAGE, TEXT), outputs=POST_OUTPUTS, steps=_ENCODERS),
+    # retrieval holds the live index (one instance): queries come from retrieval_gateway and
+    # similar_posts_filtered, changes from post_changes, all as BLS calls with the inputs they need.
     ModelSpec(
         name=RETRIEVAL,
-        inputs=(EMBEDDING, TOP_K, *RETRIEVAL_QUERY_PARTS),
-        outputs=NEIGHBOR_OUTPUTS,
+        inputs=tuple(
+            _optional(tensor)
+            for tensor in (EMBEDDING, TOP_K, *RETRIEVAL_QUERY_PARTS, QUERY_ID, FILTER, COLLAPSE_ABOVE, CHANGES)
+        ),
+        outputs=(*LIVE_QUERY_OUTPUTS, CHANGE_RECEIPT),
         backend_class="RetrievalModel",
         parameters=(MAX_TOP_K_PARAMETER,),
         loaded_with_index=True,
@@ -518,6 +583,32 @@ MODELS: tuple[ModelSpec, ...] = (
         inputs=(IMAGE, TEXT, TOP_K),
         outputs=(*NEIGHBOR_OUTPUTS, *POST_OUTPUTS),
         steps=(*_ENCODERS, RETRIEVAL_GATEWAY),
+        loaded_with_index=True,
+    ),
+    # Not an ensemble: the ensembles must not gain optional inputs (Triton 2.51 crashes re-creating
+    # one that has them). It embeds the content through post_embedding, then asks retrieval.
+    ModelSpec(
+        name=SIMILAR_POSTS_FILTERED,
+        inputs=(
+            _optional(IMAGE),
+            _optional(TEXT),
+            _optional(QUERY_ID),
+            TOP_K,
+            _optional(FILTER),
+            _optional(COLLAPSE_ABOVE),
+        ),
+        outputs=LIVE_QUERY_OUTPUTS,
+        backend_class="SimilarPostsFilteredModel",
+        parameters=(MAX_TOP_K_PARAMETER,),
+        loaded_with_index=True,
+    ),
+    # Upserts (rows with IMAGE and TEXT: embedded through post_embedding) or deletes (rows without):
+    # answered once retrieval has journalled (fsynced) and applied the change.
+    ModelSpec(
+        name=POST_CHANGES,
+        inputs=(POST_ID, _optional(IMAGE), _optional(TEXT), _optional(POST_METADATA)),
+        outputs=(CHANGE_STATUS, SEQUENCE),
+        backend_class="PostChangesModel",
         loaded_with_index=True,
     ),
 )

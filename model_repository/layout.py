@@ -8,9 +8,10 @@ model's version folder holds a ``model.py`` that names its class in
 from __future__ import annotations
 
 import enum
+import json
 from pathlib import Path
 
-from postsim.core.errors import RepositoryError
+from postsim.core.errors import RepositoryError, SearchIndexError
 from postsim.model_repository import contract
 
 CONFIG_NAME = "config.pbtxt"
@@ -74,3 +75,22 @@ def loadable_models(repository: Path) -> list[str]:
     if contract.RETRIEVAL not in found or contract.RETRIEVAL_GATEWAY not in found:
         found = [model for model in found if model not in INDEX_SERVING_MODELS]
     return found
+
+
+JOURNAL_NAME = "changes.journal"
+"""The change journal of a retrieval version, beside its ``index`` folder."""
+BASE_SEQUENCE_NAME = "base_sequence.json"
+"""Beside the journal of a version compacted from another: ``{"base_sequence": S}``, the last change folded in."""
+
+
+def read_base_sequence(version_dir: Path) -> int:
+    """The last change folded into a version's index: 0 for one built from a corpus."""
+    path = version_dir / BASE_SEQUENCE_NAME
+    if not path.is_file():
+        return 0
+    try:
+        return int(json.loads(path.read_text())["base_sequence"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise SearchIndexError(
+            f"{path}: not a base sequence ({error}); the version was not written by postsim"
+        ) from None

@@ -11,6 +11,8 @@ An index directory holds three to five files::
     ids.json        the post ids, strings, in index order
     captions.json   a short caption of each post, in index order ("" when it has no text);
                     indexes built before captions were kept have none
+    metadata.npz    each post's author, created_at, label and tags, column by column
+                    (``postsim.model_repository.live_index.metadata``), when the corpus had any
     unimodal.npz    each post's unit image and text vectors and modality weights (fp16), which
                     split its score into four parts (``postsim.model_repository.score_parts``);
                     an index built with ``--no-unimodal`` has none
@@ -32,7 +34,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -41,11 +43,15 @@ from postsim.core.errors import SearchIndexError
 from postsim.model_repository.manifest import sha256_file
 from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors
 
+if TYPE_CHECKING:
+    from postsim.model_repository.live_index.metadata import MetadataColumns
+
 logger = logging.getLogger("postsim")
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.json"
 CAPTIONS_FILE = "captions.json"
+METADATA_FILE = "metadata.npz"
 MANIFEST_FILE = "manifest.json"
 INDEX_DIRNAME = "index"
 """Name of the index directory inside a ``retrieval`` version folder."""
@@ -99,6 +105,8 @@ class IndexManifest:
     postsim_version: str
     captions_sha256: str = ""
     """sha256 of ``captions.json``; empty for an index without captions (built before they were kept)."""
+    metadata_sha256: str = ""
+    """sha256 of ``metadata.npz``; empty for an index without post metadata."""
     unimodal_sha256: str = ""
     """sha256 of ``unimodal.npz``; empty for an index without unimodal vectors (its scores do not split)."""
 
@@ -142,8 +150,9 @@ class IndexManifest:
         for name in ("index_sha256", "ids_sha256"):
             if not _SHA256.fullmatch(getattr(self, name)):
                 raise SearchIndexError(f"{MANIFEST_FILE}: {name} must be 64 lowercase hex digits")
-        for name in ("captions_sha256", "unimodal_sha256"):
-            if getattr(self, name) and not _SHA256.fullmatch(getattr(self, name)):
+        for name in ("captions_sha256", "metadata_sha256", "unimodal_sha256"):
+            value = getattr(self, name)
+            if value and not _SHA256.fullmatch(value):
                 raise SearchIndexError(f"{MANIFEST_FILE}: {name} must be 64 lowercase hex digits or empty")
         missing = [name for name in SEARCH_PARAMS[self.index_type] if name not in self.params]
         if missing:
@@ -165,9 +174,10 @@ _FIELD_TYPES: dict[str, type] = {
     "ids_sha256": str,
     "postsim_version": str,
     "captions_sha256": str,
+    "metadata_sha256": str,
     "unimodal_sha256": str,
 }
-_OPTIONAL_FIELDS = frozenset({"captions_sha256", "unimodal_sha256"})
+_OPTIONAL_FIELDS = frozenset({"captions_sha256", "metadata_sha256", "unimodal_sha256"})
 """Fields an older postsim did not write; the manifest's default stands in for them."""
 
 
@@ -240,6 +250,8 @@ class LoadedIndex:
     """``cpu`` or ``gpu``."""
     _gpu_resources: Any = None
     """Kept alive as long as a GPU index uses it."""
+    metadata: MetadataColumns | None = None
+    """The posts' metadata, row by row; None for an index without any."""
 
     @property
     def dimension(self) -> int:
@@ -322,11 +334,25 @@ def load_index_dir(path: str | Path, expected_fingerprint: str | None, *, use_gp
     if manifest.captions_sha256:
         _verify_checksum(directory / CAPTIONS_FILE, manifest.captions_sha256)
         captions = _read_strings(directory / CAPTIONS_FILE, manifest.count)
+    metadata = None
+    if manifest.metadata_sha256:
+        from postsim.model_repository.live_index.metadata import MetadataColumns
+
+        _verify_checksum(directory / METADATA_FILE, manifest.metadata_sha256)
+        metadata = MetadataColumns.load(directory / METADATA_FILE, manifest.count)
     unimodal = read_unimodal(directory, manifest)
     index = _read_index(directory / INDEX_FILE)
     _check_index_matches(index, manifest, directory)
     configure_search(index, manifest.index_type, manifest.params)
-    loaded = LoadedIndex(index=index, ids=ids, captions=captions, manifest=manifest, unimodal=unimodal, cpu_index=index)
+    loaded = LoadedIndex(
+        index=index,
+        ids=ids,
+        captions=captions,
+        manifest=manifest,
+        unimodal=unimodal,
+        cpu_index=index,
+        metadata=metadata,
+    )
     if use_gpu or (use_gpu is None and gpu_available()):
         loaded.index, loaded._gpu_resources = index_to_gpu(index)
         loaded.device = "gpu"

@@ -315,3 +315,20 @@ def test_sample_posts_write_video_posts_that_embed_from_the_command_line(grpc_ur
     result = json.loads(output)
     assert result["frames"] == 8 and len(result["embedding"]) == 256
     assert result["modality_weights"]["image"] > 0 and result["modality_weights"]["text"] > 0
+
+
+def test_index_delete_takes_ids_or_an_ids_file_and_similar_id_takes_no_content(tmp_path: Path) -> None:
+    url = f"localhost:{free_ports(1)[0]}"  # nothing listens there: the arguments are checked first
+    code, output = _postsim("index", "delete", "--url", url)
+    assert code == 2 and "--ids-file" in output
+    code, output = _postsim("similar", "--id", "post-1", "--text", "x", "--url", url)
+    assert code == 2 and "--id" in output
+
+
+def test_index_upsert_refuses_bad_metadata_by_its_line_before_changing_anything(tmp_path: Path) -> None:
+    corpus = tmp_path / "posts.jsonl"
+    corpus.write_text('{"id": "post-1", "text": "fine"}\n{"id": "post-2", "text": "x", "created_at": "yesterday"}\n')
+    url = f"localhost:{free_ports(1)[0]}"
+    code, output = _postsim("index", "upsert", str(corpus), "--url", url)
+    assert code == 1
+    assert f"{corpus}:2: created_at" in output.replace("\n", "")

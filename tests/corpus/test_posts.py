@@ -63,3 +63,22 @@ def test_a_line_with_both_image_and_video_is_refused(tmp_path: Path) -> None:
     path = _corpus(tmp_path, {"id": "a", "image": "a.jpg", "video": "a.mp4"})
     with pytest.raises(InvalidPostError, match=r"posts.jsonl:1: post 'a' has both 'image' and 'video'"):
         list(read_posts(path))
+
+
+def test_author_created_at_label_and_tags_are_the_posts_metadata(tmp_path: Path) -> None:
+    from postsim.model_repository.live_index.metadata import PostMetadata
+
+    path = _corpus(
+        tmp_path,
+        {"id": "a", "text": "x", "author": "ann", "created_at": "2024-05-01T00:00:00Z", "label": "dogs", "tags": ["t"]},
+        {"id": "b", "text": "y"},
+    )
+    first, second = read_posts(path)
+    assert first.metadata == PostMetadata(author="ann", created_at=1_714_521_600, label="dogs", tags=("t",))
+    assert second.metadata == PostMetadata()
+
+
+def test_bad_metadata_names_the_line(tmp_path: Path) -> None:
+    path = _corpus(tmp_path, {"id": "a", "text": "x"}, {"id": "b", "text": "y", "tags": "not-a-list"})
+    with pytest.raises(InvalidPostError, match=r"posts\.jsonl:2: tags: expected a list of strings"):
+        list(read_posts(path))

@@ -8,7 +8,13 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as pb
 
 from postsim.core.errors import RepositoryError
-from postsim.export.triton_config import ServingSettings, Target, ensemble_config, repository_configs
+from postsim.export.triton_config import (
+    ServingSettings,
+    Target,
+    ensemble_config,
+    repository_configs,
+    retrieval_config,
+)
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 
@@ -38,7 +44,9 @@ def test_every_model_config_parses_with_the_contract_tensors(target: Target) -> 
         assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
             (t.name, t.dtype.triton_config, list(t.dims)) for t in spec.inputs
         ]
-        assert not any(t.optional for t in config.input), "Triton 2.51 crashes re-creating ensembles with them"
+        assert [t.optional for t in config.input] == [t.optional for t in spec.inputs]
+        if spec.is_ensemble:
+            assert not any(t.optional for t in config.input), "Triton 2.51 crashes re-creating ensembles with them"
         assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [
             (t.name, t.dtype.triton_config, list(t.dims)) for t in spec.outputs
         ]
@@ -177,3 +185,9 @@ def test_a_step_reading_an_ensemble_output_is_refused() -> None:
 def test_malformed_pbtxt_is_a_repository_error() -> None:
     with pytest.raises(RepositoryError, match="does not parse"):
         parse_pbtxt('name: "x"\nmax_batch_size: "many"\n')
+
+
+def test_retrieval_is_refused_more_than_one_instance() -> None:
+    settings = ServingSettings(instances={contract.RETRIEVAL: 2})
+    with pytest.raises(RepositoryError, match="retrieval runs as one instance"):
+        retrieval_config(DIM, settings, target=Target.EMBEDDED)

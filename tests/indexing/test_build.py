@@ -544,3 +544,21 @@ def test_benchmark_on_clustered_data_tunes_the_search_down() -> None:
     )
     assert results[0].params["nprobe"] < results[0].params["nlist"] and results[0].recall >= 0.9
     assert "clustered unit vectors" in format_table(results)
+
+
+def test_metadata_is_written_checksummed_and_loaded_with_the_index(tmp_path: Path) -> None:
+    from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata
+    from postsim.model_repository.search_index import METADATA_FILE
+
+    ids = post_ids(20)
+    metadata = MetadataColumns.of(PostMetadata(author=f"a{row % 3}", label="x" if row else None) for row in range(20))
+    build_index_dir(tmp_path / "index", ids, unit_vectors(20), weights_fingerprint=FINGERPRINT, metadata=metadata)
+    loaded = load_index_dir(tmp_path / "index", FINGERPRINT, use_gpu=False)
+    assert loaded.metadata is not None
+    assert [loaded.metadata.row(row) for row in range(20)] == [metadata.row(row) for row in range(20)]
+    stored = tmp_path / "index" / METADATA_FILE
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    with pytest.raises(SearchIndexError, match=METADATA_FILE):
+        load_index_dir(tmp_path / "index", FINGERPRINT, use_gpu=False)

@@ -9,6 +9,8 @@ import pytest
 
 from postsim.core.errors import SearchIndexError
 from postsim.indexing.build import build_index_dir
+from postsim.model_repository.live_index.mutable_index import MutableIndex
+from postsim.model_repository.live_index.protocol import PostUpsert
 from postsim.model_repository.score_parts import UNIMODAL_FILE, UnimodalVectors, split_scores
 from postsim.model_repository.search_index import IndexType, load_index_dir
 
@@ -73,3 +75,37 @@ def test_an_index_without_unimodal_vectors_loads_without_them(tmp_path: Path) ->
     build_index_dir(tmp_path, [f"post-{i}" for i in range(40)], fused, weights_fingerprint=FINGERPRINT)
     assert load_index_dir(tmp_path, FINGERPRINT, use_gpu=False).unimodal is None
     assert not (tmp_path / UNIMODAL_FILE).exists()
+
+
+def test_a_live_index_splits_its_published_rows_and_answers_nan_for_upserted_ones(tmp_path: Path) -> None:
+    image, text, weights, fused = _posts(COUNT, seed=0)
+    ids = [f"post-{i}" for i in range(COUNT)]
+    unimodal = UnimodalVectors.from_float32(image, text, weights)
+    build_index_dir(tmp_path / "index", ids, fused, weights_fingerprint=FINGERPRINT, unimodal=unimodal)
+    base = load_index_dir(tmp_path / "index", FINGERPRINT, use_gpu=False)
+    with MutableIndex.open(base, tmp_path / "changes.journal") as live:
+        live.delete(["post-3"])
+        compacted = live.compact()
+        assert compacted.unimodal is not None, "only deletes: every live row keeps its parts"
+        np.testing.assert_array_equal(compacted.unimodal.image, unimodal.image[[i for i in range(COUNT) if i != 3]])
+
+        query_image, query_text, query_weights, query = _posts(4, seed=1)
+        live.upsert([PostUpsert(id="new", vector=query[0])], weights_fingerprint=FINGERPRINT)
+        hits = live.search(query, 10)
+        rows = np.array([[hit.row for hit in row] for row in hits])
+        parts = live.split_scores(query_image, query_text, query_weights, rows)
+        scores = np.array([[hit.score for hit in row] for row in hits])
+        published = rows < COUNT
+        assert hits[0][0].id == "new" and not published[0, 0]
+        assert np.isnan(parts[~published]).all(), "an upserted post's parts are not journalled: NaN"
+        np.testing.assert_allclose(parts[published].sum(axis=-1), scores[published], atol=1e-3)
+
+        by_id = live.search_by_id(["post-7", "new"], 10)
+        stored = live.stored_parts(["post-7", "new"])
+        rows = np.array([[hit.row for hit in row] for row in by_id])
+        parts = live.split_scores(*stored, rows)
+        # a published post queried by id splits with its stored parts
+        np.testing.assert_allclose(parts[0].sum(axis=-1), [hit.score for hit in by_id[0]], atol=1e-3)
+        assert np.isnan(parts[1]).all(), "an upserted post queried by id has no stored parts"
+
+        assert live.compact().unimodal is None, "an upserted live post has no parts: the new version keeps none"

@@ -1,0 +1,98 @@
+"""``postsim index upsert | delete``: posts into and out of the index a running server serves, without a rebuild.
+
+Each call of at most ``batch_size`` posts is one atomic change that the server journals
+(fsync) and applies before it answers (``post_changes``, see README "Posts come and go");
+a change that failed leaves the earlier calls' changes in place, and says which posts it
+concerned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from postsim.client.api import PostSimClient
+from postsim.client.posts import ChangeReport
+from postsim.core.errors import InvalidPostError
+from postsim.corpus.posts import read_posts
+from postsim.indexing.embed import ProgressCallback
+from postsim.model_repository import contract
+from postsim.model_repository.contract import post_id_problem
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChangeSummary:
+    """What a run of upserts or deletes did, over all its calls."""
+
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    """Ids a delete named that no indexed post has: nothing was done for them."""
+    sequence: int = 0
+    """The journal sequence number of the last change."""
+
+    def add(self, report: ChangeReport) -> ChangeSummary:
+        return ChangeSummary(
+            added=self.added + list(report.added),
+            replaced=self.replaced + list(report.replaced),
+            deleted=self.deleted + list(report.deleted),
+            unknown=self.unknown + list(report.unknown),
+            sequence=max(self.sequence, report.sequence),
+        )
+
+
+def upsert_corpus(
+    corpus: Path,
+    url: str,
+    *,
+    batch_size: int = contract.MAX_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> ChangeSummary:
+    """Upsert every post of ``corpus`` (the corpus format, metadata included) into the index ``url`` serves."""
+    posts = list(read_posts(corpus))  # the whole file is checked before the first change
+    if not posts:
+        raise InvalidPostError(f"{corpus} holds no posts: nothing to upsert")
+    summary = ChangeSummary()
+    with PostSimClient(url) as client:
+        for start in range(0, len(posts), batch_size):
+            chunk = posts[start : start + batch_size]
+            report = client.upsert([post.to_post() for post in chunk], [post.metadata.to_fields() for post in chunk])
+            summary = summary.add(report)
+            if on_progress is not None:
+                on_progress(start + len(chunk), len(posts))
+    return summary
+
+
+def delete_posts(ids: Sequence[str], url: str, *, on_progress: ProgressCallback | None = None) -> ChangeSummary:
+    """Delete the posts with ``ids`` from the index ``url`` serves; ids it does not have are reported."""
+    for post_id in ids:
+        problem = post_id_problem(post_id)
+        if problem:
+            raise InvalidPostError(problem)
+    wanted = list(dict.fromkeys(ids))
+    if not wanted:
+        raise InvalidPostError("no ids given: name them, or give --ids-file")
+    summary = ChangeSummary()
+    size = contract.MAX_BATCH_SIZE
+    with PostSimClient(url) as client:
+        for start in range(0, len(wanted), size):
+            summary = summary.add(client.delete(wanted[start : start + size]))
+            if on_progress is not None:
+                on_progress(min(start + size, len(wanted)), len(wanted))
+    return summary
+
+
+def read_ids_file(path: Path) -> list[str]:
+    """Post ids, one a line (blank lines skipped), each checked, naming the line of a bad one."""
+    ids = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        post_id = line.strip()
+        if not post_id:
+            continue
+        problem = post_id_problem(post_id)
+        if problem:
+            raise InvalidPostError(f"{path}:{number}: {problem}")
+        ids.append(post_id)
+    return ids
