@@ -375,10 +375,12 @@ class _Encoders:
     def inputs(
         self, model: str, batch: int, settings: GpuCheckSettings, device: torch.device
     ) -> tuple[torch.Tensor, ...]:
-        """Fresh random float32 pixels, or token ids and a mask in which every row is a different length."""
+        """Fresh random float32 pixels of one frame a post and its mask, or token ids and a mask in which every
+        row is a different length."""
         generator = torch.Generator().manual_seed(batch)
         if model == IMAGE_ENCODER:
-            return (torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device),)
+            pixels = torch.randn(batch, 1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            return pixels.to(device), torch.ones(batch, 1).to(device)
         length = settings.sequence_length
         ids = torch.randint(1000, VOCAB_SIZE, (batch, length), generator=generator)
         lengths = torch.randint(length // 2, length + 1, (batch,), generator=generator)
