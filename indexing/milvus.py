@@ -34,7 +34,8 @@ from postsim.indexing.build import (
     recall_of,
     without_self,
 )
-from postsim.model_repository.milvus_store import MilvusIndexSpec, MilvusIndexType, MilvusStore, PostMetadata
+from postsim.model_repository.live_index.metadata import PostMetadata
+from postsim.model_repository.milvus_store import MilvusIndexSpec, MilvusIndexType, MilvusStore
 
 __all__ = ["MilvusBuild", "MilvusTuning", "build_milvus_version", "choose_milvus_index", "tune_milvus_search"]
 
@@ -177,6 +178,7 @@ def build_milvus_version(
     vectors: np.ndarray,
     metadata: Sequence[PostMetadata],
     *,
+    captions: Sequence[str] | None = None,
     index_type: MilvusIndexType | None = None,
     gpu: bool = False,
     recall_target: float = TUNING_RECALL,
@@ -184,7 +186,7 @@ def build_milvus_version(
 ) -> MilvusBuild:
     """Write the posts as a new version, tune its search on them and record it; :meth:`MilvusStore.publish` serves it."""
     spec = choose_milvus_index(len(ids), store.dimension, index_type, gpu=gpu)
-    version = store.create_version(ids, vectors, metadata, spec, progress=progress)
+    version = store.create_version(ids, vectors, metadata, spec, captions=captions, progress=progress)
     tuning = tune_milvus_search(store, version, ids, vectors, recall_target=recall_target)
     store.set_search_params(version, tuning.spec, recall=tuning.recall)
     return MilvusBuild(version=version, tuning=tuning)

@@ -1,8 +1,11 @@
 """Posts in Milvus: versioned collections behind an alias, searched with metadata filters.
 
 The Milvus retrieval backend keeps what a FAISS index folder keeps (a vector and a caption
-per post id) plus each post's metadata (author, creation time, label, tags), in a Milvus
-collection, so that every postsim replica searches and updates the same posts.
+per post id) plus each post's metadata (author, creation time, label, tags: the live index's
+:class:`~postsim.model_repository.live_index.metadata.PostMetadata`), in a Milvus collection, so
+that every postsim replica searches and updates the same posts. Searches take the live index's
+:class:`~postsim.model_repository.live_index.filters.PostFilter`, as :func:`filter_expression`
+writes it for Milvus.
 
 Names. Each index version is a collection ``<prefix>_<fingerprint>_v<N>``; the version that
 serves is the one the alias ``<prefix>_<fingerprint>`` points to. The fingerprint is the
@@ -44,7 +47,6 @@ import logging
 import re
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,20 +58,20 @@ import numpy as np
 
 from postsim.core.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
 from postsim.model_repository.contract import post_id_problem
+from postsim.model_repository.live_index.filters import PostFilter
+from postsim.model_repository.live_index.metadata import MAX_TAGS, PostMetadata
 from postsim.model_repository.search_index import SearchHit, check_queries
 
 __all__ = [
-    "MAX_TAGS",
     "READ_CONSISTENCY",
     "DeleteReport",
     "MilvusIndexSpec",
     "MilvusIndexType",
     "MilvusSettings",
     "MilvusStore",
-    "PostFilter",
-    "PostMetadata",
     "StoredPost",
     "VersionManifest",
+    "filter_expression",
     "milvus_string",
 ]
 
@@ -79,12 +81,21 @@ READ_CONSISTENCY = "Strong"
 """Milvus consistency level of every read: see the module docstring for why."""
 MANIFEST_PROPERTY = "postsim.manifest"
 """The collection property that holds a version's :class:`VersionManifest` (JSON)."""
+UTF8_MAX_BYTES = 4
+"""Most bytes one character takes in UTF-8."""
 MAX_TEXT_BYTES = 256
-"""Longest author or label, in UTF-8 bytes (Milvus limits VARCHAR fields in bytes)."""
-MAX_TAGS = 64
+"""Longest author or label the schema holds, in UTF-8 bytes (Milvus's VARCHAR ``max_length`` counts bytes).
+
+The shared metadata check (``check_name``) bounds characters, not bytes: an author or label
+of up to ``MAX_NAME_CHARS`` = 256 characters may take up to 256 x 4 = 1,024 bytes, beyond
+this limit, so :meth:`MilvusStore._rows` checks the bytes too (collections already built
+keep this schema, which is why the limit is not raised instead)."""
 MAX_TAG_BYTES = 128
+"""Longest tag the schema holds, in UTF-8 bytes: ``MAX_TAG_CHARS`` = 100 characters may take up to
+400, so the store checks this limit too, as for authors and labels."""
 MAX_CAPTION_BYTES = 1024
-"""A caption is at most 200 characters (``post_caption``), at most 4 bytes each in UTF-8."""
+"""Longest caption the schema holds, in UTF-8 bytes. ``post_caption`` keeps at most 200 characters
+(800 bytes at most), but the store is given captions by its callers and checks them itself."""
 MAX_ID_BYTES = 128
 MAX_TOP_K = 16_384
 """Milvus's largest ``limit``."""
@@ -212,68 +223,6 @@ class MilvusSettings:
             raise SearchIndexError("MilvusSettings.timeout_s and insert_batch must be positive")
 
 
-def _printable(value: str, name: str, max_bytes: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidPostError(f"{name} must be a string, got {type(value).__name__}")
-    if not value or len(value.encode()) > max_bytes:
-        raise InvalidPostError(f"{name} must be 1 to {max_bytes} bytes of UTF-8, got {len(value.encode())}")
-    if any(unicodedata.category(character)[0] == "C" for character in value):
-        raise InvalidPostError(f"{name} {value!r} contains control or format characters")
-    return value
-
-
-def _epoch_seconds(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidPostError(f"{name} must be whole seconds since the epoch (UTC), got {value!r}")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class PostMetadata:
-    """What a post carries besides its vector; every field is optional."""
-
-    author: str | None = None
-    created_at: int | None = None
-    """Seconds since the epoch, UTC."""
-    label: str | None = None
-    tags: tuple[str, ...] = ()
-    caption: str = ""
-    """The post's text as an index keeps it (``post_caption``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("author", "label"):
-            value = getattr(self, name)
-            if value is not None:
-                _printable(value, name, MAX_TEXT_BYTES)
-        if self.created_at is not None:
-            _epoch_seconds(self.created_at, "created_at")
-        if not isinstance(self.tags, tuple) or len(self.tags) > MAX_TAGS:
-            raise InvalidPostError(f"tags must be a tuple of at most {MAX_TAGS} strings")
-        for tag in self.tags:
-            _printable(tag, "a tag", MAX_TAG_BYTES)
-        if not isinstance(self.caption, str) or len(self.caption.encode()) > MAX_CAPTION_BYTES:
-            raise InvalidPostError(f"caption must be a string of at most {MAX_CAPTION_BYTES} bytes")
-
-    def row(self) -> dict[str, Any]:
-        return {
-            "author": self.author,
-            "created_at": self.created_at,
-            "label": self.label,
-            "tags": list(self.tags),
-            "caption": self.caption,
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> PostMetadata:
-        return cls(
-            author=row.get("author"),
-            created_at=row.get("created_at"),
-            label=row.get("label"),
-            tags=tuple(row.get("tags") or ()),
-            caption=row.get("caption") or "",
-        )
-
-
 def milvus_string(value: str) -> str:
     """``value`` as a Milvus expression string literal: double-quoted, backslashes and quotes escaped.
 
@@ -288,76 +237,40 @@ def _string_list(values: Iterable[str]) -> str:
     return "[" + ", ".join(milvus_string(value) for value in sorted(values)) + "]"
 
 
-@dataclass(frozen=True, kw_only=True)
-class PostFilter:
-    """Which posts a search may return. Every condition given must hold; none given: every post.
+def filter_expression(post_filter: PostFilter, *, also_exclude: Iterable[str] = ()) -> str:
+    """``post_filter`` as a Milvus boolean expression; ``""`` when it keeps every post.
 
-    A post without an author is never excluded by ``exclude_author``; a post without a
-    creation time or a label never passes a window or a label set.
+    The semantics are the live index's (``postsim.model_repository.live_index.filters``): a
+    post without an author is never excluded by ``exclude_author``; a post without a creation
+    time or a label never passes a window or a label set. ``also_exclude`` adds ids to leave
+    out (the query's own post in :meth:`MilvusStore.search_by_id`).
     """
-
-    exclude_ids: frozenset[str] = frozenset()
-    exclude_author: str | None = None
-    created_from: int | None = None
-    """Keep posts created at or after this time (epoch seconds)."""
-    created_until: int | None = None
-    """Keep posts created before this time (epoch seconds)."""
-    labels: frozenset[str] | None = None
-    """Keep posts whose label is one of these."""
-    any_tags: frozenset[str] | None = None
-    """Keep posts with at least one of these tags."""
-
-    def __post_init__(self) -> None:
-        for post_id in self.exclude_ids:
-            problem = post_id_problem(post_id) if isinstance(post_id, str) else "not a string"
-            if problem:
-                raise InvalidPostError(f"exclude_ids: {post_id!r}: {problem}")
-        if self.exclude_author is not None:
-            _printable(self.exclude_author, "exclude_author", MAX_TEXT_BYTES)
-        for name in ("created_from", "created_until"):
-            value = getattr(self, name)
-            if value is not None:
-                _epoch_seconds(value, name)
-        if self.created_from is not None and self.created_until is not None and self.created_from >= self.created_until:
-            raise InvalidPostError(
-                f"created_from ({self.created_from}) must be before created_until ({self.created_until}): "
-                "the window keeps no post"
-            )
-        for name, max_bytes in (("labels", MAX_TEXT_BYTES), ("any_tags", MAX_TAG_BYTES)):
-            values = getattr(self, name)
-            if values is None:
-                continue
-            if not values:
-                raise InvalidPostError(f"{name} is empty, which keeps no post: leave it out to keep every post")
-            for value in values:
-                _printable(value, f"a value of {name}", max_bytes)
-
-    def expression(self, *, also_exclude: Iterable[str] = ()) -> str:
-        """The filter as a Milvus boolean expression; ``""`` when it keeps every post."""
-        excluded = self.exclude_ids | frozenset(also_exclude)
-        terms = []
-        if excluded:
-            terms.append(f"id not in {_string_list(excluded)}")
-        if self.exclude_author is not None:
-            terms.append(f"(author is null or author != {milvus_string(self.exclude_author)})")
-        if self.created_from is not None:
-            terms.append(f"created_at >= {self.created_from}")
-        if self.created_until is not None:
-            terms.append(f"created_at < {self.created_until}")
-        if self.labels is not None:
-            terms.append(f"label in {_string_list(self.labels)}")
-        if self.any_tags is not None:
-            terms.append(f"array_contains_any(tags, {_string_list(self.any_tags)})")
-        return " and ".join(terms)
+    excluded = post_filter.exclude_ids | frozenset(also_exclude)
+    terms = []
+    if excluded:
+        terms.append(f"id not in {_string_list(excluded)}")
+    if post_filter.exclude_author is not None:
+        terms.append(f"(author is null or author != {milvus_string(post_filter.exclude_author)})")
+    if post_filter.created_after is not None:
+        terms.append(f"created_at >= {post_filter.created_after}")
+    if post_filter.created_before is not None:
+        terms.append(f"created_at < {post_filter.created_before}")
+    if post_filter.labels is not None:
+        terms.append(f"label in {_string_list(post_filter.labels)}")
+    if post_filter.tags is not None:
+        terms.append(f"array_contains_any(tags, {_string_list(post_filter.tags)})")
+    return " and ".join(terms)
 
 
 @dataclass(frozen=True)
 class StoredPost:
-    """A post as the store holds it: its unit vector and metadata."""
+    """A post as the store holds it: its unit vector, metadata and caption."""
 
     id: str
     vector: np.ndarray
     metadata: PostMetadata
+    caption: str = ""
+    """The post's text as an index keeps it (``post_caption``)."""
 
 
 @dataclass(frozen=True)
@@ -525,15 +438,17 @@ class MilvusStore:
         metadata: Sequence[PostMetadata],
         spec: MilvusIndexSpec,
         *,
+        captions: Sequence[str] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Write the posts into a new collection version, indexed as ``spec`` says; nothing serves it yet.
 
         Returns the version. The collection is complete (indexed and loaded) when this returns;
         an error on the way drops it, so a half-written version never exists.
+        ``captions`` gives each post's caption (none given: every caption empty);
         ``progress(done, total)`` is called after each batch of posts written.
         """
-        rows = self._rows(ids, vectors, metadata)
+        rows = self._rows(ids, vectors, metadata, captions)
         version = max(self.versions(), default=0) + 1
         name = self.collection_name(version)
         manifest = VersionManifest(
@@ -638,12 +553,19 @@ class MilvusStore:
 
     # ------------------------------------------------------------------ changes
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[PostMetadata]) -> int:
+    def upsert(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[PostMetadata],
+        captions: Sequence[str] | None = None,
+    ) -> int:
         """Add posts to the serving version, replacing those with the same ids; returns how many.
 
-        Visible to every read that starts after this returns.
+        ``captions`` gives each post's caption (none given: every caption empty). Visible to
+        every read that starts after this returns.
         """
-        rows = self._rows(ids, vectors, metadata)
+        rows = self._rows(ids, vectors, metadata, captions)
         version, _ = self._serving_manifest()
         with self._errors(f"upserting {len(rows)} posts into version {version}"):
             for start in range(0, len(rows), self.settings.insert_batch):
@@ -680,7 +602,13 @@ class MilvusStore:
             row["id"]: StoredPost(
                 row["id"],
                 np.asarray(row["vector"], dtype=np.float32) if with_vectors else empty,
-                PostMetadata.from_row(row),
+                PostMetadata(
+                    author=row.get("author"),
+                    created_at=row.get("created_at"),
+                    label=row.get("label"),
+                    tags=tuple(row.get("tags") or ()),
+                ),
+                row.get("caption") or "",
             )
             for row in rows
         }
@@ -736,7 +664,7 @@ class MilvusStore:
                 target,
                 data=normalised.tolist(),
                 limit=int(k),
-                filter=post_filter.expression(also_exclude=also_exclude),
+                filter=filter_expression(post_filter, also_exclude=also_exclude),
                 output_fields=["caption"],
                 search_params={"metric_type": "IP", "params": params},
                 consistency_level=READ_CONSISTENCY,
@@ -784,7 +712,13 @@ class MilvusStore:
             raise InvalidPostError("ids must be unique within one call")
         return list(ids)
 
-    def _rows(self, ids: Sequence[str], vectors: np.ndarray, metadata: Sequence[PostMetadata]) -> list[dict[str, Any]]:
+    def _rows(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        metadata: Sequence[PostMetadata],
+        captions: Sequence[str] | None,
+    ) -> list[dict[str, Any]]:
         checked = self._checked_ids(ids)
         if not checked:
             raise InvalidPostError("no post given")
@@ -795,11 +729,44 @@ class MilvusStore:
             raise InvalidPostError(
                 f"metadata must be one PostMetadata per id: got {len(metadata)} for {len(checked)} ids"
             )
+        if captions is None:
+            captions = [""] * len(checked)
+        elif isinstance(captions, str) or len(captions) != len(checked):
+            raise InvalidPostError(f"captions must be one string per id: got {len(captions)} for {len(checked)} ids")
+        for position, (meta, caption) in enumerate(zip(metadata, captions, strict=True)):
+            _check_fits_schema(meta, caption, f"post {position} ({checked[position]!r})")
         try:
             units = check_queries(np.ascontiguousarray(vectors, dtype=np.float32), self.dimension)
         except SearchIndexError as error:
             raise InvalidPostError(f"the vectors to store are not usable: {error}") from None
         return [
-            {"id": post_id, "vector": vector.tolist(), **meta.row()}
-            for post_id, vector, meta in zip(checked, units, metadata, strict=True)
+            {
+                "id": post_id,
+                "vector": vector.tolist(),
+                "author": meta.author,
+                "created_at": meta.created_at,
+                "label": meta.label,
+                "tags": list(meta.tags),
+                "caption": caption,
+            }
+            for post_id, vector, meta, caption in zip(checked, units, metadata, captions, strict=True)
         ]
+
+
+def _check_fits_schema(metadata: PostMetadata, caption: str, post: str) -> None:
+    """Refuse what the shared checks let through but the collection schema cannot hold.
+
+    ``PostMetadata`` has checked every value's characters already; what is left is Milvus's
+    VARCHAR ``max_length``, which counts UTF-8 bytes (see :data:`MAX_TEXT_BYTES`), and the
+    caption, which only the store is given.
+    """
+    values = [("author", metadata.author, MAX_TEXT_BYTES), ("label", metadata.label, MAX_TEXT_BYTES)]
+    values += [(f"tags[{n}]", tag, MAX_TAG_BYTES) for n, tag in enumerate(metadata.tags)]
+    if not isinstance(caption, str):
+        raise InvalidPostError(f"{post}: caption must be a string, got {type(caption).__name__}")
+    values.append(("caption", caption, MAX_CAPTION_BYTES))
+    for name, value, max_bytes in values:
+        if value is not None and len(value.encode()) > max_bytes:
+            raise InvalidPostError(
+                f"{post}: {name} takes {len(value.encode()):,} bytes of UTF-8; Milvus holds at most {max_bytes}"
+            )

@@ -32,6 +32,7 @@ from postsim.model_repository.live_index.metadata import (
     MAX_TAG_CHARS,
     NO_TIME,
     MetadataColumns,
+    check_epoch_seconds,
     check_name,
     format_time,
     parse_time,
@@ -69,6 +70,9 @@ class PostFilter:
                 raise InvalidPostError(f"{_field(name)}: an empty set would keep no post; leave the field out instead")
             for value in values or ():
                 check_name(value, _field(name), max_chars=max_chars)
+        for name in ("created_after", "created_before"):
+            if getattr(self, name) is not None:
+                check_epoch_seconds(getattr(self, name), _field(name))
         for name in ("exclude_ids", "labels", "tags"):
             if len(getattr(self, name) or ()) > MAX_FILTER_VALUES:
                 raise InvalidPostError(

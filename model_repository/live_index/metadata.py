@@ -85,6 +85,13 @@ def check_name(value: object, field: str, *, max_chars: int = MAX_NAME_CHARS) ->
     return value
 
 
+def check_epoch_seconds(value: object, field: str) -> int:
+    """``value`` if it is a usable creation time: whole seconds since 1970-01-01 UTC, within int64."""
+    if isinstance(value, bool) or not isinstance(value, int) or not NO_TIME < value <= np.iinfo(np.int64).max:
+        raise InvalidPostError(f"{field}: expected whole epoch seconds, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class PostMetadata:
     """One post's metadata; every field may be absent. Built values are checked: a bad one is an InvalidPostError."""
@@ -101,12 +108,8 @@ class PostMetadata:
             check_name(self.author, "author")
         if self.label is not None:
             check_name(self.label, "label")
-        if self.created_at is not None and (
-            isinstance(self.created_at, bool)
-            or not isinstance(self.created_at, int)
-            or not NO_TIME < self.created_at <= np.iinfo(np.int64).max
-        ):
-            raise InvalidPostError(f"created_at: expected whole epoch seconds, got {self.created_at!r}")
+        if self.created_at is not None:
+            check_epoch_seconds(self.created_at, "created_at")
         if not isinstance(self.tags, tuple):
             raise InvalidPostError(f"tags: expected a tuple of strings, got {type(self.tags).__name__}")
         for position, tag in enumerate(self.tags):

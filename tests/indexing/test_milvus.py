@@ -14,7 +14,8 @@ from postsim.bench.index_bench import ClusteredVectors
 from postsim.core.errors import SearchIndexError
 from postsim.indexing import build as indexing
 from postsim.indexing.milvus import build_milvus_version, choose_milvus_index
-from postsim.model_repository.milvus_store import MilvusIndexType, MilvusSettings, MilvusStore, PostMetadata
+from postsim.model_repository.live_index.metadata import PostMetadata
+from postsim.model_repository.milvus_store import MilvusIndexType, MilvusSettings, MilvusStore
 
 pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) runs these tests")
 pytest.importorskip("milvus_lite", reason="the milvus extra (pymilvus, milvus-lite) runs these tests")

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 
 from postsim.core.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
+from postsim.model_repository.live_index.filters import PostFilter
+from postsim.model_repository.live_index.metadata import PostMetadata
 from postsim.model_repository.milvus_store import (
+    MAX_TEXT_BYTES,
     MilvusIndexSpec,
     MilvusIndexType,
     MilvusSettings,
     MilvusStore,
-    PostFilter,
-    PostMetadata,
+    filter_expression,
     milvus_string,
 )
 
@@ -64,8 +66,8 @@ def open_store(database: Path) -> Iterator[Callable[..., MilvusStore]]:
         store.close()
 
 
-def corpus(count: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[PostMetadata]]:
-    """Posts p0..p{count-1} with every kind of metadata, some of it missing, some of it hostile."""
+def corpus(count: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[PostMetadata], list[str]]:
+    """Posts p0..p{count-1} with every kind of metadata, some of it missing, some of it hostile, and captions."""
     ids = [f"p{i}" for i in range(count)]
     metadata = [
         PostMetadata(
@@ -73,18 +75,17 @@ def corpus(count: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[PostM
             created_at=None if i % 7 == 0 else 1_700_000_000 + 3600 * i,
             label=None if i % 4 == 0 else f"label{i % 3}",
             tags=tuple(HOSTILE[j] for j in range(i % 3)),
-            caption=f"post number {i}",
         )
         for i in range(count)
     ]
-    return ids, unit_rows(count, seed), metadata
+    return ids, unit_rows(count, seed), metadata, [f"post number {i}" for i in range(count)]
 
 
 @pytest.fixture
 def served(open_store: Callable[..., MilvusStore]) -> tuple[MilvusStore, list[str], np.ndarray, list[PostMetadata]]:
     store = open_store()
-    ids, vectors, metadata = corpus(300)
-    store.publish(store.create_version(ids, vectors, metadata, FLAT))
+    ids, vectors, metadata, captions = corpus(300)
+    store.publish(store.create_version(ids, vectors, metadata, FLAT, captions=captions))
     return store, ids, vectors, metadata
 
 
@@ -112,7 +113,7 @@ def test_a_version_serves_only_once_published_and_publish_switches_the_alias(
     open_store: Callable[..., MilvusStore],
 ) -> None:
     store = open_store()
-    ids, vectors, metadata = corpus(50)
+    ids, vectors, metadata, _ = corpus(50)
     first = store.create_version(ids, vectors, metadata, FLAT)
     assert store.versions() == [first] and store.serving_version() is None
     with pytest.raises(SearchIndexError, match="no index version is published"):
@@ -129,7 +130,7 @@ def test_a_version_serves_only_once_published_and_publish_switches_the_alias(
 
 def test_rollback_serves_the_previous_version_and_retires_the_newest(open_store: Callable[..., MilvusStore]) -> None:
     store = open_store()
-    ids, vectors, metadata = corpus(30)
+    ids, vectors, metadata, _ = corpus(30)
     with pytest.raises(SearchIndexError, match="nothing to roll back"):
         store.rollback()
     for _ in range(2):
@@ -144,7 +145,7 @@ def test_rollback_serves_the_previous_version_and_retires_the_newest(open_store:
 
 def test_other_encoders_never_see_a_collection(open_store: Callable[..., MilvusStore]) -> None:
     store = open_store()
-    ids, vectors, metadata = corpus(20)
+    ids, vectors, metadata, _ = corpus(20)
     store.publish(store.create_version(ids, vectors, metadata, FLAT))
     other = open_store()
     assert other.versions() == [] and other.serving_version() is None
@@ -156,7 +157,7 @@ def test_a_failed_build_leaves_no_version(
     open_store: Callable[..., MilvusStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = open_store(insert_batch=10)
-    ids, vectors, metadata = corpus(40)
+    ids, vectors, metadata, _ = corpus(40)
     calls = {"n": 0}
     insert = store._client.insert
 
@@ -199,14 +200,14 @@ def test_k_beyond_the_collection_returns_every_post_once(served: tuple[Any, ...]
         ("exclude author", PostFilter(exclude_author=HOSTILE[2]), lambda i, m: m.author != HOSTILE[2]),
         (
             "window",
-            PostFilter(created_from=1_700_000_000 + 3600 * 100, created_until=1_700_000_000 + 3600 * 200),
+            PostFilter(created_after=1_700_000_000 + 3600 * 100, created_before=1_700_000_000 + 3600 * 200),
             lambda i, m: m.created_at is not None and 100 <= i < 200,
         ),
         ("labels", PostFilter(labels=frozenset({"label1"})), lambda i, m: m.label == "label1"),
-        ("any tag", PostFilter(any_tags=frozenset({HOSTILE[1]})), lambda i, m: HOSTILE[1] in m.tags),
+        ("any tag", PostFilter(tags=frozenset({HOSTILE[1]})), lambda i, m: HOSTILE[1] in m.tags),
         (
             "all at once",
-            PostFilter(exclude_author=HOSTILE[0], labels=frozenset({"label2", "label0"}), any_tags=frozenset(HOSTILE)),
+            PostFilter(exclude_author=HOSTILE[0], labels=frozenset({"label2", "label0"}), tags=frozenset(HOSTILE)),
             lambda i, m: m.author != HOSTILE[0] and m.label in ("label2", "label0") and bool(m.tags),
         ),
     ],
@@ -237,25 +238,17 @@ def test_a_filter_that_keeps_3_percent_still_returns_k(served: tuple[Any, ...]) 
 def test_hostile_metadata_values_match_only_themselves(served: tuple[Any, ...]) -> None:
     store, ids, vectors, metadata = served
     for value in HOSTILE:
-        (found,) = store.search(vectors[:1], 300, post_filter=PostFilter(any_tags=frozenset({value})))
+        (found,) = store.search(vectors[:1], 300, post_filter=PostFilter(tags=frozenset({value})))
         assert {n.id for n in found} == {ids[i] for i, m in enumerate(metadata) if value in m.tags}, value
     assert milvus_string('a"b\\c') == '"a\\"b\\\\c"'
 
 
-@pytest.mark.parametrize(
-    ("settings", "field"),
-    [
-        ({"labels": frozenset()}, "labels"),
-        ({"any_tags": frozenset()}, "any_tags"),
-        ({"created_from": 10, "created_until": 10}, "created_from"),
-        ({"created_from": "2024-01-01"}, "created_from"),
-        ({"exclude_ids": frozenset({"has space"})}, "exclude_ids"),
-        ({"exclude_author": "line\nbreak"}, "exclude_author"),
-    ],
-)
-def test_a_malformed_filter_is_refused_naming_the_field(settings: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidPostError, match=field):
-        PostFilter(**settings)
+def test_the_expression_is_the_live_filter_in_milvus_syntax() -> None:
+    assert filter_expression(PostFilter()) == ""
+    assert filter_expression(PostFilter(exclude_ids=frozenset({"b"})), also_exclude=("a",)) == 'id not in ["a", "b"]'
+    assert filter_expression(
+        PostFilter(exclude_author='o"x', created_after=10, created_before=20, labels=frozenset({"l"}))
+    ) == ('(author is null or author != "o\\"x") and created_at >= 10 and created_at < 20 and label in ["l"]')
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,7 +258,7 @@ def test_a_malformed_filter_is_refused_naming_the_field(settings: dict[str, Any]
 def test_an_upsert_is_visible_when_the_call_returns_and_replaces_by_id(served: tuple[Any, ...]) -> None:
     store, _, vectors, _ = served
     fresh = unit_rows(2, seed=99)
-    assert store.upsert(["new-1", "p3"], fresh, [PostMetadata(caption="new"), PostMetadata(label="moved")]) == 2
+    assert store.upsert(["new-1", "p3"], fresh, [PostMetadata(), PostMetadata(label="moved")], ["new", ""]) == 2
     (found,) = store.search(fresh[:1], 1)
     assert found[0].id == "new-1" and found[0].score >= 0.99 and found[0].caption == "new"
     (old_place,) = store.search(vectors[3:4], 1)
@@ -318,11 +311,16 @@ def test_bad_changes_are_refused_before_anything_is_written(served: tuple[Any, .
         store.upsert(["ok", "not ok"], vectors[:2], [PostMetadata(), PostMetadata()])
     with pytest.raises(InvalidPostError, match="vectors"):
         store.upsert(["a"], np.zeros((1, DIM), dtype=np.float32), [PostMetadata()])
-    with pytest.raises(InvalidPostError, match="control"):
-        PostMetadata(author="tab\there")
+    wide = "ü" * (MAX_TEXT_BYTES // 2 + 1)  # within the shared 256 characters, beyond the schema's 256 bytes
+    with pytest.raises(InvalidPostError, match=r"post 1 \('b'\): author takes 258 bytes"):
+        store.upsert(["a", "b"], vectors[:2], [PostMetadata(), PostMetadata(author=wide)])
+    with pytest.raises(InvalidPostError, match="caption takes 1,025 bytes"):
+        store.upsert(["a"], vectors[:1], [PostMetadata()], ["x" * 1025])
+    with pytest.raises(InvalidPostError, match="captions must be one string per id"):
+        store.upsert(["a"], vectors[:1], [PostMetadata()], ["one", "two"])
     with pytest.raises(InvalidPostError, match="unique"):
         store.delete(["p1", "p1"])
-    assert "ok" not in store.get(["ok"])
+    assert not store.get(["ok", "a", "b"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,7 +341,7 @@ def test_get_returns_the_stored_unit_vector_and_metadata(served: tuple[Any, ...]
     found = store.get(["p6", "absent"])
     assert list(found) == ["p6"]
     assert np.allclose(found["p6"].vector, vectors[6], atol=1e-6)
-    assert found["p6"].metadata == metadata[6]
+    assert found["p6"].metadata == metadata[6] and found["p6"].caption == "post number 6"
 
 
 # ---------------------------------------------------------------------------------------

@@ -62,6 +62,21 @@ def test_a_bad_filter_is_refused_naming_the_field(value: str, message: str) -> N
         parse_filter(value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"created_after": "2024-01-01"}, r"^filter field 'created_after': expected whole epoch seconds, got '2024"),
+        ({"created_before": True}, r"^filter field 'created_before': expected whole epoch seconds"),
+        ({"tags": frozenset()}, r"^filter field 'tags': an empty set would keep no post"),
+        ({"exclude_author": "line\nbreak"}, r"^filter field 'exclude_author': .*U\+000A"),
+    ],
+)
+def test_a_filter_built_in_code_is_checked_as_a_parsed_one(fields: dict[str, object], message: str) -> None:
+    """Callers that build a PostFilter directly (the Milvus store writes its times into an expression) get the same checks."""
+    with pytest.raises(InvalidPostError, match=message):
+        PostFilter(**fields)  # type: ignore[arg-type]
+
+
 def test_a_filter_lists_a_bounded_number_of_values() -> None:
     with pytest.raises(InvalidPostError, match=f"at most {MAX_FILTER_VALUES} values"):
         parse_filter({"tags": [f"t{n}" for n in range(MAX_FILTER_VALUES + 1)]})
