@@ -495,8 +495,8 @@ class RetrievalModel(_PerRequestModel):
     ) -> np.ndarray:
         """Each hit's score split in four (``contract.CONTRIBUTIONS``), from the query parts sent or, by id, stored.
 
-        NaN where a part is unknown: a query without its parts, a post upserted since the
-        version was published, a version without unimodal vectors.
+        NaN where a part is unknown: a query without its parts, a post upserted through a journal
+        record without parts (written before they were journalled), a version without unimodal vectors.
         """
         parts = [_optional_input(request, tensor.name) for tensor in contract.RETRIEVAL_QUERY_PARTS]
         if query_ids is not None:
@@ -698,7 +698,8 @@ class SimilarPostsFilteredModel(_RetrievalCaller):
 class PostChangesModel(_RetrievalCaller):
     """Upserts (rows with ``IMAGE`` and ``TEXT``) or deletes (rows with ``POST_ID`` only) into the live index.
 
-    An upsert embeds its posts through ``post_embedding`` and sends them with the encoders'
+    An upsert embeds its posts through ``post_embedding`` and sends them, with their score parts
+    (unit modality vectors and weights, which split their scores later), and the encoders'
     fingerprint; ``retrieval`` journals (fsync) and applies the call's changes as one, and the
     answer comes back after that: a deleted post is in no result of a search that starts later.
     """
@@ -714,6 +715,7 @@ class PostChangesModel(_RetrievalCaller):
         from postsim.model_repository.live_index.metadata import PostMetadata
         from postsim.model_repository.live_index.protocol import PostUpsert, check_post_id
         from postsim.model_repository.live_index.wire import ChangeRequest, change_statuses, receipt_from_json
+        from postsim.model_repository.score_parts import PostParts
 
         try:
             ids = [
@@ -733,17 +735,28 @@ class PostChangesModel(_RetrievalCaller):
             return _error_response(error)
         if image is not None and text is not None:
             post = [pb_utils.Tensor(contract.IMAGE.name, image), pb_utils.Tensor(contract.TEXT.name, text)]
-            embedded, failed = await self._call(contract.POST_EMBEDDING, post, [contract.EMBEDDING.name])
+            wanted = [contract.EMBEDDING, *contract.RETRIEVAL_QUERY_PARTS]
+            embedded, failed = await self._call(contract.POST_EMBEDDING, post, [tensor.name for tensor in wanted])
             if failed is not None:
                 return failed
-            vectors = pb_utils.get_output_tensor_by_name(embedded, contract.EMBEDDING.name).as_numpy()
+            vectors, images, texts, weights = (
+                pb_utils.get_output_tensor_by_name(embedded, tensor.name).as_numpy() for tensor in wanted
+            )
             captions = [contract.post_caption(_text(value)) for value in text.reshape(-1)]
             try:
                 changes = ChangeRequest(
                     weights_fingerprint=self.fingerprint,
                     upserts=tuple(
-                        PostUpsert(id=post_id, vector=vector, metadata=meta, caption=caption)
-                        for post_id, vector, meta, caption in zip(ids, vectors, metadata, captions, strict=True)
+                        PostUpsert(
+                            id=post_id,
+                            vector=vector,
+                            metadata=meta,
+                            caption=caption,
+                            parts=PostParts(image=image_part, text=text_part, weights=weight),
+                        )
+                        for post_id, vector, meta, caption, image_part, text_part, weight in zip(
+                            ids, vectors, metadata, captions, images, texts, weights, strict=True
+                        )
                     ),
                 )
             except InvalidPostError as error:

@@ -354,9 +354,11 @@ query's modality a and the neighbour's modality b (``|e|``: the norm of the weig
 The neighbour's parts come from the index's unimodal-vector file, stored in fp16, so the
 four parts sum to the score within 1e-3. A part of a modality the query or the neighbour
 lacks is exactly 0. An index built without unimodal vectors (``postsim index build
---no-unimodal``) answers NaN in every part: it cannot split its scores. So does a post
-upserted into the live index since its version was published (the journal keeps its fused
-vector only), as a neighbour or as a ``QUERY_ID``.
+--no-unimodal``) answers NaN in every part of its published posts: it cannot split their scores.
+A post upserted into the live index keeps its parts (``post_changes`` journals them with its
+fused vector, and compaction writes them into the next version's unimodal-vector file), as a
+neighbour or as a ``QUERY_ID``; only one upserted through a journal record written before
+parts were journalled answers NaN.
 """
 NEIGHBOR_OUTPUTS = (IDS, SCORES, CAPTIONS, CONTRIBUTIONS)
 """What retrieval answers for each query, and retrieval_gateway passes on."""

@@ -14,7 +14,13 @@ parts that the index keeps in ``unimodal.npz`` (:class:`UnimodalVectors`).
 The file holds three fp16 arrays, ``image`` and ``text`` ``[count, dim]`` and ``weights``
 ``[count, 2]``: ``4 · dim + 4`` bytes a post (1,028 at dim 256), read with
 ``allow_pickle=False`` after its sha256 matches the index manifest. It is optional: an
-index built without it answers NaN parts (:func:`unsplit_scores`).
+index built without it answers NaN parts. A row whose parts are
+unknown (a post upserted through a journal record older than its parts, compacted in) is
+NaN in all three arrays, and its parts come out NaN.
+
+A post upserted into a live index carries its parts too (:class:`PostParts`): through the
+change request and the journal, into the live index's rows, and into ``unimodal.npz`` when
+the index is compacted.
 """
 
 from __future__ import annotations
@@ -24,12 +30,32 @@ from pathlib import Path
 
 import numpy as np
 
-from postsim.core.errors import SearchIndexError
+from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.contract import MODALITIES, SCORE_PARTS
 
 UNIMODAL_FILE = "unimodal.npz"
 STORED_DTYPE = np.float16
 _ARRAYS = ("image", "text", "weights")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PostParts:
+    """One post's unit image and text vectors and modality weights (float32), as ``post_embedding`` answers them."""
+
+    image: np.ndarray
+    text: np.ndarray
+    weights: np.ndarray
+
+    def check(self, dimension: int, post_id: str) -> PostParts:
+        """These parts as float32, once their shapes fit ``dimension`` and they are finite; else an InvalidPostError."""
+        arrays = [np.asarray(array, dtype=np.float32) for array in (self.image, self.text, self.weights)]
+        expected = [(dimension,), (dimension,), (len(MODALITIES),)]
+        if [array.shape for array in arrays] != expected or not all(np.isfinite(array).all() for array in arrays):
+            raise InvalidPostError(
+                f"post {post_id!r}: score parts of shapes {[list(array.shape) for array in arrays]}, expected "
+                f"{[list(shape) for shape in expected]} finite floats"
+            )
+        return PostParts(image=arrays[0], text=arrays[1], weights=arrays[2])
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,8 +73,11 @@ class UnimodalVectors:
             array = getattr(self, name)
             if count < 0 or array.shape != shape:
                 raise SearchIndexError(f"{UNIMODAL_FILE}: {name} has shape {array.shape}, expected {shape}")
-            if not np.isfinite(array).all():
-                raise SearchIndexError(f"{UNIMODAL_FILE}: {name} holds NaN or infinite values")
+        unknown = np.isnan(self.weights).all(axis=1)  # a row of unknown parts is NaN throughout
+        for name in _ARRAYS:
+            array = getattr(self, name)
+            if not (np.isfinite(array) | unknown[:, None]).all() or not np.isnan(array[unknown]).all():
+                raise SearchIndexError(f"{UNIMODAL_FILE}: {name} holds NaN or infinite values outside unknown rows")
 
     @classmethod
     def from_float32(cls, image: np.ndarray, text: np.ndarray, weights: np.ndarray) -> UnimodalVectors:
@@ -106,12 +135,23 @@ def split_scores(
     index rows. Each row of parts sums to the cosine of the query's and the neighbour's fused
     embeddings, up to the fp16 rounding of the stored parts.
     """
+    gathered = (array[rows].astype(np.float32) for array in (neighbours.image, neighbours.text, neighbours.weights))
+    return split_gathered(query_image, query_text, query_weights, *gathered)
+
+
+def split_gathered(
+    query_image: np.ndarray,
+    query_text: np.ndarray,
+    query_weights: np.ndarray,
+    image: np.ndarray,
+    text: np.ndarray,
+    weights: np.ndarray,
+) -> np.ndarray:
+    """:func:`split_scores` from the neighbours' parts already gathered: ``image``/``text`` ``[batch, k, dim]``,
+    ``weights`` ``[batch, k, 2]`` (NaN for a neighbour whose parts are unknown: its parts come out NaN)."""
     query_image = np.asarray(query_image, dtype=np.float32)
     query_text = np.asarray(query_text, dtype=np.float32)
     query_weights = np.asarray(query_weights, dtype=np.float32)
-    image = neighbours.image[rows].astype(np.float32)  # [batch, k, dim]
-    text = neighbours.text[rows].astype(np.float32)
-    weights = neighbours.weights[rows].astype(np.float32)  # [batch, k, 2]
     query_fused = query_weights[:, 0:1] * query_image + query_weights[:, 1:2] * query_text
     query_norm = np.linalg.norm(query_fused, axis=1)[:, None]  # [batch, 1]
     fused = weights[..., 0:1] * image + weights[..., 1:2] * text
@@ -131,8 +171,3 @@ def split_scores(
         "text_image": qt * ni * cosines(query_text, image),
     }
     return (np.stack([parts[name] for name in SCORE_PARTS], axis=-1) / scale[..., None]).astype(np.float32)
-
-
-def unsplit_scores(batch: int, k: int) -> np.ndarray:
-    """What an index without unimodal vectors answers for ``CONTRIBUTIONS``: NaN in every part."""
-    return np.full((batch, k, len(SCORE_PARTS)), np.nan, dtype=np.float32)

@@ -15,9 +15,14 @@ Layout (little-endian)::
 
     frame   = payload length (uint32), CRC32 of payload (uint32), payload
     payload = sequence (uint64), change count (uint32), change*
-    change  = kind (uint8: 1 upsert, 2 delete), id length (uint16), id (UTF-8),
-              for an upsert: vector (dimension × float32), JSON length (uint32),
-              JSON {author, created_at (epoch seconds), label, tags, caption}
+    change  = kind (uint8: 1 upsert, 2 delete, 3 upsert with parts), id length (uint16), id (UTF-8),
+              for an upsert: vector (dimension × float32),
+                  with parts: image, text (dimension × float32 each), weights (2 × float32),
+              JSON length (uint32), JSON {author, created_at (epoch seconds), label, tags, caption}
+
+An upsert whose score parts are known (:class:`~postsim.model_repository.score_parts.PostParts`,
+what splits its scores) is written as kind 3; kind 1, without them, is what journals written
+before parts were journalled hold, and still replays (its post's parts are unknown, NaN).
 
 One frame holds one call's changes, so a call is replayed whole or not at all. The
 header is written once, with the file (through a temporary file and a rename), so it is
@@ -48,8 +53,10 @@ import numpy as np
 
 from postsim.core.errors import InvalidPostError, PostSimError, SearchIndexError
 from postsim.core.files import fsync_path, write_bytes_atomic
+from postsim.model_repository.contract import MODALITIES
 from postsim.model_repository.live_index.metadata import PostMetadata
 from postsim.model_repository.live_index.protocol import PostUpsert, check_post_id
+from postsim.model_repository.score_parts import PostParts
 
 logger = logging.getLogger("postsim")
 
@@ -64,6 +71,7 @@ _CHANGE = struct.Struct("<BH")
 _U32 = struct.Struct("<I")
 _UPSERT = 1
 _DELETE = 2
+_UPSERT_WITH_PARTS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -393,7 +401,12 @@ def _encode(batch: ChangeBatch, dimension: int) -> bytes:
         }
         fields |= {"tags": list(metadata.tags), "caption": change.caption}
         extra = json.dumps(fields, ensure_ascii=False, sort_keys=True).encode()
-        parts += [_CHANGE.pack(_UPSERT, len(post_id)), post_id, vector.tobytes(), _U32.pack(len(extra)), extra]
+        kind = _UPSERT if change.parts is None else _UPSERT_WITH_PARTS
+        parts += [_CHANGE.pack(kind, len(post_id)), post_id, vector.tobytes()]
+        if change.parts is not None:
+            checked = change.parts.check(dimension, change.id)
+            parts += [checked.image.tobytes(), checked.text.tobytes(), checked.weights.tobytes()]
+        parts += [_U32.pack(len(extra)), extra]
     return b"".join(parts)
 
 
@@ -410,17 +423,24 @@ def _decode(payload: memoryview, dimension: int) -> ChangeBatch:
             if kind == _DELETE:
                 changes.append(Delete(post_id))
                 continue
-            if kind != _UPSERT:
+            if kind not in (_UPSERT, _UPSERT_WITH_PARTS):
                 raise _Damaged(f"a change of unknown kind {kind}")
             vector = np.frombuffer(payload, dtype=np.float32, count=dimension, offset=offset).copy()
             offset += 4 * dimension
+            post_parts = None
+            if kind == _UPSERT_WITH_PARTS:
+                arrays = []
+                for count_of in (dimension, dimension, len(MODALITIES)):
+                    arrays.append(np.frombuffer(payload, dtype=np.float32, count=count_of, offset=offset).copy())
+                    offset += 4 * count_of
+                post_parts = PostParts(image=arrays[0], text=arrays[1], weights=arrays[2])
             (extra_length,) = _U32.unpack_from(payload, offset)
             offset += _U32.size
             fields = json.loads(bytes(payload[offset : offset + extra_length]))
             offset += extra_length
             caption = fields.pop("caption")
             metadata = PostMetadata(**{**fields, "tags": tuple(fields["tags"])})
-            changes.append(PostUpsert(id=post_id, vector=vector, metadata=metadata, caption=caption))
+            changes.append(PostUpsert(id=post_id, vector=vector, metadata=metadata, caption=caption, parts=post_parts))
     except (struct.error, ValueError, TypeError, KeyError, PostSimError) as error:
         raise _Damaged(f"a record that does not decode ({error})") from None
     if offset != len(payload):

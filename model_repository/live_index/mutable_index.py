@@ -28,7 +28,8 @@ changes proceed while it copies and none of them is in its result.
 **Memory** beyond the published index (measured figures in README): per row one byte of
 liveness; per post the metadata columns (16 bytes, plus 12 per tag) and its id in a list
 and a dict; per upserted post what the index keeps of it (its full vector, and for IVF-PQ
-its code), dead rows included until compaction; per search with a filter or dead rows, a
+its code) and its score parts (``4 · dim + 4`` bytes at fp16, as ``unimodal.npz`` keeps
+them), dead rows included until compaction; per search with a filter or dead rows, a
 mask of one byte and a bitmap of one bit per row.
 """
 
@@ -63,7 +64,7 @@ from postsim.model_repository.live_index.protocol import (
     PostUpsert,
     check_post_id,
 )
-from postsim.model_repository.score_parts import UnimodalVectors, split_scores, unsplit_scores
+from postsim.model_repository.score_parts import STORED_DTYPE, UnimodalVectors, split_gathered
 from postsim.model_repository.search_index import (
     IndexType,
     LoadedIndex,
@@ -141,6 +142,8 @@ class MutableIndex(LiveIndex):
         self._row_of = {post_id: row for row, post_id in enumerate(base.ids)}
         self._live = AppendableArray(np.bool_, np.ones(count, dtype=bool))
         self._metadata = metadata if metadata is not None else MetadataColumns.blank(count)
+        self._upserted_parts = AppendableArray(STORED_DTYPE)
+        """The score parts of rows ``count …``, one flat row of image, text and weights each (NaN: unknown)."""
         self._dead = 0
         self._dead_base = 0
         self._journal = journal
@@ -237,7 +240,8 @@ class MutableIndex(LiveIndex):
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(vector).all() or norm == 0:
             raise InvalidPostError(f"post {post.id!r}: the vector must be finite and non-zero")
-        return dataclasses.replace(post, vector=vector / np.float32(norm))
+        parts = None if post.parts is None else post.parts.check(self.dimension, post.id)
+        return dataclasses.replace(post, vector=vector / np.float32(norm), parts=parts)
 
     def delete(self, ids: Sequence[str]) -> ChangeReceipt:
         wanted = list(dict.fromkeys(check_post_id(post_id, "delete") for post_id in ids))
@@ -279,6 +283,7 @@ class MutableIndex(LiveIndex):
             else:
                 replayed.append(vectors)
             self._metadata.append([post.metadata for post in added])
+            self._upserted_parts.extend(np.concatenate([self._flat_parts(post) for post in added]))
         self._sequence = batch.sequence
         self._unfiltered = None
 
@@ -421,39 +426,46 @@ class MutableIndex(LiveIndex):
     def stored_parts(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The unit image and text vectors and modality weights of posts queried by id, as float32.
 
-        NaN for a post upserted since the version was published (the journal keeps its fused
-        vector only), for an id no live post has, and for every post of a version without
-        unimodal vectors.
+        NaN for an id no live post has, for a post whose parts are unknown (upserted through a
+        journal record without them), and for every published post of a version without unimodal vectors.
         """
-        unimodal = self._base.unimodal
         with self._lock.read():
             rows = np.array([self._row_of.get(post_id, -1) for post_id in ids], dtype=np.int64)
-        published = (rows >= 0) & (rows < self._count)
-        dimension, modalities = self.dimension, len(MODALITIES)
-        image = np.full((len(rows), dimension), np.nan, dtype=np.float32)
-        text = np.full((len(rows), dimension), np.nan, dtype=np.float32)
-        weights = np.full((len(rows), modalities), np.nan, dtype=np.float32)
-        if unimodal is not None:
-            for array, stored in ((image, unimodal.image), (text, unimodal.text), (weights, unimodal.weights)):
-                array[published] = stored[rows[published]]
-        return image, text, weights
+            return self._row_parts(rows)
 
     def split_scores(
         self, query_image: np.ndarray, query_text: np.ndarray, query_weights: np.ndarray, rows: np.ndarray
     ) -> np.ndarray:
         """The four parts of each hit's score (``[batch, k, 4]``) from the hits' ``rows``.
 
-        The published rows' parts come from the version's ``unimodal.npz``; a row upserted
-        since (its parts are not journalled) and every row of a version without that file get NaN.
+        The published rows' parts come from the version's ``unimodal.npz``, an upserted row's
+        from its change; NaN where they are unknown (:meth:`stored_parts`).
         """
-        batch, k = rows.shape
+        with self._lock.read():
+            image, text, weights = self._row_parts(rows)
+        return split_gathered(query_image, query_text, query_weights, image, text, weights)
+
+    def _row_parts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The parts of ``rows`` (any shape; -1: none) as float32 ``[..., dim]``, ``[..., dim]``, ``[..., 2]``,
+        NaN where unknown. The caller holds the lock (appends move the upserted rows' array)."""
+        dimension = self.dimension
+        flat = np.full((*rows.shape, 2 * dimension + len(MODALITIES)), np.nan, dtype=np.float32)
         unimodal = self._base.unimodal
-        if unimodal is None:
-            return unsplit_scores(batch, k)
         published = (rows >= 0) & (rows < self._count)
-        parts = split_scores(query_image, query_text, query_weights, unimodal, np.where(published, rows, 0))
-        parts[~published] = np.nan
-        return parts
+        if unimodal is not None:
+            stored = rows[published]
+            flat[published] = np.concatenate(
+                [unimodal.image[stored], unimodal.text[stored], unimodal.weights[stored]], 1
+            )
+        upserted = rows >= self._count
+        flat[upserted] = self._upserted_parts.values.reshape(-1, flat.shape[-1])[rows[upserted] - self._count]
+        return flat[..., :dimension], flat[..., dimension : 2 * dimension], flat[..., 2 * dimension :]
+
+    def _flat_parts(self, post: PostUpsert) -> np.ndarray:
+        """One upserted row of :attr:`_upserted_parts`: image, text and weights end to end, NaN when unknown."""
+        if post.parts is None:
+            return np.full(2 * self.dimension + len(MODALITIES), np.nan, dtype=np.float32)
+        return np.concatenate([post.parts.image, post.parts.text, post.parts.weights])
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored unit vectors of ``rows``."""
@@ -485,23 +497,29 @@ class MutableIndex(LiveIndex):
             captions = [self._captions[row] for row in rows]
             metadata = self._metadata.take(rows)
         vectors = np.empty((len(rows), self.dimension), dtype=np.float32)
+        image = np.empty((len(rows), self.dimension), dtype=STORED_DTYPE)
+        text = np.empty_like(image)
+        weights = np.empty((len(rows), len(MODALITIES)), dtype=STORED_DTYPE)
         chunk = self.settings.compaction_chunk
         for start in range(0, len(rows), chunk):
             with self._lock.read():  # rows never change, but the storage moves when it grows
                 vectors[start : start + chunk] = self._vectors(rows[start : start + chunk])
+                parts = self._row_parts(rows[start : start + chunk])
+            for array, part in zip((image, text, weights), parts, strict=True):
+                array[start : start + chunk] = part
         logger.info("compaction: %d live posts at change %d (%d dead rows left out)", len(rows), sequence, self._dead)
-        unimodal = self._base.unimodal
-        upserted = int(np.count_nonzero(rows >= self._count))
-        if unimodal is not None and upserted:
-            logger.warning(
-                "compaction: %d live posts were upserted since the version was published and their score parts are "
-                "not journalled, so the new version keeps no unimodal vectors (its CONTRIBUTIONS are NaN); "
-                "`postsim index build` and publish restore them",
-                upserted,
-            )
+        unknown = int(np.count_nonzero(np.isnan(weights).all(axis=1)))
         kept = None
-        if unimodal is not None and not upserted:
-            kept = UnimodalVectors(image=unimodal.image[rows], text=unimodal.text[rows], weights=unimodal.weights[rows])
+        if unknown < len(rows):
+            kept = UnimodalVectors(image=image, text=text, weights=weights)
+        if unknown:
+            logger.warning(
+                "compaction: the score parts of %d of %d live posts are unknown (published without unimodal "
+                "vectors, or upserted through a journal record without parts): their CONTRIBUTIONS stay NaN; "
+                "`postsim index build` and publish restore them",
+                unknown,
+                len(rows),
+            )
         return CompactedState(
             ids=ids,
             vectors=vectors,
@@ -528,6 +546,7 @@ class MutableIndex(LiveIndex):
                 "liveness": self._live.nbytes,
                 "metadata columns": self._metadata.nbytes,
                 "upserted rows in the index": (len(self._ids) - self._count) * self._bytes_per_row,
+                "upserted rows' score parts": self._upserted_parts.nbytes,
                 "per filtered search (mask and bitmap)": len(self._ids) + (len(self._ids) + 7) // 8,
             }
 

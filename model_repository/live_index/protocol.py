@@ -28,10 +28,10 @@ import numpy as np
 from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import post_id_problem
 from postsim.model_repository.live_index.metadata import MetadataColumns, PostMetadata
+from postsim.model_repository.score_parts import PostParts, UnimodalVectors
 
 if TYPE_CHECKING:  # both load FAISS, which the client and the corpus reader do not need
     from postsim.model_repository.live_index.filters import PostFilter
-    from postsim.model_repository.score_parts import UnimodalVectors
     from postsim.model_repository.search_index import IndexType, SearchHit
 
 
@@ -55,6 +55,8 @@ class PostUpsert:
     metadata: PostMetadata = field(default_factory=PostMetadata)
     caption: str = ""
     """What the index shows with the post (``post_caption`` of its text); empty when it has none."""
+    parts: PostParts | None = None
+    """Its unit modality vectors and weights, which split its scores (``contract.CONTRIBUTIONS``); None: unknown."""
 
     def __post_init__(self) -> None:
         check_post_id(self.id, "upsert")

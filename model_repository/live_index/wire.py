@@ -4,9 +4,11 @@ A change request is one JSON object, so that a call's upserts and deletes reach 
 index as one atomic change whatever their number (a tensor with a row per post would be cut
 at the model's batch size):
 
-``{"weights_fingerprint": "...", "upserts": [{"id", "caption", "metadata", "vector"}], "deletes": [ids]}``
+``{"weights_fingerprint": "...", "upserts": [{"id", "caption", "metadata", "vector", "parts"}], "deletes": [ids]}``
 
-``vector`` is the post's float32 embedding, little-endian, base64-encoded; ``metadata`` the
+``vector`` is the post's float32 embedding, little-endian, base64-encoded; ``parts``
+(optional) its score parts, ``{"image", "text", "weights"}`` encoded the same way (the unit
+modality vectors and weights that split its scores, ``contract.CONTRIBUTIONS``); ``metadata`` the
 fields :meth:`~postsim.model_repository.live_index.metadata.PostMetadata.from_fields` reads.
 A request carries upserts or deletes, not both; or it is a control, ``{"control": "seal"}``
 (take no more changes: compaction hands the journal's tail to the next version) or ``"unseal"``. The receipt is a
@@ -28,6 +30,7 @@ from postsim.core.errors import InvalidPostError
 from postsim.model_repository import contract
 from postsim.model_repository.live_index.metadata import PostMetadata
 from postsim.model_repository.live_index.protocol import ChangeReceipt, PostUpsert, check_post_id
+from postsim.model_repository.score_parts import PostParts
 
 
 class Control(enum.Enum):
@@ -54,15 +57,17 @@ class ChangeRequest:
             raise InvalidPostError("a change request carries upserts or deletes (one of them, not both)")
 
     def to_json(self) -> bytes:
-        upserts = [
-            {
+        upserts: list[dict[str, object]] = []
+        for post in self.upserts:
+            entry: dict[str, object] = {
                 "id": post.id,
                 "caption": post.caption,
                 "metadata": post.metadata.to_fields(),
-                "vector": base64.b64encode(np.asarray(post.vector, dtype="<f4").tobytes()).decode("ascii"),
+                "vector": _encoded(post.vector),
             }
-            for post in self.upserts
-        ]
+            if post.parts is not None:
+                entry["parts"] = {name: _encoded(getattr(post.parts, name)) for name in _PARTS}
+            upserts.append(entry)
         document: dict[str, object] = {
             "weights_fingerprint": self.weights_fingerprint,
             "upserts": upserts,
@@ -96,21 +101,36 @@ def _control(value: object) -> Control | None:
         raise InvalidPostError(f"{contract.CHANGES.name}: control {value!r} is none of {known}") from None
 
 
+_PARTS = ("image", "text", "weights")
+
+
+def _encoded(array: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(array, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _decoded(value: object, post_id: str, name: str) -> np.ndarray:
+    try:
+        return np.frombuffer(base64.b64decode(str(value), validate=True), dtype="<f4").astype(np.float32)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidPostError(f"post {post_id!r}: {name} is not base64 float32 ({error})") from None
+
+
 def _upsert(entry: dict[str, object]) -> PostUpsert:
     post_id = check_post_id(entry["id"], "upsert")
-    try:
-        vector = np.frombuffer(base64.b64decode(str(entry["vector"]), validate=True), dtype="<f4")
-    except (binascii.Error, ValueError) as error:
-        raise InvalidPostError(f"post {post_id!r}: vector is not base64 float32 ({error})") from None
+    vector = _decoded(entry["vector"], post_id, "vector")
+    parts = entry.get("parts")
+    if parts is not None and not isinstance(parts, dict):
+        raise InvalidPostError(f"post {post_id!r}: parts must be a JSON object, got {type(parts).__name__}")
     metadata = entry.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise InvalidPostError(f"post {post_id!r}: metadata must be a JSON object, got {type(metadata).__name__}")
     caption = entry.get("caption", "")
     return PostUpsert(
         id=post_id,
-        vector=vector.astype(np.float32),
+        vector=vector,
         metadata=PostMetadata.from_fields(metadata),
         caption=caption if isinstance(caption, str) else str(caption),
+        parts=None if parts is None else PostParts(**{name: _decoded(parts[name], post_id, name) for name in _PARTS}),
     )
 
 

@@ -225,7 +225,7 @@ def test_a_query_by_id_excludes_the_post_and_an_unknown_id_is_invalid_argument(l
             client.similar_to_id("no-such-post", k=5)
 
 
-def test_filtered_results_split_the_published_posts_scores_and_not_an_upserted_posts(live: LiveServer) -> None:
+def test_filtered_results_split_the_scores_of_published_and_upserted_posts(live: LiveServer) -> None:
     post = _post("parts-1", 3)
     with PostSimClient(live.url) as client:
         client.upsert([post])
@@ -239,8 +239,11 @@ def test_filtered_results_split_the_published_posts_scores_and_not_an_upserted_p
         assert neighbor.id.startswith("base-") and neighbor.parts is not None, neighbor
         assert abs(neighbor.parts.total - neighbor.score) < 1e-3, neighbor
     assert upserted.id == "parts-1" and upserted.score >= 0.99
-    assert upserted.parts is None, "an upserted post's parts are not journalled"
-    assert by_upserted_id and all(n.parts is None for n in by_upserted_id), "nor are an upserted query post's"
+    assert upserted.parts is not None, "an upserted post keeps the parts post_embedding gave it"
+    assert abs(upserted.parts.total - upserted.score) < 1e-3, upserted
+    assert by_upserted_id, "an upserted query post splits with its journalled parts"
+    for neighbor in by_upserted_id:
+        assert neighbor.parts is not None and abs(neighbor.parts.total - neighbor.score) < 1e-3, neighbor
 
 
 @pytest.mark.parametrize(
