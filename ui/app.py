@@ -6,7 +6,8 @@
   neighbours, each with its score, four score parts and thumbnail URL;
 - ``POST /api/explain`` (the same query fields, and ``target``: an indexed post id): the
   explanation as JSON with its picture as a PNG data URL;
-- ``GET /api/image/{post_id}``: a corpus post's image.
+- ``GET /api/image/{post_id}``: a corpus post's image; for a video post, the frame at the
+  middle of the video as a JPEG (a browser's ``<img>`` shows no MP4 or WebM).
 
 Bad input answers 400 with ``{"error": message}``, which the page shows. It binds
 127.0.0.1 unless told otherwise: it has no authentication.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import io
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -31,6 +34,7 @@ from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.explanation.render import explanation_json, png_bytes
 from postsim.explanation.targets import ExplainableIndex
 from postsim.model_repository.contract import SCORE_PARTS
+from postsim.model_repository.video import VideoSampling, decode_video_frames, sniff_video
 
 logger = logging.getLogger("postsim")
 
@@ -93,7 +97,30 @@ async def _image(request: web.Request) -> web.StreamResponse:
     post = request.app[_POSTS].get(request.match_info["post_id"])
     if post is None or post.image_path is None:
         raise web.HTTPNotFound(text="no such image")
-    return web.FileResponse(post.image_path)
+    with post.image_path.open("rb") as file:
+        is_video = sniff_video(file.read(_SNIFF_BYTES)) is not None
+    if not is_video:
+        return web.FileResponse(post.image_path)
+    try:
+        # Decoding takes tens of milliseconds: off the event loop, so other requests go on.
+        poster = await asyncio.to_thread(_poster_frame, post.image_path, post.image_path.stat().st_mtime_ns)
+    except PostSimError as error:
+        return _error(error)
+    return web.Response(body=poster, content_type="image/jpeg")
+
+
+_SNIFF_BYTES = 64
+"""Enough of a file's start for :func:`~postsim.model_repository.video.sniff_video` (MP4, WebM); an
+animated GIF or WebP needs the whole file and is served as it is (a browser plays those)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _poster_frame(path: Path, modified_ns: int) -> bytes:
+    """The frame at the middle of the video at ``path``, as a JPEG (cached per file version)."""
+    (frame,) = decode_video_frames(path.read_bytes(), VideoSampling(frames=1))
+    buffer = io.BytesIO()
+    frame.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
 
 
 async def _query(request: web.Request) -> tuple[Post, dict[str, str]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import shutil
 import threading
@@ -117,10 +118,24 @@ def test_clicking_an_indexed_post_shows_more_like_it(
 
     browser.get(page_url)
     cards = _wait(browser).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#posts .card"))
+    pictures = browser.find_elements(By.CSS_SELECTOR, "#posts .card img")
+    _wait(browser).until(lambda _: all(picture.get_attribute("complete") == "true" for picture in pictures))
+    broken = [p.get_attribute("alt") for p in pictures if int(p.get_attribute("naturalWidth")) == 0]
+    assert not broken, f"thumbnails that did not load: {broken}"
     clicked = cards[3].get_attribute("data-id")
     cards[3].click()
     _wait(browser).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, ".neighbour"))
     assert browser.find_elements(By.CSS_SELECTOR, ".neighbour")[0].get_attribute("data-id") == clicked
+
+
+def test_a_video_post_is_shown_by_its_middle_frame(page_url: str, explained_corpus: ExplainedCorpus) -> None:
+    from PIL import Image
+
+    video = explained_corpus.videos()[0]
+    with urllib.request.urlopen(f"{page_url}/api/image/{video.id}", timeout=WAIT_S) as answer:
+        assert answer.headers["Content-Type"] == "image/jpeg"
+        poster = Image.open(io.BytesIO(answer.read()))
+    assert poster.format == "JPEG" and min(poster.size) > 0
 
 
 def test_an_image_that_does_not_decode_is_named_on_the_page(browser: Any, page_url: str, tmp_path: Path) -> None:
