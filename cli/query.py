@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from postsim.cli.common import UrlOption, reports_errors, stdout
+from postsim.client.posts import ScoreParts
 from postsim.client.settings import DEFAULT_URL
+from postsim.model_repository.contract import SCORE_PARTS
 
 
 @reports_errors
@@ -57,6 +59,13 @@ def similar(
         float | None, typer.Option(min=0.0, max=1.0, help="Fold results more similar than this into a better one.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    show_parts: Annotated[
+        bool,
+        typer.Option(
+            "--parts",
+            help="Add each score's four parts to the table: img·img, txt·txt, img·txt, txt·img (query·neighbour).",
+        ),
+    ] = False,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Find the indexed posts most similar to a post (or to an indexed one, --id), optionally filtered."""
@@ -65,6 +74,8 @@ def similar(
 
     if post_id is not None and (image is not None or text is not None):
         raise typer.BadParameter("--id queries by an indexed post's stored vector: leave out --image and --text")
+    if show_parts and as_json:
+        raise typer.BadParameter("--json always has each neighbour's parts: leave out --parts")
     fields = {
         "exclude_ids": exclude_id or None,
         "exclude_author": exclude_author,
@@ -80,29 +91,45 @@ def similar(
         else:
             neighbors = client.similar(Post(text=text, image=image), k=k, where=where, collapse_above=collapse_above)
     if as_json:
-        rows: list[dict[str, object]] = [{"id": n.id, "score": round(n.score, 6), "text": n.text} for n in neighbors]
+        rows: list[dict[str, object]] = [
+            {"id": n.id, "score": round(n.score, 6), "text": n.text, "parts": _parts_json(n.parts)} for n in neighbors
+        ]
         if collapse_above is not None:  # the near-duplicates folded into each result
             for row, neighbor in zip(rows, neighbors, strict=True):
                 row["duplicates"] = [duplicate.id for duplicate in neighbor.duplicates]
         json.dump(rows, sys.stdout)
         sys.stdout.write("\n")
         return
-    print_neighbors(neighbors)
+    print_neighbors(neighbors, show_parts=show_parts)
 
 
 TABLE_TEXT_CHARS = 80
 """Characters of a neighbour's text shown in the table (``--json`` has all the index keeps)."""
+PART_HEADERS = {"image_image": "img·img", "text_text": "txt·txt", "image_text": "img·txt", "text_image": "txt·img"}
+"""Table headers of the score parts (``contract.SCORE_PARTS``: query modality · neighbour modality)."""
 
 
-def print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = None) -> None:
-    """A table of the neighbours, with their text: ``captions`` by id when given, else what the index sent."""
+def _parts_json(parts: ScoreParts | None) -> dict[str, float] | None:
+    return None if parts is None else {name: round(getattr(parts, name), 6) for name in SCORE_PARTS}
+
+
+def print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = None, *, show_parts: bool = False) -> None:
+    """A table of the neighbours, with their text: ``captions`` by id when given, else what the index sent.
+
+    ``show_parts``: a column per score part ("?" where the index cannot split that score).
+    """
     from rich.table import Table
     from rich.text import Text
 
     texts = [(captions.get(n.id, "") if captions is not None else n.text) or "" for n in neighbors]
-    table = Table("rank", "id", "score", *(["text"] if any(texts) else []))
+    with_parts = show_parts
+    part_columns = [PART_HEADERS[name] for name in SCORE_PARTS] if with_parts else []
+    table = Table("rank", "id", "score", *part_columns, *(["text"] if any(texts) else []))
     for rank, (neighbor, text) in enumerate(zip(neighbors, texts, strict=True), start=1):
         row: list[str | Text] = [str(rank), Text(neighbor.id), f"{neighbor.score:.4f}"]  # Text: no markup from data
+        if with_parts:
+            parts = neighbor.parts
+            row.extend(f"{getattr(parts, name):.4f}" if parts is not None else "?" for name in SCORE_PARTS)
         if any(texts):
             row.append(Text(" · ".join(text.splitlines())[:TABLE_TEXT_CHARS]))
         table.add_row(*row)

@@ -149,7 +149,7 @@ class Neighbor:
     None when the index does not know it (the post had no text, or the index was built without captions)."""
     parts: ScoreParts | None = None
     """Where the score comes from; None when the index keeps no unimodal vectors (built with ``--no-unimodal``),
-    and for a post upserted since the served version was published (or queried by such a post's id)."""
+    and for a post upserted through a journal written before upserts carried their parts (or queried by its id)."""
     duplicates: tuple[Neighbor, ...] = ()
     """Near-duplicates folded into this result (a query with ``collapse_above``), best first; their ``text`` is None."""
 

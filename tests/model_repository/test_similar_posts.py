@@ -130,10 +130,16 @@ def test_the_cli_shows_the_neighbours_text(server: TritonServer, published: Publ
     as_json = CliRunner().invoke(app, [*query, "--json", *url])
     assert as_json.exit_code == 0, as_json.output
     first = json.loads(as_json.output)[0]
+    parts = first.pop("parts")
     assert first == {"id": post.id, "score": pytest.approx(1.0, abs=1e-3), "text": post_caption(post.text)}
+    assert set(parts) == set(contract.SCORE_PARTS) and sum(parts.values()) == pytest.approx(first["score"], abs=1e-3)
     table = CliRunner().invoke(app, [*query, *url], terminal_width=200)
     assert table.exit_code == 0, table.output
     assert "text" in table.output and post_caption(post.text)[:40] in table.output
+    assert "img·img" not in table.output  # the parts make the table too wide for the text in 80 columns
+    with_parts = CliRunner().invoke(app, [*query, "--parts", *url], env={"COLUMNS": "160"})
+    assert with_parts.exit_code == 0, with_parts.output
+    assert "img·img" in with_parts.output and f"{parts['text_text']:.4f}" in with_parts.output
 
 
 def test_an_unloaded_index_is_not_called_unpublished(server: TritonServer, published: PublishedCorpus) -> None:
