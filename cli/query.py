@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from postsim.cli.common import UrlOption, reports_errors, stdout
+from postsim.cli.common import ShrinkImagesOption, UrlOption, reports_errors, stdout
 from postsim.client.settings import DEFAULT_URL
 
 
@@ -20,13 +20,14 @@ def embed(
     ] = None,
     text: Annotated[str | None, typer.Option(help="Text of the post (title, description, tags).")] = None,
     url: UrlOption = DEFAULT_URL,
+    shrink_images: ShrinkImagesOption = False,
 ) -> None:
     """Embed one post through the server and print the result as JSON."""
     from postsim.client.api import PostSimClient
     from postsim.client.posts import Post
 
     post = Post(text=text, image=image)
-    with PostSimClient(url) as client:
+    with PostSimClient(url, shrink_images=shrink_images) as client:
         (result,) = client.embed([post])
     json.dump(
         {
@@ -58,6 +59,7 @@ def similar(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     url: UrlOption = DEFAULT_URL,
+    shrink_images: ShrinkImagesOption = False,
 ) -> None:
     """Find the indexed posts most similar to a post (or to an indexed one, --id), optionally filtered."""
     from postsim.client.api import PostSimClient
@@ -74,7 +76,7 @@ def similar(
         "tags": tag or None,
     }
     where = {name: value for name, value in fields.items() if value is not None} or None
-    with PostSimClient(url) as client:
+    with PostSimClient(url, shrink_images=shrink_images) as client:
         if post_id is not None:
             neighbors = client.similar_to_id(post_id, k=k, where=where, collapse_above=collapse_above)
         else:
