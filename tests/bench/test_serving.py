@@ -44,7 +44,7 @@ from postsim.bench.serving import (
     scratch_repository,
     serving_summary,
 )
-from postsim.bench.workload import BenchPost
+from postsim.bench.workload import BenchPost, Workload
 from postsim.core.errors import BenchError, ServerError
 from postsim.corpus.sample_videos import VideoSpec
 from postsim.export.triton_config import ServingSettings
@@ -238,4 +238,6 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
     console.print(format_report(report))
     text = console.export_text()
     assert TRITON_SIMILAR_POSTS in text and "video posts at c=1: p50" in text
+    assert report.workload == Workload.PHOTOS.label and data["workload"] == report.workload
+    assert "posts of the photo workload" in text
     assert "| Triton post_embedding | c=1 |" in format_markdown(report)
