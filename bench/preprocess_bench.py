@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from postsim.bench.photos import PhotoKind, PhotoMix, PhotoWorkload, draw_photo_post, photo
 from postsim.bench.workload import BENCH_IMAGE_SIZE
@@ -66,6 +67,12 @@ class Fidelity:
     photos: int
     mean: float
     minimum: float
+    centred: float | None
+    """Mean cosine once the photos' mean reference embedding is subtracted from both sides (None for one
+    photo). A random-weights encoder maps any two photos close together (``unrelated``), which makes the
+    plain cosine near 1 whatever happens; centred, different photos are far apart and a change shows."""
+    unrelated: float | None
+    """Centred mean cosine between the reference embeddings of different photos (each and the next)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +81,9 @@ class ShrinkEffect:
 
     bytes_before: float
     bytes_after: float
+    largest_before: int
+    """The largest photo's bytes, and what they are sent as."""
+    largest_after: int
     fidelity: Fidelity | None
     """Original against shrunk photo, both preprocessed as the server does; None without a repository."""
 
@@ -142,6 +152,19 @@ def _time_ms(work: Callable[..., object], *args: object, **kwargs: object) -> fl
     return (time.perf_counter() - start) * 1000
 
 
+def finest_phone_photo(seed: int = 0) -> bytes:
+    """The first phone photo as a camera's finest setting writes it (quality 95, full-resolution colour): ~5 MB."""
+    original = Image.open(io.BytesIO(photo_images(PhotoKind.PHONE, 1, seed)[0]))
+    out = io.BytesIO()
+    original.save(out, "JPEG", quality=95, subsampling=0, exif=original.info.get("exif", b""))
+    return out.getvalue()
+
+
+def shrink_photos(count: int, seed: int = 0) -> list[bytes]:
+    """The photos :func:`shrink_effect` is measured on: ``count`` phone photos and :func:`finest_phone_photo`."""
+    return [*photo_images(PhotoKind.PHONE, count, seed), finest_phone_photo(seed)]
+
+
 def fidelity_photos(per_kind: int = 2, seed: int = 0) -> list[bytes]:
     """The sample photos the fidelity is measured on: ``per_kind`` of each kind of the photo workload."""
     return [image for kind in PhotoKind for image in photo_images(kind, per_kind, seed)]
@@ -170,9 +193,12 @@ def shrink_effect(images: Sequence[bytes], repository: Path | None = None, *, th
     if repository is not None:
         runtime = OrtRuntime.from_repository(repository, threads=threads)
         fidelity = _fidelity(runtime, [image_pixels(data) for data in shrunk], [image_pixels(data) for data in images])
+    largest = max(range(len(images)), key=lambda index: len(images[index]))
     return ShrinkEffect(
         bytes_before=float(np.mean([len(data) for data in images])),
         bytes_after=float(np.mean([len(data) for data in shrunk])),
+        largest_before=len(images[largest]),
+        largest_after=len(shrunk[largest]),
         fidelity=fidelity,
     )
 
@@ -183,8 +209,24 @@ def _fidelity(runtime: OrtRuntime, pixels: Sequence[np.ndarray], reference: Sequ
         vectors = runtime.encode_image(prepared.pixel_values, prepared.frame_mask)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
-    cosines = np.sum(embed(pixels) * embed(reference), axis=1)
-    return Fidelity(photos=len(pixels), mean=float(cosines.mean()), minimum=float(cosines.min()))
+    vectors, references = embed(pixels), embed(reference)
+    cosines = np.sum(vectors * references, axis=1)
+    centred = unrelated = None
+    if len(references) > 1:
+        middle = references.mean(axis=0)
+        centred = float(_cosines(vectors - middle, references - middle).mean())
+        unrelated = float(_cosines(references - middle, np.roll(references, 1, axis=0) - middle).mean())
+    return Fidelity(
+        photos=len(pixels),
+        mean=float(cosines.mean()),
+        minimum=float(cosines.min()),
+        centred=centred,
+        unrelated=unrelated,
+    )
+
+
+def _cosines(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    return np.sum(first * second, axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
 
 
 def format_preprocessing(
@@ -202,16 +244,23 @@ def format_preprocessing(
     if fidelity is not None:
         lines.append(
             f"\nimage embeddings at scale vs full decode, {fidelity.photos} sample photos: "
-            f"mean cosine {fidelity.mean:.5f}, min {fidelity.minimum:.5f}"
+            f"mean cosine {fidelity.mean:.5f}, min {fidelity.minimum:.5f}{_against(fidelity)}"
         )
     if shrink is not None:
         line = (
-            f"client shrink_images: mean {shrink.bytes_before / 1e6:.2f} MB sent as {shrink.bytes_after / 1e3:.1f} KB"
+            f"client shrink_images: mean {shrink.bytes_before / 1e6:.2f} MB sent as {shrink.bytes_after / 1e3:.1f} KB "
+            f"(the largest, {shrink.largest_before / 1e6:.2f} MB, as {shrink.largest_after / 1e3:.1f} KB)"
         )
         if shrink.fidelity is not None:
             line += (
                 f"; image embeddings shrunk vs original, {shrink.fidelity.photos} photos: mean cosine "
-                f"{shrink.fidelity.mean:.5f}, min {shrink.fidelity.minimum:.5f}"
+                f"{shrink.fidelity.mean:.5f}, min {shrink.fidelity.minimum:.5f}{_against(shrink.fidelity)}"
             )
         lines.append(line)
     return "\n".join(lines)
+
+
+def _against(fidelity: Fidelity) -> str:
+    if fidelity.centred is None or fidelity.unrelated is None:
+        return ""
+    return f"; centred {fidelity.centred:.4f} (different photos, centred: {fidelity.unrelated:.4f})"

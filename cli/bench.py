@@ -115,19 +115,23 @@ def bench_preprocess(
             show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository; skipped when absent",
         ),
     ] = None,
-    photos: Annotated[int, typer.Option(min=1, help="Sample photos of each kind for the fidelity.")] = 4,
+    photos: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Sample photos of each kind for the fidelity; phone photos (and a 5 MB one) to shrink."
+        ),
+    ] = 4,
 ) -> None:
     """What preprocessing one image costs per photo size, decoding every pixel against decoding at scale (DCT
     scaling, early reduction), and the cosine between the image embeddings of the two."""
-    from postsim.bench.photos import PhotoKind
     from postsim.bench.preprocess_bench import (
         decode_fidelity,
         default_cases,
         fidelity_photos,
         format_preprocessing,
         measure_preprocessing,
-        photo_images,
         shrink_effect,
+        shrink_photos,
     )
     from postsim.model_repository.layout import version_dirs
 
@@ -141,7 +145,7 @@ def bench_preprocess(
         logger.warning(
             "no exported repository at %s: the fidelity is not measured (export one, or --repository)", chosen
         )
-    shrink = shrink_effect(photo_images(PhotoKind.PHONE, photos), encoder)
+    shrink = shrink_effect(shrink_photos(photos), encoder)
     stdout.print(format_preprocessing(timings, fidelity, shrink), highlight=False, markup=False, soft_wrap=True)
     if fidelity is not None:
         stdout.print(f"(image encoder of {chosen})", highlight=False, markup=False, soft_wrap=True)
