@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -33,9 +32,7 @@ from postsim.core.errors import BenchError
 from postsim.corpus.samples import _TOPICS
 from postsim.model_repository.preprocessing import image_pixels
 from postsim.model_repository.visuals import stack_frames
-
-if TYPE_CHECKING:
-    from postsim.models.pipeline import OrtRuntime
+from postsim.models.pipeline import OrtRuntime
 
 
 @dataclass(frozen=True)
@@ -172,8 +169,6 @@ def fidelity_photos(per_kind: int = 2, seed: int = 0) -> list[bytes]:
 
 def decode_fidelity(repository: Path, images: Sequence[bytes], *, threads: int = 0) -> Fidelity:
     """Cosine between the repository's image embeddings of ``images`` decoded at scale and in full."""
-    from postsim.models.pipeline import OrtRuntime
-
     if not images:
         raise BenchError("decode_fidelity needs at least one image")
     runtime = OrtRuntime.from_repository(repository, threads=threads)
@@ -184,8 +179,6 @@ def decode_fidelity(repository: Path, images: Sequence[bytes], *, threads: int =
 
 def shrink_effect(images: Sequence[bytes], repository: Path | None = None, *, threads: int = 0) -> ShrinkEffect:
     """Bytes of ``images`` before and after :func:`shrink_image`, and (with a repository) their embeddings' cosine."""
-    from postsim.models.pipeline import OrtRuntime
-
     if not images:
         raise BenchError("shrink_effect needs at least one image")
     shrunk = [shrink_image(data) for data in images]
