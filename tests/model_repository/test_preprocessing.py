@@ -401,6 +401,12 @@ def test_a_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_the_shorter_side
     assert decode_image(data).size == size  # the full-decode path stays reachable
 
 
+@pytest.mark.parametrize(("mode", "options"), [("CMYK", {}), ("L", {}), ("RGB", {"progressive": True})])
+def test_cmyk_grey_and_progressive_jpegs_are_decoded_at_scale_too(mode: str, options: dict[str, Any]) -> None:
+    image = decode_image(encode(Image.new(mode, (2000, 1200)), "JPEG", **options), shorter_side=256)
+    assert (image.size, image.mode) == ((500, 300), "RGB")
+
+
 def test_exif_orientation_is_honoured_at_scale() -> None:
     stored = Image.new("RGB", (4032, 3024), BLUE)
     stored.paste(RED, (0, 0, 800, 800))  # marker in the stored top-left corner
