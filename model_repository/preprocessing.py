@@ -10,6 +10,8 @@ image of a supported format, and turns every such refusal into an
 The geometry is torchvision's ``Resize(256)`` (bilinear, antialiased, which is what
 Pillow's resize does) followed by ``CenterCrop(224)``, then ``ToTensor`` and the ImageNet
 ``Normalize``: the transforms the image encoder was trained with. Only numpy and Pillow.
+:func:`image_pixels` gets there decoding no more pixels than that needs: a JPEG at a reduced
+DCT scale, a large image of another format block-averaged before it is resampled.
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from postsim.bench.photos import EXIF_ORIENTATION_TAG, photo
+from postsim.cli.main import app
 from postsim.client.api import AsyncPostSimClient, PostSimClient, build_inputs
 from postsim.client.posts import Post
 from postsim.client.shrink import shrink_image
@@ -78,3 +82,19 @@ def test_shrunk_and_original_photos_embed_alike_through_the_server(grpc_url: str
         (small,) = shrinking.embed([post])
     assert full.frames == small.frames == 1
     assert float(np.dot(full.image_embedding, small.image_embedding)) > 0.99
+
+
+@pytest.mark.integration
+def test_the_commands_that_send_images_take_shrink_images(grpc_url: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    for command in (["embed"], ["similar"], ["index", "build"], ["index", "upsert"]):
+        result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+        assert "--shrink-images" in result.output, command
+    image = tmp_path / "phone.jpg"
+    image.write_bytes(phone_photo())
+    embeddings = []
+    for flags in ([], ["--shrink-images"]):
+        result = runner.invoke(app, ["embed", "--image", str(image), "--url", grpc_url, *flags])
+        assert result.exit_code == 0, result.output
+        embeddings.append(np.asarray(json.loads(result.output)["embedding"]))
+    assert float(np.dot(*embeddings)) > 0.99
