@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from postsim.bench.baselines import BaselineSettings
 from postsim.bench.cpu import cpu_ms_per_post
@@ -45,6 +46,7 @@ from postsim.bench.serving import (
     serving_summary,
 )
 from postsim.bench.workload import BenchPost, Workload
+from postsim.cli.main import app
 from postsim.core.errors import BenchError, ServerError
 from postsim.corpus.sample_videos import VideoSpec
 from postsim.export.triton_config import ServingSettings
@@ -241,3 +243,10 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
     assert report.workload == Workload.PHOTOS.label and data["workload"] == report.workload
     assert "posts of the photo workload" in text
     assert "| Triton post_embedding | c=1 |" in format_markdown(report)
+
+
+@pytest.mark.parametrize("command", ["serve", "soak"])
+def test_bench_serve_and_soak_refuse_an_unknown_workload(command: str) -> None:
+    result = CliRunner().invoke(app, ["bench", command, "--workload", "cats", "--url", "localhost:1"])
+    assert result.exit_code == 2
+    assert "'cats' is not one of photos, legacy" in result.output
