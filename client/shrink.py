@@ -64,7 +64,7 @@ def shrink_image(data: bytes) -> bytes:
 
 
 def _shorter_side(data: bytes) -> int:
-    """The shorter side the image's header announces; 0 for what is no image Pillow opens (a video ...)."""
+    """The shorter side the image's header announces; 0 for data Pillow opens as no image (a video, say)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

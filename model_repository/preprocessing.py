@@ -117,8 +117,9 @@ DEFAULT_IMAGE_LIMITS = ImageLimits()
 REDUCING_GAP = 3.0
 """How much larger than the crop's output an image is still resampled in full: beyond it, Pillow first
 averages blocks of pixels (``Image.reduce``) down to at least this many times the output, then
-resamples (Pillow's ``reducing_gap``). At 2 a 1080-pixel screenshot moved its embedding measurably
-(README, Preprocessing); at 3 it is resampled in full and only larger images are reduced."""
+resamples (Pillow's ``reducing_gap``). At 2 a 1080-pixel screenshot was block-averaged and its
+embedding moved measurably (``postsim bench preprocess``); at 3 it is resampled in full, and only
+larger images are reduced."""
 
 
 def image_pixels(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS, *, full_decode: bool = False) -> np.ndarray:
