@@ -220,7 +220,7 @@ def _rows(report: ServingBenchReport) -> list[tuple[str, ...]]:
 def _title(report: ServingBenchReport) -> str:
     return (
         f"postsim serving benchmark: {report.machine.describe()}, {report.precision}, {report.models}, "
-        f"{report.corpus_posts} posts"
+        f"{report.corpus_posts} posts" + (f" of the {report.workload}" if report.workload else "")
     )
 
 

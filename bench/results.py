@@ -216,6 +216,8 @@ class ServingBenchReport:
     """Each model's scheduling as configured (instances, batching, threads), by model name."""
     corpus_posts: int
     configurations: list[ConfigurationResult]
+    workload: str = ""
+    """Which posts were sent (``Workload.label``); empty in reports written before workloads were named."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Configurations not measured, and why."""
     started: str = ""
@@ -232,6 +234,7 @@ class ServingBenchReport:
             "models": self.models,
             "serving": self.serving,
             "corpus_posts": self.corpus_posts,
+            "workload": self.workload,
             "started": self.started,
             "seconds": self.seconds,
             "skipped": self.skipped,

@@ -47,10 +47,11 @@ from postsim.bench.results import (
 from postsim.bench.workload import (
     BENCH_VIDEO,
     BenchPost,
+    Workload,
     load_bench_posts,
     post_at,
     video_bench_posts,
-    write_bench_corpus,
+    write_workload_corpus,
 )
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
@@ -137,6 +138,8 @@ class ServingBenchSettings:
     """Scratch folder for the corpus, the repository copy, the index and the server log; a temporary one if None."""
     posts: int = 64
     """Size of the bench corpus (the request sequence cycles through it)."""
+    workload: Workload = Workload.PHOTOS
+    """Which posts: the photo workload, or the first benchmark's 640×480 one."""
     seed: int = 0
     ensembles: tuple[str, ...] = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS)
     sweep: SweepSettings = field(default_factory=SweepSettings)
@@ -407,7 +410,8 @@ def run_serving_benchmark(
     with contextlib.ExitStack() as stack:
         work_dir = settings.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="postsim-bench-")))
         work_dir.mkdir(parents=True, exist_ok=True)
-        corpus = write_bench_corpus(settings.posts, work_dir / "corpus", seed=settings.seed)
+        logger.info("drawing %d posts of the %s", settings.posts, settings.workload.label)
+        corpus = write_workload_corpus(settings.workload, settings.posts, work_dir / "corpus", seed=settings.seed)
         posts = load_bench_posts(corpus)
         video_posts: list[BenchPost] = []
         if settings.video.clips and contract.POST_EMBEDDING in settings.ensembles:
@@ -494,6 +498,7 @@ def run_serving_benchmark(
         models=_models_label(manifest) if manifest is not None else "unknown",
         serving=serving,
         corpus_posts=len(posts),
+        workload=settings.workload.label,
         configurations=configurations,
         skipped=skipped,
         started=started_at,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postsim.bench.workload import load_bench_posts, write_bench_corpus
+from postsim.bench.workload import Workload, load_bench_posts, write_workload_corpus
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.client.posts import Post
 from postsim.client.settings import ClientSettings
@@ -154,6 +154,8 @@ class SoakReport:
     """Each distinct error message and how often it came, most frequent first."""
     start_memory: MemorySnapshot
     end_memory: MemorySnapshot
+    posts: str = ""
+    """What was sent: a ``Workload.label``, or "given posts"."""
 
     @property
     def ok(self) -> bool:
@@ -189,10 +191,10 @@ def _interval(calls: Sequence[_Call], start_s: float, end_s: float, total_rss: i
 # --------------------------------------------------------------------------- the soak
 
 
-def default_soak_posts(n: int = DEFAULT_SOAK_POSTS) -> list[Post]:
-    """``n`` realistic sample posts (photo-sized images in every format, captions), held in memory."""
+def default_soak_posts(n: int = DEFAULT_SOAK_POSTS, workload: Workload = Workload.PHOTOS) -> list[Post]:
+    """``n`` posts of ``workload`` (by default photos as posts carry them, with captions), held in memory."""
     with tempfile.TemporaryDirectory(prefix="postsim-soak-") as directory:
-        corpus = write_bench_corpus(n, Path(directory))
+        corpus = write_workload_corpus(workload, n, Path(directory))
         return [post.to_post() for post in load_bench_posts(corpus)]
 
 
@@ -224,6 +226,7 @@ def run_soak(
     warmup_s: float = 30.0,
     server_pid: int | None = None,
     posts: Sequence[Post] | None = None,
+    workload: Workload = Workload.PHOTOS,
     similar_every: int = 10,
     k: int = 10,
     on_interval: Callable[[IntervalStats], None] | None = None,
@@ -231,26 +234,28 @@ def run_soak(
     """Hold ``concurrency`` requests in flight against the server of ``connection`` for ``warmup_s`` + ``duration_s`` seconds.
 
     ``server_pid`` is tritonserver's process id (``TritonServer.process.pid``), for its
-    memory; None measures only /dev/shm. ``posts`` default to :func:`default_soak_posts`;
+    memory; None measures only /dev/shm. ``posts`` default to :func:`default_soak_posts` of ``workload``;
     they are sent one per request, in turn. Every ``similar_every``-th request goes to
     ``similar_posts`` (for ``k`` neighbours) when the server has it ready (0: never).
     ``on_interval`` is called with each interval as it ends (for a progress display).
     """
-    chosen = list(posts) if posts is not None else default_soak_posts()
+    chosen = list(posts) if posts is not None else default_soak_posts(workload=workload)
     _checked(concurrency, duration_s, interval_s, similar_every, chosen)
     if warmup_s < 0:
         raise BenchError(f"warmup_s must be 0 or more, got {warmup_s}")
     url = connection.url
     similar = similar_every > 0 and _similar_posts_ready(connection)
     models = (contract.POST_EMBEDDING, contract.SIMILAR_POSTS) if similar else (contract.POST_EMBEDDING,)
+    sent = "given posts" if posts is not None else workload.label
     logger.info(
-        "soak: %d in flight for %.0f s (after %.0f s of warm-up) against %s (%s), %d posts",
+        "soak: %d in flight for %.0f s (after %.0f s of warm-up) against %s (%s), %d posts (%s)",
         concurrency,
         duration_s,
         warmup_s,
         url,
         ", ".join(models),
         len(chosen),
+        sent,
     )
     load = _Load(
         connection,
@@ -283,6 +288,7 @@ def run_soak(
         errors=tuple(Counter(call.error for call in load.calls if call.error is not None).most_common()),
         start_memory=load.start_memory,
         end_memory=memory_snapshot(server_pid, at_s=max((call.end_s for call in measured), default=duration_s)),
+        posts=sent,
     )
 
 
@@ -398,7 +404,7 @@ def format_soak(report: SoakReport) -> str:
     lines = [
         f"Soak of {report.url}: {report.concurrency} requests in flight for {report.duration_s:.0f} s "
         f"after {report.warmup_s:.0f} s of warm-up ({', '.join(report.models)}): {report.requests} requests, "
-        f"{verdict}.",
+        f"{verdict}." + (f" Posts: {report.posts}." if report.posts else ""),
         "",
         "| interval | requests | req/s | failed | p50 ms | p99 ms | server+stubs RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -1,13 +1,16 @@
-"""The posts every configuration of the serving benchmark is measured on.
+"""The posts every configuration of the serving benchmark (and the soak) is measured on.
 
-One corpus (:func:`postsim.corpus.samples.write_sample_posts`: photo-sized images, 20–60
-word captions, the formats and the text-only and image-only posts the server must handle)
-is read into memory once, so no configuration pays for file reads and all of them see
-the same bytes in the same order.
+One corpus is read into memory once, so no configuration pays for file reads and all of
+them see the same bytes in the same order. Which corpus is a :class:`Workload`: by default
+the posts of a social network (:mod:`postsim.bench.photos`: 1080-pixel feed photos, 12 MP
+phone originals, PNG screenshots, 20–60 word captions); ``legacy`` is the first benchmark's
+(:func:`postsim.corpus.samples.write_sample_posts` at 640×480, 20–60 words), kept so old
+figures can be compared.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,23 @@ BENCH_WORDS = (20, 60)
 BENCH_VIDEO = VideoSpec(size=(1280, 720), frame_rate=30, frames=900, keyframe_interval=60)
 """The video posts of the serving benchmark: 30 s of 720p H.264 at 30 frames/s, a keyframe every 2 s, as phones
 record (the server samples 8 frames of it)."""
+
+
+class Workload(enum.Enum):
+    """Which posts a benchmark sends."""
+
+    PHOTOS = "photos"
+    """Posts as a social network gets them: :mod:`postsim.bench.photos`'s default mix."""
+    LEGACY = "legacy"
+    """The first benchmark's posts: 640×480 images of the sample corpus."""
+
+    @property
+    def label(self) -> str:
+        """How reports name the workload."""
+        if self is Workload.PHOTOS:
+            return "photo workload (1080 px JPEGs, 12 MP phone photos, PNG screenshots)"
+        width, height = BENCH_IMAGE_SIZE
+        return f"legacy workload ({width}×{height} images)"
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,18 @@ def write_bench_corpus(
     return write_sample_posts(
         n, out_dir, seed, image_size=image_size, words=words, videos=videos, generic_captions=0, generic_images=0
     )
+
+
+def write_workload_corpus(workload: Workload, n: int, out_dir: Path, *, seed: int = 0) -> Path:
+    """A corpus of ``n`` posts of ``workload`` in ``out_dir``; returns its ``posts.jsonl``."""
+    if workload is Workload.LEGACY:
+        return write_bench_corpus(n, out_dir, seed=seed)
+    # photos imports BenchPost from here: imported when needed, not at the top.
+    from postsim.bench.photos import PhotoWorkload, write_photo_corpus
+
+    if n < 1:
+        raise BenchError(f"the benchmark needs at least one post, got {n}")
+    return write_photo_corpus(n, out_dir, PhotoWorkload(seed=seed))
 
 
 def load_bench_posts(corpus: Path) -> list[BenchPost]:

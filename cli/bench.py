@@ -1,4 +1,4 @@
-"""``postsim bench serve | video | index | soak | stress | front-end | training``: measurements against same-run baselines."""
+"""``postsim bench serve | video | preprocess | index | soak | stress | front-end | training``: measurements against same-run baselines."""
 
 from __future__ import annotations
 
@@ -16,6 +16,15 @@ from postsim.core.paths import default_repository
 from postsim.model_repository import contract
 
 logger = logging.getLogger("postsim")
+
+WorkloadOption = Annotated[
+    str,
+    typer.Option(
+        help="photos: 1080 px JPEGs, 12 MP phone photos with EXIF orientation and PNG screenshots, as posts carry "
+        "them; legacy: the first benchmark's 640×480 images."
+    ),
+]
+
 app = typer.Typer(help="Measure latency, throughput and recall.", no_args_is_help=True)
 
 
@@ -35,7 +44,8 @@ def bench_serve(
         list[int] | None, typer.Option(help="Concurrency levels (repeat); default 1 2 4 8 16.")
     ] = None,
     requests: Annotated[int, typer.Option(min=1, help="Measured requests per level.")] = 64,
-    posts: Annotated[int, typer.Option(min=1, help="Bench corpus size (JPEG ~640×480, 20–60 words).")] = 64,
+    posts: Annotated[int, typer.Option(min=1, help="Bench corpus size (20–60 word captions).")] = 64,
+    workload: WorkloadOption = "photos",
     video_posts: Annotated[
         int,
         typer.Option(
@@ -50,6 +60,7 @@ def bench_serve(
     file and a plot."""
     from postsim.bench.report import format_report, write_outputs
     from postsim.bench.serving import ServingBenchSettings, SweepSettings, VideoWorkloadSettings, run_serving_benchmark
+    from postsim.bench.workload import Workload
 
     sweep = (
         SweepSettings(concurrency=tuple(concurrency), requests=requests)
@@ -65,6 +76,7 @@ def bench_serve(
         repository=None if url else (repository or default_repository()),
         url=url,
         posts=posts,
+        workload=choice(Workload, workload, "--workload"),
         sweep=sweep,
         video=VideoWorkloadSettings(clips=video_posts, requests=video_requests),
     )
@@ -90,6 +102,53 @@ def bench_video(
         f"{long.name} / {short.name}: {long.decode_ms / short.decode_ms:.2f}× the decoding time, "
         f"{long.total_cpu_ms / short.total_cpu_ms:.2f}× the CPU"
     )
+
+
+@app.command("preprocess")
+@reports_errors
+def bench_preprocess(
+    repeats: Annotated[int, typer.Option(min=1, help="Timed preprocessings of each image each way (the median).")] = 15,
+    repository: Annotated[
+        Path | None,
+        typer.Option(
+            help="Exported repository whose image encoder measures the fidelity of decoding at scale.",
+            show_default="$POSTSIM_REPOSITORY, else $POSTSIM_HOME/model_repository; skipped when absent",
+        ),
+    ] = None,
+    photos: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Sample photos of each kind for the fidelity; phone photos (and a 5 MB one) to shrink."
+        ),
+    ] = 4,
+) -> None:
+    """What preprocessing one image costs per photo size, decoding every pixel against decoding at scale (DCT
+    scaling, early reduction), and the cosine between the image embeddings of the two."""
+    from postsim.bench.preprocess_bench import (
+        decode_fidelity,
+        default_cases,
+        fidelity_photos,
+        format_preprocessing,
+        measure_preprocessing,
+        shrink_effect,
+        shrink_photos,
+    )
+    from postsim.model_repository.layout import version_dirs
+
+    timings = measure_preprocessing(default_cases(), repeats=repeats, progress=logger.info)
+    chosen = repository or default_repository()
+    fidelity = None
+    encoder = chosen if repository is not None or version_dirs(chosen / contract.IMAGE_ENCODER) else None
+    if encoder is not None:
+        fidelity = decode_fidelity(encoder, fidelity_photos(photos))
+    else:
+        logger.warning(
+            "no exported repository at %s: the fidelity is not measured (export one, or --repository)", chosen
+        )
+    shrink = shrink_effect(shrink_photos(photos), encoder)
+    stdout.print(format_preprocessing(timings, fidelity, shrink), highlight=False, markup=False, soft_wrap=True)
+    if fidelity is not None:
+        stdout.print(f"(image encoder of {chosen})", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("index")
@@ -155,9 +214,11 @@ def bench_soak(
     server_pid: Annotated[
         int | None, typer.Option(help="tritonserver's pid, to report its and its stubs' memory.")
     ] = None,
+    workload: WorkloadOption = "photos",
 ) -> None:
     """Hold a concurrency of requests for a while; report latency over time, errors and memory. Exit 1 on any error."""
     from postsim.bench.soak import format_soak, run_soak
+    from postsim.bench.workload import Workload
     from postsim.client.settings import ClientSettings
 
     def show(interval_stats: Any) -> None:
@@ -170,6 +231,7 @@ def bench_soak(
         interval_s=interval,
         warmup_s=warmup,
         server_pid=server_pid,
+        workload=choice(Workload, workload, "--workload"),
         on_interval=show,
     )
     stdout.print(format_soak(report), highlight=False, markup=False, soft_wrap=True)

@@ -42,6 +42,16 @@ RepositoryOption = Annotated[
 UrlOption = Annotated[str, typer.Option("--url", help="gRPC endpoint of a running postsim server (HOST:PORT).")]
 
 
+ShrinkImagesOption = Annotated[
+    bool,
+    typer.Option(
+        "--shrink-images",
+        help="Send each image larger than the encoder needs resized to its scale, as a JPEG: far fewer bytes, "
+        "an embedding that moves slightly (README: Client-side shrinking).",
+    ),
+]
+
+
 def run_dir_option(name: str, description: str) -> Any:
     """An output-folder option that defaults to ``$POSTSIM_HOME/runs/<name>``, outside the source tree."""
     return typer.Option(

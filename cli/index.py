@@ -9,7 +9,16 @@ from typing import Annotated, Any
 
 import typer
 
-from postsim.cli.common import RepositoryOption, UrlOption, choice, reports_errors, run_dir_option, stderr, stdout
+from postsim.cli.common import (
+    RepositoryOption,
+    ShrinkImagesOption,
+    UrlOption,
+    choice,
+    reports_errors,
+    run_dir_option,
+    stderr,
+    stdout,
+)
 from postsim.client.settings import DEFAULT_URL
 from postsim.model_repository import contract
 from postsim.model_repository.protocol import ADMIN_KEY_VARIABLE
@@ -34,6 +43,7 @@ def index_build(
             "four parts (similar_posts CONTRIBUTIONS, postsim explain): ~1 GB per million posts at dim 256."
         ),
     ] = True,
+    shrink_images: ShrinkImagesOption = False,
 ) -> None:
     """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
     from postsim.cli.progress import ProgressReporter
@@ -48,6 +58,7 @@ def index_build(
         batch_size=batch_size,
         concurrency=concurrency,
         unimodal=unimodal,
+        shrink_images=shrink_images,
     )
     with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
         report = build_corpus_index(settings, on_progress=progress.update)
@@ -112,6 +123,7 @@ def index_upsert(
     batch_size: Annotated[
         int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per call, each call one atomic change.")
     ] = contract.MAX_BATCH_SIZE,
+    shrink_images: ShrinkImagesOption = False,
 ) -> None:
     """Add the posts of CORPUS to the index the server serves, or replace the posts with their ids; no rebuild.
 
@@ -121,7 +133,9 @@ def index_upsert(
     from postsim.indexing.changes import upsert_corpus
 
     with ProgressReporter("upserting", console=stderr, unit="posts") as progress:
-        summary = upsert_corpus(corpus, url, batch_size=batch_size, on_progress=progress.update)
+        summary = upsert_corpus(
+            corpus, url, batch_size=batch_size, on_progress=progress.update, shrink_images=shrink_images
+        )
     stdout.print(
         f"upserted {len(summary.added) + len(summary.replaced)} posts ({len(summary.added)} new, "
         f"{len(summary.replaced)} replaced) up to change {summary.sequence}"

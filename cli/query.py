@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from postsim.cli.common import UrlOption, reports_errors, stdout
+from postsim.cli.common import ShrinkImagesOption, UrlOption, reports_errors, stdout
 from postsim.client.posts import ScoreParts
 from postsim.client.settings import DEFAULT_URL
 from postsim.model_repository.contract import SCORE_PARTS
@@ -22,13 +22,14 @@ def embed(
     ] = None,
     text: Annotated[str | None, typer.Option(help="Text of the post (title, description, tags).")] = None,
     url: UrlOption = DEFAULT_URL,
+    shrink_images: ShrinkImagesOption = False,
 ) -> None:
     """Embed one post through the server and print the result as JSON."""
     from postsim.client.api import PostSimClient
     from postsim.client.posts import Post
 
     post = Post(text=text, image=image)
-    with PostSimClient(url) as client:
+    with PostSimClient(url, shrink_images=shrink_images) as client:
         (result,) = client.embed([post])
     json.dump(
         {
@@ -67,6 +68,7 @@ def similar(
         ),
     ] = False,
     url: UrlOption = DEFAULT_URL,
+    shrink_images: ShrinkImagesOption = False,
 ) -> None:
     """Find the indexed posts most similar to a post (or to an indexed one, --id), optionally filtered."""
     from postsim.client.api import PostSimClient
@@ -85,7 +87,7 @@ def similar(
         "tags": tag or None,
     }
     where = {name: value for name, value in fields.items() if value is not None} or None
-    with PostSimClient(url) as client:
+    with PostSimClient(url, shrink_images=shrink_images) as client:
         if post_id is not None:
             neighbors = client.similar_to_id(post_id, k=k, where=where, collapse_above=collapse_above)
         else:
@@ -122,12 +124,11 @@ def print_neighbors(neighbors: list[Any], captions: dict[str, str] | None = None
     from rich.text import Text
 
     texts = [(captions.get(n.id, "") if captions is not None else n.text) or "" for n in neighbors]
-    with_parts = show_parts
-    part_columns = [PART_HEADERS[name] for name in SCORE_PARTS] if with_parts else []
+    part_columns = [PART_HEADERS[name] for name in SCORE_PARTS] if show_parts else []
     table = Table("rank", "id", "score", *part_columns, *(["text"] if any(texts) else []))
     for rank, (neighbor, text) in enumerate(zip(neighbors, texts, strict=True), start=1):
         row: list[str | Text] = [str(rank), Text(neighbor.id), f"{neighbor.score:.4f}"]  # Text: no markup from data
-        if with_parts:
+        if show_parts:
             parts = neighbor.parts
             row.extend(f"{getattr(parts, name):.4f}" if parts is not None else "?" for name in SCORE_PARTS)
         if any(texts):

@@ -81,6 +81,7 @@ class _Client:
         certificate_chain: str | Path | None = None,
         headers: dict[str, str] | None = None,
         admin_key: str | None = None,
+        shrink_images: bool = False,
     ) -> None:
         settings = ClientSettings(
             url=url,
@@ -91,6 +92,7 @@ class _Client:
             certificate_chain=certificate_chain,
             headers=headers,
             admin_key=admin_key,
+            shrink_images=shrink_images,
         )
         self._start(settings)
 

@@ -37,6 +37,7 @@ from postsim.client.posts import (
     SimilarResult,
 )
 from postsim.client.settings import ClientSettings, checked_timeout
+from postsim.client.shrink import shrink_image
 from postsim.core.errors import InvalidPostError, PostSimError, ServerError, ServerUnavailableError
 from postsim.model_repository import contract
 from postsim.model_repository.live_index.wire import ChangeRequest, Control, receipt_from_json
@@ -159,7 +160,7 @@ class ClientCore:
         def arguments() -> dict[str, Any]:
             return {
                 "model_name": model,
-                "inputs": build_inputs(posts, k=k, first=start),
+                "inputs": build_inputs(posts, k=k, first=start, shrink=self.settings.shrink_images),
                 "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs],
                 "headers": self.settings.grpc_headers,
                 "client_timeout": self.settings.timeout_s,
@@ -222,7 +223,11 @@ class ClientCore:
         model = contract.SIMILAR_POSTS_FILTERED
 
         def arguments() -> dict[str, Any]:
-            inputs = build_inputs([post], k=top_k) if post is not None else [_top_k_input(top_k, 1)]
+            inputs = (
+                build_inputs([post], k=top_k, shrink=self.settings.shrink_images)
+                if post is not None
+                else [_top_k_input(top_k, 1)]
+            )
             if query_id is not None:
                 inputs.append(_bytes_input(contract.QUERY_ID, [query_id.encode()]))
             if where:
@@ -266,7 +271,7 @@ class ClientCore:
             def arguments() -> dict[str, Any]:
                 inputs = [
                     _bytes_input(contract.POST_ID, [post_id.encode() for post_id in ids[start : start + len(chunk)]]),
-                    *build_inputs(chunk, first=start),
+                    *build_inputs(chunk, first=start, shrink=self.settings.shrink_images),
                     _bytes_input(contract.POST_METADATA, texts[start : start + len(chunk)]),
                 ]
                 return self._change_arguments(inputs)
@@ -490,16 +495,19 @@ def _change_ids(ids: list[str | None], caller: str) -> list[str]:
     return checked
 
 
-def build_inputs(posts: Sequence[Post], *, k: int | None = None, first: int = 0) -> list[grpcclient.InferInput]:
+def build_inputs(
+    posts: Sequence[Post], *, k: int | None = None, first: int = 0, shrink: bool = False
+) -> list[grpcclient.InferInput]:
     """The request tensors for one chunk: IMAGE and TEXT as ``[B, 1]`` BYTES, TOP_K if ``k``.
 
     Reads image files now. ``first`` is the index of ``posts[0]`` in the caller's batch,
-    for error messages. An absent image or text is sent as an empty element.
+    for error messages. An absent image or text is sent as an empty element. ``shrink``
+    sends each image at the encoder's scale (:func:`~postsim.client.shrink.shrink_image`).
     """
     images: list[bytes] = []
     texts: list[bytes] = []
     for offset, post in enumerate(posts):
-        images.append(post.image_bytes())
+        images.append(shrink_image(post.image_bytes()) if shrink else post.image_bytes())
         try:
             texts.append((post.text or "").encode("utf-8"))
         except UnicodeEncodeError as exc:

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from postsim.client.posts import EmbeddingResult, Post, ScoreParts
+from postsim.client.shrink import encoder_scale_image
 from postsim.core.errors import InvalidPostError
 from postsim.model_repository import contract
 from postsim.model_repository.preprocessing import decode_image
@@ -123,7 +124,7 @@ def _variants(query: Post, grid: int) -> _Variants:
             "and a video's embedding pools several frames, so it explains image posts only: send one frame of it "
             "as the query's image, or its text alone (the other post may be a video)"
         )
-    image = _scaled(image_bytes) if image_bytes else None
+    image = encoder_scale_image(image_bytes) if image_bytes else None
     base_image = _png(image) if image is not None else b""
     text = query.text or ""
     spans = _word_spans(text)[:MAX_WORDS]
@@ -217,17 +218,6 @@ def _word_spans(text: str) -> list[tuple[int, int]]:
     if start is not None:
         spans.append((start, len(text)))
     return spans
-
-
-def _scaled(data: bytes) -> Image.Image:
-    """The image as the encoder sees its scale: shorter side ``IMAGE_RESIZE_SHORTER_SIDE`` (never enlarged)."""
-    image = decode_image(data)
-    shorter = min(image.size)
-    if shorter <= contract.IMAGE_RESIZE_SHORTER_SIDE:
-        return image
-    factor = contract.IMAGE_RESIZE_SHORTER_SIDE / shorter
-    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-    return image.resize(size, Image.Resampling.BILINEAR)
 
 
 def _cell(size: tuple[int, int], grid: int, row: int, column: int) -> tuple[int, int, int, int]:

@@ -30,7 +30,9 @@ class ClientSettings:
     the CA that signed the server's certificate, ``private_key`` and ``certificate_chain``
     the client's own for mutual TLS. ``headers`` go with every call as gRPC metadata;
     ``admin_key`` is the server's key for model control and the repository index
-    (``postsim serve --admin-key``), inference needs none.
+    (``postsim serve --admin-key``), inference needs none. ``shrink_images`` resizes each
+    image larger than the encoder needs to its scale and sends it as a JPEG
+    (:mod:`postsim.client.shrink`): far fewer bytes on the wire, an embedding that moves slightly.
     """
 
     url: str = DEFAULT_URL
@@ -41,6 +43,7 @@ class ClientSettings:
     certificate_chain: str | Path | None = None
     headers: Mapping[str, str] | None = field(default=None, hash=False)
     admin_key: str | None = field(default=None, repr=False)
+    shrink_images: bool = False
 
     def __post_init__(self) -> None:
         url = self.url

@@ -49,13 +49,17 @@ def upsert_corpus(
     *,
     batch_size: int = contract.MAX_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    shrink_images: bool = False,
 ) -> ChangeSummary:
-    """Upsert every post of ``corpus`` (the corpus format, metadata included) into the index ``url`` serves."""
+    """Upsert every post of ``corpus`` (the corpus format, metadata included) into the index ``url`` serves.
+
+    ``shrink_images`` sends the images at the encoder's scale (the client's ``shrink_images``).
+    """
     posts = list(read_posts(corpus))  # the whole file is checked before the first change
     if not posts:
         raise InvalidPostError(f"{corpus} holds no posts: nothing to upsert")
     summary = ChangeSummary()
-    with PostSimClient(url) as client:
+    with PostSimClient(url, shrink_images=shrink_images) as client:
         for start in range(0, len(posts), batch_size):
             chunk = posts[start : start + batch_size]
             report = client.upsert([post.to_post() for post in chunk], [post.metadata.to_fields() for post in chunk])

@@ -47,6 +47,8 @@ class CorpusIndexSettings:
     """Batches in flight at once."""
     unimodal: bool = True
     """Keep each post's unimodal vectors and modality weights, which split its scores (``CONTRIBUTIONS``)."""
+    shrink_images: bool = False
+    """Send the images at the encoder's scale (the client's ``shrink_images``)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def build_corpus_index(
     started = time.monotonic()
 
     async def embed_all() -> tuple[str, Embedded, list[FailedPost]]:
-        async with AsyncPostSimClient(settings.url) as client:
+        async with AsyncPostSimClient(settings.url, shrink_images=settings.shrink_images) as client:
             # post_embedding's config, not the repository index: a server's admin key restricts the index.
             info = await client.served_repository()
             if not info.fingerprint:

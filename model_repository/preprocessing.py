@@ -10,6 +10,8 @@ image of a supported format, and turns every such refusal into an
 The geometry is torchvision's ``Resize(256)`` (bilinear, antialiased, which is what
 Pillow's resize does) followed by ``CenterCrop(224)``, then ``ToTensor`` and the ImageNet
 ``Normalize``: the transforms the image encoder was trained with. Only numpy and Pillow.
+:func:`image_pixels` gets there decoding no more pixels than that needs: a JPEG at a reduced
+DCT scale, a large image of another format block-averaged before it is resampled.
 """
 
 from __future__ import annotations
@@ -112,8 +114,38 @@ class ImageLimits:
 DEFAULT_IMAGE_LIMITS = ImageLimits()
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> Image.Image:
+REDUCING_GAP = 3.0
+"""How much larger than the crop's output an image is still resampled in full: beyond it, Pillow first
+averages blocks of pixels (``Image.reduce``) down to at least this many times the output, then
+resamples (Pillow's ``reducing_gap``). At 2 a 1080-pixel screenshot was block-averaged and its
+embedding moved measurably (``postsim bench preprocess``); at 3 it is resampled in full, and only
+larger images are reduced."""
+
+
+def image_pixels(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS, *, full_decode: bool = False) -> np.ndarray:
+    """One encoded image as the encoder's float32 ``[3, 224, 224]``, decoding no more pixels than that needs.
+
+    A JPEG is decoded at the smallest DCT scale that leaves its shorter side at least
+    ``IMAGE_RESIZE_SHORTER_SIDE`` (:func:`decode_image`'s ``shorter_side``), any image is
+    block-averaged down to ``REDUCING_GAP`` times the crop before it is resampled; then
+    :func:`image_to_pixels` as ever. ``full_decode`` decodes and resamples every pixel (the
+    reference the benchmark compares with). The limits hold before any decode either way.
+    """
+    if full_decode:
+        return image_to_pixels(decode_image(data, limits))
+    image = decode_image(data, limits, shorter_side=IMAGE_RESIZE_SHORTER_SIDE)
+    return image_to_pixels(image, reducing_gap=REDUCING_GAP)
+
+
+def decode_image(
+    data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS, *, shorter_side: int | None = None
+) -> Image.Image:
     """Decode one JPEG, PNG, WebP, BMP or GIF (its first frame) into an upright RGB image.
+
+    With ``shorter_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8,
+    Pillow's ``draft``) whose shorter side is still at least that many pixels: a 4032×3024
+    photo comes out 504×378 for a 256-pixel target; other formats, and None, decode every
+    pixel. The scale is applied after the limits are checked against the full header size.
 
     Raises InvalidPostError, before decoding any pixel, for data over
     ``limits.max_bytes``, a header over ``limits.max_pixels``, data Pillow cannot
@@ -130,6 +162,8 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_IMAGE_LIMITS) -> Ima
         image = _open_header(data)
         _check_pixel_count(image, limits)
         _check_encoded_size(image, data)
+        if shorter_side is not None:
+            _draft(image, shorter_side)
         image = _load_pixels(image, data)
     _apply_exif_orientation(image)
     return to_rgb(image)
@@ -156,16 +190,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise InvalidPostError(f"{IMAGE.name}: colour mode {image.mode} is not supported") from error
 
 
-def image_to_pixels(image: Image.Image) -> np.ndarray:
+def image_to_pixels(image: Image.Image, *, reducing_gap: float | None = None) -> np.ndarray:
     """float32 [3, 224, 224]: shorter side to 256, centre crop 224, ImageNet-normalised, CHW.
 
     Only the centre crop is resampled (Pillow's ``resize(box=...)``), with the scale of the
     full resize, so a 1 × 40,000 px strip costs a 224 × 224 output rather than a
     256 × 10 million intermediate. It matches resize-then-crop to within rounding.
+    ``reducing_gap`` is Pillow's: a crop more than that many times the output is first
+    block-averaged by an integer factor (None: resampled from every pixel).
     """
     rgb = to_rgb(image)
     box = centre_crop_box(rgb.width, rgb.height)
-    cropped = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, box=box)
+    cropped = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap)
     scaled = np.asarray(cropped, dtype=np.float32) / 255.0
     normalised = (scaled - IMAGENET_MEAN) / IMAGENET_STD
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))
@@ -304,6 +340,16 @@ def _check_encoded_size(image: ImageFile.ImageFile, data: bytes) -> None:
             f"{IMAGE.name}: truncated {image.format}: its header says {width}×{height} pixels, which take at "
             f"least {needed:,} bytes, and it has {len(data):,}"
         )
+
+
+def _draft(image: ImageFile.ImageFile, shorter_side: int) -> None:
+    """Have a JPEG decode at the smallest DCT scale that keeps its shorter side at least ``shorter_side``."""
+    width, height = image.size
+    if image.format != "JPEG" or min(width, height) < 2 * shorter_side:
+        return
+    # Pillow picks the largest scale 1/2, 1/4 or 1/8 that leaves both sides at least the size asked.
+    scale = shorter_side / min(width, height)
+    image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def _jpeg_frame(data: bytes) -> int | None:

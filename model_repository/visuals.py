@@ -3,7 +3,7 @@
 ``preprocess_image`` (and the in-process pipeline, ``postsim.models.pipeline``) turn each
 post's ``IMAGE`` bytes into frames here: a video (:func:`~postsim.model_repository.video.sniff_video`
 tells one from its bytes) gives its F sampled frames (:func:`~postsim.model_repository.video.sample_video`),
-a still image one frame (:func:`~postsim.model_repository.preprocessing.decode_image`). A batch
+a still image one frame (:func:`~postsim.model_repository.preprocessing.image_pixels`). A batch
 is padded to its longest post: ``PIXEL_VALUES`` ``[B, F, 3, 224, 224]`` with ``FRAME_MASK``
 ``[B, F]`` saying which frames are real, so the image encoder's mean over the masked frames
 is the post's image embedding. A batch of still images has F = 1: it costs what it cost
@@ -21,7 +21,7 @@ import numpy as np
 
 from postsim.core.errors import InvalidPostError
 from postsim.model_repository.contract import FRAME_MASK, FRAMES, IMAGE_MASK, PIXEL_VALUES
-from postsim.model_repository.preprocessing import ImageLimits, decode_image, image_to_pixels
+from postsim.model_repository.preprocessing import ImageLimits, image_pixels
 from postsim.model_repository.video import VideoLimits, VideoSampling, sample_video, sniff_video
 
 logger = logging.getLogger("postsim")
@@ -90,7 +90,7 @@ def visual_frames(data: bytes, settings: VisualSettings = DEFAULT_VISUAL_SETTING
     Raises InvalidPostError naming ``IMAGE`` when the visual is refused.
     """
     if sniff_video(data) is None:
-        return image_to_pixels(decode_image(data, settings.image))[np.newaxis]
+        return image_pixels(data, settings.image)[np.newaxis]
     pixels, used = sample_video(data, settings.sampling, settings.video)
     return pixels[:used]
 

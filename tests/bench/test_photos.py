@@ -22,7 +22,8 @@ from postsim.bench.photos import (
     photo_posts,
     write_photo_corpus,
 )
-from postsim.bench.workload import load_bench_posts
+from postsim.bench.soak import default_soak_posts
+from postsim.bench.workload import Workload, load_bench_posts
 from postsim.core.errors import BenchError
 from postsim.model_repository.preprocessing import decode_image
 
@@ -158,3 +159,14 @@ def test_no_posts_and_bad_word_bounds_are_refused(tmp_path: Path) -> None:
         write_photo_corpus(0, tmp_path)
     with pytest.raises(BenchError, match="words"):
         PhotoWorkload(words=(30, 10))
+
+
+@pytest.mark.parametrize("workload", list(Workload))
+def test_the_benchmarks_draw_posts_of_the_workload_asked(workload: Workload) -> None:
+    posts = default_soak_posts(4, workload)
+    sizes = {Image.open(io.BytesIO(post.image_bytes())).size for post in posts if post.has_image}
+    if workload is Workload.LEGACY:
+        assert sizes == {(640, 480)}
+    else:
+        assert sizes and sizes <= {kind.size for kind in PhotoKind}
+    assert all(len(post.text.split()) >= 20 for post in posts if post.text)

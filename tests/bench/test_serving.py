@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from postsim.bench.baselines import BaselineSettings
 from postsim.bench.cpu import cpu_ms_per_post
@@ -44,7 +45,8 @@ from postsim.bench.serving import (
     scratch_repository,
     serving_summary,
 )
-from postsim.bench.workload import BenchPost
+from postsim.bench.workload import BenchPost, Workload
+from postsim.cli.main import app
 from postsim.core.errors import BenchError, ServerError
 from postsim.corpus.sample_videos import VideoSpec
 from postsim.export.triton_config import ServingSettings
@@ -238,4 +240,13 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
     console.print(format_report(report))
     text = console.export_text()
     assert TRITON_SIMILAR_POSTS in text and "video posts at c=1: p50" in text
+    assert report.workload == Workload.PHOTOS.label and data["workload"] == report.workload
+    assert "posts of the photo workload" in text
     assert "| Triton post_embedding | c=1 |" in format_markdown(report)
+
+
+@pytest.mark.parametrize("command", ["serve", "soak"])
+def test_bench_serve_and_soak_refuse_an_unknown_workload(command: str) -> None:
+    result = CliRunner().invoke(app, ["bench", command, "--workload", "cats", "--url", "localhost:1"])
+    assert result.exit_code == 2
+    assert "'cats' is not one of photos, legacy" in result.output

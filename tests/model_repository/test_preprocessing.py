@@ -22,6 +22,7 @@ from postsim.model_repository.preprocessing import (
     ImageLimits,
     centre_crop_box,
     decode_image,
+    image_pixels,
     image_to_pixels,
     resized_size,
     to_rgb,
@@ -374,3 +375,69 @@ def test_decoding_refuses_to_run_with_truncated_images_allowed(monkeypatch: pyte
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(PostSimError, match="LOAD_TRUNCATED_IMAGES"):
         decode_image(jpeg_photo())
+
+
+# --- Decoding no more pixels than the encoder needs ------------------------------------------
+
+
+def flat_jpeg(size: tuple[int, int], **options: Any) -> bytes:
+    return encode(Image.new("RGB", size, (90, 140, 200)), "JPEG", quality=90, **options)
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [
+        ((4032, 3024), (504, 378)),  # 1/8: a phone original
+        ((1080, 1350), (270, 338)),  # 1/4: a feed photo
+        ((2048, 600), (1024, 300)),  # 1/2: the shorter side decides
+        ((511, 700), (511, 700)),  # under twice 256: decoded whole
+    ],
+)
+def test_a_jpeg_is_decoded_at_the_smallest_dct_scale_that_keeps_the_shorter_side_256(
+    size: tuple[int, int], decoded: tuple[int, int]
+) -> None:
+    data = flat_jpeg(size)
+    assert decode_image(data, shorter_side=256).size == decoded
+    assert decode_image(data).size == size  # the full-decode path stays reachable
+
+
+@pytest.mark.parametrize(("mode", "options"), [("CMYK", {}), ("L", {}), ("RGB", {"progressive": True})])
+def test_cmyk_grey_and_progressive_jpegs_are_decoded_at_scale_too(mode: str, options: dict[str, Any]) -> None:
+    image = decode_image(encode(Image.new(mode, (2000, 1200)), "JPEG", **options), shorter_side=256)
+    assert (image.size, image.mode) == ((500, 300), "RGB")
+
+
+def test_exif_orientation_is_honoured_at_scale() -> None:
+    stored = Image.new("RGB", (4032, 3024), BLUE)
+    stored.paste(RED, (0, 0, 800, 800))  # marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = decode_image(encode(stored, "JPEG", quality=90, exif=exif.tobytes()), shorter_side=256)
+    assert image.size == (378, 504)
+    pixels = np.asarray(image).astype(int)
+    assert pixels[10, 370].tolist() == pytest.approx(RED, abs=40)  # displayed top-right
+    assert pixels[10, 10].tolist() == pytest.approx(BLUE, abs=40)
+
+
+def test_the_limits_hold_before_any_decode_at_scale() -> None:
+    phone = flat_jpeg((4032, 3024))
+    with pytest.raises(InvalidPostError, match="12,192,768 pixels is over the limit of 10,000,000"):
+        image_pixels(phone, ImageLimits(max_pixels=10_000_000))
+    with pytest.raises(InvalidPostError, match="over the limit of 1,000 bytes"):
+        image_pixels(phone, ImageLimits(max_bytes=1000))
+    # A 60-byte PNG claiming 10 billion pixels: refused from its header, nothing decoded.
+    with pytest.raises(InvalidPostError, match="over the limit of 40,000,000 pixels"):
+        image_pixels(png_claiming(100_000, 100_000))
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_pixels_at_scale_match_the_full_decode(image_format: str) -> None:
+    from postsim.bench.photos import photo
+
+    picture = photo((1600, 2000), ((40, 90, 160), (200, 170, 120)), np.random.default_rng(1))
+    data = encode(picture, image_format, **({"quality": 90} if image_format == "JPEG" else {}))
+    scaled, full = image_pixels(data), image_pixels(data, full_decode=True)
+    assert scaled.shape == full.shape == (3, 224, 224)
+    # Normalised units (one 8-bit level is about 0.017): the two differ by about a level on average.
+    assert float(np.abs(scaled - full).mean()) < 0.02
+    assert float(np.corrcoef(scaled.ravel(), full.ravel())[0, 1]) > 0.999
