@@ -82,16 +82,16 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is None or callspec.params.get("backend") != "milvus":
-            continue
-        if item.get_closest_marker("faiss_only"):
-            item.add_marker(pytest.mark.skip(reason="checks what only the FAISS backend has"))
-        if item.get_closest_marker("slow_on_milvus"):
-            item.add_marker(pytest.mark.slow)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The milvus variant of a test marked ``faiss_only`` skipped, of one marked ``slow_on_milvus`` slow
+    (marked as it is collected, before ``-m`` selects)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "milvus":
+        return
+    if item.get_closest_marker("faiss_only"):
+        item.add_marker(pytest.mark.skip(reason="checks what only the FAISS backend has"))
+    if item.get_closest_marker("slow_on_milvus"):
+        item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -342,6 +342,7 @@ def test_the_server_stays_ready_while_a_refused_index_version_sits_beside_the_se
     shutil.rmtree(version_dir)
 
 
+@pytest.mark.faiss_only
 def test_an_index_of_other_weights_is_refused(server: TritonServer, published: PublishedCorpus, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     shutil.copytree(published.index_dir, foreign)
