@@ -40,6 +40,7 @@ from postsim.model_repository.manifest import (
     repository_id_of,
     sha256_file,
 )
+from postsim.model_repository.milvus_store import require_pymilvus
 from postsim.model_repository.tokenization import TOKENIZER_FILE
 from postsim.models.settings import ModelSettings
 from postsim.models.weights import PostSimModels, build_models
@@ -146,8 +147,6 @@ def export_repository(options: ExportOptions) -> ExportReport:
 def _check_retrieval(retrieval: contract.RetrievalSettings) -> None:
     """The milvus backend needs pymilvus where the repository is served: refuse it here, before anything is written."""
     if retrieval.backend is contract.RetrievalBackend.MILVUS:
-        from postsim.model_repository.milvus_store import require_pymilvus
-
         require_pymilvus()
 
 

@@ -27,6 +27,7 @@ from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.layout import CONFIG_NAME, Target
+from postsim.model_repository.milvus_store import require_pymilvus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,8 +357,6 @@ def apply_retrieval(repository: Path, retrieval: contract.RetrievalSettings) -> 
     running server uses the new engine when retrieval is loaded again.
     """
     if retrieval.backend is contract.RetrievalBackend.MILVUS:
-        from postsim.model_repository.milvus_store import require_pymilvus
-
         require_pymilvus()
     config_path = repository / contract.RETRIEVAL / CONFIG_NAME
     if not config_path.is_file():
