@@ -653,6 +653,22 @@ class MilvusStore:
             )
         return int(rows[0]["count(*)"])
 
+    def passing(self, post_filter: PostFilter, limit: int) -> list[StoredPost]:
+        """Up to ``limit`` posts of the serving version that pass ``post_filter``, with their vectors (no order)."""
+        version, _ = self._serving_manifest()
+        with self._errors(f"reading the posts of version {version} that pass a filter"):
+            rows = self._client.query(
+                self.alias,
+                filter=filter_expression(post_filter) or 'id != ""',
+                output_fields=["id", "vector", "caption"],
+                limit=limit,
+                consistency_level=READ_CONSISTENCY,
+            )
+        return [
+            StoredPost(row["id"], np.asarray(row["vector"], dtype=np.float32), PostMetadata(), row.get("caption") or "")
+            for row in rows
+        ]
+
     def search(
         self,
         queries: np.ndarray,

@@ -11,7 +11,8 @@ It keeps the protocol's guarantees over :class:`~postsim.model_repository.milvus
 - **k when k pass.** Filters run inside Milvus's search; an approximate version that comes
   back short while more posts pass (counted with the same filter) is searched again with
   every list probed (``IVF_FLAT``, ``GPU_IVF_PQ``) or a graph search as wide as Milvus
-  allows (``HNSW``, ``GPU_CAGRA``).
+  allows (``HNSW``, ``GPU_CAGRA``), and when that is still short, the passing posts (up to
+  :data:`EXACT_MAX_POSTS`) are read back and ranked exactly.
 
 What differs from the FAISS index: a hit has no row (``Hit.row`` is -1), so the score parts
 come from the collection by id (:meth:`MilvusLiveIndex.split_hits`); a change's sequence
@@ -52,6 +53,10 @@ from postsim.model_repository.score_parts import split_gathered
 from postsim.model_repository.search_index import SearchHit, check_queries
 
 logger = logging.getLogger("postsim")
+
+EXACT_MAX_POSTS = 16_384
+"""Most posts passing a filter that a search still short after widening ranks exactly (their vectors read back):
+Milvus Lite, for one, builds its own list count whatever ``nlist`` says, so probing ``nlist`` lists may not be all."""
 
 
 class MilvusLiveIndex(LiveIndex):
@@ -185,17 +190,25 @@ class MilvusLiveIndex(LiveIndex):
             fetch = min(ceiling, fetch * self.settings.collapse_overfetch)
 
     def _ranked(self, query: np.ndarray, k: int, where: PostFilter) -> list[SearchHit]:
-        """The ``k`` best posts passing ``where``; searched wider when an approximate search came back short."""
+        """The ``k`` best posts passing ``where``; searched wider, then exactly, when an approximate search came back
+        short while more posts pass."""
         k = min(k, MAX_TOP_K)
         (found,) = self.store.search(query[None, :], k, post_filter=where)
         if len(found) >= k:
             return found
+        passing = self.store.count(where)
+        if passing <= len(found):
+            return found
         spec = self.store.serving_spec()
         widest = _widest_search(spec.index_type, spec.build_params)
-        if widest is None or self.store.count(where) <= len(found):
+        if widest is not None:
+            (found,) = self.store.search(query[None, :], k, post_filter=where, search_params=widest)
+        if len(found) >= min(k, passing) or passing > EXACT_MAX_POSTS:
             return found
-        (wider,) = self.store.search(query[None, :], k, post_filter=where, search_params=widest)
-        return wider
+        posts = self.store.passing(where, passing)
+        scores = np.stack([post.vector for post in posts]) @ query
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [SearchHit(posts[row].id, float(scores[row]), posts[row].caption) for row in order]
 
     # Score parts (contract.CONTRIBUTIONS)
 
