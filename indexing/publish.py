@@ -142,7 +142,8 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
     With a client, nothing is installed unless that server serves ``repository`` (:func:`check_served`).
     """
     _require_served(repository, client)
-    if retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS:
+    milvus = retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS
+    if milvus:
         from postsim.indexing.milvus import install_milvus_version
 
         version_dir = install_milvus_version(index_dir, repository)
@@ -155,12 +156,24 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
         load_and_check(client, version)
     except PostSimError as error:
         aside = set_aside(version_dir, "refused")
+        if milvus:
+            _unpublish_milvus(repository)
         raise SearchIndexError(
             f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
             f"the refused version is kept in {aside}, the server log says why"
         ) from None
     logger.info("server at %s now serves retrieval version %d", client.url, version)
     return PublishReport(version=version, version_dir=version_dir, loaded=True)
+
+
+def _unpublish_milvus(repository: Path) -> None:
+    """After the server refused a Milvus version: the alias back to the version before it, when there is one."""
+    from postsim.indexing.milvus import rollback_milvus
+
+    try:
+        logger.info("Milvus alias back to version %d", rollback_milvus(repository))
+    except SearchIndexError as error:  # the first version: nothing to go back to, and nothing served before
+        logger.warning("the refused Milvus version stays behind the alias: %s", error)
 
 
 def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> int:
