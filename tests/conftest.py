@@ -76,21 +76,21 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def backend(request: pytest.FixtureRequest) -> str:
     """The retrieval backend a suite runs against; a module's servers parametrised with it run it on both.
 
-    Tests marked ``faiss_only`` check what only the FAISS backend has (its files, journal,
-    compaction) and are skipped on milvus; ``slow_on_milvus`` marks the expensive extras slow there.
+    Tests marked ``in_process_only`` check what only the FAISS backend has (its files, journal,
+    compaction) and are skipped on milvus; ``slow_on_remote_engine`` marks the expensive extras slow there.
     """
     return str(request.param)
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """The milvus variant of a test marked ``faiss_only`` skipped, of one marked ``slow_on_milvus`` slow
+    """The milvus variant of a test marked ``in_process_only`` skipped, of one marked ``slow_on_remote_engine`` slow
     (marked as it is collected, before ``-m`` selects)."""
     callspec = getattr(item, "callspec", None)
     if callspec is None or callspec.params.get("backend") != "milvus":
         return
-    if item.get_closest_marker("faiss_only"):
+    if item.get_closest_marker("in_process_only"):
         item.add_marker(pytest.mark.skip(reason="checks what only the FAISS backend has"))
-    if item.get_closest_marker("slow_on_milvus"):
+    if item.get_closest_marker("slow_on_remote_engine"):
         item.add_marker(pytest.mark.slow)
 
 

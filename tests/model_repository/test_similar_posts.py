@@ -109,7 +109,7 @@ def test_an_indexed_post_finds_itself_first(server: TritonServer, published: Pub
             assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.slow_on_milvus
+@pytest.mark.slow_on_remote_engine
 @pytest.mark.parametrize("outputs", output_subsets(contract.SIMILAR_POSTS), ids="+".join)
 def test_every_subset_of_outputs_can_be_requested(
     server: TritonServer, published: PublishedCorpus, outputs: tuple[str, ...]
@@ -191,7 +191,7 @@ def test_a_batch_of_queries_matches_single_queries(server: TritonServer, publish
     assert [[n.id for n in result.neighbors] for result in together] == [[n.id for n in result] for result in alone]
 
 
-@pytest.mark.faiss_only
+@pytest.mark.in_process_only
 def test_bad_posts_are_reported_and_the_rest_indexed(server: TritonServer, corpus_dir: Path, tmp_path: Path) -> None:
     corpus = tmp_path / "posts.jsonl"
     good = [json.loads(line) for line in (corpus_dir / "posts.jsonl").read_text().splitlines()[:5]]
@@ -212,7 +212,7 @@ def test_bad_posts_are_reported_and_the_rest_indexed(server: TritonServer, corpu
     assert read_manifest(tmp_path / "index").count == 5
 
 
-@pytest.mark.faiss_only
+@pytest.mark.in_process_only
 def test_an_interrupted_build_leaves_the_output_as_it_was(
     server: TritonServer, published: PublishedCorpus, corpus_dir: Path, tmp_path: Path
 ) -> None:
@@ -303,7 +303,7 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.faiss_only
+@pytest.mark.in_process_only
 def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
     server: TritonServer, published: PublishedCorpus, tmp_path: Path
 ) -> None:
@@ -323,7 +323,7 @@ def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
     shutil.rmtree(version_dir)
 
 
-@pytest.mark.faiss_only
+@pytest.mark.in_process_only
 def test_the_server_stays_ready_while_a_refused_index_version_sits_beside_the_serving_one(
     server: TritonServer, published: PublishedCorpus
 ) -> None:
@@ -342,7 +342,7 @@ def test_the_server_stays_ready_while_a_refused_index_version_sits_beside_the_se
     shutil.rmtree(version_dir)
 
 
-@pytest.mark.faiss_only
+@pytest.mark.in_process_only
 def test_an_index_of_other_weights_is_refused(server: TritonServer, published: PublishedCorpus, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     shutil.copytree(published.index_dir, foreign)
