@@ -14,7 +14,8 @@ guarantees, which every implementation keeps:
   filter (an approximate index searches wider, or exactly, rather than return fewer).
 
 ``MutableIndex`` (``mutable_index.py``) implements it over a FAISS index version and its
-change journal; another engine (a Milvus collection) implements the same protocol.
+change journal; ``MilvusLiveIndex`` (``milvus_index.py``) over the Milvus collection an
+alias serves. ``retrieval`` opens the one its config's ``retrieval_backend`` names.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class ChangeReceipt:
     """What one upsert or delete call did, once it is durable and visible."""
 
     sequence: int
-    """The change's sequence number in the journal (0 when the call changed nothing)."""
+    """The change's sequence number in the journal (Milvus: its acknowledgement time in microseconds); 0 when the
+    call changed nothing."""
     upserted: int = 0
     replaced_ids: tuple[str, ...] = ()
     """Of the upserted posts, those that replaced a post with the same id."""
