@@ -39,14 +39,27 @@ def export(
     force_precision: Annotated[
         bool, typer.Option(help="Write int8/fp16 models even when they agree with fp32 below 0.99 mean cosine.")
     ] = False,
+    retrieval: Annotated[
+        str,
+        typer.Option(
+            help="faiss (an index in the server's process) or milvus (a Milvus collection every replica shares)."
+        ),
+    ] = contract.RetrievalBackend.FAISS.value,
+    milvus_uri: Annotated[
+        str, typer.Option(help="The Milvus holding the posts, http://HOST:19530 (with --retrieval milvus only).")
+    ] = "",
 ) -> None:
     """Export the image encoder, text encoder and fuser to ONNX and write the Triton model repository."""
     from postsim.export.quantize import Precision
     from postsim.export.repository import ExportOptions, export_repository
     from postsim.export.triton_config import Target
 
+    retrieval_settings = contract.RetrievalSettings(
+        backend=choice(contract.RetrievalBackend, retrieval, "--retrieval"), milvus_uri=milvus_uri
+    )
     options = ExportOptions(
         repository=repository,
+        retrieval=retrieval_settings,
         target=choice(Target, target, "--target"),
         precision=choice(Precision, precision, "--precision"),
         force_precision=force_precision,

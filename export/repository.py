@@ -40,6 +40,7 @@ from postsim.model_repository.manifest import (
     repository_id_of,
     sha256_file,
 )
+from postsim.model_repository.milvus_store import require_pymilvus
 from postsim.model_repository.tokenization import TOKENIZER_FILE
 from postsim.models.settings import ModelSettings
 from postsim.models.weights import PostSimModels, build_models
@@ -61,6 +62,8 @@ class ExportOptions:
     """Calibration and agreement check of a precision other than fp32."""
     force_precision: bool = False
     """Write converted models even when they agree with fp32 below ``precision_settings.min_cosine``."""
+    retrieval: contract.RetrievalSettings = field(default_factory=contract.RetrievalSettings)
+    """The engine ``retrieval`` searches: an in-process FAISS index (default) or a Milvus collection."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
     from postsim.export.onnx_export import export_onnx_models
 
     _check_precision(options)
+    _check_retrieval(options.retrieval)
     # Weights that cannot be loaded (no hub, a wrong path) fail here, before the repository is touched.
     logger.info("building models (weights %s, dim %d)", options.models.weights, options.models.dim)
     models = build_models(options.models)
@@ -127,6 +131,7 @@ def export_repository(options: ExportOptions) -> ExportReport:
         fingerprint=manifest.fingerprint,
         repository_id=manifest.repository_id,
         include_retrieval=True,
+        retrieval=options.retrieval,
     )
     for name, config in configs.items():
         write_text_atomic(repository / name / CONFIG_NAME, to_pbtxt(config))
@@ -137,6 +142,12 @@ def export_repository(options: ExportOptions) -> ExportReport:
     return ExportReport(
         repository=repository, manifest=manifest, validation=dict(validation), models=models, agreement=agreement
     )
+
+
+def _check_retrieval(retrieval: contract.RetrievalSettings) -> None:
+    """The milvus backend needs pymilvus where the repository is served: refuse it here, before anything is written."""
+    if retrieval.backend is contract.RetrievalBackend.MILVUS:
+        require_pymilvus()
 
 
 def _check_precision(options: ExportOptions) -> None:

@@ -27,6 +27,7 @@ from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.layout import CONFIG_NAME, Target
+from postsim.model_repository.milvus_store import require_pymilvus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +288,7 @@ def repository_configs(
     include_retrieval: bool,
     limits: InputLimits | None = None,
     repository_id: str = "",
+    retrieval: contract.RetrievalSettings | None = None,
 ) -> dict[str, pb.ModelConfig]:
     """The configs of every model of the repository, by model name.
 
@@ -295,7 +297,8 @@ def repository_configs(
     ``postsim_repository_id`` parameters, so a client reading a config sees what it talks to
     (and which repository folder), and an index records what it was built with.
     ``include_retrieval`` adds ``retrieval`` and ``similar_posts``, which need an index.
-    ``limits`` (default :class:`InputLimits`) go into the parameters of the models that enforce them.
+    ``limits`` (default :class:`InputLimits`) go into the parameters of the models that enforce them;
+    ``retrieval`` (default: FAISS) into retrieval's.
     """
     input_limits = limits or InputLimits()
     specs = contract.model_specs(dim)
@@ -306,7 +309,7 @@ def repository_configs(
         if spec.is_ensemble:
             configs[name] = ensemble_config(spec, [specs[step] for step in spec.steps])
         elif name == contract.RETRIEVAL:
-            configs[name] = retrieval_config(dim, settings, target=target, limits=input_limits)
+            configs[name] = retrieval_config(dim, settings, target=target, limits=input_limits, retrieval=retrieval)
         elif spec.onnx is not None and target is Target.TRITON:
             configs[name] = onnxruntime_model_config(spec, settings)
         elif spec.onnx is not None:
@@ -323,7 +326,12 @@ def repository_configs(
 
 
 def retrieval_config(
-    dim: int, settings: ServingSettings, *, target: Target, limits: InputLimits | None = None
+    dim: int,
+    settings: ServingSettings,
+    *,
+    target: Target,
+    limits: InputLimits | None = None,
+    retrieval: contract.RetrievalSettings | None = None,
 ) -> pb.ModelConfig:
     """The retrieval model: serves the newest index version only, from one instance (it holds the live index)."""
     if settings.instance_count(contract.RETRIEVAL) != 1:
@@ -333,9 +341,31 @@ def retrieval_config(
         )
     kind = pb.ModelInstanceGroup.KIND_GPU if target is Target.TRITON else pb.ModelInstanceGroup.KIND_CPU
     spec = contract.model_specs(dim)[contract.RETRIEVAL]
-    config = python_model_config(spec, settings, kind=kind, parameters=(limits or InputLimits()).parameters(spec))
+    parameters = {
+        **(limits or InputLimits()).parameters(spec),
+        **(retrieval or contract.RetrievalSettings()).parameters(),
+    }
+    config = python_model_config(spec, settings, kind=kind, parameters=parameters)
     config.version_policy.latest.num_versions = 1
     return config
+
+
+def apply_retrieval(repository: Path, retrieval: contract.RetrievalSettings) -> None:
+    """Point the ``retrieval`` config of an exported repository at another engine (as ``postsim export --retrieval``).
+
+    Published versions are left as they are: publish an index again for the new engine. A
+    running server uses the new engine when retrieval is loaded again.
+    """
+    if retrieval.backend is contract.RetrievalBackend.MILVUS:
+        require_pymilvus()
+    config_path = repository / contract.RETRIEVAL / CONFIG_NAME
+    if not config_path.is_file():
+        raise RepositoryError(
+            f"{repository} has no {contract.RETRIEVAL} config: run `postsim export --repository {repository}` first"
+        )
+    config = parse_pbtxt(config_path.read_text())
+    _set_parameters(config, retrieval.parameters())
+    write_text_atomic(config_path, to_pbtxt(config))
 
 
 def apply_input_limits(repository: Path, limits: InputLimits) -> list[str]:

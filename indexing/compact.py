@@ -27,6 +27,7 @@ from postsim.core.files import write_text_atomic
 from postsim.indexing.build import build_index_dir
 from postsim.indexing.publish import check_served, install_version, load_and_check, set_aside
 from postsim.model_repository import contract
+from postsim.model_repository.configs import retrieval_settings
 from postsim.model_repository.layout import BASE_SEQUENCE_NAME, JOURNAL_NAME, read_base_sequence, version_dirs
 from postsim.model_repository.live_index.journal import ChangeJournal, JournalHeader, read_journal
 from postsim.model_repository.live_index.mutable_index import MutableIndex
@@ -51,6 +52,11 @@ class CompactReport:
 def compact_index(repository: Path, client: PostSimClient, *, index_type: IndexType = IndexType.AUTO) -> CompactReport:
     """Write the newest retrieval version's live posts as a new version and make the server serve it."""
     check_served(repository, client.served_repository(), client.url)
+    if retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS:
+        raise SearchIndexError(
+            f"{repository} serves its posts from Milvus, which keeps no change journal to compact (Milvus compacts "
+            "its segments itself): `postsim index build` and `postsim index publish` write and serve a new version"
+        )
     weights = WeightsManifest.read(repository)
     versions = version_dirs(repository / contract.RETRIEVAL)
     if not versions:

@@ -14,11 +14,13 @@ version's manifest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -34,13 +36,30 @@ from postsim.indexing.build import (
     recall_of,
     without_self,
 )
+from postsim.indexing.publish import install_retrieval_version
+from postsim.model_repository.configs import retrieval_settings
 from postsim.model_repository.live_index.metadata import PostMetadata
-from postsim.model_repository.milvus_store import MilvusIndexSpec, MilvusIndexType, MilvusStore
+from postsim.model_repository.manifest import WeightsManifest
+from postsim.model_repository.milvus_store import MilvusIndexSpec, MilvusIndexType, MilvusSettings, MilvusStore
+from postsim.model_repository.score_parts import PostParts
+from postsim.model_repository.search_index import exact_storage, load_index_dir
 
-__all__ = ["MilvusBuild", "MilvusTuning", "build_milvus_version", "choose_milvus_index", "tune_milvus_search"]
+__all__ = [
+    "MILVUS_VERSION_FILE",
+    "MilvusBuild",
+    "MilvusTuning",
+    "build_milvus_version",
+    "choose_milvus_index",
+    "install_milvus_version",
+    "rollback_milvus",
+    "tune_milvus_search",
+]
 
 logger = logging.getLogger("postsim")
 
+MILVUS_VERSION_FILE = "milvus.json"
+"""In a retrieval version folder of a milvus repository: the Milvus version its publish wrote (a record; the
+retrieval model serves whatever the alias points to)."""
 CAGRA_GRAPH_DEGREE = 32
 """GPU_CAGRA's graph degree, as HNSW's M: the FAISS build's measured graph size."""
 CAGRA_MAX_ITOPK = 1024
@@ -179,6 +198,7 @@ def build_milvus_version(
     metadata: Sequence[PostMetadata],
     *,
     captions: Sequence[str] | None = None,
+    parts: Sequence[PostParts | None] | None = None,
     index_type: MilvusIndexType | None = None,
     gpu: bool = False,
     recall_target: float = TUNING_RECALL,
@@ -186,7 +206,66 @@ def build_milvus_version(
 ) -> MilvusBuild:
     """Write the posts as a new version, tune its search on them and record it; :meth:`MilvusStore.publish` serves it."""
     spec = choose_milvus_index(len(ids), store.dimension, index_type, gpu=gpu)
-    version = store.create_version(ids, vectors, metadata, spec, captions=captions, progress=progress)
+    version = store.create_version(ids, vectors, metadata, spec, captions=captions, parts=parts, progress=progress)
     tuning = tune_milvus_search(store, version, ids, vectors, recall_target=recall_target)
     store.set_search_params(version, tuning.spec, recall=tuning.recall)
     return MilvusBuild(version=version, tuning=tuning)
+
+
+def _repository_store(repository: Path, fingerprint: str, dimension: int) -> MilvusStore:
+    retrieval = retrieval_settings(repository)
+    return MilvusStore(MilvusSettings(uri=retrieval.milvus_uri), weights_fingerprint=fingerprint, dimension=dimension)
+
+
+def install_milvus_version(index_dir: Path, repository: Path) -> Path:
+    """``postsim index publish`` for a milvus repository: the built index as a new Milvus version, served.
+
+    The index folder (as ``postsim index build`` writes it, verified against the repository's
+    weights) is written into a new collection version, tuned as :func:`build_milvus_version`
+    does, and the encoders' alias switched to it: every replica serves it from its next
+    search. A retrieval version folder recording it (:data:`MILVUS_VERSION_FILE`) is installed
+    and returned, for the server to load retrieval when it has not yet.
+    """
+    weights = WeightsManifest.read(repository)
+    loaded = load_index_dir(index_dir, expected_fingerprint=weights.fingerprint, use_gpu=False)
+    storage = exact_storage(loaded.cpu_index)
+    if storage is None:
+        raise SearchIndexError(
+            f"{index_dir} keeps no full vectors to write into Milvus: rebuild it with `postsim index build`"
+        )
+    count = len(loaded.ids)
+    vectors = storage.reconstruct_n(0, count)
+    columns = loaded.metadata
+    metadata = [columns.row(row) if columns is not None else PostMetadata() for row in range(count)]
+    parts: list[PostParts | None] = [None] * count
+    if loaded.unimodal is not None:
+        unimodal = loaded.unimodal
+        known = ~np.isnan(unimodal.weights.astype(np.float32)).all(axis=1)
+        parts = [
+            PostParts(image=unimodal.image[row], text=unimodal.text[row], weights=unimodal.weights[row])
+            if known[row]
+            else None
+            for row in range(count)
+        ]
+    with _repository_store(repository, weights.fingerprint, weights.dim) as store:
+        build = build_milvus_version(store, loaded.ids, vectors, metadata, captions=loaded.captions, parts=parts)
+        store.publish(build.version)
+        record = {
+            "milvus_uri": store.settings.uri,
+            "alias": store.alias,
+            "collection": store.collection_name(build.version),
+        }
+    record["index_dir"] = str(index_dir)
+    text = json.dumps(record, indent=2) + "\n"
+
+    def fill(staging: Path) -> None:
+        (staging / MILVUS_VERSION_FILE).write_text(text)
+
+    return install_retrieval_version(repository, fill)
+
+
+def rollback_milvus(repository: Path) -> int:
+    """``postsim index rollback`` for a milvus repository: the alias back to the previous Milvus version."""
+    weights = WeightsManifest.read(repository)
+    with _repository_store(repository, weights.fingerprint, weights.dim) as store:
+        return store.rollback()

@@ -29,6 +29,7 @@ from postsim.client.api import PostSimClient
 from postsim.client.posts import ServedRepository
 from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError
 from postsim.model_repository import contract
+from postsim.model_repository.configs import retrieval_settings
 from postsim.model_repository.layout import CONFIG_NAME, model_py_source, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.model_repository.search_index import load_index_dir, version_index_dir
@@ -70,21 +71,32 @@ def install_version(index_dir: Path, repository: Path, *, prepare: Callable[[Pat
     weights = WeightsManifest.read(repository)
     # Full verification (checksums before FAISS reads the file, dimension, fingerprint) before it goes live.
     load_index_dir(index_dir, expected_fingerprint=weights.fingerprint, use_gpu=False)
+
+    def fill(staging: Path) -> None:
+        shutil.copytree(index_dir, version_index_dir(staging))
+        if prepare is not None:
+            prepare(staging)
+
+    version_dir = install_retrieval_version(repository, fill)
+    logger.info("installed %s as retrieval version %s", index_dir, version_dir.name)
+    return version_dir
+
+
+def install_retrieval_version(repository: Path, fill: Callable[[Path], None]) -> Path:
+    """The next retrieval version folder, with its ``model.py`` and what ``fill`` writes into it, staged then renamed."""
     model_dir = _retrieval_dir(repository)
     existing = version_dirs(model_dir)
     version = int(existing[-1].name) + 1 if existing else 1
     staging = model_dir / f".staging-{version}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        shutil.copytree(index_dir, version_index_dir(staging))
+        staging.mkdir()
+        fill(staging)
         (staging / "model.py").write_text(model_py_source(contract.RETRIEVAL))
-        if prepare is not None:
-            prepare(staging)
         staging.rename(model_dir / str(version))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("installed %s as retrieval version %d", index_dir, version)
     return model_dir / str(version)
 
 
@@ -130,7 +142,13 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
     With a client, nothing is installed unless that server serves ``repository`` (:func:`check_served`).
     """
     _require_served(repository, client)
-    version_dir = install_version(index_dir, repository)
+    milvus = retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS
+    if milvus:
+        from postsim.indexing.milvus import install_milvus_version
+
+        version_dir = install_milvus_version(index_dir, repository)
+    else:
+        version_dir = install_version(index_dir, repository)
     version = int(version_dir.name)
     if client is None:
         return PublishReport(version=version, version_dir=version_dir, loaded=False)
@@ -138,12 +156,24 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
         load_and_check(client, version)
     except PostSimError as error:
         aside = set_aside(version_dir, "refused")
+        if milvus:
+            _unpublish_milvus(repository)
         raise SearchIndexError(
             f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
             f"the refused version is kept in {aside}, the server log says why"
         ) from None
     logger.info("server at %s now serves retrieval version %d", client.url, version)
     return PublishReport(version=version, version_dir=version_dir, loaded=True)
+
+
+def _unpublish_milvus(repository: Path) -> None:
+    """After the server refused a Milvus version: the alias back to the version before it, when there is one."""
+    from postsim.indexing.milvus import rollback_milvus
+
+    try:
+        logger.info("Milvus alias back to version %d", rollback_milvus(repository))
+    except SearchIndexError as error:  # the first version: nothing to go back to, and nothing served before
+        logger.warning("the refused Milvus version stays behind the alias: %s", error)
 
 
 def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> int:
@@ -154,6 +184,10 @@ def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> 
     if len(versions) < 2:
         raise SearchIndexError(f"{model_dir} holds {len(versions)} published index version(s): nothing to roll back to")
     newest, previous = versions[-1], versions[-2]
+    if retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS:
+        from postsim.indexing.milvus import rollback_milvus
+
+        rollback_milvus(repository)
     aside = set_aside(newest, "rolled-back")
     logger.info("retired retrieval version %s (kept in %s)", newest.name, aside)
     if client is not None:

@@ -37,6 +37,8 @@ from postsim.model_repository.manifest import WeightsManifest, log_weights
 
 if TYPE_CHECKING:
     from postsim.model_repository.live_index.metadata import PostMetadata
+    from postsim.model_repository.live_index.milvus_index import MilvusLiveIndex
+    from postsim.model_repository.live_index.mutable_index import MutableIndex
 
 logger = logging.getLogger("postsim")
 
@@ -403,20 +405,23 @@ error code as INTERNAL (Triton 2.51, triton-inference-server/server#7804), so it
 class RetrievalModel(_PerRequestModel):
     """The live index of this version (one instance holds it): searches, and changes from post_changes.
 
-    It opens the version's verified FAISS index and replays ``changes.journal`` beside it
+    With the faiss backend (``contract.RETRIEVAL_BACKEND_PARAMETER``) it opens the version's
+    verified FAISS index and replays ``changes.journal`` beside it
     (:class:`~postsim.model_repository.live_index.mutable_index.MutableIndex`), so a restarted
-    server or stub serves every acknowledged change. A request is a search (``EMBEDDING`` with
-    the query's ``RETRIEVAL_QUERY_PARTS``, or ``QUERY_ID``, with ``TOP_K`` and optionally
-    ``FILTER`` and ``COLLAPSE_ABOVE``) or a change (``CHANGES``), answered once the change is
-    fsynced and applied. Each hit's score is split in four (``CONTRIBUTIONS``) from the
-    version's ``unimodal.npz``; a post upserted since has NaN parts (they are not journalled).
+    server or stub serves every acknowledged change; with the milvus backend it serves the
+    collection the encoders' Milvus alias points to
+    (:class:`~postsim.model_repository.live_index.milvus_index.MilvusLiveIndex`). A request is a
+    search (``EMBEDDING`` with the query's ``RETRIEVAL_QUERY_PARTS``, or ``QUERY_ID``, with
+    ``TOP_K`` and optionally ``FILTER`` and ``COLLAPSE_ABOVE``) or a change (``CHANGES``),
+    answered once the change is durable and applied. Each hit's score is split in four
+    (``CONTRIBUTIONS``) from the posts' stored parts (FAISS: the version's ``unimodal.npz`` and
+    the journalled changes; Milvus: the collection's ``parts`` field); NaN where unknown.
     """
+
+    index: MutableIndex | MilvusLiveIndex
 
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
-        from postsim.model_repository.live_index.mutable_index import MutableIndex
-        from postsim.model_repository.search_index import load_index_dir
-
         parameters = _parameters(args)
         instances = sum(int(group.get("count", 1)) for group in json.loads(args["model_config"])["instance_group"])
         if instances != 1:
@@ -426,20 +431,19 @@ class RetrievalModel(_PerRequestModel):
             )
         self.max_top_k = contract.MAX_TOP_K_PARAMETER.read(parameters)
         manifest = WeightsManifest.read(_repository_dir(args))
-        index_dir = _version_dir(args) / "index"
         try:
-            base = load_index_dir(index_dir, expected_fingerprint=manifest.fingerprint, use_gpu=False)
-            self.index = MutableIndex.open(
-                base,
-                _version_dir(args) / JOURNAL_NAME,
-                metadata=base.metadata,
-                base_sequence=read_base_sequence(_version_dir(args)),
-            )
+            retrieval = contract.RetrievalSettings.from_parameters(parameters)
+            if retrieval.backend is contract.RetrievalBackend.MILVUS:
+                self.index = _open_milvus(retrieval, manifest)
+                serves = f"Milvus at {retrieval.milvus_uri}"
+            else:
+                self.index = _open_faiss(_version_dir(args), manifest)
+                serves = str(_version_dir(args) / "index")
             self.sealed = False
         except PostSimError as error:
             logger.error("retrieval version %s refused: %s", args["model_version"], error)
             raise
-        logger.info("retrieval version %s serves %s", args["model_version"], index_dir)
+        logger.info("retrieval version %s serves %s", args["model_version"], serves)
 
     def finalize(self) -> None:
         self.index.close()
@@ -506,8 +510,7 @@ class RetrievalModel(_PerRequestModel):
         else:
             image = text = np.full((shape[0], self.index.dimension), np.nan, dtype=np.float32)
             weights = np.full((shape[0], len(contract.MODALITIES)), np.nan, dtype=np.float32)
-        rows = np.array([[hit.row for hit in row] for row in hits], dtype=np.int64).reshape(shape)
-        return self.index.split_scores(image, text, weights, rows)
+        return self.index.split_hits(image, text, weights, hits)
 
     def _change(self, changes: np.ndarray) -> list[Any]:
         from postsim.model_repository.live_index.protocol import ChangeReceipt
@@ -529,6 +532,24 @@ class RetrievalModel(_PerRequestModel):
         else:
             receipt = self.index.delete(request.deletes)
         return [pb_utils.Tensor(contract.CHANGE_RECEIPT.name, _objects([[receipt_to_json(receipt)]], (1, 1)))]
+
+
+def _open_faiss(version_dir: Path, manifest: WeightsManifest) -> MutableIndex:
+    from postsim.model_repository.live_index.mutable_index import MutableIndex
+    from postsim.model_repository.search_index import load_index_dir
+
+    base = load_index_dir(version_dir / "index", expected_fingerprint=manifest.fingerprint, use_gpu=False)
+    return MutableIndex.open(
+        base, version_dir / JOURNAL_NAME, metadata=base.metadata, base_sequence=read_base_sequence(version_dir)
+    )
+
+
+def _open_milvus(retrieval: contract.RetrievalSettings, manifest: WeightsManifest) -> MilvusLiveIndex:
+    from postsim.model_repository.live_index.milvus_index import MilvusLiveIndex
+    from postsim.model_repository.milvus_store import MilvusSettings
+
+    settings = MilvusSettings(uri=retrieval.milvus_uri)
+    return MilvusLiveIndex.open(settings, weights_fingerprint=manifest.fingerprint, dimension=manifest.dim)
 
 
 def _objects(rows: list[list[bytes]], shape: tuple[int, int]) -> np.ndarray:

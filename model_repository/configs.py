@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from postsim.core.errors import RepositoryError
+from postsim.model_repository import contract
 from postsim.model_repository.layout import CONFIG_NAME
 
 
@@ -40,3 +41,9 @@ def read_config(repository: Path, model: str) -> pb.ModelConfig:
             f"cannot read {path} ({error.strerror}): run `postsim export --repository {repository}` first"
         ) from None
     return parse_pbtxt(text)
+
+
+def retrieval_settings(repository: Path) -> contract.RetrievalSettings:
+    """The engine the repository's ``retrieval`` searches, as its export wrote it (faiss for older exports)."""
+    config = read_config(repository, contract.RETRIEVAL)
+    return contract.RetrievalSettings.from_parameters(contract.config_parameters(config))

@@ -36,7 +36,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from postsim.core.errors import ExportError
+from postsim.core.errors import ExportError, RepositoryError, SettingsError
 
 DEFAULT_DIM = 256
 """The embedding dimension K of an export that does not choose one (``postsim export --dim``)."""
@@ -179,6 +179,62 @@ FINGERPRINT_PARAMETER = ConfigParameter("postsim_fingerprint", str, "", "the wei
 REPOSITORY_ID_PARAMETER = ConfigParameter(
     "postsim_repository_id", str, "", "the id of the repository folder the export wrote (kept when exported again)"
 )
+
+
+class RetrievalBackend(str, enum.Enum):
+    """Where ``retrieval`` keeps the posts it searches."""
+
+    FAISS = "faiss"
+    """An in-process FAISS index per replica: a version folder of ``retrieval`` and its change journal."""
+    MILVUS = "milvus"
+    """A Milvus collection that every replica searches and changes (``postsim[milvus]``)."""
+
+
+RETRIEVAL_BACKEND_PARAMETER = ConfigParameter(
+    "retrieval_backend", str, RetrievalBackend.FAISS.value, "faiss (in-process index) or milvus (a Milvus collection)"
+)
+MILVUS_URI_PARAMETER = ConfigParameter(
+    "milvus_uri", str, "", "the Milvus that holds the posts (http://HOST:19530), with the milvus backend"
+)
+RETRIEVAL_PARAMETERS: tuple[ConfigParameter[str], ...] = (RETRIEVAL_BACKEND_PARAMETER, MILVUS_URI_PARAMETER)
+"""Which engine ``retrieval`` searches, chosen at export (``postsim export --retrieval``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrievalSettings:
+    """The engine ``retrieval`` searches, as the export writes it into ``RETRIEVAL_PARAMETERS`` and the model reads it."""
+
+    backend: RetrievalBackend = RetrievalBackend.FAISS
+    milvus_uri: str = ""
+    """``http://HOST:19530`` (a Milvus server or cluster); with the milvus backend only."""
+
+    def __post_init__(self) -> None:
+        if self.backend is RetrievalBackend.MILVUS and not self.milvus_uri:
+            raise SettingsError(
+                "--retrieval milvus needs the Milvus that holds the posts: give --milvus-uri http://HOST:19530"
+            )
+        if self.backend is RetrievalBackend.FAISS and self.milvus_uri:
+            raise SettingsError(
+                f"--milvus-uri {self.milvus_uri} would be ignored: the faiss retrieval backend keeps its index in the "
+                "server's process; add --retrieval milvus, or leave the URI out"
+            )
+
+    def parameters(self) -> dict[str, str]:
+        return {RETRIEVAL_BACKEND_PARAMETER.key: self.backend.value, MILVUS_URI_PARAMETER.key: self.milvus_uri}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str]) -> RetrievalSettings:
+        """The settings in a config's parameters; a repository exported before the choice existed is faiss."""
+        text = RETRIEVAL_BACKEND_PARAMETER.read(parameters)
+        try:
+            backend = RetrievalBackend(text)
+        except ValueError:
+            choices = ", ".join(backend.value for backend in RetrievalBackend)
+            raise RepositoryError(
+                f"retrieval_backend {text!r} in the retrieval config is none of {choices}: export the repository again"
+            ) from None
+        return cls(backend=backend, milvus_uri=MILVUS_URI_PARAMETER.read(parameters))
+
 
 VIDEO_PARAMETERS: tuple[ConfigParameter[int], ...] = (
     VIDEO_FRAMES_PARAMETER,
@@ -566,7 +622,7 @@ MODELS: tuple[ModelSpec, ...] = (
         ),
         outputs=(*LIVE_QUERY_OUTPUTS, CHANGE_RECEIPT),
         backend_class="RetrievalModel",
-        parameters=(MAX_TOP_K_PARAMETER,),
+        parameters=(MAX_TOP_K_PARAMETER, *RETRIEVAL_PARAMETERS),
         loaded_with_index=True,
     ),
     # similar_posts reaches retrieval through this step (a call, not an ensemble edge): Triton 2.51

@@ -33,13 +33,16 @@ same calls in-process, which is what the tests use. What it lacks compared with 
 creation but has no implementation of them, so the GPU types are untested here), no product
 quantisation, one process per database file, no authentication or TLS, no distributed
 consistency (reads see every acknowledged write at once, so what ``Strong`` costs cannot be
-seen there), and no true index progress (``describe_index`` says finished while the index is
-still built in the background). Aliases, HNSW, IVF_FLAT, nullable fields, arrays and the filter expressions
+seen there), no true index progress (``describe_index`` says finished while the index is
+still built in the background), and its own IVF list count (an ``IVF_FLAT`` of ``nlist`` 32 over
+2,000 posts is clustered into 128 lists, so ``nprobe`` = ``nlist`` does not probe them all). Aliases, HNSW, IVF_FLAT, nullable fields, arrays and the filter expressions
 postsim uses work as on a cluster.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import enum
 import json
@@ -57,9 +60,10 @@ from typing import Any
 import numpy as np
 
 from postsim.core.errors import InvalidPostError, OptionalDependencyError, SearchIndexError
-from postsim.model_repository.contract import post_id_problem
+from postsim.model_repository.contract import MODALITIES, post_id_problem
 from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.metadata import MAX_TAGS, PostMetadata
+from postsim.model_repository.score_parts import STORED_DTYPE, PostParts
 from postsim.model_repository.search_index import SearchHit, check_queries
 
 __all__ = [
@@ -106,7 +110,7 @@ SERVING_CACHE_S = 1.0
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FINGERPRINT = re.compile(r"[0-9a-f]{8,64}")
-_FIELDS = ("id", "vector", "author", "created_at", "label", "tags", "caption")
+_FIELDS = ("id", "vector", "author", "created_at", "label", "tags", "caption", "parts")
 
 
 def _pymilvus() -> Any:
@@ -115,6 +119,11 @@ def _pymilvus() -> Any:
     except ImportError:
         raise OptionalDependencyError("pymilvus", "milvus", "the Milvus retrieval backend") from None
     return pymilvus
+
+
+def require_pymilvus() -> None:
+    """Raise OptionalDependencyError, with the install hint, unless pymilvus is installed."""
+    _pymilvus()
 
 
 class MilvusIndexType(str, enum.Enum):
@@ -271,6 +280,8 @@ class StoredPost:
     metadata: PostMetadata
     caption: str = ""
     """The post's text as an index keeps it (``post_caption``)."""
+    parts: PostParts | None = None
+    """Its unit image and text vectors and modality weights, which split its scores; None: unknown (or not read)."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +440,14 @@ class MilvusStore:
             )
         return version, manifest
 
+    def serving(self) -> tuple[int, VersionManifest]:
+        """The serving version and its manifest (cached for ``SERVING_CACHE_S``); SearchIndexError before a publish."""
+        return self._serving_manifest()
+
+    def serving_spec(self) -> MilvusIndexSpec:
+        """The index (and its tuned search parameters) of the serving version."""
+        return self._serving_manifest()[1].spec
+
     # ------------------------------------------------------------------ building and publishing
 
     def create_version(
@@ -439,16 +458,18 @@ class MilvusStore:
         spec: MilvusIndexSpec,
         *,
         captions: Sequence[str] | None = None,
+        parts: Sequence[PostParts | None] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Write the posts into a new collection version, indexed as ``spec`` says; nothing serves it yet.
 
         Returns the version. The collection is complete (indexed and loaded) when this returns;
         an error on the way drops it, so a half-written version never exists.
-        ``captions`` gives each post's caption (none given: every caption empty);
+        ``captions`` gives each post's caption (none given: every caption empty), ``parts`` its
+        score parts (none given, or None for a post: unknown, its CONTRIBUTIONS NaN);
         ``progress(done, total)`` is called after each batch of posts written.
         """
-        rows = self._rows(ids, vectors, metadata, captions)
+        rows = self._rows(ids, vectors, metadata, captions, parts)
         version = max(self.versions(), default=0) + 1
         name = self.collection_name(version)
         manifest = VersionManifest(
@@ -559,13 +580,14 @@ class MilvusStore:
         vectors: np.ndarray,
         metadata: Sequence[PostMetadata],
         captions: Sequence[str] | None = None,
+        parts: Sequence[PostParts | None] | None = None,
     ) -> int:
         """Add posts to the serving version, replacing those with the same ids; returns how many.
 
-        ``captions`` gives each post's caption (none given: every caption empty). Visible to
-        every read that starts after this returns.
+        ``captions`` and ``parts`` as in :meth:`create_version`. Visible to every read that
+        starts after this returns.
         """
-        rows = self._rows(ids, vectors, metadata, captions)
+        rows = self._rows(ids, vectors, metadata, captions, parts)
         version, _ = self._serving_manifest()
         with self._errors(f"upserting {len(rows)} posts into version {version}"):
             for start in range(0, len(rows), self.settings.insert_batch):
@@ -590,11 +612,17 @@ class MilvusStore:
 
     # ------------------------------------------------------------------ reads
 
-    def get(self, ids: Sequence[str], *, with_vectors: bool = True) -> dict[str, StoredPost]:
-        """The posts of the serving version with these ids; ids it does not hold are absent."""
+    def get(self, ids: Sequence[str], *, with_vectors: bool = True, with_parts: bool = False) -> dict[str, StoredPost]:
+        """The posts of the serving version with these ids; ids it does not hold are absent.
+
+        Their vectors unless ``with_vectors`` is false (then empty), their score parts only
+        when ``with_parts`` (else None).
+        """
         wanted = self._checked_ids(ids)
         version, _ = self._serving_manifest()
-        fields = [name for name in _FIELDS if with_vectors or name != "vector"]
+        left_out = {"vector"} if not with_vectors else set()
+        left_out |= {"parts"} if not with_parts else set()
+        fields = [name for name in _FIELDS if name not in left_out]
         with self._errors(f"reading posts of version {version}"):
             rows = self._client.get(self.alias, ids=wanted, output_fields=fields, consistency_level=READ_CONSISTENCY)
         empty = np.zeros(0, dtype=np.float32)
@@ -609,9 +637,38 @@ class MilvusStore:
                     tags=tuple(row.get("tags") or ()),
                 ),
                 row.get("caption") or "",
+                self._parts_of(row.get("parts") or "", row["id"]) if with_parts else None,
             )
             for row in rows
         }
+
+    def count(self, post_filter: PostFilter | None = None) -> int:
+        """How many posts of the serving version pass ``post_filter`` (every post when None)."""
+        version, _ = self._serving_manifest()
+        with self._errors(f"counting posts of version {version}"):
+            rows = self._client.query(
+                self.alias,
+                filter=filter_expression(post_filter or PostFilter()),
+                output_fields=["count(*)"],
+                consistency_level=READ_CONSISTENCY,
+            )
+        return int(rows[0]["count(*)"])
+
+    def passing(self, post_filter: PostFilter, limit: int) -> list[StoredPost]:
+        """Up to ``limit`` posts of the serving version that pass ``post_filter``, with their vectors (no order)."""
+        version, _ = self._serving_manifest()
+        with self._errors(f"reading the posts of version {version} that pass a filter"):
+            rows = self._client.query(
+                self.alias,
+                filter=filter_expression(post_filter) or 'id != ""',
+                output_fields=["id", "vector", "caption"],
+                limit=limit,
+                consistency_level=READ_CONSISTENCY,
+            )
+        return [
+            StoredPost(row["id"], np.asarray(row["vector"], dtype=np.float32), PostMetadata(), row.get("caption") or "")
+            for row in rows
+        ]
 
     def search(
         self,
@@ -688,7 +745,39 @@ class MilvusStore:
             "tags", data_type.ARRAY, element_type=data_type.VARCHAR, max_capacity=MAX_TAGS, max_length=MAX_TAG_BYTES
         )
         schema.add_field("caption", data_type.VARCHAR, max_length=MAX_CAPTION_BYTES)
+        schema.add_field("parts", data_type.VARCHAR, max_length=max(1, len(self._encoded_parts(None, zeros=True))))
         return schema
+
+    @property
+    def _parts_length(self) -> int:
+        """Numbers in one post's score parts: its image and text vectors and its modality weights."""
+        return 2 * self.dimension + len(MODALITIES)
+
+    def _encoded_parts(self, parts: PostParts | None, *, zeros: bool = False) -> str:
+        """``parts`` as the ``parts`` field holds them: base64 of the fp16 image, text and weights, end to end
+        (as ``unimodal.npz`` keeps them: ``4 · dim + 4`` bytes); empty for unknown parts."""
+        if parts is None and not zeros:
+            return ""
+        flat = (
+            np.zeros(self._parts_length, dtype=STORED_DTYPE)
+            if parts is None
+            else np.concatenate([parts.image, parts.text, parts.weights]).astype(STORED_DTYPE)
+        )
+        return base64.b64encode(flat.tobytes()).decode("ascii")
+
+    def _parts_of(self, encoded: str, post_id: str) -> PostParts | None:
+        if not encoded:
+            return None
+        try:
+            flat = np.frombuffer(base64.b64decode(encoded, validate=True), dtype=STORED_DTYPE).astype(np.float32)
+        except (binascii.Error, ValueError):
+            flat = np.zeros(0, dtype=np.float32)
+        if flat.shape != (self._parts_length,):
+            raise SearchIndexError(
+                f"post {post_id!r}: its stored score parts are not {self._parts_length} fp16 numbers"
+            )
+        dimension = self.dimension
+        return PostParts(image=flat[:dimension], text=flat[dimension : 2 * dimension], weights=flat[2 * dimension :])
 
     def _index_params(self, spec: MilvusIndexSpec) -> Any:
         params = self._client.prepare_index_params()
@@ -718,6 +807,7 @@ class MilvusStore:
         vectors: np.ndarray,
         metadata: Sequence[PostMetadata],
         captions: Sequence[str] | None,
+        parts: Sequence[PostParts | None] | None = None,
     ) -> list[dict[str, Any]]:
         checked = self._checked_ids(ids)
         if not checked:
@@ -733,6 +823,14 @@ class MilvusStore:
             captions = [""] * len(checked)
         elif isinstance(captions, str) or len(captions) != len(checked):
             raise InvalidPostError(f"captions must be one string per id: got {len(captions)} for {len(checked)} ids")
+        if parts is None:
+            parts = [None] * len(checked)
+        elif len(parts) != len(checked):
+            raise InvalidPostError(f"parts must be one PostParts (or None) per id: got {len(parts)} for {len(checked)}")
+        checked_parts = [
+            None if post_parts is None else post_parts.check(self.dimension, post_id)
+            for post_id, post_parts in zip(checked, parts, strict=True)
+        ]
         for position, (meta, caption) in enumerate(zip(metadata, captions, strict=True)):
             _check_fits_schema(meta, caption, f"post {position} ({checked[position]!r})")
         try:
@@ -748,8 +846,11 @@ class MilvusStore:
                 "label": meta.label,
                 "tags": list(meta.tags),
                 "caption": caption,
+                "parts": self._encoded_parts(post_parts),
             }
-            for post_id, vector, meta, caption in zip(checked, units, metadata, captions, strict=True)
+            for post_id, vector, meta, caption, post_parts in zip(
+                checked, units, metadata, captions, checked_parts, strict=True
+            )
         ]
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import EXPLAINED_POSTS, ExplainedCorpus, ExportedRepository, publish_sample_index, serve_a_copy
+from support import (
+    BACKENDS,
+    EXPLAINED_POSTS,
+    ExplainedCorpus,
+    ExportedRepository,
+    milvus_lite_server,
+    publish_sample_index,
+    serve_a_copy,
+)
 
 from postsim.core.paths import HOME_ENV, REPOSITORY_ENV
 from postsim.server.launcher import TritonServer
@@ -55,6 +63,35 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> ExportedRep
 def server(exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     """A tritonserver on a private copy of the exported repository (tests may publish into it)."""
     yield from serve_a_copy(exported_repository, tmp_path_factory, "served")
+
+
+@pytest.fixture(scope="module")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Milvus Lite server on a free port, one per test module (its servers export the same encoders, whose
+    collections would otherwise be one alias)."""
+    yield from milvus_lite_server(tmp_path_factory.mktemp("milvus") / "data")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The retrieval backend a suite runs against; a module's servers parametrised with it run it on both.
+
+    Tests marked ``in_process_only`` check what only the FAISS backend has (its files, journal,
+    compaction) and are skipped on milvus; ``slow_on_remote_engine`` marks the expensive extras slow there.
+    """
+    return str(request.param)
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The milvus variant of a test marked ``in_process_only`` skipped, of one marked ``slow_on_remote_engine`` slow
+    (marked as it is collected, before ``-m`` selects)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "milvus":
+        return
+    if item.get_closest_marker("in_process_only"):
+        item.add_marker(pytest.mark.skip(reason="checks what only the FAISS backend has"))
+    if item.get_closest_marker("slow_on_remote_engine"):
+        item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

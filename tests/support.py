@@ -47,15 +47,73 @@ def server_settings(repository: Path, **overrides: object) -> ServerSettings:
 
 
 def serve_a_copy(
-    exported: ExportedRepository, tmp_path_factory: pytest.TempPathFactory, name: str, **overrides: object
+    exported: ExportedRepository,
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    *,
+    milvus_uri: str | None = None,
+    **overrides: object,
 ) -> Iterator[TritonServer]:
-    """A tritonserver on a private copy of the exported repository (tests may publish into it), stopped after."""
+    """A tritonserver on a private copy of the exported repository (tests may publish into it), stopped after.
+
+    ``milvus_uri``: its retrieval searches the Milvus there (the milvus backend) instead of FAISS.
+    """
     repository = tmp_path_factory.mktemp(name) / "repository"
     shutil.copytree(exported.path, repository)
+    if milvus_uri is not None:
+        from postsim.export.triton_config import apply_retrieval
+
+        apply_retrieval(
+            repository, contract.RetrievalSettings(backend=contract.RetrievalBackend.MILVUS, milvus_uri=milvus_uri)
+        )
     with TritonServer(
         server_settings(repository, **overrides), log_path=repository.parent / "tritonserver.log"
     ) as triton:
         yield triton
+
+
+BACKENDS = [backend.value for backend in contract.RetrievalBackend]
+"""The retrieval backends a suite parametrised with ``backend`` runs against."""
+
+
+def milvus_lite_server(data_dir: Path) -> Iterator[str]:
+    """Milvus Lite as a local gRPC server on a free port (``milvus-lite server``), its URI, stopped after.
+
+    One process holds the database; the test process and the server's retrieval stub both
+    connect to it over the URI, as replicas connect to a Milvus cluster.
+    """
+    import subprocess
+    import sys
+    import time
+
+    pymilvus = pytest.importorskip("pymilvus", reason="the milvus extra (pymilvus, milvus-lite) runs these tests")
+    pytest.importorskip("milvus_lite", reason="the milvus extra (pymilvus, milvus-lite) runs these tests")
+    (port,) = free_ports(1)
+    command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1"]
+    log = (data_dir.parent / "milvus-lite.log").open("wb")
+    process = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"milvus-lite server exited with {process.returncode}; see {log.name}")
+            try:
+                pymilvus.MilvusClient(uri=uri, timeout=2).close()
+                break
+            except pymilvus.exceptions.MilvusException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
 
 
 def publish_random_index(repository: Path, url: str, count: int = 60) -> None:

@@ -3,6 +3,7 @@ finds posts like one of its own, and folds near-duplicates.
 
 - :mod:`.protocol`: ``LiveIndex``, what every engine offers, and the values it takes and returns;
 - :mod:`.mutable_index`: ``MutableIndex``, the FAISS implementation over a published version;
+- :mod:`.milvus_index`: ``MilvusLiveIndex``, the Milvus implementation over the collection an alias serves;
 - :mod:`.journal`: the append-only, fsynced change journal beside a published version;
 - :mod:`.metadata`: post metadata and its columnar store; :mod:`.filters`: query-time filters;
 - :mod:`.collapse`: near-duplicate collapse; :mod:`.locking`: the readers-writer lock;

@@ -35,11 +35,9 @@ mask of one byte and a bitmap of one bit per row.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +60,9 @@ from postsim.model_repository.live_index.protocol import (
     LiveIndex,
     LiveIndexState,
     PostUpsert,
+    check_k,
     check_post_id,
+    checked_upserts,
 )
 from postsim.model_repository.score_parts import STORED_DTYPE, UnimodalVectors, split_gathered
 from postsim.model_repository.search_index import (
@@ -213,35 +213,13 @@ class MutableIndex(LiveIndex):
                 f"upsert: the posts were embedded by encoders with weights fingerprint {weights_fingerprint!r}, the "
                 f"index holds embeddings of {self.weights_fingerprint!r}: embed them with the server that serves it"
             )
-        if not posts:
-            raise InvalidPostError("upsert: no posts given")
-        checked = [self._checked(post) for post in posts]
-        repeated = sorted(post_id for post_id, times in Counter(post.id for post in checked).items() if times > 1)
-        if repeated:
-            raise InvalidPostError(f"upsert: each id at most once per call; repeated: {repeated[:5]}")
+        checked = checked_upserts(posts, self.dimension)
         with self._write_mutex:
             replaced = tuple(post.id for post in checked if post.id in self._row_of)
             batch = self._journal.append(checked)
             with self._lock.write():
                 self._apply(batch)
         return ChangeReceipt(sequence=batch.sequence, upserted=len(checked), replaced_ids=replaced)
-
-    def _checked(self, post: PostUpsert) -> PostUpsert:
-        """The post with its vector checked and L2-normalised."""
-        if not isinstance(post, PostUpsert):
-            raise InvalidPostError(f"upsert: expected PostUpsert values, got {type(post).__name__}")
-        vector = np.asarray(post.vector)
-        if vector.shape != (self.dimension,) or not np.issubdtype(vector.dtype, np.floating):
-            raise InvalidPostError(
-                f"post {post.id!r}: vector of shape {list(vector.shape)} and type {vector.dtype}, "
-                f"expected [{self.dimension}] floats"
-            )
-        vector = vector.astype(np.float32)
-        norm = float(np.linalg.norm(vector))
-        if not np.isfinite(vector).all() or norm == 0:
-            raise InvalidPostError(f"post {post.id!r}: the vector must be finite and non-zero")
-        parts = None if post.parts is None else post.parts.check(self.dimension, post.id)
-        return dataclasses.replace(post, vector=vector / np.float32(norm), parts=parts)
 
     def delete(self, ids: Sequence[str]) -> ChangeReceipt:
         wanted = list(dict.fromkeys(check_post_id(post_id, "delete") for post_id in ids))
@@ -292,7 +270,7 @@ class MutableIndex(LiveIndex):
     def search(
         self, queries: np.ndarray, k: int, *, where: PostFilter | None = None, collapse_above: float | None = None
     ) -> list[list[Hit]]:
-        k = _checked_k(k)
+        k = check_k(k)
         threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
         normalised = check_queries(queries, self.dimension)
         with self._lock.read():
@@ -304,7 +282,7 @@ class MutableIndex(LiveIndex):
     def search_by_id(
         self, ids: Sequence[str], k: int, *, where: PostFilter | None = None, collapse_above: float | None = None
     ) -> list[list[Hit]]:
-        k = _checked_k(k)
+        k = check_k(k)
         threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
         wanted = [check_post_id(post_id, "query id") for post_id in ids]
         with self._lock.read():
@@ -445,6 +423,13 @@ class MutableIndex(LiveIndex):
             image, text, weights = self._row_parts(rows)
         return split_gathered(query_image, query_text, query_weights, image, text, weights)
 
+    def split_hits(
+        self, query_image: np.ndarray, query_text: np.ndarray, query_weights: np.ndarray, hits: list[list[Hit]]
+    ) -> np.ndarray:
+        """:meth:`split_scores` of the rows of ``hits`` (every row of ``hits`` holds the same number of hits)."""
+        rows = np.array([[hit.row for hit in row] for row in hits], dtype=np.int64).reshape(len(hits), -1)
+        return self.split_scores(query_image, query_text, query_weights, rows)
+
     def _row_parts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The parts of ``rows`` (any shape; -1: none) as float32 ``[..., dim]``, ``[..., dim]``, ``[..., 2]``,
         NaN where unknown. The caller holds the lock (appends move the upserted rows' array)."""
@@ -573,12 +558,6 @@ def _full_vectors(base: LoadedIndex) -> faiss.Index:
             "needs (to search exactly, by id, and to compact): rebuild it with `postsim index build`"
         )
     return storage
-
-
-def _checked_k(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
-        raise InvalidPostError(f"k must be a positive integer, got {k!r}")
-    return int(k)
 
 
 def _search_flat(index: faiss.Index, queries: np.ndarray, k: int, bitmap: RowBitmap | None) -> list[Ranked]:

@@ -14,13 +14,15 @@ guarantees, which every implementation keeps:
   filter (an approximate index searches wider, or exactly, rather than return fewer).
 
 ``MutableIndex`` (``mutable_index.py``) implements it over a FAISS index version and its
-change journal; another engine (a Milvus collection) implements the same protocol.
+change journal; ``MilvusLiveIndex`` (``milvus_index.py``) over the Milvus collection an
+alias serves. ``retrieval`` opens the one its config's ``retrieval_backend`` names.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
@@ -45,6 +47,13 @@ def check_post_id(post_id: object, where: str) -> str:
     return post_id
 
 
+def check_k(k: object) -> int:
+    """``k`` if it is a positive integer (how many results a search asks for)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
+        raise InvalidPostError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PostUpsert:
     """One post to add, or to replace when a post with its id is indexed."""
@@ -65,6 +74,36 @@ class PostUpsert:
         if not isinstance(self.metadata, PostMetadata):
             raise InvalidPostError(f"post {self.id!r}: metadata must be a PostMetadata")
 
+    def normalised(self, dimension: int) -> PostUpsert:
+        """This post with its vector checked (``[dimension]`` finite floats, not zero) and L2-normalised, its parts checked."""
+        vector = np.asarray(self.vector)
+        if vector.shape != (dimension,) or not np.issubdtype(vector.dtype, np.floating):
+            raise InvalidPostError(
+                f"post {self.id!r}: vector of shape {list(vector.shape)} and type {vector.dtype}, "
+                f"expected [{dimension}] floats"
+            )
+        vector = vector.astype(np.float32)
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(vector).all() or norm == 0:
+            raise InvalidPostError(f"post {self.id!r}: the vector must be finite and non-zero")
+        parts = None if self.parts is None else self.parts.check(dimension, self.id)
+        return replace(self, vector=vector / np.float32(norm), parts=parts)
+
+
+def checked_upserts(posts: Sequence[PostUpsert], dimension: int) -> list[PostUpsert]:
+    """``posts`` normalised (:meth:`PostUpsert.normalised`), once each id is there once: what an upsert call applies."""
+    if not posts:
+        raise InvalidPostError("upsert: no posts given")
+    checked = []
+    for post in posts:
+        if not isinstance(post, PostUpsert):
+            raise InvalidPostError(f"upsert: expected PostUpsert values, got {type(post).__name__}")
+        checked.append(post.normalised(dimension))
+    repeated = sorted(post_id for post_id, times in Counter(post.id for post in checked).items() if times > 1)
+    if repeated:
+        raise InvalidPostError(f"upsert: each id at most once per call; repeated: {repeated[:5]}")
+    return checked
+
 
 class Hit(NamedTuple):
     """One search result: a post, and the near-duplicates folded into it (best first)."""
@@ -84,7 +123,8 @@ class ChangeReceipt:
     """What one upsert or delete call did, once it is durable and visible."""
 
     sequence: int
-    """The change's sequence number in the journal (0 when the call changed nothing)."""
+    """The change's sequence number in the journal (Milvus: its acknowledgement time in microseconds); 0 when the
+    call changed nothing."""
     upserted: int = 0
     replaced_ids: tuple[str, ...] = ()
     """Of the upserted posts, those that replaced a post with the same id."""

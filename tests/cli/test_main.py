@@ -180,6 +180,8 @@ def test_serve_refuses_a_repository_exported_by_another_postsim(exported_reposit
         ),
         (["--weights", "random", "--force-precision"], ["--force-precision would be ignored", "--precision int8"]),
         (["--image-model", "bundled:all-MiniLM-L6-v2"], ["the one bundled model is the text model"]),
+        (["--milvus-uri", "http://milvus:19530"], ["--milvus-uri http://milvus:19530 would be ignored"]),
+        (["--retrieval", "milvus"], ["--retrieval milvus needs", "--milvus-uri"]),
     ],
 )
 def test_export_refuses_an_option_its_mode_would_ignore(tmp_path: Path, args: list[str], expected: list[str]) -> None:
@@ -332,3 +334,25 @@ def test_index_upsert_refuses_bad_metadata_by_its_line_before_changing_anything(
     code, output = _postsim("index", "upsert", str(corpus), "--url", url)
     assert code == 1
     assert f"{corpus}:2: created_at" in output.replace("\n", "")
+
+
+def test_export_with_milvus_retrieval_without_pymilvus_says_which_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pymilvus(name: str, *args: object, **kwargs: object) -> object:
+        if name == "pymilvus" or name.startswith("pymilvus."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_pymilvus)
+    repository = tmp_path / "repository"
+    code, output = _postsim(
+        "export", "--repository", str(repository), "--retrieval", "milvus", "--milvus-uri", "http://milvus:19530"
+    )
+    assert code == 1, output
+    assert "pip install 'postsim[milvus]'" in " ".join(output.split())
+    assert not repository.exists(), "a refused export must not touch the repository"

@@ -191,3 +191,28 @@ def test_retrieval_is_refused_more_than_one_instance() -> None:
     settings = ServingSettings(instances={contract.RETRIEVAL: 2})
     with pytest.raises(RepositoryError, match="retrieval runs as one instance"):
         retrieval_config(DIM, settings, target=Target.EMBEDDED)
+
+
+def test_the_retrieval_backend_is_written_into_retrieval_and_read_back() -> None:
+    """FAISS by default; the milvus choice and URI travel in retrieval's parameters (and no other model's)."""
+    default = contract.config_parameters(_configs(Target.EMBEDDED)[contract.RETRIEVAL])
+    assert contract.RetrievalSettings.from_parameters(default) == contract.RetrievalSettings()
+    chosen = contract.RetrievalSettings(backend=contract.RetrievalBackend.MILVUS, milvus_uri="http://milvus:19530")
+    configs = repository_configs(
+        target=Target.EMBEDDED,
+        dim=DIM,
+        settings=ServingSettings(),
+        weights_label="random",
+        fingerprint="0123abcd",
+        include_retrieval=True,
+        retrieval=chosen,
+    )
+    for name, config in configs.items():
+        parameters = contract.config_parameters(parse_pbtxt(to_pbtxt(config)))
+        if name == contract.RETRIEVAL:
+            assert contract.RetrievalSettings.from_parameters(parameters) == chosen
+        else:
+            assert contract.MILVUS_URI_PARAMETER.key not in parameters
+    assert contract.RetrievalSettings.from_parameters({}) == contract.RetrievalSettings()  # older exports: faiss
+    with pytest.raises(RepositoryError, match="none of faiss, milvus"):
+        contract.RetrievalSettings.from_parameters({contract.RETRIEVAL_BACKEND_PARAMETER.key: "annoy"})

@@ -80,8 +80,14 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def live(exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    for server in serve_a_copy(exported_repository, tmp_path_factory, "live"):
+def live(
+    backend: str,
+    request: pytest.FixtureRequest,
+    exported_repository: ExportedRepository,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    milvus_uri = request.getfixturevalue("milvus_uri") if backend == "milvus" else None
+    for server in serve_a_copy(exported_repository, tmp_path_factory, f"live-{backend}", milvus_uri=milvus_uri):
         repository = server.settings.repository
         ids, vectors = publish_index_with_metadata(repository, server.endpoints.grpc)
         yield LiveServer(server=server, repository=repository, ids=ids, vectors=vectors)
@@ -193,6 +199,7 @@ def _mixed_changes(live: LiveServer, changes: int, prefix: str) -> None:
     assert answered > 0
 
 
+@pytest.mark.slow_on_remote_engine
 def test_no_query_fails_during_a_thousand_mixed_changes(live: LiveServer) -> None:
     _mixed_changes(live, 1000, "mixed")  # about 8 s with the tiny test encoders
 
@@ -270,6 +277,7 @@ def test_near_duplicates_collapse_into_the_better_result(live: LiveServer) -> No
     assert not {"meme-1", "meme-1-repost"} & {n.id for n in found[1:]}
 
 
+@pytest.mark.in_process_only
 def test_sigkill_of_the_retrieval_stub_after_n_changes_serves_exactly_them(live: LiveServer) -> None:
     with PostSimClient(live.url, timeout_s=30) as client:
         client.upsert([_post(f"kept-{n}", 300 + n) for n in range(5)])
@@ -299,6 +307,7 @@ def _journal(repository: Path) -> Path:
     return journal
 
 
+@pytest.mark.in_process_only
 def test_sigkill_of_the_server_serves_exactly_the_acknowledged_changes_and_a_torn_last_record_is_dropped(
     exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -371,6 +380,7 @@ def test_the_index_upsert_delete_and_similar_id_commands(live: LiveServer, tmp_p
     assert code == 0 and "deleted 1 posts" in output
 
 
+@pytest.mark.in_process_only
 def test_compaction_folds_the_changes_into_a_new_version_and_rollback_still_works(live: LiveServer) -> None:
     from postsim.indexing.compact import compact_index
     from postsim.indexing.publish import rollback_index
@@ -395,6 +405,7 @@ def test_compaction_folds_the_changes_into_a_new_version_and_rollback_still_work
             client.similar_to_id("compact-3", k=1)
 
 
+@pytest.mark.in_process_only
 def test_automatic_compaction_runs_once_the_journal_passes_its_threshold(live: LiveServer) -> None:
     from postsim.indexing.compact import AutoCompactor
     from postsim.model_repository.layout import version_dirs
@@ -410,6 +421,7 @@ def test_automatic_compaction_runs_once_the_journal_passes_its_threshold(live: L
         assert client.similar_to_id("auto-1", k=1)
 
 
+@pytest.mark.slow_on_remote_engine
 def test_the_live_bench_measures_changes_under_query_load(live: LiveServer) -> None:
     from postsim.bench.live_serving import format_live_serving, run_live_serving
 
@@ -421,6 +433,7 @@ def test_the_live_bench_measures_changes_under_query_load(live: LiveServer) -> N
         client.similar_to_id("bench-live-0", k=1)  # the bench deleted what it upserted
 
 
+@pytest.mark.slow_on_remote_engine
 def test_the_asyncio_client_has_the_same_change_and_query_methods(live: LiveServer) -> None:
     import asyncio
 
@@ -466,6 +479,7 @@ def test_a_change_embedded_by_other_encoders_is_refused(live: LiveServer) -> Non
         _send_changes(live.url, request)
 
 
+@pytest.mark.in_process_only
 def test_a_change_while_the_index_is_sealed_for_compaction_is_unavailable_and_queries_go_on(live: LiveServer) -> None:
     from postsim.core.errors import ServerUnavailableError
     from postsim.model_repository.live_index.wire import Control

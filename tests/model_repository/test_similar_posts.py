@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
-from support import output_subsets
+from support import ExportedRepository, output_subsets, serve_a_copy
 from typer.testing import CliRunner
 
 from postsim.cli.main import app
@@ -39,6 +39,22 @@ pytestmark = pytest.mark.integration
 class PublishedCorpus:
     posts: list[CorpusPost]
     index_dir: Path
+
+
+@pytest.fixture(scope="module")
+def server(
+    server: TritonServer,
+    backend: str,
+    request: pytest.FixtureRequest,
+    exported_repository: ExportedRepository,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[TritonServer]:
+    """The session's server for FAISS; for Milvus, a server of its own whose retrieval searches Milvus Lite."""
+    if backend == "faiss":
+        yield server
+    else:
+        milvus_uri = request.getfixturevalue("milvus_uri")
+        yield from serve_a_copy(exported_repository, tmp_path_factory, "served-milvus", milvus_uri=milvus_uri)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +109,7 @@ def test_an_indexed_post_finds_itself_first(server: TritonServer, published: Pub
             assert scores == sorted(scores, reverse=True)
 
 
+@pytest.mark.slow_on_remote_engine
 @pytest.mark.parametrize("outputs", output_subsets(contract.SIMILAR_POSTS), ids="+".join)
 def test_every_subset_of_outputs_can_be_requested(
     server: TritonServer, published: PublishedCorpus, outputs: tuple[str, ...]
@@ -180,6 +197,7 @@ def test_a_batch_of_queries_matches_single_queries(server: TritonServer, publish
     assert [[n.id for n in result.neighbors] for result in together] == [[n.id for n in result] for result in alone]
 
 
+@pytest.mark.in_process_only
 def test_bad_posts_are_reported_and_the_rest_indexed(server: TritonServer, corpus_dir: Path, tmp_path: Path) -> None:
     corpus = tmp_path / "posts.jsonl"
     good = [json.loads(line) for line in (corpus_dir / "posts.jsonl").read_text().splitlines()[:5]]
@@ -200,6 +218,7 @@ def test_bad_posts_are_reported_and_the_rest_indexed(server: TritonServer, corpu
     assert read_manifest(tmp_path / "index").count == 5
 
 
+@pytest.mark.in_process_only
 def test_an_interrupted_build_leaves_the_output_as_it_was(
     server: TritonServer, published: PublishedCorpus, corpus_dir: Path, tmp_path: Path
 ) -> None:
@@ -290,6 +309,7 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.in_process_only
 def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
     server: TritonServer, published: PublishedCorpus, tmp_path: Path
 ) -> None:
@@ -309,6 +329,7 @@ def test_a_corrupt_index_is_refused_and_the_previous_one_keeps_serving(
     shutil.rmtree(version_dir)
 
 
+@pytest.mark.in_process_only
 def test_the_server_stays_ready_while_a_refused_index_version_sits_beside_the_serving_one(
     server: TritonServer, published: PublishedCorpus
 ) -> None:
@@ -327,6 +348,7 @@ def test_the_server_stays_ready_while_a_refused_index_version_sits_beside_the_se
     shutil.rmtree(version_dir)
 
 
+@pytest.mark.in_process_only
 def test_an_index_of_other_weights_is_refused(server: TritonServer, published: PublishedCorpus, tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     shutil.copytree(published.index_dir, foreign)
