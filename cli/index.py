@@ -24,6 +24,7 @@ UrlsOption = Annotated[
     list[str] | None,
     typer.Option(
         "--url",
+        metavar="HOST:PORT",
         show_default=DEFAULT_URL,
         help="gRPC endpoint of a running postsim server (HOST:PORT). Give it once per server (one per replica, say) "
         "to spread the posts over several: they must serve the same encoders, and a server that fails has its "

@@ -62,10 +62,10 @@ class ServerLoad:
         return self.posts / elapsed if elapsed > 0 else 0.0
 
     def describe(self) -> str:
-        """``host:8001: 120 posts in 15 batches, 8.1 posts/s`` (and why it was dropped)."""
-        text = f"{self.url}: {self.posts} posts in {self.batches} batches, {self.posts_per_second():.1f} posts/s"
+        """``host:8001: 120 posts in 15 batch(es), 8.1 posts/s`` (and why it was dropped)."""
+        text = f"{self.url}: {self.posts} posts in {self.batches} batch(es), {self.posts_per_second():.1f} posts/s"
         if self.error is not None:
-            text += f"; failed ({self.error}), {self.moved} of its batches went to the other servers"
+            text += f"; failed ({self.error}), {self.moved} of its batch(es) went to the other servers"
         return text
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from support import ExportedRepository, serve_a_copy
 from typer.testing import CliRunner
 
 from postsim.cli.main import app
-from postsim.core.errors import ServerUnavailableError
+from postsim.client.api import PostSimClient
+from postsim.client.posts import Post
+from postsim.core.errors import PostSimError, ServerUnavailableError
 from postsim.corpus.posts import read_posts
 from postsim.corpus.samples import write_sample_posts
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
@@ -62,16 +65,34 @@ def _vectors(index_dir: Path, fingerprint: str) -> tuple[list[str], np.ndarray]:
 
 
 def _stop_when(target: str, batches: int, stop: Callable[[], object]) -> tuple[ServersCallback, list[int]]:
-    """A servers callback that stops the server at ``target`` (in a thread) once it has answered ``batches`` batches."""
+    """A servers callback that calls ``stop`` once the server at ``target`` has answered ``batches`` batches.
+
+    ``stop`` runs in the build's event loop and holds it up until the server refuses new requests,
+    so the other servers cannot finish the corpus first.
+    """
     stopped: list[int] = []
 
     def watch(servers: Sequence[ServerLoad]) -> None:
         (load,) = [server for server in servers if server.url == target]
         if load.batches >= batches and not stopped:
             stopped.append(load.batches)
-            threading.Thread(target=stop, daemon=True).start()
+            stop()
 
     return watch, stopped
+
+
+def _stop_gracefully(server: TritonServer) -> None:
+    """`server.stop()` in a thread (it drains, then ends tritonserver); returns once the server refuses a post."""
+    threading.Thread(target=server.stop, daemon=True).start()
+    deadline = time.monotonic() + 60
+    with PostSimClient(server.endpoints.grpc, timeout_s=10) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.embed([Post(text="are you still there")])
+            except PostSimError:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"{server.endpoints.grpc} still answers 60 s after it was asked to stop")
 
 
 def _build_over_three_servers_with_one_stopped(
@@ -81,26 +102,30 @@ def _build_over_three_servers_with_one_stopped(
     tmp_path: Path,
     stop: Callable[[TritonServer], object],
 ) -> None:
-    """Three servers of one export, the third stopped halfway: each post once, as a single-server build has it."""
-    corpus = write_sample_posts(48, tmp_path / "corpus")
+    """Three servers of one export, the third stopped once it has answered a batch: each post once, as one server has it."""
+    corpus = write_sample_posts(60, tmp_path / "corpus")
     with contextlib.ExitStack() as stack:
         second, third = (
             stack.enter_context(contextlib.contextmanager(serve_a_copy)(exported_repository, tmp_path_factory, name))
             for name in ("spread-second", "spread-third")
         )
         third_url = third.endpoints.grpc
-        watch, stopped = _stop_when(third_url, 2, lambda: stop(third))
+        watch, stopped = _stop_when(third_url, 1, lambda: stop(third))
         urls = (grpc_url, second.endpoints.grpc, third_url)
+        for url in urls:  # warm: a server's first answers are slow, and the others could take every batch meanwhile
+            with PostSimClient(url) as client:
+                client.embed([Post(text="warm up")])
         spread = CorpusIndexSettings(
             corpus=corpus, out_dir=tmp_path / "spread", url=urls, index_type=IndexType.FLAT, batch_size=2, concurrency=2
         )
         report = build_corpus_index(spread, on_servers=watch)
-    assert stopped, "the third server never answered two batches"
-    assert report.indexed == 48 and not report.failures
+    print("\n".join(report.spread.lines()))  # what `postsim index build` prints (pytest -s shows it)
+    assert stopped, "the third server never answered a batch"
+    assert report.indexed == 60 and not report.failures
     loads = {load.url: load for load in report.spread.servers}
     assert loads[third_url].error is not None and loads[third_url].moved >= 1
     assert report.spread.moved == loads[third_url].moved
-    assert sum(load.posts for load in loads.values()) == 48
+    assert sum(load.posts for load in loads.values()) == 60
     assert all(load.batches > 0 for load in loads.values())
 
     single = CorpusIndexSettings(corpus=corpus, out_dir=tmp_path / "single", url=grpc_url, index_type=IndexType.FLAT)
@@ -118,7 +143,7 @@ def test_a_build_over_three_servers_keeps_every_post_once_when_one_is_stopped_ha
 ) -> None:
     """Stopped as `postsim serve` stops on SIGTERM: new requests refused (UNAVAILABLE), then the process ends."""
     _build_over_three_servers_with_one_stopped(
-        grpc_url, exported_repository, tmp_path_factory, tmp_path, lambda server: server.stop()
+        grpc_url, exported_repository, tmp_path_factory, tmp_path, _stop_gracefully
     )
 
 
@@ -132,7 +157,7 @@ def test_a_build_over_three_servers_keeps_every_post_once_when_one_is_killed_hal
         assert server.process is not None and server.front_end is not None and server.front_end.process is not None
         os.kill(server.front_end.process.pid, signal.SIGKILL)
         os.killpg(server.process.pid, signal.SIGKILL)
-        server.stop()  # clean up after them
+        threading.Thread(target=server.stop, daemon=True).start()  # clean up after them
 
     _build_over_three_servers_with_one_stopped(grpc_url, exported_repository, tmp_path_factory, tmp_path, kill)
 
@@ -144,7 +169,7 @@ def test_a_build_whose_every_server_is_gone_says_how_many_posts_were_embedded(
     corpus = write_sample_posts(24, tmp_path / "corpus")
     with contextlib.contextmanager(serve_a_copy)(exported_repository, tmp_path_factory, "spread-only") as only:
         url = only.endpoints.grpc
-        watch, _ = _stop_when(url, 2, only.stop)
+        watch, _ = _stop_when(url, 2, lambda: _stop_gracefully(only))
         settings = CorpusIndexSettings(corpus=corpus, out_dir=tmp_path / "index", url=(url,), batch_size=2)
         with pytest.raises(ServerUnavailableError, match=r"every server failed .* after \d+ of 24 posts were embedded"):
             build_corpus_index(settings, on_servers=watch)

@@ -115,4 +115,4 @@ def test_servers_of_different_encoders_are_refused_by_name() -> None:
 def test_a_server_s_rate_is_its_posts_over_the_time_it_served() -> None:
     load = ServerLoad(url="a:1", started=10.0, posts=50, batches=5, ended=20.0)
     assert load.posts_per_second() == 5.0
-    assert load.describe() == "a:1: 50 posts in 5 batches, 5.0 posts/s"
+    assert load.describe() == "a:1: 50 posts in 5 batch(es), 5.0 posts/s"
