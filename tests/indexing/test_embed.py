@@ -96,22 +96,23 @@ def _stop_gracefully(server: TritonServer) -> None:
 
 
 def _build_over_three_servers_with_one_stopped(
-    grpc_url: str,
+    staying: tuple[TritonServer, TritonServer],
     exported_repository: ExportedRepository,
     tmp_path_factory: pytest.TempPathFactory,
     tmp_path: Path,
     stop: Callable[[TritonServer], object],
 ) -> None:
-    """Three servers of one export, the third stopped once it has answered a batch: each post once, as one server has it."""
+    """Three servers of one export, the third stopped once it has answered a batch: each post once, as one server has it.
+
+    ``staying`` are two servers of the session (the admin key of one restricts nothing a build needs);
+    the third is started for the test.
+    """
     corpus = write_sample_posts(60, tmp_path / "corpus")
-    with contextlib.ExitStack() as stack:
-        second, third = (
-            stack.enter_context(contextlib.contextmanager(serve_a_copy)(exported_repository, tmp_path_factory, name))
-            for name in ("spread-second", "spread-third")
-        )
+    grpc_url = staying[0].endpoints.grpc
+    with contextlib.contextmanager(serve_a_copy)(exported_repository, tmp_path_factory, "spread-third") as third:
         third_url = third.endpoints.grpc
         watch, stopped = _stop_when(third_url, 1, lambda: stop(third))
-        urls = (grpc_url, second.endpoints.grpc, third_url)
+        urls = (grpc_url, staying[1].endpoints.grpc, third_url)
         for url in urls:  # warm: a server's first answers are slow, and the others could take every batch meanwhile
             with PostSimClient(url) as client:
                 client.embed([Post(text="warm up")])
@@ -139,17 +140,26 @@ def _build_over_three_servers_with_one_stopped(
 
 
 def test_a_build_over_three_servers_keeps_every_post_once_when_one_is_stopped_halfway(
-    grpc_url: str, exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    server: TritonServer,
+    admin_server: TritonServer,
+    exported_repository: ExportedRepository,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
 ) -> None:
     """Stopped as `postsim serve` stops on SIGTERM: new requests refused (UNAVAILABLE), then the process ends."""
+    staying = (server, admin_server)
     _build_over_three_servers_with_one_stopped(
-        grpc_url, exported_repository, tmp_path_factory, tmp_path, _stop_gracefully
+        staying, exported_repository, tmp_path_factory, tmp_path, _stop_gracefully
     )
 
 
 @pytest.mark.slow
 def test_a_build_over_three_servers_keeps_every_post_once_when_one_is_killed_halfway(
-    grpc_url: str, exported_repository: ExportedRepository, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    server: TritonServer,
+    admin_server: TritonServer,
+    exported_repository: ExportedRepository,
+    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path: Path,
 ) -> None:
     """SIGKILL to the whole server (front end and tritonserver): its requests in flight fail, the port refuses."""
 
@@ -159,7 +169,8 @@ def test_a_build_over_three_servers_keeps_every_post_once_when_one_is_killed_hal
         os.killpg(server.process.pid, signal.SIGKILL)
         threading.Thread(target=server.stop, daemon=True).start()  # clean up after them
 
-    _build_over_three_servers_with_one_stopped(grpc_url, exported_repository, tmp_path_factory, tmp_path, kill)
+    staying = (server, admin_server)
+    _build_over_three_servers_with_one_stopped(staying, exported_repository, tmp_path_factory, tmp_path, kill)
 
 
 @pytest.mark.slow
