@@ -216,3 +216,27 @@ def test_index_build_refuses_a_url_given_twice(grpc_url: str, tmp_path: Path) ->
         app, ["index", "build", str(corpus), "--out", out, "--url", grpc_url, "--url", grpc_url]
     )
     assert result.exit_code == 1 and "more than once" in result.output
+
+
+@pytest.mark.slow
+def test_index_build_refuses_servers_of_different_encoders_by_name(
+    grpc_url: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A server of another export (other random weights) beside the session's: refused before any post is sent."""
+    from postsim.export.repository import ExportOptions, export_repository
+    from postsim.models.settings import ModelSettings, ModelSize
+
+    other = tmp_path_factory.mktemp("other-encoders") / "repository"
+    settings = ModelSettings(weights="random", size=ModelSize.TINY, seed=1)
+    report = export_repository(ExportOptions(repository=other, models=settings))
+    exported = ExportedRepository(path=other, models=report.models)
+    corpus = write_sample_posts(4, tmp_path / "corpus")
+    with contextlib.contextmanager(serve_a_copy)(exported, tmp_path_factory, "other-encoders-served") as server:
+        out = tmp_path / "index"
+        command = ["index", "build", str(corpus), "--out", str(out), "--url", grpc_url, "--url", server.endpoints.grpc]
+        result = CliRunner().invoke(app, command)
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1, message
+    assert "do not serve the same encoders" in message
+    assert f"{grpc_url} serve(s) weights" in message and f"{server.endpoints.grpc} serve(s) weights" in message
+    assert not out.exists()
