@@ -152,8 +152,9 @@ async def spread(
     if missing and not run.stopped:
         done = total - sum(len(batches[index]) for index in missing)
         reasons = "; ".join(f"{load.url}: {load.error}" for load in run.servers)
+        who, them = ("every server", "them") if len(run.servers) > 1 else ("the server", "it")
         raise ServerUnavailableError(
-            f"every server failed ({reasons}) after {done} of {total} posts were {done_word}: start them again, "
+            f"{who} failed ({reasons}) after {done} of {total} posts were {done_word}: start {them} again, "
             "or name servers that answer with --url, and run the command again"
         )
     return [None if result is _MISSING else result for result in run.results], report  # type: ignore[misc]

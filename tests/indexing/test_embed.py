@@ -182,7 +182,7 @@ def test_a_build_whose_every_server_is_gone_says_how_many_posts_were_embedded(
         url = only.endpoints.grpc
         watch, _ = _stop_when(url, 2, lambda: _stop_gracefully(only))
         settings = CorpusIndexSettings(corpus=corpus, out_dir=tmp_path / "index", url=(url,), batch_size=2)
-        with pytest.raises(ServerUnavailableError, match=r"every server failed .* after \d+ of 24 posts were embedded"):
+        with pytest.raises(ServerUnavailableError, match=r"the server failed .* after \d+ of 24 posts were embedded"):
             build_corpus_index(settings, on_servers=watch)
     assert not (tmp_path / "index").exists()
 
