@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,7 +23,23 @@ from postsim.client.settings import DEFAULT_URL
 from postsim.model_repository import contract
 from postsim.model_repository.protocol import ADMIN_KEY_VARIABLE
 
+if TYPE_CHECKING:
+    from postsim.cli.progress import ProgressReporter
+    from postsim.indexing.spread import ServersCallback, SpreadReport
+
 app = typer.Typer(help="Build, publish and roll back FAISS indexes of posts.", no_args_is_help=True)
+
+UrlsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--url",
+        metavar="HOST:PORT",
+        show_default=DEFAULT_URL,
+        help="gRPC endpoint of a running postsim server (HOST:PORT). Give it once per server (one per replica, say) "
+        "to spread the posts over several: they must serve the same encoders, and a server that fails has its "
+        "posts sent to the others.",
+    ),
+]
 
 
 @app.command("build")
@@ -32,9 +48,9 @@ def index_build(
     corpus: Annotated[Path, typer.Argument(help="JSONL corpus: one {id, text, image} object per line.")],
     out: Annotated[Path, run_dir_option("index", "Index folder to write (replaced atomically).")],
     index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
-    url: UrlOption = DEFAULT_URL,
+    url: UrlsOption = None,
     batch_size: Annotated[int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per request.")] = 8,
-    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 4,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight per server.")] = 4,
     max_failures: Annotated[int, typer.Option(min=0, help="Posts that may fail before the exit code says so.")] = 0,
     unimodal: Annotated[
         bool,
@@ -45,15 +61,16 @@ def index_build(
     ] = True,
     shrink_images: ShrinkImagesOption = False,
 ) -> None:
-    """Embed every post of CORPUS through the server and write a FAISS index, its ids and its manifest."""
+    """Embed every post of CORPUS through the server(s) and write a FAISS index, its ids and its manifest."""
     from postsim.cli.progress import ProgressReporter
     from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
     from postsim.model_repository.search_index import IndexType
 
+    urls = tuple(url or [DEFAULT_URL])
     settings = CorpusIndexSettings(
         corpus=corpus,
         out_dir=out,
-        url=url,
+        url=urls,
         index_type=choice(IndexType, index_type, "--index-type"),
         batch_size=batch_size,
         concurrency=concurrency,
@@ -61,13 +78,14 @@ def index_build(
         shrink_images=shrink_images,
     )
     with ProgressReporter("embedding", console=stderr, unit="posts") as progress:
-        report = build_corpus_index(settings, on_progress=progress.update)
+        report = build_corpus_index(settings, on_progress=progress.update, on_servers=_server_notes(progress, urls))
     manifest = report.manifest
     params = "".join(f" {name}={value}" for name, value in manifest.params.items())
     stdout.print(
         f"indexed {report.indexed} posts into {report.index_dir} ({manifest.index_type.value}{params}, dim "
         f"{manifest.dimension}) in {report.seconds:.1f} s, {report.posts_per_second:.1f} posts/s"
     )
+    _print_servers(report.spread, urls)
     if report.failures:
         stderr.print(f"{len(report.failures)} post(s) not indexed:")
         for failure in report.failures:
@@ -119,7 +137,7 @@ def index_rollback(
 @reports_errors
 def index_upsert(
     corpus: Annotated[Path, typer.Argument(help="JSONL corpus of the posts to add or replace (same format as build).")],
-    url: UrlOption = DEFAULT_URL,
+    url: UrlsOption = None,
     batch_size: Annotated[
         int, typer.Option(min=1, max=contract.MAX_BATCH_SIZE, help="Posts per call, each call one atomic change.")
     ] = contract.MAX_BATCH_SIZE,
@@ -127,19 +145,27 @@ def index_upsert(
 ) -> None:
     """Add the posts of CORPUS to the index the server serves, or replace the posts with their ids; no rebuild.
 
-    Each call is on the server's disk (fsynced) and served when it returns.
+    Each call is on the server's disk (fsynced) and served when it returns. Several --url spread the calls
+    (one in flight per server) over replicas that share one index (the Milvus backend).
     """
     from postsim.cli.progress import ProgressReporter
     from postsim.indexing.changes import upsert_corpus
 
+    urls = tuple(url or [DEFAULT_URL])
     with ProgressReporter("upserting", console=stderr, unit="posts") as progress:
         summary = upsert_corpus(
-            corpus, url, batch_size=batch_size, on_progress=progress.update, shrink_images=shrink_images
+            corpus,
+            urls,
+            batch_size=batch_size,
+            on_progress=progress.update,
+            on_servers=_server_notes(progress, urls),
+            shrink_images=shrink_images,
         )
     stdout.print(
         f"upserted {len(summary.added) + len(summary.replaced)} posts ({len(summary.added)} new, "
         f"{len(summary.replaced)} replaced) up to change {summary.sequence}"
     )
+    _print_servers(summary.spread, urls)
 
 
 @app.command("delete")
@@ -193,6 +219,23 @@ def index_compact(
         f"compacted {report.live_posts} posts (changes up to {report.folded}) into retrieval version "
         f"{report.version}, {report.carried} later change batch(es) handed over; {url} serves it now"
     )
+
+
+def _server_notes(progress: ProgressReporter, urls: tuple[str, ...]) -> ServersCallback | None:
+    """With several servers, each one's posts/s and the batches moved go on the progress bar and lines."""
+    from postsim.indexing.spread import progress_note
+
+    if len(urls) < 2:
+        return None
+    return lambda servers: progress.note(progress_note(servers))
+
+
+def _print_servers(report: SpreadReport | None, urls: tuple[str, ...]) -> None:
+    """With several servers, what each one did (posts, batches, posts/s, why it failed) and the batches moved."""
+    if report is None or len(urls) < 2:
+        return
+    for line in report.lines():
+        stdout.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,9 @@ useful, so it logs one line every ``interval_s`` seconds and one at the end, thr
 ``postsim`` logger::
 
     embedding: 1200/5000 posts (24%), 41.3 posts/s, about 1 min 32 s left
+
+Work that has more to say (the rate of each server a build is spread over) sets a
+:meth:`~ProgressReporter.note`, shown after the bar and at the end of each line.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class ProgressReporter:
         self._last_line: float | None = None
         self._bar: Progress | None = None
         self._task: TaskID | None = None
+        self._note = ""
 
     @property
     def on_terminal(self) -> bool:
@@ -80,6 +84,10 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def note(self, text: str) -> None:
+        """Show ``text`` with the progress from the next update on (after the bar; at the end of each line)."""
+        self._note = text
 
     def update(self, done: int, total: int) -> None:
         """``done`` of ``total`` items are finished."""
@@ -102,10 +110,10 @@ class ProgressReporter:
         percent = f" ({100 * done / total:.0f}%)" if total > 0 else ""
         text = f"{self.description}: {done}/{total} {self.unit}{percent}, {rate:.1f} {self.unit}/s"
         if done >= total:
-            return f"{text}, done in {format_duration(elapsed_s)}"
-        if rate > 0:
-            return f"{text}, about {format_duration((total - done) / rate)} left"
-        return text
+            text = f"{text}, done in {format_duration(elapsed_s)}"
+        elif rate > 0:
+            text = f"{text}, about {format_duration((total - done) / rate)} left"
+        return f"{text}; {self._note}" if self._note else text
 
     def _draw(self, done: int, total: int, rate: float) -> None:
         if self._bar is None:
@@ -115,12 +123,13 @@ class ProgressReporter:
                 MofNCompleteColumn(),
                 TextColumn(f"{{task.fields[rate]:.1f}} {self.unit}/s"),
                 TimeRemainingColumn(),
+                TextColumn("{task.fields[note]}"),
                 console=self._console,
                 transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.description, total=total, rate=0.0)
+            self._task = self._bar.add_task(self.description, total=total, rate=0.0, note="")
         assert self._task is not None
-        self._bar.update(self._task, completed=done, total=total, rate=rate)
+        self._bar.update(self._task, completed=done, total=total, rate=rate, note=self._note)
         if done >= total:
             self.close()  # the work goes on to other steps: their output should not scroll under a full bar

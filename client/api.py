@@ -44,6 +44,7 @@ from postsim.client.posts import (
 )
 from postsim.client.settings import DEFAULT_TIMEOUT_S, DEFAULT_URL, ClientSettings
 from postsim.core.errors import PostSimError
+from postsim.model_repository.contract import RetrievalSettings
 from postsim.model_repository.live_index.wire import Control
 
 __all__ = [
@@ -259,6 +260,10 @@ class PostSimClient(_Client):
         """Which export ``post_embedding`` comes from (weights, fingerprint, repository id); needs no admin key."""
         return self._run(self._core.served_repository())
 
+    def served_retrieval(self) -> RetrievalSettings:
+        """Where ``retrieval`` keeps the posts: the server's own FAISS index, or a Milvus (loaded with an index)."""
+        return self._run(self._core.served_retrieval())
+
     def load_model(self, model: str) -> None:
         """(Re)load a model through Triton's model-control API: new versions load while the old one serves.
 
@@ -420,6 +425,10 @@ class AsyncPostSimClient(_Client):
     async def served_repository(self) -> ServedRepository:
         """Which export ``post_embedding`` comes from (weights, fingerprint, repository id); needs no admin key."""
         return await self._run(self._core.served_repository())
+
+    async def served_retrieval(self) -> RetrievalSettings:
+        """Where ``retrieval`` keeps the posts; see :meth:`PostSimClient.served_retrieval`."""
+        return await self._run(self._core.served_retrieval())
 
     async def load_model(self, model: str) -> None:
         """(Re)load a model through Triton's model-control API; see :meth:`PostSimClient.load_model`."""

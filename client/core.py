@@ -409,6 +409,15 @@ class ClientCore:
         response = yield self.call("get_model_config", model_name=model, model=model)
         return served_repository(response.config)
 
+    def served_retrieval(self) -> Operation[contract.RetrievalSettings]:
+        """Where ``retrieval`` keeps the posts (its config): in the server's own FAISS index, or in a Milvus.
+
+        ``retrieval`` loads with the first published index; before that this raises ServerError.
+        """
+        model = contract.RETRIEVAL
+        response = yield self.call("get_model_config", model_name=model, model=model)
+        return contract.RetrievalSettings.from_parameters(contract.config_parameters(response.config))
+
     def load_model(self, model: str) -> Operation[None]:
         """(Re)load a model through Triton's model-control API: new versions load while the old one serves.
 

@@ -4,21 +4,32 @@ Each call of at most ``batch_size`` posts is one atomic change that the server j
 (fsync) and applies before it answers (``post_changes``, see README "Posts come and go");
 a change that failed leaves the earlier calls' changes in place, and says which posts it
 concerned.
+
+``upsert_corpus`` given several servers spreads the calls over them, one in flight per
+server, and sends the calls of a server that fails to the others
+(:mod:`postsim.indexing.spread`). That is for replicas that share one index (the Milvus
+backend), and it is refused otherwise: with an in-process FAISS index each replica would
+hold only the posts it was sent (:func:`~postsim.indexing.spread.check_shared_index`). An upsert replaces by id, so a call resent after its server failed without answering
+changes nothing twice (such a post may then count as replaced rather than added).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from postsim.client.api import PostSimClient
+from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.client.posts import ChangeReport
 from postsim.core.errors import InvalidPostError
-from postsim.corpus.posts import read_posts
-from postsim.indexing.embed import ProgressCallback
+from postsim.corpus.posts import CorpusPost, read_posts
+from postsim.indexing.embed import ProgressCallback, stop_on_interrupt
+from postsim.indexing.spread import ServersCallback, SpreadReport, check_shared_index, open_servers, spread
 from postsim.model_repository import contract
 from postsim.model_repository.contract import post_id_problem
+
+_Upsert = Callable[[Sequence[CorpusPost]], Awaitable[ChangeReport]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +43,8 @@ class ChangeSummary:
     """Ids a delete named that no indexed post has: nothing was done for them."""
     sequence: int = 0
     """The journal sequence number of the last change."""
+    spread: SpreadReport | None = None
+    """What each server did, when the calls were spread over servers."""
 
     def add(self, report: ChangeReport) -> ChangeSummary:
         return ChangeSummary(
@@ -40,33 +53,61 @@ class ChangeSummary:
             deleted=self.deleted + list(report.deleted),
             unknown=self.unknown + list(report.unknown),
             sequence=max(self.sequence, report.sequence),
+            spread=self.spread,
         )
 
 
 def upsert_corpus(
     corpus: Path,
-    url: str,
+    url: str | Sequence[str],
     *,
     batch_size: int = contract.MAX_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    on_servers: ServersCallback | None = None,
     shrink_images: bool = False,
 ) -> ChangeSummary:
     """Upsert every post of ``corpus`` (the corpus format, metadata included) into the index ``url`` serves.
 
+    Given several URLs, the calls are spread over those servers, which must serve the same encoders.
     ``shrink_images`` sends the images at the encoder's scale (the client's ``shrink_images``).
     """
     posts = list(read_posts(corpus))  # the whole file is checked before the first change
     if not posts:
         raise InvalidPostError(f"{corpus} holds no posts: nothing to upsert")
-    summary = ChangeSummary()
-    with PostSimClient(url, shrink_images=shrink_images) as client:
-        for start in range(0, len(posts), batch_size):
-            chunk = posts[start : start + batch_size]
-            report = client.upsert([post.to_post() for post in chunk], [post.metadata.to_fields() for post in chunk])
-            summary = summary.add(report)
-            if on_progress is not None:
-                on_progress(start + len(chunk), len(posts))
-    return summary
+    urls = (url,) if isinstance(url, str) else tuple(url)
+    chunks = [posts[start : start + batch_size] for start in range(0, len(posts), batch_size)]
+
+    def sender(client: AsyncPostSimClient) -> tuple[str, _Upsert]:
+        async def send(chunk: Sequence[CorpusPost]) -> ChangeReport:
+            return await client.upsert(
+                [post.to_post() for post in chunk], [post.metadata.to_fields() for post in chunk]
+            )
+
+        return client.url, send
+
+    async def upsert_all() -> ChangeSummary:
+        async with open_servers(urls, shrink_images=shrink_images) as (clients, _):
+            if len(clients) > 1:
+                await check_shared_index(clients)
+            with stop_on_interrupt() as stop:
+                reports, spread_report = await spread(
+                    chunks,
+                    [sender(client) for client in clients],
+                    concurrency=1,
+                    on_progress=on_progress,
+                    on_servers=on_servers,
+                    stop=stop,
+                    done_word="upserted (those changes stand)",
+                )
+            if stop.is_set():
+                raise KeyboardInterrupt
+        summary = ChangeSummary(spread=spread_report)
+        for report in reports:
+            if report is not None:
+                summary = summary.add(report)
+        return summary
+
+    return asyncio.run(upsert_all())
 
 
 def delete_posts(ids: Sequence[str], url: str, *, on_progress: ProgressCallback | None = None) -> ChangeSummary:

@@ -1,7 +1,9 @@
 """``postsim index build``: embeds a JSONL corpus through the running server and writes a FAISS index.
 
-Posts go to ``post_embedding`` in batches, several batches in flight at once. A batch the
-server refuses as invalid is retried post by post, so one bad post is reported by its id
+Posts go to ``post_embedding`` in batches, several batches in flight at once per server;
+with several servers the batches are spread over them, and a server that fails has its
+batches sent to the others (:mod:`postsim.indexing.spread`). A batch the server refuses
+as invalid is retried post by post on that server, so one bad post is reported by its id
 and the others are indexed. Nothing is written until every post has been tried; the index
 directory is then written atomically, so an interrupted build leaves the output as it was.
 Ctrl-C stops sending and lets the requests in flight finish before the build stops.
@@ -14,7 +16,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,29 +28,33 @@ from postsim.client.settings import DEFAULT_URL
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.corpus.posts import CorpusPost, read_posts
 from postsim.indexing.build import build_index_dir, post_caption
+from postsim.indexing.spread import ProgressCallback as ProgressCallback  # the commands import it from here
+from postsim.indexing.spread import ServersCallback, SpreadReport, open_servers, spread
 from postsim.model_repository.live_index.metadata import MetadataColumns
 from postsim.model_repository.score_parts import UnimodalVectors
 from postsim.model_repository.search_index import IndexManifest, IndexType
 
 logger = logging.getLogger("postsim")
 
-ProgressCallback = Callable[[int, int], None]
-"""Called with (posts done, posts in all) as batches complete."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusIndexSettings:
     corpus: Path
     out_dir: Path
-    url: str = DEFAULT_URL
+    url: str | tuple[str, ...] = DEFAULT_URL
+    """The server, or several (the same encoders each) that the batches are spread over."""
     index_type: IndexType = IndexType.AUTO
     batch_size: int = 8
     concurrency: int = 4
-    """Batches in flight at once."""
+    """Batches in flight at once, per server."""
     unimodal: bool = True
     """Keep each post's unimodal vectors and modality weights, which split its scores (``CONTRIBUTIONS``)."""
     shrink_images: bool = False
     """Send the images at the encoder's scale (the client's ``shrink_images``)."""
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url,) if isinstance(self.url, str) else self.url
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,8 @@ class CorpusIndexReport:
     indexed: int
     failures: list[FailedPost]
     seconds: float
+    spread: SpreadReport
+    """What each server embedded, its posts/s, and the batches moved after a failure."""
 
     @property
     def posts_per_second(self) -> float:
@@ -95,7 +103,7 @@ async def _embed_batch(client: AsyncPostSimClient, batch: list[CorpusPost]) -> t
 
 async def embed_corpus(
     posts: list[CorpusPost],
-    client: AsyncPostSimClient,
+    client: AsyncPostSimClient | Sequence[AsyncPostSimClient],
     *,
     batch_size: int,
     concurrency: int,
@@ -106,30 +114,53 @@ async def embed_corpus(
 
     Once ``stop`` is set, no further batch is sent and the batches in flight finish.
     """
+    embedded, failed, _ = await embed_spread(
+        posts, client, batch_size=batch_size, concurrency=concurrency, on_progress=on_progress, stop=stop
+    )
+    return embedded, failed
+
+
+async def embed_spread(
+    posts: list[CorpusPost],
+    clients: AsyncPostSimClient | Sequence[AsyncPostSimClient],
+    *,
+    batch_size: int,
+    concurrency: int,
+    on_progress: ProgressCallback | None = None,
+    on_servers: ServersCallback | None = None,
+    stop: asyncio.Event | None = None,
+) -> tuple[Embedded, list[FailedPost], SpreadReport]:
+    """:func:`embed_corpus` over one client per server, ``concurrency`` batches in flight on each, and what each did.
+
+    A server that fails has its unfinished batches sent to the others; each post is embedded once.
+    """
+    if isinstance(clients, AsyncPostSimClient):
+        clients = [clients]
     batches = [posts[start : start + batch_size] for start in range(0, len(posts), batch_size)]
-    gate = asyncio.Semaphore(concurrency)
-    done = 0
-    if on_progress is not None:
-        on_progress(0, len(posts))  # starts the clock of whoever shows progress
 
-    async def run(batch: list[CorpusPost]) -> tuple[Embedded, list[FailedPost]]:
-        nonlocal done
-        async with gate:
-            if stop is not None and stop.is_set():
-                return [], []
+    def sender(
+        client: AsyncPostSimClient,
+    ) -> Callable[[Sequence[CorpusPost]], Awaitable[tuple[Embedded, list[FailedPost]]]]:
+        async def send(batch: Sequence[CorpusPost]) -> tuple[Embedded, list[FailedPost]]:
             try:
-                outcome = await _embed_batch(client, batch)
-            except InvalidPostError as error:
-                outcome = ([], [FailedPost(batch[0].id, str(error))])
-        done += len(batch)
-        if on_progress is not None:
-            on_progress(done, len(posts))
-        return outcome
+                return await _embed_batch(client, list(batch))
+            except InvalidPostError as error:  # a batch of one post, refused
+                return [], [FailedPost(batch[0].id, str(error))]
 
-    outcomes = await asyncio.gather(*(run(batch) for batch in batches))
-    embedded = [item for batch_embedded, _ in outcomes for item in batch_embedded]
-    failures = [failure for _, batch_failures in outcomes for failure in batch_failures]
-    return embedded, failures
+        return send
+
+    outcomes, report = await spread(
+        batches,
+        [(client.url, sender(client)) for client in clients],
+        concurrency=concurrency,
+        on_progress=on_progress,
+        on_servers=on_servers,
+        stop=stop,
+        done_word="embedded",
+    )
+    embedded = [item for outcome in outcomes if outcome is not None for item in outcome[0]]
+    failures = [failure for outcome in outcomes if outcome is not None for failure in outcome[1]]
+    return embedded, failures, report
 
 
 @contextlib.contextmanager
@@ -160,9 +191,15 @@ def stop_on_interrupt() -> Iterator[asyncio.Event]:
 
 
 def build_corpus_index(
-    settings: CorpusIndexSettings, *, on_progress: ProgressCallback | None = None
+    settings: CorpusIndexSettings,
+    *,
+    on_progress: ProgressCallback | None = None,
+    on_servers: ServersCallback | None = None,
 ) -> CorpusIndexReport:
-    """Embed the corpus through the server and write the index directory; failures are reported, not fatal."""
+    """Embed the corpus through the server(s) and write the index directory; failures are reported, not fatal.
+
+    ``on_servers`` is called with what each server has done as batches complete (posts/s per server).
+    """
     if settings.batch_size < 1 or settings.concurrency < 1:
         raise SearchIndexError(
             f"batch size and concurrency must be at least 1, got {settings.batch_size} and {settings.concurrency}"
@@ -172,29 +209,23 @@ def build_corpus_index(
         raise SearchIndexError(f"{settings.corpus} holds no posts: nothing to index")
     started = time.monotonic()
 
-    async def embed_all() -> tuple[str, Embedded, list[FailedPost]]:
-        async with AsyncPostSimClient(settings.url, shrink_images=settings.shrink_images) as client:
-            # post_embedding's config, not the repository index: a server's admin key restricts the index.
-            info = await client.served_repository()
-            if not info.fingerprint:
-                raise SearchIndexError(
-                    f"the server at {settings.url} does not say which weights it serves (no postsim_fingerprint "
-                    "in post_embedding's config): export the repository again with this version of postsim"
-                )
+    async def embed_all() -> tuple[str, Embedded, list[FailedPost], SpreadReport]:
+        async with open_servers(settings.urls, shrink_images=settings.shrink_images) as (clients, fingerprint):
             with stop_on_interrupt() as stop:
-                embedded, failures = await embed_corpus(
+                embedded, failures, report = await embed_spread(
                     posts,
-                    client,
+                    clients,
                     batch_size=settings.batch_size,
                     concurrency=settings.concurrency,
                     on_progress=on_progress,
+                    on_servers=on_servers,
                     stop=stop,
                 )
             if stop.is_set():
                 raise KeyboardInterrupt
-            return info.fingerprint, embedded, failures
+            return fingerprint, embedded, failures, report
 
-    fingerprint, embedded, failures = asyncio.run(embed_all())
+    fingerprint, embedded, failures, spread_report = asyncio.run(embed_all())
     for failure in failures:
         logger.warning("post %s not indexed: %s", failure.id, failure.reason)
     if not embedded:
@@ -221,6 +252,7 @@ def build_corpus_index(
         indexed=len(ids),
         failures=failures,
         seconds=time.monotonic() - started,
+        spread=spread_report,
     )
 
 

@@ -50,5 +50,30 @@ def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(caplog: pytest.LogCapture
     assert "embedding" in console.file.getvalue()  # type: ignore[attr-defined]
 
 
+def test_a_note_ends_each_later_line_and_follows_the_bar(caplog: pytest.LogCaptureFixture) -> None:
+    """What several servers' rates look like: the note set before an update is on that update's line."""
+    clock = FakeClock()
+    console = Console(file=io.StringIO(), force_terminal=False)
+    reporter = ProgressReporter("embedding", console=console, unit="posts", interval_s=10, clock=clock)
+    with caplog.at_level(logging.INFO, logger="postsim"), reporter as progress:
+        progress.update(0, 20)
+        clock.now += 10
+        progress.note("a:8001 1.0/s, b:8001 failed; 2 batches moved")
+        progress.update(10, 20)
+        clock.now += 10
+        progress.note("a:8001 1.0/s, b:8001 failed; 3 batches moved")
+        progress.update(20, 20)
+    assert _lines(caplog) == [
+        "embedding: 10/20 posts (50%), 1.0 posts/s, about 10 s left; a:8001 1.0/s, b:8001 failed; 2 batches moved",
+        "embedding: 20/20 posts (100%), 1.0 posts/s, done in 20 s; a:8001 1.0/s, b:8001 failed; 3 batches moved",
+    ]
+
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=200)
+    with ProgressReporter("embedding", console=terminal, unit="posts") as progress:
+        progress.note("a:8001 12.5/s")
+        progress.update(3, 10)
+    assert "a:8001 12.5/s" in terminal.file.getvalue()  # type: ignore[attr-defined]  # drawn when the bar stops
+
+
 def test_durations_read_as_a_person_would_say_them() -> None:
     assert [format_duration(s) for s in (0.4, 42, 185, 7620)] == ["0 s", "42 s", "3 min 05 s", "2 h 07 min"]

@@ -380,6 +380,23 @@ def test_the_index_upsert_delete_and_similar_id_commands(live: LiveServer, tmp_p
     assert code == 0 and "deleted 1 posts" in output
 
 
+def test_an_upsert_over_several_servers_is_refused_unless_they_share_one_index(
+    live: LiveServer, backend: str, grpc_url: str, tmp_path: Path
+) -> None:
+    """The session's FAISS server beside the live one: each would keep only the posts sent to it."""
+    from postsim.indexing.spread import SHARED_INDEX_NEEDED
+
+    corpus = tmp_path / "posts.jsonl"
+    corpus.write_text(json.dumps({"id": "spread-1", "text": "a cat on a train"}) + "\n")
+    code, output = _postsim("index", "upsert", str(corpus), "--url", live.url, "--url", grpc_url)
+    assert code == 1, output
+    assert SHARED_INDEX_NEEDED in " ".join(output.split())
+    if backend == "faiss":
+        assert f"the server at {live.url} keeps its own FAISS index" in " ".join(output.split())
+    with PostSimClient(live.url) as client, pytest.raises(PostSimError, match="spread-1"):
+        client.similar_to_id("spread-1", k=1)
+
+
 @pytest.mark.in_process_only
 def test_compaction_folds_the_changes_into_a_new_version_and_rollback_still_works(live: LiveServer) -> None:
     from postsim.indexing.compact import compact_index
