@@ -23,11 +23,12 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -346,39 +347,78 @@ def tune_search(
     probes = np.ascontiguousarray(vectors[sample])
     _, exact = faiss.knn(probes, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     truth = without_self(exact, sample, k)
-    started = time.perf_counter()
-    tuned, recall = plan, 0.0
-    for value in _search_ladder(plan):
-        tuned = dataclasses.replace(plan, params={**plan.params, name: value})
-        configure_search(index, tuned.index_type, tuned.params)
+
+    def recall_at(value: int) -> float:
+        configure_search(index, plan.index_type, {**plan.params, name: value})
         _, found = index.search(probes, k + 1)
-        recall = recall_of(truth, without_self(found, sample, k))
-        logger.debug("%s %s=%d: recall@%d %.3f on %d posts", plan.index_type.value, name, value, k, recall, len(sample))
+        return recall_of(truth, without_self(found, sample, k))
+
+    if plan.index_type is IndexType.IVFPQ:
+        ladder = doubling_ladder(1, plan.params["nlist"])
+    else:
+        ladder = doubling_ladder(TUNING_K, HNSW_MAX_EF_SEARCH)
+    climbed = climb_until_recall(
+        ladder,
+        recall_at,
+        recall_target=recall_target,
+        setting=f"{plan.index_type.value} search: {name}",
+        k=k,
+        queries=len(sample),
+        not_reached_hint="consider --index-type flat",
+    )
+    tuned = dataclasses.replace(plan, params={**plan.params, name: climbed.value})
+    configure_search(index, tuned.index_type, tuned.params)
+    return SearchTuning(plan=tuned, recall=climbed.recall, queries=len(sample), reached=climbed.reached)
+
+
+def doubling_ladder(low: int, high: int) -> list[int]:
+    """Search settings to try, cheapest first: the powers of two from ``low`` up to below ``high``, then ``high``."""
+    return [*(2**power for power in range(math.ceil(math.log2(low)), math.ceil(math.log2(high)))), high]
+
+
+class ClimbedSetting(NamedTuple):
+    value: int
+    """The first setting that reached the target, or the last one tried."""
+    recall: float
+    reached: bool
+
+
+def climb_until_recall(
+    ladder: Sequence[int],
+    recall_at: Callable[[int], float],
+    *,
+    recall_target: float,
+    setting: str,
+    k: int,
+    queries: int,
+    not_reached_hint: str,
+) -> ClimbedSetting:
+    """Try the settings of ``ladder`` in order until ``recall_at(value)`` reaches ``recall_target``.
+
+    Shared by every engine's tuning (FAISS here, Milvus in :mod:`postsim.indexing.milvus`): it
+    logs each step, and the outcome (a warning with ``not_reached_hint`` when no setting reached
+    the target, in which case the widest is kept). ``setting`` names what is tuned, for the log.
+    """
+    started = time.perf_counter()
+    value, recall = ladder[0], 0.0
+    for value in ladder:
+        recall = recall_at(value)
+        logger.debug("%s=%d: recall@%d %.3f on %d posts", setting, value, k, recall, queries)
         if recall >= recall_target:
             break
     reached = recall >= recall_target
-    log = logger.info if reached else logger.warning
-    log(
-        "tuned %s search: %s=%d reaches recall@%d %.3f on %d posts of the corpus (target %.2f%s; %.1f s)",
-        plan.index_type.value,
-        name,
-        tuned.params[name],
+    (logger.info if reached else logger.warning)(
+        "tuned %s=%d reaches recall@%d %.3f on %d posts of the corpus (target %.2f%s; %.1f s)",
+        setting,
+        value,
         k,
         recall,
-        len(sample),
+        queries,
         recall_target,
-        "" if reached else ", NOT reached: consider --index-type flat",
+        "" if reached else f", NOT reached: {not_reached_hint}",
         time.perf_counter() - started,
     )
-    return SearchTuning(plan=tuned, recall=recall, queries=len(sample), reached=reached)
-
-
-def _search_ladder(plan: IndexPlan) -> list[int]:
-    """Values of the tuned parameter to try, cheapest first: powers of two up to the most useful."""
-    most = plan.params["nlist"] if plan.index_type is IndexType.IVFPQ else HNSW_MAX_EF_SEARCH
-    start = 1 if plan.index_type is IndexType.IVFPQ else TUNING_K
-    ladder = [2**power for power in range(math.ceil(math.log2(start)), math.ceil(math.log2(most)))]
-    return [*ladder, most]
+    return ClimbedSetting(value, recall, reached)
 
 
 def without_self(neighbours: np.ndarray, query_rows: np.ndarray, k: int) -> list[np.ndarray]:

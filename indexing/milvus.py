@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from postsim.indexing.build import (
     TUNING_RECALL,
     IndexType,
     choose_index,
+    climb_until_recall,
+    doubling_ladder,
     recall_of,
     without_self,
 )
@@ -110,16 +110,11 @@ def choose_milvus_index(
     )
 
 
-def _search_ladder(spec: MilvusIndexSpec, k: int) -> list[int]:
-    """Values of the tuned search parameter to try, cheapest first: powers of two up to the widest."""
-    name = spec.index_type.tuned_param
-    assert name is not None
+def _search_ladder(spec: MilvusIndexSpec, name: str, k: int) -> list[int]:
+    """Values of the tuned search parameter ``name`` to try, cheapest first: powers of two up to the widest."""
     if name == "nprobe":
-        low, high = 1, spec.build_params["nlist"]
-    else:
-        low, high = k, HNSW_MAX_EF_SEARCH if name == "ef" else CAGRA_MAX_ITOPK
-    ladder = [2**power for power in range(math.ceil(math.log2(low)), math.ceil(math.log2(high)))]
-    return [*ladder, high]
+        return doubling_ladder(1, spec.build_params["nlist"])
+    return doubling_ladder(k, HNSW_MAX_EF_SEARCH if name == "ef" else CAGRA_MAX_ITOPK)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,30 +154,23 @@ def tune_milvus_search(
     _, exact = faiss.knn(units[sample], units, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     truth = without_self(exact, sample, k)
     row_of = {post_id: row for row, post_id in enumerate(ids)}
-    started = time.perf_counter()
-    tuned, recall = spec, 0.0
-    for value in _search_ladder(spec, k + 1):
-        tuned = dataclasses.replace(spec, search_params={**spec.search_params, name: value})
-        found = store.search(units[sample], k + 1, version=version, search_params=tuned.search_params)
+
+    def recall_at(value: int) -> float:
+        found = store.search(units[sample], k + 1, version=version, search_params={**spec.search_params, name: value})
         rows = np.array([[row_of[n.id] for n in row] + [-1] * (k + 1 - len(row)) for row in found])
-        recall = recall_of(truth, without_self(rows, sample, k))
-        logger.debug("%s %s=%d: recall@%d %.3f on %d posts", spec.index_type.value, name, value, k, recall, len(sample))
-        if recall >= recall_target:
-            break
-    reached = recall >= recall_target
-    (logger.info if reached else logger.warning)(
-        "tuned Milvus %s search: %s=%d reaches recall@%d %.3f on %d posts of the corpus (target %.2f%s; %.1f s)",
-        spec.index_type.value,
-        name,
-        tuned.search_params[name],
-        k,
-        recall,
-        len(sample),
-        recall_target,
-        "" if reached else ", NOT reached: consider FLAT",
-        time.perf_counter() - started,
+        return recall_of(truth, without_self(rows, sample, k))
+
+    climbed = climb_until_recall(
+        _search_ladder(spec, name, k + 1),
+        recall_at,
+        recall_target=recall_target,
+        setting=f"Milvus {spec.index_type.value} search: {name}",
+        k=k,
+        queries=len(sample),
+        not_reached_hint="consider FLAT",
     )
-    return MilvusTuning(spec=tuned, recall=recall, queries=len(sample), reached=reached)
+    tuned = dataclasses.replace(spec, search_params={**spec.search_params, name: climbed.value})
+    return MilvusTuning(spec=tuned, recall=climbed.recall, queries=len(sample), reached=climbed.reached)
 
 
 @dataclass(frozen=True, kw_only=True)
