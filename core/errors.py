@@ -76,6 +76,22 @@ class IndexSealedError(SearchIndexError):
         super().__init__(f"{INDEX_SEALED_MESSAGE} and takes no changes for a moment: retry in a few seconds")
 
 
+class JournalWrittenElsewhereError(SearchIndexError):
+    """A change reached a replica whose index version's change journal another server writes.
+
+    Replicas on one shared repository (a Kubernetes volume) read the same journal file; one of
+    them, the first to open it, writes it. The others serve the changes made before they
+    started and refuse new ones, which would otherwise interleave two writers in one file.
+    """
+
+    def __init__(self, path: object) -> None:
+        super().__init__(
+            f"another server writes the changes of this index version ({path}): replicas that share a "
+            "repository take upserts and deletes through one of them, the first that served it; send them there, or "
+            "export with --retrieval milvus so that every replica takes changes"
+        )
+
+
 class IndexNotLoadedError(SearchIndexError):
     """similar_posts was asked while ``retrieval`` has a version on disk but is not loaded or not ready."""
 

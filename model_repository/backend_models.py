@@ -26,6 +26,7 @@ from postsim.core.errors import (
     IndexNotLoadedError,
     IndexSealedError,
     InvalidPostError,
+    JournalWrittenElsewhereError,
     NoIndexPublishedError,
     PostSimError,
     RepositoryError,
@@ -66,7 +67,7 @@ def _error_response(error: Exception) -> Any:
     """INVALID_ARG for bad input; INTERNAL (with a generic message) for anything else."""
     if isinstance(error, InvalidPostError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
-    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError | IndexSealedError):
+    if isinstance(error, NoIndexPublishedError | IndexNotLoadedError | IndexSealedError | JournalWrittenElsewhereError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.UNAVAILABLE))
     logger.exception("request failed", exc_info=error)
     return pb_utils.InferenceResponse(

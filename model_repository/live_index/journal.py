@@ -39,6 +39,7 @@ fingerprint), another index version or another dimension is refused.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ from types import TracebackType
 
 import numpy as np
 
-from postsim.core.errors import InvalidPostError, PostSimError, SearchIndexError
+from postsim.core.errors import InvalidPostError, JournalWrittenElsewhereError, PostSimError, SearchIndexError
 from postsim.core.files import fsync_path, write_bytes_atomic
 from postsim.model_repository.contract import MODALITIES
 from postsim.model_repository.live_index.metadata import PostMetadata
@@ -123,15 +124,26 @@ class _Damaged(Exception):
 
 
 class ChangeJournal:
-    """An open journal file, appended to by one writer. Open with :meth:`open` or :meth:`create`."""
+    """An open journal file, appended to by one writer. Open with :meth:`open` or :meth:`create`.
 
-    def __init__(self, path: Path, header: JournalHeader, *, size: int, sequence: int) -> None:
+    The writer is the process that holds an exclusive lock (``flock``) on the file, from its
+    opening to :meth:`close`: servers that share a repository (replicas on one volume) all read
+    a version's journal, and the first to open it writes it. Another opens it as a reader: it
+    replays what is there, leaves a last record being written alone (it is the writer's, not a
+    crash's), and refuses to append (:class:`~postsim.core.errors.JournalWrittenElsewhereError`).
+    """
+
+    def __init__(
+        self, path: Path, header: JournalHeader, *, size: int, sequence: int, descriptor: int, writes: bool
+    ) -> None:
         self.path = path
         self.header = header
         self._size = size
         self._sequence = sequence
-        self._descriptor: int | None = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._descriptor: int | None = descriptor
         self._broken: str | None = None
+        self.writes = writes
+        """Whether this process writes the journal (holds its lock); False: another server does."""
 
     @property
     def sequence(self) -> int:
@@ -153,10 +165,30 @@ class ChangeJournal:
         path = Path(path)
         if not path.exists():
             return cls.create(path, header), []
-        scan = _scan(path, header)
-        if scan.torn_at is not None:
-            _cut(path, scan)
-        journal = cls(path, header, size=scan.end, sequence=_last_sequence(header, scan.batches))
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+        writes = _lock(descriptor)
+        try:
+            scan = _scan(path, header)
+            if scan.torn_at is not None and writes:
+                _cut(path, scan)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        journal = cls(
+            path,
+            header,
+            size=scan.end,
+            sequence=_last_sequence(header, scan.batches),
+            descriptor=descriptor,
+            writes=writes,
+        )
+        if not writes:
+            logger.warning(
+                "journal %s is written by another server sharing this repository: this one serves the %d change "
+                "batches made before it opened the journal and refuses new changes (they go through the writer)",
+                path,
+                len(scan.batches),
+            )
         if scan.batches:
             logger.info(
                 "journal %s: %d change batches (sequence %d to %d) after base version %s",
@@ -196,7 +228,9 @@ class ChangeJournal:
             header.base_sequence,
             header.base_version[:12],
         )
-        return cls(path, header, size=len(content), sequence=_last_sequence(header, carried))
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+        sequence = _last_sequence(header, carried)
+        return cls(path, header, size=len(content), sequence=sequence, descriptor=descriptor, writes=_lock(descriptor))
 
     def append(self, changes: Sequence[Change]) -> ChangeBatch:
         """Write ``changes`` as one frame and fsync it; return them with their sequence number.
@@ -210,6 +244,8 @@ class ChangeJournal:
             raise SearchIndexError(f"journal {self.path} is closed")
         if self._broken is not None:
             raise SearchIndexError(f"journal {self.path} takes no more changes: {self._broken}; restart the server")
+        if not self.writes:
+            raise JournalWrittenElsewhereError(self.path)
         if not changes:
             raise InvalidPostError("a change batch needs at least one change")
         batch = ChangeBatch(sequence=self._sequence + 1, changes=tuple(changes))
@@ -258,6 +294,15 @@ class ChangeJournal:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _lock(descriptor: int) -> bool:
+    """Take the journal's writer lock if no other open file holds it (released when the descriptor closes)."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def read_journal(path: str | Path, header: JournalHeader) -> list[ChangeBatch]:

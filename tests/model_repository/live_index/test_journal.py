@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postsim.core.errors import InvalidPostError, SearchIndexError
+from postsim.core.errors import InvalidPostError, JournalWrittenElsewhereError, SearchIndexError
 from postsim.model_repository.live_index.journal import (
     MAGIC,
     ChangeBatch,
@@ -249,3 +250,47 @@ def test_an_empty_batch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidPostError, match="at least one change"):
         journal.append([])
     journal.close()
+
+
+def test_a_second_server_on_a_shared_journal_reads_it_and_refuses_to_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas on one repository: the first to open a version's journal writes it, the other only replays it.
+
+    (flock locks belong to an open file, so a second opening in this process stands for another server.)
+    """
+    path = tmp_path / "changes.journal"
+    writer, _ = ChangeJournal.open(path, HEADER)
+    first = writer.append([upsert("a", 1)])
+    with caplog.at_level(logging.WARNING, logger="postsim"):
+        reader, replayed = ChangeJournal.open(path, HEADER)
+    assert same_changes(replayed, [first]) and writer.writes and not reader.writes
+    assert "written by another server" in caplog.text
+    with pytest.raises(JournalWrittenElsewhereError, match="another server writes the changes"):
+        reader.append([Delete("a")])
+    assert writer.append([Delete("a")]).sequence == 2
+    reader.close()
+    writer.close()
+    successor, replayed = ChangeJournal.open(path, HEADER)  # the writer gone, the next server to open it writes
+    assert successor.writes and [batch.sequence for batch in replayed] == [1, 2]
+    successor.close()
+
+
+def test_a_reader_leaves_the_record_the_writer_is_writing(tmp_path: Path) -> None:
+    """What looks torn to a reader may be a record the writer has not finished: only the writer cuts a torn tail."""
+    path = tmp_path / "changes.journal"
+    written, last_start = write_three(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: last_start + 10])  # the writer is in the middle of its third record
+    writer, _ = ChangeJournal.open(path, HEADER)  # (cuts it: as the writer, a torn tail is its own crash's)
+    writer.close()
+    path.write_bytes(whole[: last_start + 10])
+    holder = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another server holds the writer's lock
+    try:
+        reader, replayed = ChangeJournal.open(path, HEADER)
+        assert same_changes(replayed, written[:2]) and not reader.writes
+        assert path.stat().st_size == last_start + 10, "a reader cut the writer's record"
+        reader.close()
+    finally:
+        os.close(holder)
