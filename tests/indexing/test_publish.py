@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from support import ExportedRepository, server_settings
 from typer.testing import CliRunner
 
 from postsim.cli.main import app
-from postsim.client.api import ServedRepository
-from postsim.core.errors import RepositoryError
+from postsim.client.api import PostSimClient, ServedRepository
+from postsim.client.posts import Post
+from postsim.core.errors import RepositoryError, SearchIndexError
 from postsim.corpus.samples import write_sample_posts
 from postsim.export.repository import ExportOptions, export_repository
+from postsim.indexing.build import build_index_dir
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
-from postsim.indexing.publish import check_served
+from postsim.indexing.publish import check_served, publish_index, rollback_index
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt
 from postsim.model_repository.contract import REPOSITORY_ID_PARAMETER
-from postsim.model_repository.layout import CONFIG_NAME
+from postsim.model_repository.layout import CONFIG_NAME, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.models.settings import ModelSettings, ModelSize
 from postsim.server.launcher import TritonServer
@@ -90,3 +96,134 @@ def test_a_repository_exported_again_since_the_server_started_is_named(other_rep
     check_served(other_repository, replace(served, fingerprint=manifest.fingerprint), "localhost:1")
     with pytest.raises(RepositoryError, match="server's repository was exported by an older postsim"):
         check_served(other_repository, ServedRepository(fingerprint=manifest.fingerprint), "localhost:1")
+
+
+# --------------------------------------------------------------------------- replicas on one repository
+
+
+@contextlib.contextmanager
+def _replicas(exported: ExportedRepository, folder: Path, count: int = 2) -> Iterator[list[TritonServer]]:
+    """``count`` tritonservers started on ONE copy of the exported repository, as replicas on a shared volume."""
+    repository = folder / "repository"
+    shutil.copytree(exported.path, repository)
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(TritonServer(server_settings(repository), log_path=folder / f"tritonserver-{n}.log"))
+            for n in range(count)
+        ]
+
+
+def _random_index(repository: Path, index_dir: Path, prefix: str, seed: int) -> Path:
+    """40 random unit vectors with ids ``PREFIX-N``: which index a server searches shows in its answers' ids."""
+    manifest = WeightsManifest.read(repository)
+    vectors = np.random.default_rng(seed).standard_normal((40, manifest.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    build_index_dir(
+        index_dir, [f"{prefix}-{row}" for row in range(40)], vectors, weights_fingerprint=manifest.fingerprint
+    )
+    return index_dir
+
+
+def _serves(url: str) -> tuple[int, str]:
+    """The retrieval version the server at ``url`` has ready, and the id prefix of its nearest post."""
+    with PostSimClient(url) as client:
+        ready = [version for version in range(1, 6) if client.is_model_ready(contract.RETRIEVAL, str(version))]
+        (hit,) = client.similar(Post(text="a sunset over the bay"), k=1)
+    assert len(ready) == 1, f"{url} has retrieval versions {ready} ready"
+    return ready[0], hit.id.split("-")[0]
+
+
+def _publish_first(servers: list[TritonServer], tmp_path: Path) -> tuple[Path, list[str]]:
+    repository = servers[0].repository
+    urls = [server.endpoints.grpc for server in servers]
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(PostSimClient(url)) for url in urls]
+        report = publish_index(_random_index(repository, tmp_path / "first", "first", 1), repository, client=clients)
+    assert report.servers == tuple(urls)
+    assert [_serves(url) for url in urls] == [(1, "first")] * len(urls)
+    return repository, urls
+
+
+@pytest.mark.integration
+def test_publish_and_rollback_switch_every_replica_of_a_shared_repository(
+    exported_repository: ExportedRepository, tmp_path: Path
+) -> None:
+    """Two servers on one repository folder: a publish over both makes both serve the new version, a rollback
+    the previous one; each is named in the summary."""
+    with _replicas(exported_repository, tmp_path) as servers:
+        repository, urls = _publish_first(servers, tmp_path)
+        second = _random_index(repository, tmp_path / "second", "second", 2)
+        where = ["--repository", str(repository), "--url", urls[0], "--url", urls[1]]
+
+        code, output = _output("index", "publish", str(second), *where)
+        assert code == 0, output
+        assert f"published {second} as retrieval version 2; 2 servers serve it now" in output
+        assert f"{urls[0]}: retrieval version 2" in output and f"{urls[1]}: retrieval version 2" in output
+        assert [_serves(url) for url in urls] == [(2, "second"), (2, "second")]
+
+        code, output = _output("index", "rollback", *where)
+        assert code == 0, output
+        assert "retrieval version 1 is current again" in output
+        assert f"{urls[0]}: retrieval version 1" in output and f"{urls[1]}: retrieval version 1" in output
+        assert [_serves(url) for url in urls] == [(1, "first"), (1, "first")]
+
+        code, output = _output("index", "publish", str(second), *where, "--url", urls[0])
+        assert code == 1 and f"--url names {urls[0]} more than once" in output, output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_replica_that_stops_mid_publish_sends_the_others_back_and_is_named(
+    exported_repository: ExportedRepository, tmp_path: Path
+) -> None:
+    """The second replica stops once the first serves the new version: the version is retired, the first goes back
+    to the previous one, and the error names the stopped replica."""
+    with _replicas(exported_repository, tmp_path) as servers:
+        repository, urls = _publish_first(servers, tmp_path)
+        second = _random_index(repository, tmp_path / "second", "second", 2)
+
+        def stop_the_other(url: str, version: int) -> None:
+            assert (url, version) == (urls[0], 2)
+            servers[1].stop()
+
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(PostSimClient(url)) for url in urls]
+            with pytest.raises(SearchIndexError) as raised:
+                publish_index(second, repository, client=clients, on_served=stop_the_other)
+        message = " ".join(str(raised.value).split())
+        assert f"{urls[1]} did not bring retrieval version 2 up" in message
+        assert f"{urls[0]} serve(s) version 1 again" in message
+        assert _serves(urls[0]) == (1, "first")
+        retrieval = repository / contract.RETRIEVAL
+        assert [path.name for path in version_dirs(retrieval)] == ["1"]
+        assert [path.name.split("-")[1] for path in retrieval.glob(".refused-*")] == ["2"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_rollback_a_replica_cannot_follow_leaves_every_replica_on_the_newest(
+    exported_repository: ExportedRepository, tmp_path: Path
+) -> None:
+    """Rollback over two replicas, the second stopped once the first went back: the newest version is current
+    again on disk and on the first, and the error names the second."""
+    with _replicas(exported_repository, tmp_path) as servers:
+        repository, urls = _publish_first(servers, tmp_path)
+        code, output = _output(
+            "index", "publish", str(_random_index(repository, tmp_path / "second", "second", 2)),
+            "--repository", str(repository), "--url", urls[0], "--url", urls[1],
+        )  # fmt: skip
+        assert code == 0, output
+
+        def stop_the_other(url: str, version: int) -> None:
+            assert (url, version) == (urls[0], 1)
+            servers[1].stop()
+
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(PostSimClient(url)) for url in urls]
+            with pytest.raises(SearchIndexError) as raised:
+                rollback_index(repository, client=clients, on_served=stop_the_other)
+        message = " ".join(str(raised.value).split())
+        assert f"{urls[1]} (" in message and "did not bring retrieval version 1 up" in message
+        assert f"version 2 is current again; {urls[0]} serve(s) version 2 again" in message
+        assert _serves(urls[0]) == (2, "second")
+        assert [path.name for path in version_dirs(repository / contract.RETRIEVAL)] == ["1", "2"]
