@@ -20,12 +20,13 @@ from postsim.client.posts import Post
 from postsim.core.errors import RepositoryError, SearchIndexError
 from postsim.corpus.samples import write_sample_posts
 from postsim.export.repository import ExportOptions, export_repository
+from postsim.export.triton_config import apply_retrieval
 from postsim.indexing.build import build_index_dir
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
 from postsim.indexing.publish import check_served, publish_index, rollback_index
 from postsim.model_repository import contract
 from postsim.model_repository.configs import parse_pbtxt
-from postsim.model_repository.contract import REPOSITORY_ID_PARAMETER
+from postsim.model_repository.contract import REPOSITORY_ID_PARAMETER, RetrievalBackend, RetrievalSettings
 from postsim.model_repository.layout import CONFIG_NAME, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.models.settings import ModelSettings, ModelSize
@@ -103,14 +104,20 @@ def test_a_repository_exported_again_since_the_server_started_is_named(other_rep
 
 
 @contextlib.contextmanager
-def _replicas(exported: ExportedRepository, folder: Path, count: int = 2) -> Iterator[list[TritonServer]]:
+def _replicas(
+    exported: ExportedRepository, folder: Path, count: int = 2, *, milvus_uri: str | None = None
+) -> Iterator[list[TritonServer]]:
     """``count`` tritonservers on ONE copy of the exported repository, as replicas on a shared volume.
+
+    ``milvus_uri``: the repository's retrieval is on the Milvus there (the milvus backend).
 
     The repository holds version 1 (``first-*`` posts) when they start, as a volume a publish wrote to
     before; they start at once (twice as fast as one after the other on two cores).
     """
     repository = folder / "repository"
     shutil.copytree(exported.path, repository)
+    if milvus_uri is not None:
+        apply_retrieval(repository, RetrievalSettings(backend=RetrievalBackend.MILVUS, milvus_uri=milvus_uri))
     publish_index(_random_index(repository, folder / "first", "first", 1), repository)
     servers = [
         TritonServer(server_settings(repository), log_path=folder / f"tritonserver-{n}.log") for n in range(count)
@@ -170,6 +177,25 @@ def test_publish_and_rollback_switch_every_replica_of_a_shared_repository(
 
         code, output = _output("index", "publish", str(second), *where, "--url", urls[0])
         assert code == 1 and f"--url names {urls[0]} more than once" in output, output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_replicas_on_milvus_switch_the_alias_once_and_each_reports_the_version(
+    exported_repository: ExportedRepository, milvus_uri: str, tmp_path: Path
+) -> None:
+    """The milvus backend through the same commands: one alias switch, then each replica loads the version folder
+    naming it, and both search the new collection."""
+    with _replicas(exported_repository, tmp_path, milvus_uri=milvus_uri) as servers:
+        repository, urls = servers[0].repository, [server.endpoints.grpc for server in servers]
+        second = _random_index(repository, tmp_path / "second", "second", 2)
+        where = ["--repository", str(repository), "--url", urls[0], "--url", urls[1]]
+        code, output = _output("index", "publish", str(second), *where)
+        assert code == 0, output
+        assert [_serves(url) for url in urls] == [(2, "second"), (2, "second")]
+        code, output = _output("index", "rollback", *where)
+        assert code == 0, output
+        assert [_serves(url) for url in urls] == [(1, "first"), (1, "first")]
 
 
 @pytest.mark.integration
