@@ -194,7 +194,7 @@ def _switch_back(clients: Sequence[PostSimClient], version: int | None) -> str:
     if version is None:
         return (
             f"; {urls} loaded it and there is no earlier version to go back to: they serve it until restarted "
-            "(a server starts on the newest version on disk)"
+            "(a server restarted before an index is published has none)"
         )
     back: list[str] = []
     stuck: list[str] = []

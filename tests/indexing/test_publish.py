@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -105,9 +105,14 @@ def test_a_repository_exported_again_since_the_server_started_is_named(other_rep
 
 @contextlib.contextmanager
 def _replicas(
-    exported: ExportedRepository, folder: Path, count: int = 2, *, milvus_uri: str | None = None
+    exported: ExportedRepository,
+    folder: Path,
+    admin_keys: Sequence[str | None] = (None, None),
+    *,
+    milvus_uri: str | None = None,
 ) -> Iterator[list[TritonServer]]:
-    """``count`` tritonservers on ONE copy of the exported repository, as replicas on a shared volume.
+    """A tritonserver per admin key (None: no key) on ONE copy of the exported repository, as replicas on a
+    shared volume.
 
     ``milvus_uri``: the repository's retrieval is on the Milvus there (the milvus backend).
 
@@ -119,8 +124,10 @@ def _replicas(
     if milvus_uri is not None:
         apply_retrieval(repository, RetrievalSettings(backend=RetrievalBackend.MILVUS, milvus_uri=milvus_uri))
     publish_index(_random_index(repository, folder / "first", "first", 1), repository)
+    count = len(admin_keys)
     servers = [
-        TritonServer(server_settings(repository), log_path=folder / f"tritonserver-{n}.log") for n in range(count)
+        TritonServer(server_settings(repository, admin_key=key), log_path=folder / f"tritonserver-{n}.log")
+        for n, key in enumerate(admin_keys)
     ]
     with contextlib.ExitStack() as stack:
         for server in servers:
@@ -224,6 +231,25 @@ def test_a_replica_that_stops_mid_publish_sends_the_others_back_and_is_named(
         retrieval = repository / contract.RETRIEVAL
         assert [path.name for path in version_dirs(retrieval)] == ["1"]
         assert [path.name.split("-")[1] for path in retrieval.glob(".refused-*")] == ["2"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_replica_that_refuses_the_load_is_named_and_the_others_go_back(
+    exported_repository: ExportedRepository, tmp_path: Path
+) -> None:
+    """The third replica has an admin key the command does not send, so it refuses model control (it still says
+    which repository it serves): the CLI names it with its answer, the first two serve version 1 again."""
+    with _replicas(exported_repository, tmp_path, (None, None, "replica-key")) as servers:
+        repository, urls = servers[0].repository, [server.endpoints.grpc for server in servers]
+        second = _random_index(repository, tmp_path / "second", "second", 2)
+        where = ["--repository", str(repository), *(option for url in urls for option in ("--url", url))]
+        code, output = _output("index", "publish", str(second), *where)
+        assert code == 1, output
+        assert f"{urls[0]} serves retrieval version 2 (1 of 3)" in output
+        assert f"{urls[2]} did not bring retrieval version 2 up (" in output
+        assert f"{urls[0]}, {urls[1]} serve(s) version 1 again" in output
+        assert [_serves(url) for url in urls] == [(1, "first")] * 3
 
 
 @pytest.mark.integration
