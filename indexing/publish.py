@@ -253,10 +253,12 @@ def publish_index(
                 f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
                 f"the refused version is kept in {aside}, the server log says why"
             ) from None
+        not_asked = [client.url for client in clients[clients.index(failed) + 1 :]]
+        untouched = f"; {', '.join(not_asked)} were not asked and keep the version they had" if not_asked else ""
         raise SearchIndexError(
             f"{failed.url} did not bring retrieval version {version} up ({error}), so the version is retired "
-            f"(kept in {aside}){back}; the servers not yet asked keep the version they had. Bring {failed.url} back "
-            "(its log says why it failed), or leave it out, and publish again"
+            f"(kept in {aside}){back}{untouched}. Fix {failed.url} (this message or its log says why) or leave it "
+            "out, and publish again"
         ) from None
     return PublishReport(version=version, version_dir=version_dir, servers=tuple(client.url for client in clients))
 
@@ -305,7 +307,7 @@ def rollback_index(repository: Path, *, client: Servers = None, on_served: Serve
         aside.rename(newest)
         back = _switch_back(switched, int(newest.name))
         raise SearchIndexError(
-            f"{what}, so version {newest.name} is current again{back}. Bring {failed.url} back (its log says why "
-            "it failed), or leave it out, and roll back again"
+            f"{what}, so version {newest.name} is current again{back}. Fix {failed.url} (this message or its log "
+            "says why) or leave it out, and roll back again"
         ) from None
     return int(previous.name)

@@ -238,17 +238,18 @@ def test_a_replica_that_stops_mid_publish_sends_the_others_back_and_is_named(
 def test_a_replica_that_refuses_the_load_is_named_and_the_others_go_back(
     exported_repository: ExportedRepository, tmp_path: Path
 ) -> None:
-    """The third replica has an admin key the command does not send, so it refuses model control (it still says
-    which repository it serves): the CLI names it with its answer, the first two serve version 1 again."""
-    with _replicas(exported_repository, tmp_path, (None, None, "replica-key")) as servers:
+    """The second of three replicas has an admin key the command does not send, so it refuses model control (it
+    still says which repository it serves): the CLI names it with its answer, the first serves version 1 again,
+    and the third was never asked."""
+    with _replicas(exported_repository, tmp_path, (None, "replica-key", None)) as servers:
         repository, urls = servers[0].repository, [server.endpoints.grpc for server in servers]
         second = _random_index(repository, tmp_path / "second", "second", 2)
         where = ["--repository", str(repository), *(option for url in urls for option in ("--url", url))]
         code, output = _output("index", "publish", str(second), *where)
         assert code == 1, output
         assert f"{urls[0]} serves retrieval version 2 (1 of 3)" in output
-        assert f"{urls[2]} did not bring retrieval version 2 up (" in output
-        assert f"{urls[0]}, {urls[1]} serve(s) version 1 again" in output
+        assert f"{urls[1]} did not bring retrieval version 2 up (" in output and "admin key" in output
+        assert f"{urls[0]} serve(s) version 1 again; {urls[2]} were not asked" in output
         assert [_serves(url) for url in urls] == [(1, "first")] * 3
 
 
