@@ -36,7 +36,7 @@ from pathlib import Path
 
 from postsim.client.api import PostSimClient
 from postsim.client.posts import ServedRepository
-from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError
+from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError, ServerUnavailableError
 from postsim.indexing.spread import check_distinct_urls
 from postsim.model_repository import contract
 from postsim.model_repository.configs import retrieval_settings
@@ -158,7 +158,15 @@ def _require_served(repository: Path, clients: Sequence[PostSimClient]) -> None:
     """Every server is named once and serves ``repository``; checked before anything is installed or retired."""
     check_distinct_urls([client.url for client in clients], "one per replica")
     for client in clients:
-        check_served(repository, client.served_repository(), client.url)
+        try:
+            served = client.served_repository()
+        except ServerUnavailableError as error:
+            raise ServerUnavailableError(
+                f"cannot ask {client.url} which repository it serves, so nothing was installed or retired ({error}); "
+                "a replica that is still starting answers once it is ready: run the command again then",
+                status=error.status,
+            ) from None
+        check_served(repository, served, client.url)
 
 
 def load_and_check(client: PostSimClient, version: int) -> None:

@@ -31,6 +31,7 @@ from postsim.model_repository.layout import CONFIG_NAME, version_dirs
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.models.settings import ModelSettings, ModelSize
 from postsim.server.launcher import TritonServer
+from postsim.server.ports import free_ports
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,21 @@ def test_publish_and_rollback_refuse_a_repository_the_server_does_not_serve(
     code, output = _output("index", "publish", str(index_dir), "--repository", str(admin_server.repository), *key)
     assert code == 0, output
     assert f"{url} serves it now" in output
+
+
+def test_a_replica_that_does_not_answer_the_check_stops_the_publish_before_anything_is_installed(
+    other_repository: Path, tmp_path: Path
+) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    retrieval = other_repository / contract.RETRIEVAL
+    before = sorted(path.name for path in retrieval.iterdir())
+    where = ["--repository", str(other_repository), "--url", f"127.0.0.1:{port}"]
+    code, output = _output("index", "publish", str(tmp_path), *where)
+    assert code == 1, output
+    assert f"cannot ask 127.0.0.1:{port} which repository it serves, so nothing was installed or retired" in output
+    code, output = _output("index", "rollback", *where)
+    assert code == 1 and "nothing was installed or retired" in output, output
+    assert sorted(path.name for path in retrieval.iterdir()) == before
 
 
 def test_a_repository_exported_again_since_the_server_started_is_named(other_repository: Path) -> None:
