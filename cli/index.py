@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -25,6 +25,7 @@ from postsim.model_repository.protocol import ADMIN_KEY_VARIABLE
 
 if TYPE_CHECKING:
     from postsim.cli.progress import ProgressReporter
+    from postsim.client.api import PostSimClient
     from postsim.indexing.spread import ServersCallback, SpreadReport
 
 app = typer.Typer(help="Build, publish and roll back FAISS indexes of posts.", no_args_is_help=True)
@@ -95,42 +96,97 @@ def index_build(
         raise typer.Exit(1)
 
 
+ReplicaUrlsOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--url",
+        metavar="HOST:PORT",
+        help="Running server to switch (HOST:PORT). Give it once per replica serving the repository: each is "
+        "checked first, and if one cannot switch the others go back. None (and no --replicas): install only.",
+    ),
+]
+ReplicasOption = Annotated[
+    str | None,
+    typer.Option(
+        "--replicas",
+        metavar="HOST:PORT",
+        help="A name that resolves to every replica (a headless Service, e.g. postsim-replicas.postsim.svc:8001): "
+        "each address it resolves to is used as a --url.",
+    ),
+]
+AdminKeyOption = Annotated[
+    str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
+]
+
+
 @app.command("publish")
 @reports_errors
 def index_publish(
     index_dir: Annotated[Path, typer.Argument(help="Index folder written by `postsim index build`.")],
     repository: RepositoryOption,
-    url: Annotated[
-        str | None, typer.Option(help="Running server to switch over (HOST:PORT); none: install only.")
-    ] = None,
-    admin_key: Annotated[
-        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
-    ] = None,
+    url: ReplicaUrlsOption = None,
+    replicas: ReplicasOption = None,
+    admin_key: AdminKeyOption = None,
 ) -> None:
-    """Install an index as the next version of `retrieval` and make the running server serve it."""
+    """Install an index as the next version of `retrieval` and make the running server(s) serve it."""
     from postsim.indexing.publish import publish_index
 
-    with _admin_client(url, admin_key) as client:
-        report = publish_index(index_dir, repository, client=client)
-    where = f"; {url} serves it now" if report.loaded else "; start `postsim serve` to serve it"
-    stdout.print(f"published {index_dir} as retrieval version {report.version}{where}")
+    urls = _switched_urls(url, replicas)
+    with _admin_clients(urls, admin_key) as clients:
+        report = publish_index(index_dir, repository, client=clients, on_served=_served_note(len(urls)))
+    if len(report.servers) == 1:
+        where = f"; {report.servers[0]} serves it now"
+    elif report.servers:
+        where = f"; {len(report.servers)} servers serve it now"
+    else:
+        where = "; start `postsim serve` to serve it"
+    stdout.print(f"published {index_dir} as retrieval version {report.version}{where}", soft_wrap=True)
+    _print_served(report.servers, report.version)
 
 
 @app.command("rollback")
 @reports_errors
 def index_rollback(
     repository: RepositoryOption,
-    url: Annotated[str | None, typer.Option(help="Running server to switch back (HOST:PORT).")] = None,
-    admin_key: Annotated[
-        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
-    ] = None,
+    url: ReplicaUrlsOption = None,
+    replicas: ReplicasOption = None,
+    admin_key: AdminKeyOption = None,
 ) -> None:
-    """Retire the newest index version and serve the previous one."""
+    """Retire the newest index version and serve the previous one (on every server named)."""
     from postsim.indexing.publish import rollback_index
 
-    with _admin_client(url, admin_key) as client:
-        version = rollback_index(repository, client=client)
-    stdout.print(f"retrieval version {version} is current again")
+    urls = _switched_urls(url, replicas)
+    with _admin_clients(urls, admin_key) as clients:
+        version = rollback_index(repository, client=clients, on_served=_served_note(len(urls)))
+    stdout.print(f"retrieval version {version} is current again", soft_wrap=True)
+    _print_served(urls, version)
+
+
+def _switched_urls(url: list[str] | None, replicas: str | None) -> tuple[str, ...]:
+    """The servers a publish or rollback switches: each --url, then every address --replicas resolves to."""
+    from postsim.client.settings import replica_urls
+
+    return tuple(url or ()) + (replica_urls(replicas) if replicas is not None else ())
+
+
+def _served_note(count: int) -> Callable[[str, int], None] | None:
+    """With several servers, a line on stderr as each one serves the version (plain text when not a terminal)."""
+    done = 0
+
+    def note(url: str, version: int) -> None:
+        nonlocal done
+        done += 1
+        stderr.print(f"{url} serves retrieval version {version} ({done} of {count})", highlight=False, soft_wrap=True)
+
+    return note if count > 1 else None
+
+
+def _print_served(urls: Sequence[str], version: int) -> None:
+    """With several servers, the summary: each one and the version it serves."""
+    if len(urls) < 2:
+        return
+    for served in urls:
+        stdout.print(f"  {served}: retrieval version {version}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("upsert")
@@ -202,9 +258,7 @@ def index_compact(
     repository: RepositoryOption,
     url: UrlOption = DEFAULT_URL,
     index_type: Annotated[str, typer.Option(help="auto, flat, hnsw or ivfpq.")] = "auto",
-    admin_key: Annotated[
-        str | None, typer.Option(envvar=ADMIN_KEY_VARIABLE, help="The server's admin key, if it has one.")
-    ] = None,
+    admin_key: AdminKeyOption = None,
 ) -> None:
     """Fold the served index's changes into a new version (retrained and tuned) and serve it; the journal restarts.
 
@@ -213,7 +267,7 @@ def index_compact(
     from postsim.indexing.compact import compact_index
     from postsim.model_repository.search_index import IndexType
 
-    with _admin_client(url, admin_key) as client:
+    with _admin_clients([url], admin_key) as (client,):
         report = compact_index(repository, client, index_type=choice(IndexType, index_type, "--index-type"))
     stdout.print(
         f"compacted {report.live_posts} posts (changes up to {report.folded}) into retrieval version "
@@ -239,12 +293,9 @@ def _print_servers(report: SpreadReport | None, urls: tuple[str, ...]) -> None:
 
 
 @contextlib.contextmanager
-def _admin_client(url: str | None, admin_key: str | None) -> Iterator[Any]:
-    """A client for model control, or None when no server is named."""
-    if url is None:
-        yield None
-        return
+def _admin_clients(urls: Sequence[str], admin_key: str | None) -> Iterator[list[PostSimClient]]:
+    """A client for model control per server named (none when none is)."""
     from postsim.client.api import PostSimClient
 
-    with PostSimClient(url, admin_key=admin_key) as client:
-        yield client
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(PostSimClient(url, admin_key=admin_key)) for url in urls]

@@ -7,7 +7,8 @@ its fields), and what the benchmarks pass around to open more clients like one a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ DEFAULT_URL = "localhost:8001"
 """Where ``postsim serve`` listens for gRPC by default, seen from the same machine."""
 DEFAULT_TIMEOUT_S = 60.0
 """End-to-end limit of one gRPC call (one chunk of at most ``max_batch_size`` posts)."""
+Resolver = Callable[..., list[tuple[Any, ...]]]
+"""How a name becomes addresses: :func:`socket.getaddrinfo`'s signature (tests pass a stub)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,3 +123,28 @@ def _check_tls_file(path: str | Path | None, name: str, ssl: bool) -> None:
 
 def _path_text(path: str | Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def replica_urls(name: str, *, resolve: Resolver = socket.getaddrinfo) -> tuple[str, ...]:
+    """One gRPC target per address ``name`` (``host:port``) resolves to, sorted and each once.
+
+    For a Kubernetes headless Service (``postsim-replicas.postsim.svc:8001``), whose name
+    resolves to one address per replica, this is one target per replica. An IPv6 address
+    comes back in brackets (``[fd00::1]:8001``), as gRPC takes it.
+    """
+    host, sep, port_text = name.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise PostSimError(f"--replicas takes HOST:PORT (e.g. postsim-replicas.postsim.svc:8001); got {name!r}")
+    port = int(port_text)
+    try:
+        answers = resolve(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise PostSimError(f"cannot resolve {host} (from --replicas {name}): {error}") from None
+    addresses = {str(answer[4][0]) for answer in answers}
+    if not addresses:
+        raise PostSimError(f"{host} (from --replicas {name}) resolves to no address: are any replicas running?")
+    return tuple(
+        f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        for address in sorted(addresses, key=lambda address: (":" in address, address))
+    )

@@ -14,6 +14,15 @@ Before anything is installed or retired, the running server must serve the repos
 being written to: its configs carry the repository id and weights fingerprint of the export
 it was started on, and both must be the repository's own. (A copy of a repository keeps
 its id: publish into the copy the server was started on.)
+
+Replicas that share the repository (one volume, as on Kubernetes) are switched together: given
+several servers, each is checked first, the version is installed once, then each server in
+turn loads it and is checked to serve it. When one cannot (it refuses the version, or has gone
+away), the version is retired again and the servers that had loaded it go back to the one
+before, so no two replicas serve different versions; the error names the server. Rollback
+is all or nothing the same way. With the milvus backend the posts are in Milvus behind one
+alias, switched once; each server then loads the version folder that names it (a small load:
+no index is read) and is checked, so every replica reports the version its searches use.
 """
 
 from __future__ import annotations
@@ -21,13 +30,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from postsim.client.api import PostSimClient
 from postsim.client.posts import ServedRepository
-from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError
+from postsim.core.errors import PostSimError, RepositoryError, SearchIndexError, ServerUnavailableError
+from postsim.indexing.spread import check_distinct_urls
 from postsim.model_repository import contract
 from postsim.model_repository.configs import retrieval_settings
 from postsim.model_repository.layout import CONFIG_NAME, model_py_source, version_dirs
@@ -41,8 +51,20 @@ logger = logging.getLogger("postsim")
 class PublishReport:
     version: int
     version_dir: Path
-    loaded: bool
-    """Whether a running server was asked to load it and did."""
+    servers: tuple[str, ...] = ()
+    """The servers (their urls) that were asked to load it and serve it now; none: installed only."""
+
+    @property
+    def loaded(self) -> bool:
+        """Whether running servers were asked to load it and did."""
+        return bool(self.servers)
+
+
+Servers = PostSimClient | Sequence[PostSimClient] | None
+"""The running servers a publish or rollback switches: one, several (replicas serving the repository), or none."""
+
+ServedCallback = Callable[[str, int], None]
+"""Called with (url, version) as each server is checked to serve the version it was asked to load."""
 
 
 def _retrieval_dir(repository: Path) -> Path:
@@ -124,9 +146,27 @@ def check_served(repository: Path, served: ServedRepository, url: str) -> None:
         )
 
 
-def _require_served(repository: Path, client: PostSimClient | None) -> None:
-    if client is not None:
-        check_served(repository, client.served_repository(), client.url)
+def _as_clients(servers: Servers) -> tuple[PostSimClient, ...]:
+    if servers is None:
+        return ()
+    if isinstance(servers, PostSimClient):
+        return (servers,)
+    return tuple(servers)
+
+
+def _require_served(repository: Path, clients: Sequence[PostSimClient]) -> None:
+    """Every server is named once and serves ``repository``; checked before anything is installed or retired."""
+    check_distinct_urls([client.url for client in clients], "one per replica")
+    for client in clients:
+        try:
+            served = client.served_repository()
+        except ServerUnavailableError as error:
+            raise ServerUnavailableError(
+                f"cannot ask {client.url} which repository it serves, so nothing was installed or retired ({error}); "
+                "a replica that is still starting answers once it is ready: run the command again then",
+                status=error.status,
+            ) from None
+        check_served(repository, served, client.url)
 
 
 def load_and_check(client: PostSimClient, version: int) -> None:
@@ -136,12 +176,68 @@ def load_and_check(client: PostSimClient, version: int) -> None:
         raise SearchIndexError(f"the server did not bring retrieval version {version} up")
 
 
-def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | None = None) -> PublishReport:
-    """Install the index as the next retrieval version and, given a client, make the server serve it.
+def _switch(
+    clients: Sequence[PostSimClient], version: int, on_served: ServedCallback | None
+) -> tuple[list[PostSimClient], PostSimClient | None, PostSimError | None]:
+    """Each server in turn loads ``version``, until one cannot: (those switched, the one that failed, why)."""
+    switched: list[PostSimClient] = []
+    for client in clients:
+        try:
+            load_and_check(client, version)
+        except PostSimError as error:
+            logger.warning("server %s did not bring retrieval version %d up: %s", client.url, version, error)
+            return switched, client, error
+        logger.info("server at %s now serves retrieval version %d", client.url, version)
+        switched.append(client)
+        if on_served is not None:
+            on_served(client.url, version)
+    return switched, None, None
 
-    With a client, nothing is installed unless that server serves ``repository`` (:func:`check_served`).
+
+def _switch_back(clients: Sequence[PostSimClient], version: int | None) -> str:
+    """Servers that had switched load ``version`` again (the newest on disk); what became of them, for a message."""
+    if not clients:
+        return ""
+    urls = ", ".join(client.url for client in clients)
+    if version is None:
+        return (
+            f"; {urls} loaded it and there is no earlier version to go back to: they serve it until restarted "
+            "(a server restarted before an index is published has none)"
+        )
+    back: list[str] = []
+    stuck: list[str] = []
+    for client in clients:
+        try:
+            load_and_check(client, version)
+            back.append(client.url)
+        except PostSimError as error:
+            stuck.append(f"{client.url} ({error})")
+    text = f"; {', '.join(back)} serve(s) version {version} again" if back else ""
+    if stuck:
+        text += (
+            f"; could not bring version {version} back on {'; '.join(stuck)}: restart those servers "
+            f"(a server starts on the newest version on disk, {version})"
+        )
+    return text
+
+
+def _failed_on(client: PostSimClient, error: PostSimError, count: int) -> str:
+    return f"{client.url} ({error})" if count > 1 else f"the server ({error})"
+
+
+def publish_index(
+    index_dir: Path, repository: Path, *, client: Servers = None, on_served: ServedCallback | None = None
+) -> PublishReport:
+    """Install the index as the next retrieval version and, given servers, make every one of them serve it.
+
+    ``client``: one server or several (replicas serving ``repository``); nothing is installed
+    unless each serves ``repository`` (:func:`check_served`). The version is installed once,
+    then each server loads it in turn (``on_served`` hears of each). If one cannot, the version
+    is retired (kept on disk, hidden), those that had loaded it go back to the previous one,
+    and SearchIndexError names the server.
     """
-    _require_served(repository, client)
+    clients = _as_clients(client)
+    _require_served(repository, clients)
     milvus = retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS
     if milvus:
         from postsim.indexing.milvus import install_milvus_version
@@ -150,20 +246,29 @@ def publish_index(index_dir: Path, repository: Path, *, client: PostSimClient | 
     else:
         version_dir = install_version(index_dir, repository)
     version = int(version_dir.name)
-    if client is None:
-        return PublishReport(version=version, version_dir=version_dir, loaded=False)
-    try:
-        load_and_check(client, version)
-    except PostSimError as error:
+    if not clients:
+        return PublishReport(version=version, version_dir=version_dir)
+    switched, failed, error = _switch(clients, version, on_served)
+    if failed is not None and error is not None:
         aside = set_aside(version_dir, "refused")
         if milvus:
             _unpublish_milvus(repository)
+        remaining = version_dirs(version_dir.parent)
+        previous = int(remaining[-1].name) if remaining else None
+        back = _switch_back(switched, previous)
+        if len(clients) == 1:
+            raise SearchIndexError(
+                f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
+                f"the refused version is kept in {aside}, the server log says why"
+            ) from None
+        not_asked = [client.url for client in clients[clients.index(failed) + 1 :]]
+        untouched = f"; {', '.join(not_asked)} were not asked and keep the version they had" if not_asked else ""
         raise SearchIndexError(
-            f"the server refused retrieval version {version} and keeps serving the previous one ({error}); "
-            f"the refused version is kept in {aside}, the server log says why"
+            f"{failed.url} did not bring retrieval version {version} up ({error}), so the version is retired "
+            f"(kept in {aside}){back}{untouched}. Fix {failed.url} (this message or its log says why) or leave it "
+            "out, and publish again"
         ) from None
-    logger.info("server at %s now serves retrieval version %d", client.url, version)
-    return PublishReport(version=version, version_dir=version_dir, loaded=True)
+    return PublishReport(version=version, version_dir=version_dir, servers=tuple(client.url for client in clients))
 
 
 def _unpublish_milvus(repository: Path) -> None:
@@ -176,20 +281,41 @@ def _unpublish_milvus(repository: Path) -> None:
         logger.warning("the refused Milvus version stays behind the alias: %s", error)
 
 
-def rollback_index(repository: Path, *, client: PostSimClient | None = None) -> int:
-    """Retire the newest retrieval version (kept on disk, hidden) and serve the one before; returns it."""
-    _require_served(repository, client)
+def rollback_index(repository: Path, *, client: Servers = None, on_served: ServedCallback | None = None) -> int:
+    """Retire the newest retrieval version (kept on disk, hidden) and make every server serve the one before.
+
+    ``client``: one server or several, each checked first as for :func:`publish_index`. If one
+    cannot load the previous version, a FAISS repository gets its newest version back, the
+    servers that had gone back load it again, and SearchIndexError names the server. (With
+    the milvus backend the alias has moved for every replica already: the error says so.)
+    """
+    clients = _as_clients(client)
+    _require_served(repository, clients)
     model_dir = _retrieval_dir(repository)
     versions = version_dirs(model_dir)
     if len(versions) < 2:
         raise SearchIndexError(f"{model_dir} holds {len(versions)} published index version(s): nothing to roll back to")
     newest, previous = versions[-1], versions[-2]
-    if retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS:
+    milvus = retrieval_settings(repository).backend is contract.RetrievalBackend.MILVUS
+    if milvus:
         from postsim.indexing.milvus import rollback_milvus
 
         rollback_milvus(repository)
     aside = set_aside(newest, "rolled-back")
     logger.info("retired retrieval version %s (kept in %s)", newest.name, aside)
-    if client is not None:
-        load_and_check(client, int(previous.name))
+    switched, failed, error = _switch(clients, int(previous.name), on_served)
+    if failed is not None and error is not None:
+        what = f"{_failed_on(failed, error, len(clients))} did not bring retrieval version {previous.name} up"
+        if milvus:
+            raise SearchIndexError(
+                f"{what}: the Milvus alias serves version {previous.name}'s posts to every replica already, and "
+                f"{failed.url} reports the retired one until it loads retrieval again: restart it (a server starts "
+                f"on the newest version on disk, {previous.name})"
+            ) from None
+        aside.rename(newest)
+        back = _switch_back(switched, int(newest.name))
+        raise SearchIndexError(
+            f"{what}, so version {newest.name} is current again{back}. Fix {failed.url} (this message or its log "
+            "says why) or leave it out, and roll back again"
+        ) from None
     return int(previous.name)

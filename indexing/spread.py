@@ -307,6 +307,13 @@ async def check_shared_index(clients: Sequence[AsyncPostSimClient]) -> None:
         raise SearchIndexError(f"{SHARED_INDEX_NEEDED}; these servers use different Milvus: {described}")
 
 
+def check_distinct_urls(urls: Sequence[str], hint: str) -> None:
+    """SearchIndexError naming the servers that ``urls`` (the --url options) name more than once; ``hint`` says why."""
+    repeated = sorted({url for url in urls if urls.count(url) > 1})
+    if repeated:
+        raise SearchIndexError(f"--url names {', '.join(repeated)} more than once: name each server once ({hint})")
+
+
 @contextlib.asynccontextmanager
 async def open_servers(
     urls: Sequence[str], *, shrink_images: bool = False
@@ -319,12 +326,7 @@ async def open_servers(
     """
     if not urls:
         raise SearchIndexError("no server to send the posts to: name at least one with --url")
-    repeated = sorted({url for url in urls if urls.count(url) > 1})
-    if repeated:
-        raise SearchIndexError(
-            f"--url names {', '.join(repeated)} more than once: name each server once "
-            "(--concurrency sets the requests in flight per server)"
-        )
+    check_distinct_urls(urls, "--concurrency sets the requests in flight per server")
     async with contextlib.AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(AsyncPostSimClient(url, shrink_images=shrink_images)) for url in urls
