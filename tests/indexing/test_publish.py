@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from postsim.cli.main import app
 from postsim.client.api import PostSimClient, ServedRepository
 from postsim.client.posts import Post
-from postsim.core.errors import RepositoryError, SearchIndexError
+from postsim.core.errors import RepositoryError, SearchIndexError, ServerError
 from postsim.corpus.samples import write_sample_posts
 from postsim.export.repository import ExportOptions, export_repository
 from postsim.export.triton_config import apply_retrieval
@@ -191,6 +191,12 @@ def test_publish_and_rollback_switch_every_replica_of_a_shared_repository(
         assert f"published {second} as retrieval version 2; 2 servers serve it now" in output
         assert f"{urls[0]}: retrieval version 2" in output and f"{urls[1]}: retrieval version 2" in output
         assert [_serves(url) for url in urls] == [(2, "second"), (2, "second")]
+
+        # The first replica loaded version 2 first, so it writes the version's journal; the other refuses changes.
+        with PostSimClient(urls[1]) as client, pytest.raises(ServerError, match="another server writes the changes"):
+            client.delete(["second-0"])
+        with PostSimClient(urls[0]) as client:
+            assert client.delete(["second-0"]).deleted == ("second-0",)
 
         code, output = _output("index", "rollback", *where)
         assert code == 0, output
