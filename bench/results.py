@@ -36,7 +36,7 @@ TORCH_EAGER = "PyTorch eager"
 
 def thread_policy_configuration(policy: str) -> str:
     """The name of ``post_embedding``'s configuration served with thread policy ``policy`` (``ThreadPolicy.value``)."""
-    return f"{TRITON_POST_EMBEDDING} [{policy}]"
+    return f"{TRITON_POST_EMBEDDING}, threads {policy}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -338,7 +338,7 @@ async def sweep_thread_policies(
                     server_cpu=server_cpus.get(policy),
                 )
                 logger.info(
-                    "%s [%s] c=%d: p50 %.1f ms, p99 %.1f ms, %.2f posts/s, %d errors",
+                    "%s, threads %s, c=%d: p50 %.1f ms, p99 %.1f ms, %.2f posts/s, %d errors",
                     contract.POST_EMBEDDING,
                     policy.value,
                     concurrency,

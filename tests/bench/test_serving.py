@@ -186,7 +186,7 @@ def test_speed_up_is_checked_for_every_thread_policy() -> None:
     )
     speed_ups = [check for check in target_checks(report) if check.name.startswith("speed-up")]
     assert [check.measured for check in speed_ups] == pytest.approx([3.0, 4.5])
-    assert "[image-two]" in speed_ups[1].name and speed_ups[1].met and not speed_ups[0].met
+    assert "threads image-two" in speed_ups[1].name and speed_ups[1].met and not speed_ups[0].met
     latency = next(check for check in target_checks(report) if check.name.startswith("latency"))
     assert latency.measured == pytest.approx(45.0 / 50.0)  # the first policy's
     table = format_markdown(report)
@@ -321,7 +321,9 @@ def test_thread_policies_each_get_a_server_configured_as_asked(exported_reposito
     assert report.serving == report.thread_policies[policies[0].value]
     console = Console(record=True, width=250)
     console.print(format_report(report))
-    assert "post_embedding by thread policy" in console.export_text()
+    text = console.export_text()
+    assert "post_embedding by thread policy" in text
+    assert thread_policy_configuration(policies[-1].value) in text
 
 
 @pytest.mark.parametrize("command", ["serve", "soak"])
