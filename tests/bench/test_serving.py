@@ -331,3 +331,10 @@ def test_bench_serve_and_soak_refuse_an_unknown_workload(command: str) -> None:
     result = CliRunner().invoke(app, ["bench", command, "--workload", "cats", "--url", "localhost:1"])
     assert result.exit_code == 2
     assert "'cats' is not one of photos, legacy" in result.output
+
+
+def test_bench_serve_refuses_an_unknown_thread_policy() -> None:
+    result = CliRunner().invoke(app, ["bench", "serve", "--thread-policy", "many", "--url", "localhost:1"])
+    assert result.exit_code == 2
+    message = " ".join(result.output.replace("│", " ").split())  # rich wraps the error in a box
+    assert "'many' is not one of one, image-two, encoders-two" in message
