@@ -28,6 +28,7 @@ from postsim.bench.results import (
     ConfigurationResult,
     ServingBenchReport,
     TargetCheck,
+    thread_policy_configuration,
 )
 from postsim.core.files import write_text_atomic
 from postsim.evaluation.figures import save_figure
@@ -52,12 +53,26 @@ class BenchOutputs:
     plot: Path
 
 
+def post_embedding_configurations(report: ServingBenchReport) -> list[ConfigurationResult]:
+    """``post_embedding``'s image-post configurations: the one server's, or one per thread policy compared."""
+    single = report.configuration(TRITON_POST_EMBEDDING)
+    if single is not None:
+        return [single]
+    names = [thread_policy_configuration(policy) for policy in report.thread_policies]
+    return [c for c in (report.configuration(name) for name in names) if c is not None]
+
+
 def target_checks(report: ServingBenchReport) -> list[TargetCheck]:
-    """The issue's targets (latency, throughput; speed-up and agreement when quantised), as far as the report holds them."""
-    triton = report.configuration(TRITON_POST_EMBEDDING)
+    """The issue's targets (latency, throughput; speed-up and agreement when quantised), as far as the report holds them.
+
+    With thread policies compared, the latency, throughput and agreement targets are checked
+    on the first policy's configuration, and the speed-up on every policy's.
+    """
+    served = post_embedding_configurations(report)
     ort = report.configuration(ORT_IN_PROCESS)
-    if triton is None or ort is None:
+    if not served or ort is None:
         return []
+    triton = served[0]
     checks = []
     triton_c1, ort_b1 = triton.point(concurrency=1), ort.point(batch_size=1)
     if triton_c1 is not None and ort_b1 is not None:
@@ -81,26 +96,31 @@ def target_checks(report: ServingBenchReport) -> list[TargetCheck]:
                 detail=f"{triton_peak.posts_per_s:.2f} posts/s ({triton.label(triton_peak)}) / {ort_b8.posts_per_s:.2f} posts/s",
             )
         )
-    return checks + _quantised_checks(report, triton)
+    return checks + _quantised_checks(report, served)
 
 
-def _quantised_checks(report: ServingBenchReport, triton: ConfigurationResult) -> list[TargetCheck]:
-    """For an int8 or fp16 repository: the speed-up over PyTorch eager fp32 at c=1, and the agreement it costs."""
+def _quantised_checks(report: ServingBenchReport, served: list[ConfigurationResult]) -> list[TargetCheck]:
+    """For an int8 or fp16 repository: the speed-up over PyTorch eager fp32 at c=1 (of each configuration in
+    ``served``), and the agreement it costs (of the first)."""
     torch_eager = report.configuration(TORCH_EAGER)
     if report.precision == "fp32" or torch_eager is None:
         return []
     checks = []
-    triton_c1, torch_b1 = triton.point(concurrency=1), torch_eager.point(batch_size=1)
-    if triton_c1 is not None and torch_b1 is not None:
+    torch_b1 = torch_eager.point(batch_size=1)
+    for configuration in served:
+        triton_c1 = configuration.point(concurrency=1)
+        if triton_c1 is None or torch_b1 is None:
+            continue
         checks.append(
             TargetCheck(
-                name=f"speed-up: PyTorch eager fp32 p50 at batch 1 / Triton post_embedding ({report.precision}) p50 at c=1",
+                name=f"speed-up: PyTorch eager fp32 p50 at batch 1 / {configuration.name} ({report.precision}) p50 at c=1",
                 measured=_ratio(torch_b1.latency.p50_ms, triton_c1.latency.p50_ms),
                 target=QUANTISED_SPEEDUP_TARGET,
                 higher_is_better=True,
                 detail=f"{torch_b1.latency.p50_ms:.1f} ms / {triton_c1.latency.p50_ms:.1f} ms",
             )
         )
+    triton = served[0]
     if triton.mean_cosine_to_torch_fp32 is not None:
         checks.append(
             TargetCheck(
@@ -236,7 +256,8 @@ def _notes(report: ServingBenchReport) -> list[str]:
 
 def _video_notes(report: ServingBenchReport) -> list[str]:
     """Video posts against image posts of the same run, at c=1: latency, and the server's CPU split."""
-    videos, images = report.configuration(TRITON_VIDEO_POSTS), report.configuration(TRITON_POST_EMBEDDING)
+    videos, served = report.configuration(TRITON_VIDEO_POSTS), post_embedding_configurations(report)
+    images = served[0] if served else None
     video_c1 = videos.point(concurrency=1) if videos is not None else None
     image_c1 = images.point(concurrency=1) if images is not None else None
     if video_c1 is None or image_c1 is None:
@@ -270,6 +291,27 @@ def _cpu_breakdown(report: ServingBenchReport) -> tuple[list[str], list[list[str
     return ["configuration", "point", *models], rows
 
 
+def _thread_policy_table(report: ServingBenchReport) -> tuple[list[str], list[list[str]]]:
+    """With thread policies compared: one row per concurrency level, p50 / p99 ms and posts/s per policy."""
+    served = [c for c in post_embedding_configurations(report) if c.name != TRITON_POST_EMBEDDING]
+    if len(served) < 2:
+        return [], []
+    levels = sorted({p.concurrency for c in served for p in c.points})
+    header = ["c", *(f"{policy}: p50 / p99 ms, posts/s" for policy in report.thread_policies)]
+    rows = []
+    for level in levels:
+        row = [str(level)]
+        for configuration in served:
+            point = configuration.point(concurrency=level)
+            row.append(
+                "-"
+                if point is None
+                else f"{point.latency.p50_ms:.1f} / {point.latency.p99_ms:.1f}, {point.posts_per_s:.2f}"
+            )
+        rows.append(row)
+    return header, rows
+
+
 def format_report(report: ServingBenchReport) -> RenderableType:
     """The results table, the targets and the notes, for a rich console."""
     table = Table(title=_title(report), title_justify="left")
@@ -287,6 +329,14 @@ def format_report(report: ServingBenchReport) -> RenderableType:
         for row in rows:
             breakdown.add_row(*row)
         parts.append(breakdown)
+    header, rows = _thread_policy_table(report)
+    if rows:
+        policies = Table(title="post_embedding by thread policy (interleaved, same run)", title_justify="left")
+        for column in header:
+            policies.add_column(column, justify="right")
+        for row in rows:
+            policies.add_row(*row)
+        parts.append(policies)
     checks = target_checks(report)
     if checks:
         targets = Table(title="targets (shown, not asserted)", title_justify="left")
@@ -307,6 +357,10 @@ def format_markdown(report: ServingBenchReport) -> str:
     header, rows = _cpu_breakdown(report)
     if rows:
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    header, rows = _thread_policy_table(report)
+    if rows:
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
     checks = target_checks(report)
     if checks:

@@ -34,6 +34,11 @@ ORT_IN_PROCESS = "ORT in-process"
 TORCH_EAGER = "PyTorch eager"
 
 
+def thread_policy_configuration(policy: str) -> str:
+    """The name of ``post_embedding``'s configuration served with thread policy ``policy`` (``ThreadPolicy.value``)."""
+    return f"{TRITON_POST_EMBEDDING}, threads {policy}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class LatencyStats:
     """Percentiles of call latencies, in milliseconds."""
@@ -220,6 +225,8 @@ class ServingBenchReport:
     """Which posts were sent (``Workload.label``); empty in reports written before workloads were named."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Configurations not measured, and why."""
+    thread_policies: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """When thread policies were compared: each policy's server's scheduling (as ``serving``), by policy."""
     started: str = ""
     seconds: float = 0.0
 
@@ -238,5 +245,6 @@ class ServingBenchReport:
             "started": self.started,
             "seconds": self.seconds,
             "skipped": self.skipped,
+            "thread_policies": self.thread_policies,
             "configurations": [c.to_dict() for c in self.configurations],
         }

@@ -12,6 +12,12 @@ is never written), publishes an index of the bench corpus there so ``similar_pos
 loaded, and can rewrite that copy's scheduling (:class:`ServingSettings`) to compare
 configurations. The in-process baselines (:mod:`postsim.bench.baselines`) run first,
 on the same posts, while no server competes for the CPUs.
+
+Thread policies (:class:`ThreadPolicy`) are compared in one run: one server per policy,
+each on its own scratch copy, all started before the sweep; ``post_embedding`` then runs
+level by level, every policy at a level before the next level, in an order that rotates
+from level to level, so that a change in the machine's other load falls on all of them.
+The first policy's server also serves ``similar_posts`` and the video workload.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +49,7 @@ from postsim.bench.results import (
     LatencyStats,
     MachineInfo,
     ServingBenchReport,
+    thread_policy_configuration,
 )
 from postsim.bench.workload import (
     BENCH_VIDEO,
@@ -57,7 +64,7 @@ from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
 from postsim.core.files import write_text_atomic
 from postsim.corpus.sample_videos import VideoSpec
-from postsim.export.triton_config import ServingSettings
+from postsim.export.triton_config import ServingSettings, ThreadPolicy
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
 from postsim.indexing.publish import publish_index
 from postsim.model_repository import contract
@@ -148,12 +155,19 @@ class ServingBenchSettings:
     """Scheduling written into the scratch copy before serving it; None keeps the repository's own."""
     video: VideoWorkloadSettings = field(default_factory=VideoWorkloadSettings)
     """Video posts through ``post_embedding`` after the image sweeps (when it is among ``ensembles``)."""
+    thread_policies: tuple[ThreadPolicy, ...] = ()
+    """Compare these thread policies (each applied over ``serving``, or over the defaults) on
+    ``post_embedding``, one server each, in the same run; empty: one server, ``serving`` as given."""
 
     def __post_init__(self) -> None:
         if self.repository is None and self.url is None:
             raise BenchError("give a model repository to serve, or the URL of a running server, or both")
-        if self.url is not None and self.serving is not None:
-            raise BenchError("serving settings apply to a server the benchmark starts: leave out the URL")
+        if self.url is not None and (self.serving is not None or self.thread_policies):
+            raise BenchError(
+                "serving settings and thread policies apply to servers the benchmark starts: leave out the URL"
+            )
+        if len(set(self.thread_policies)) != len(self.thread_policies):
+            raise BenchError(f"thread policies repeat: {[policy.value for policy in self.thread_policies]}")
         unknown = set(self.ensembles) - set(_CONFIGURATION_NAMES)
         if unknown:
             raise BenchError(f"cannot benchmark {sorted(unknown)}: choose from {sorted(_CONFIGURATION_NAMES)}")
@@ -290,6 +304,56 @@ async def sweep_ensemble(
     return points, embeddings
 
 
+async def sweep_thread_policies(
+    urls: Mapping[ThreadPolicy, str],
+    posts: Sequence[BenchPost],
+    settings: SweepSettings,
+    *,
+    server_cpus: Mapping[ThreadPolicy, CpuClock | None],
+) -> dict[ThreadPolicy, tuple[list[BenchPoint], dict[str, np.ndarray]]]:
+    """``post_embedding`` on each policy's server, interleaved: every policy at a level, then the next level.
+
+    The policies' order rotates by one from level to level, so none always runs first (or last).
+    """
+    policies = list(urls)
+    results: dict[ThreadPolicy, tuple[list[BenchPoint], dict[str, np.ndarray]]] = {p: ([], {}) for p in policies}
+    async with contextlib.AsyncExitStack() as stack:
+        senders = {
+            policy: _sender(
+                await stack.enter_async_context(AsyncPostSimClient(url, timeout_s=settings.timeout_s)),
+                contract.POST_EMBEDDING,
+                settings.k,
+            )
+            for policy, url in urls.items()
+        }
+        for level, concurrency in enumerate(sorted(settings.concurrency)):
+            shift = level % len(policies)
+            for policy in policies[shift:] + policies[:shift]:
+                point, seen = await run_level(
+                    senders[policy],
+                    posts,
+                    concurrency=concurrency,
+                    requests=settings.requests,
+                    warmup=settings.warmup,
+                    server_cpu=server_cpus.get(policy),
+                )
+                logger.info(
+                    "%s, threads %s, c=%d: p50 %.1f ms, p99 %.1f ms, %.2f posts/s, %d errors",
+                    contract.POST_EMBEDDING,
+                    policy.value,
+                    concurrency,
+                    point.latency.p50_ms,
+                    point.latency.p99_ms,
+                    point.posts_per_s,
+                    point.errors,
+                )
+                points, embeddings = results[policy]
+                points.append(point)
+                for post_id, row in seen.items():
+                    embeddings.setdefault(post_id, row)
+    return results
+
+
 # --------------------------------------------------------------------------- repository and server
 
 
@@ -365,6 +429,57 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
     return summary
 
 
+@dataclass(frozen=True)
+class _Served:
+    repository: Path
+    url: str
+    cpu: CpuClock | None
+
+
+def _serve(
+    stack: contextlib.ExitStack, repository: Path, work_dir: Path, serving: ServingSettings | None, *, name: str
+) -> _Served:
+    """A server on a scratch copy of ``repository`` (``serving`` written into it), stopped when ``stack`` closes."""
+    suffix = f"-{name}" if name else ""
+    served = scratch_repository(repository, work_dir / f"repository{suffix}")
+    if serving is not None:
+        apply_serving_settings(served, serving)
+    server = stack.enter_context(
+        TritonServer(loopback_settings(served), log_path=work_dir / f"tritonserver{suffix}.log")
+    )
+    cpu = process_group_cpu(server.process.pid) if server.process is not None else None
+    return _Served(repository=served, url=server.endpoints.grpc, cpu=cpu)
+
+
+def _thread_policy_results(
+    servers: Mapping[ThreadPolicy, _Served],
+    posts: Sequence[BenchPost],
+    sweep: SweepSettings,
+    reference: dict[str, np.ndarray],
+    torch_fp32: dict[str, np.ndarray],
+) -> list[ConfigurationResult]:
+    urls = {policy: server.url for policy, server in servers.items()}
+    for url in urls.values():
+        _ready_ensembles(url, [contract.POST_EMBEDDING])
+    swept = asyncio.run(
+        sweep_thread_policies(urls, posts, sweep, server_cpus={p: server.cpu for p, server in servers.items()})
+    )
+    return [
+        ConfigurationResult(
+            name=thread_policy_configuration(policy.value),
+            kind=ConfigurationKind.TRITON,
+            description=(
+                f"{contract.POST_EMBEDDING} over gRPC at {servers[policy].url}, one post per request, ONNX Runtime "
+                f"threads per session {policy.intra_op_threads} (idle threads sleep)"
+            ),
+            points=points,
+            max_abs_diff=max_abs_diff(embeddings, reference),
+            mean_cosine_to_torch_fp32=mean_cosine(embeddings, torch_fp32),
+        )
+        for policy, (points, embeddings) in swept.items()
+    ]
+
+
 def _publish_bench_index(corpus: Path, work_dir: Path, repository: Path, url: str) -> None:
     """Index the bench corpus through the server and make it serve that index (loads ``similar_posts``)."""
     index_dir = work_dir / "index"
@@ -434,23 +549,26 @@ def run_serving_benchmark(
         url = settings.url
         served = repository
         server_cpu: CpuClock | None = None
+        policy_servers: dict[ThreadPolicy, _Served] = {}
         if url is None:
             assert repository is not None  # checked by the settings
-            served = scratch_repository(repository, work_dir / "repository")
-            if settings.serving is not None:
-                apply_serving_settings(served, settings.serving)
-            server = stack.enter_context(
-                TritonServer(loopback_settings(served), log_path=work_dir / "tritonserver.log")
-            )
-            url = server.endpoints.grpc
-            if server.process is not None:
-                server_cpu = process_group_cpu(server.process.pid)
+            for policy in settings.thread_policies:
+                policy_serving = (settings.serving or ServingSettings()).with_thread_policy(policy)
+                policy_servers[policy] = _serve(stack, repository, work_dir, policy_serving, name=policy.value)
+            if policy_servers:
+                first = next(iter(policy_servers.values()))
+            else:
+                first = _serve(stack, repository, work_dir, settings.serving, name="")
+            served, url, server_cpu = first.repository, first.url, first.cpu
             if contract.SIMILAR_POSTS in settings.ensembles:
                 _publish_bench_index(corpus, work_dir, served, url)
         ensembles, not_ready = _ready_ensembles(url, settings.ensembles)
         skipped.update(not_ready)
 
         for ensemble in ensembles:
+            if ensemble == contract.POST_EMBEDDING and policy_servers:
+                configurations += _thread_policy_results(policy_servers, posts, settings.sweep, reference, torch_fp32)
+                continue
             points, embeddings = asyncio.run(
                 sweep_ensemble(url, ensemble, posts, settings.sweep, server_cpu=server_cpu)
             )
@@ -490,6 +608,7 @@ def run_serving_benchmark(
             )
         manifest = WeightsManifest.read(served) if served is not None else None
         serving = serving_summary(served) if served is not None else {}
+        policies = {policy.value: serving_summary(server.repository) for policy, server in policy_servers.items()}
 
     return ServingBenchReport(
         machine=replace(machine, load_average_after=os.getloadavg()),
@@ -501,6 +620,7 @@ def run_serving_benchmark(
         workload=settings.workload.label,
         configurations=configurations,
         skipped=skipped,
+        thread_policies=policies,
         started=started_at,
         seconds=time.monotonic() - started,
     )

@@ -54,6 +54,14 @@ def bench_serve(
         ),
     ] = 1,
     video_requests: Annotated[int, typer.Option(min=1, help="Measured video posts per level (c=1 and c=4).")] = 8,
+    thread_policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Compare ONNX Runtime thread policies on post_embedding in the same run, one server each, levels "
+            "interleaved (repeat; 'all' for every one): one (one thread per session), image-two (two for "
+            "image_encoder), encoders-two (two for both encoders). Default: the repository's own settings."
+        ),
+    ] = None,
 ) -> None:
     """Latency and throughput of post_embedding and similar_posts through Triton, against in-process
     ONNX Runtime and PyTorch eager on the same posts, and of video posts against image posts: a table, a JSON
@@ -61,7 +69,13 @@ def bench_serve(
     from postsim.bench.report import format_report, write_outputs
     from postsim.bench.serving import ServingBenchSettings, SweepSettings, VideoWorkloadSettings, run_serving_benchmark
     from postsim.bench.workload import Workload
+    from postsim.export.triton_config import ThreadPolicy
 
+    policies = (
+        tuple(ThreadPolicy)
+        if "all" in (thread_policy or [])
+        else tuple(choice(ThreadPolicy, name, "--thread-policy") for name in thread_policy or [])
+    )
     sweep = (
         SweepSettings(concurrency=tuple(concurrency), requests=requests)
         if concurrency
@@ -79,6 +93,7 @@ def bench_serve(
         workload=choice(Workload, workload, "--workload"),
         sweep=sweep,
         video=VideoWorkloadSettings(clips=video_posts, requests=video_requests),
+        thread_policies=policies,
     )
     report = run_serving_benchmark(settings)
     stdout.print(format_report(report))

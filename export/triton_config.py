@@ -15,8 +15,9 @@ Nothing here imports torch: ``postsim index publish`` writes the retrieval confi
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
@@ -28,6 +29,34 @@ from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
 from postsim.model_repository.contract import ModelSpec, TensorSpec
 from postsim.model_repository.layout import CONFIG_NAME, Target
 from postsim.model_repository.milvus_store import require_pymilvus
+
+
+class ThreadPolicy(enum.Enum):
+    """How many ONNX Runtime intra-op threads each embedded ONNX session runs (idle pool threads sleep in every one).
+
+    A policy is a setting of :attr:`ServingSettings.intra_op_threads`, not a code path:
+    ``postsim bench serve --thread-policy`` serves one copy of the repository per policy
+    and compares them in the same run. At concurrency 1 the image path is the longest
+    (ResNet-101 against DistilBERT), so a second thread for ``image_encoder`` uses the core
+    left idle; under load both cores are busy anyway and a second thread can only fight.
+    """
+
+    ONE = "one"
+    """One thread per session: the encoders and the two image_encoder instances share the cores."""
+    IMAGE_TWO = "image-two"
+    """Two threads for image_encoder (the longer path of a post), one for the others."""
+    ENCODERS_TWO = "encoders-two"
+    """Two threads for image_encoder and text_encoder, one for the fuser."""
+
+    @property
+    def intra_op_threads(self) -> dict[str, int]:
+        image = 2 if self in (ThreadPolicy.IMAGE_TWO, ThreadPolicy.ENCODERS_TWO) else 1
+        text = 2 if self is ThreadPolicy.ENCODERS_TWO else 1
+        return {contract.IMAGE_ENCODER: image, contract.TEXT_ENCODER: text, contract.FUSER: 1}
+
+
+DEFAULT_THREAD_POLICY = ThreadPolicy.ONE
+"""The embedded target's default (:class:`ServingSettings`); README's Performance section has the comparison."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,16 +85,19 @@ class ServingSettings:
     the ~125 CPU ms a post costs: one single-threaded instance caps the server at ~13
     posts/s, two let it use both cores. preprocess_image (~5 ms/post) and text_encoder
     (~35 ms/post) keep up with one each."""
-    intra_op_threads: Mapping[str, int] = field(
-        default_factory=lambda: {contract.IMAGE_ENCODER: 1, contract.TEXT_ENCODER: 1, contract.FUSER: 1}
-    )
+    intra_op_threads: Mapping[str, int] = field(default_factory=lambda: DEFAULT_THREAD_POLICY.intra_op_threads)
     """ONNX Runtime intra-op threads per model (embedded target); 0 or absent = ONNX Runtime's
-    choice (one per core, spinning). One: the ensemble already runs the two encoders at once."""
+    choice (one per core, spinning). The default is :data:`DEFAULT_THREAD_POLICY`'s; see
+    :class:`ThreadPolicy` for the measured alternatives."""
 
     intra_op_spinning: bool = contract.INTRA_OP_SPINNING_PARAMETER.default
     """Whether idle ONNX Runtime pool threads spin (ONNX Runtime's default) or sleep. Spinning
     buys microseconds per operator when a session has the cores to itself; beside the other
     models' processes it burns the cores they need."""
+
+    def with_thread_policy(self, policy: ThreadPolicy) -> ServingSettings:
+        """These settings with ``policy``'s threads per session, idle pool threads sleeping."""
+        return replace(self, intra_op_threads=policy.intra_op_threads, intra_op_spinning=False)
 
     def instance_count(self, model: str) -> int:
         return self.instances.get(model, 1)

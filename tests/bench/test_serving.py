@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from postsim.bench.baselines import BaselineSettings
+from postsim.bench.baselines import Baseline, BaselineSettings
 from postsim.bench.cpu import cpu_ms_per_post
 from postsim.bench.report import JSON_NAME, PLOT_NAME, format_markdown, format_report, target_checks, write_outputs
 from postsim.bench.results import (
@@ -34,6 +35,7 @@ from postsim.bench.results import (
     LatencyStats,
     MachineInfo,
     ServingBenchReport,
+    thread_policy_configuration,
 )
 from postsim.bench.serving import (
     ServingBenchSettings,
@@ -49,7 +51,8 @@ from postsim.bench.workload import BenchPost, Workload
 from postsim.cli.main import app
 from postsim.core.errors import BenchError, ServerError
 from postsim.corpus.sample_videos import VideoSpec
-from postsim.export.triton_config import ServingSettings
+from postsim.export.triton_config import DEFAULT_THREAD_POLICY, ServingSettings, ThreadPolicy
+from postsim.model_repository import contract
 
 TINY_CLIP = VideoSpec(size=(64, 48), frame_rate=4, frames=16, keyframe_interval=4)
 """The video workload's clip in tests: 4 s, encoded in milliseconds."""
@@ -115,6 +118,22 @@ def test_settings_refuse_what_cannot_run() -> None:
         SweepSettings(concurrency=(0,))
     with pytest.raises(BenchError, match="cannot benchmark"):
         ServingBenchSettings(url="localhost:1", ensembles=("fuser",))
+    with pytest.raises(BenchError, match="leave out the URL"):
+        ServingBenchSettings(url="localhost:1", thread_policies=(ThreadPolicy.ONE,))
+    with pytest.raises(BenchError, match="repeat"):
+        ServingBenchSettings(repository=Path("repo"), thread_policies=(ThreadPolicy.ONE, ThreadPolicy.ONE))
+
+
+def test_thread_policies_are_serving_settings() -> None:
+    assert ServingSettings().intra_op_threads == DEFAULT_THREAD_POLICY.intra_op_threads
+    base = ServingSettings(instances={contract.IMAGE_ENCODER: 3}, intra_op_spinning=True)
+    image_two = base.with_thread_policy(ThreadPolicy.IMAGE_TWO)
+    assert image_two.instances == base.instances and not image_two.intra_op_spinning
+    assert image_two.session_parameters(contract.IMAGE_ENCODER)["intra_op_threads"] == "2"
+    assert image_two.session_parameters(contract.TEXT_ENCODER)["intra_op_threads"] == "1"
+    both = base.with_thread_policy(ThreadPolicy.ENCODERS_TWO)
+    assert both.session_parameters(contract.TEXT_ENCODER)["intra_op_threads"] == "2"
+    assert both.session_parameters(contract.FUSER)["intra_op_threads"] == "1"
 
 
 def _point(p50_ms: float, *, concurrency: int = 1, batch_size: int = 1) -> BenchPoint:
@@ -147,6 +166,32 @@ def _report(precision: str, *, torch_ms: float, triton_ms: float, cosine: float)
             ),
         ],
     )
+
+
+def test_speed_up_is_checked_for_every_thread_policy() -> None:
+    single = _report("int8", torch_ms=135.0, triton_ms=30.0, cosine=0.995)
+    ort, torch_eager, triton = single.configurations
+    policies = {"one": 45.0, "image-two": 30.0}
+    report = replace(
+        single,
+        configurations=[
+            ort,
+            torch_eager,
+            *(
+                replace(triton, name=thread_policy_configuration(name), points=[_point(ms)])
+                for name, ms in policies.items()
+            ),
+        ],
+        thread_policies={name: {} for name in policies},
+    )
+    speed_ups = [check for check in target_checks(report) if check.name.startswith("speed-up")]
+    assert [check.measured for check in speed_ups] == pytest.approx([3.0, 4.5])
+    assert "threads image-two" in speed_ups[1].name and speed_ups[1].met and not speed_ups[0].met
+    latency = next(check for check in target_checks(report) if check.name.startswith("latency"))
+    assert latency.measured == pytest.approx(45.0 / 50.0)  # the first policy's
+    table = format_markdown(report)
+    assert "| c | one: p50 / p99 ms, posts/s | image-two: p50 / p99 ms, posts/s |" in table
+    assert "| 1 | 45.0 / 45.0, 22.22 | 30.0 / 30.0, 33.33 |" in table
 
 
 def test_quantised_repository_is_checked_for_speed_up_and_agreement_with_torch_fp32() -> None:
@@ -245,8 +290,51 @@ def test_tiny_sweep_writes_json_and_plot(exported_repository: Any, tmp_path: Pat
     assert "| Triton post_embedding | c=1 |" in format_markdown(report)
 
 
+@pytest.mark.integration
+def test_thread_policies_each_get_a_server_configured_as_asked(exported_repository: Any, tmp_path: Path) -> None:
+    policies = tuple(ThreadPolicy)
+    settings = ServingBenchSettings(
+        repository=exported_repository.path,
+        work_dir=tmp_path / "work",
+        posts=4,
+        ensembles=(contract.POST_EMBEDDING,),
+        sweep=SweepSettings(concurrency=(1, 2), requests=3, warmup=1),
+        baselines=BaselineSettings(baselines=(Baseline.ORT,), batch_sizes=(1,), posts=4, warmup_posts=1),
+        video=VideoWorkloadSettings(clips=0),
+        thread_policies=policies,
+    )
+    report = run_serving_benchmark(settings)
+
+    assert list(report.thread_policies) == [policy.value for policy in policies]
+    for policy in policies:
+        # what the server served is read back from its own copy's configs
+        summary = report.thread_policies[policy.value]
+        for model, threads in policy.intra_op_threads.items():
+            assert summary[model]["intra_op_threads"] == threads, (policy, model)
+            assert summary[model]["intra_op_spinning"] is False
+        configuration = report.configuration(thread_policy_configuration(policy.value))
+        assert configuration is not None
+        assert [point.concurrency for point in configuration.points] == [1, 2]
+        assert all(point.errors == 0 for point in configuration.points), configuration.points[0].first_error
+        assert configuration.max_abs_diff is not None and configuration.max_abs_diff < 1e-3
+    assert report.configuration(TRITON_POST_EMBEDDING) is None
+    assert report.serving == report.thread_policies[policies[0].value]
+    console = Console(record=True, width=250)
+    console.print(format_report(report))
+    text = console.export_text()
+    assert "post_embedding by thread policy" in text
+    assert thread_policy_configuration(policies[-1].value) in text
+
+
 @pytest.mark.parametrize("command", ["serve", "soak"])
 def test_bench_serve_and_soak_refuse_an_unknown_workload(command: str) -> None:
     result = CliRunner().invoke(app, ["bench", command, "--workload", "cats", "--url", "localhost:1"])
     assert result.exit_code == 2
     assert "'cats' is not one of photos, legacy" in result.output
+
+
+def test_bench_serve_refuses_an_unknown_thread_policy() -> None:
+    result = CliRunner().invoke(app, ["bench", "serve", "--thread-policy", "many", "--url", "localhost:1"])
+    assert result.exit_code == 2
+    message = " ".join(result.output.replace("│", " ").split())  # rich wraps the error in a box
+    assert "'many' is not one of one, image-two, encoders-two" in message
