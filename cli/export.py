@@ -48,19 +48,37 @@ def export(
     milvus_uri: Annotated[
         str, typer.Option(help="The Milvus holding the posts, http://HOST:19530 (with --retrieval milvus only).")
     ] = "",
+    thread_policy: Annotated[
+        str,
+        typer.Option(
+            help="ONNX Runtime threads per session (embedded target): one; image-two or encoders-two answer one post "
+            "sooner and peak lower (README, Performance)."
+        ),
+    ] = "one",
 ) -> None:
     """Export the image encoder, text encoder and fuser to ONNX and write the Triton model repository."""
+    from postsim.core.errors import SettingsError
     from postsim.export.quantize import Precision
     from postsim.export.repository import ExportOptions, export_repository
-    from postsim.export.triton_config import Target
+    from postsim.export.triton_config import DEFAULT_THREAD_POLICY, ServingSettings, Target, ThreadPolicy
 
     retrieval_settings = contract.RetrievalSettings(
         backend=choice(contract.RetrievalBackend, retrieval, "--retrieval"), milvus_uri=milvus_uri
     )
+    chosen_target = choice(Target, target, "--target")
+    policy = choice(ThreadPolicy, thread_policy, "--thread-policy")
+    if chosen_target is not Target.EMBEDDED and policy is not DEFAULT_THREAD_POLICY:
+        raise SettingsError(
+            f"--thread-policy {thread_policy} would be ignored: it sets the ONNX Runtime sessions of the embedded "
+            f"target, and --target {target} serves the models through Triton's own backends"
+        )
     options = ExportOptions(
         repository=repository,
         retrieval=retrieval_settings,
-        target=choice(Target, target, "--target"),
+        target=chosen_target,
+        serving=ServingSettings.for_target(chosen_target).with_thread_policy(policy)
+        if chosen_target is Target.EMBEDDED
+        else None,
         precision=choice(Precision, precision, "--precision"),
         force_precision=force_precision,
         models=model_settings(weights, dim, text_model, image_model, size, seed, head=head),

@@ -182,6 +182,8 @@ def test_serve_refuses_a_repository_exported_by_another_postsim(exported_reposit
         (["--image-model", "bundled:all-MiniLM-L6-v2"], ["the one bundled model is the text model"]),
         (["--milvus-uri", "http://milvus:19530"], ["--milvus-uri http://milvus:19530 would be ignored"]),
         (["--retrieval", "milvus"], ["--retrieval milvus needs", "--milvus-uri"]),
+        (["--target", "triton", "--thread-policy", "encoders-two"], ["--thread-policy encoders-two would be ignored"]),
+        (["--thread-policy", "three"], ["--thread-policy", "'three' is not one of one"]),
     ],
 )
 def test_export_refuses_an_option_its_mode_would_ignore(tmp_path: Path, args: list[str], expected: list[str]) -> None:
@@ -190,6 +192,24 @@ def test_export_refuses_an_option_its_mode_would_ignore(tmp_path: Path, args: li
     for phrase in expected:
         assert phrase in " ".join(output.split()), output
     assert not (tmp_path / "repository").exists(), "a refused export must not touch the repository"
+
+
+def test_export_writes_the_thread_policy_into_the_encoders_sessions(tmp_path: Path) -> None:
+    from postsim.model_repository import contract
+
+    repository = tmp_path / "repository"
+    code, output = _postsim(
+        "export", "--repository", str(repository), "--weights", "random", "--size", "tiny",
+        "--thread-policy", "encoders-two",
+    )  # fmt: skip
+    assert code == 0, output
+    threads = {}
+    for model in (contract.IMAGE_ENCODER, contract.TEXT_ENCODER, contract.FUSER):
+        config = parse_pbtxt((repository / model / "config.pbtxt").read_text())
+        parameters = contract.config_parameters(config)
+        threads[model] = contract.INTRA_OP_THREADS_PARAMETER.read(parameters)
+        assert contract.INTRA_OP_SPINNING_PARAMETER.read(parameters) is False
+    assert threads == {contract.IMAGE_ENCODER: 2, contract.TEXT_ENCODER: 2, contract.FUSER: 1}
 
 
 @pytest.mark.slow
