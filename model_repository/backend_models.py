@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from postsim.model_repository.live_index.metadata import PostMetadata
     from postsim.model_repository.live_index.milvus_index import MilvusLiveIndex
     from postsim.model_repository.live_index.mutable_index import MutableIndex
+    from postsim.model_repository.visuals import PreparedVisuals, VisualSettings
 
 logger = logging.getLogger("postsim")
 
@@ -156,17 +157,37 @@ class PreprocessImageModel(_PerRequestModel):
 
     def initialize(self, args: dict[str, Any]) -> None:
         _check_contract(args)
-        from postsim.model_repository.visuals import VisualSettings
-
-        parameters = _parameters(args)
-        self.visuals = VisualSettings.from_parameters(parameters)
-        self.max_text_chars = contract.MAX_TEXT_CHARS_PARAMETER.read(parameters)
+        self.checks = _PostChecks.from_parameters(_parameters(args))
 
     def _run(self, request: Any) -> list[Any]:
+        texts = _strings(request, contract.TEXT.name)
+        pixels, frame_mask, image_mask, frames, _ = self.checks.prepare(_strings(request, contract.IMAGE.name), texts)
+        return [
+            pb_utils.Tensor(contract.PIXEL_VALUES.name, pixels),
+            pb_utils.Tensor(contract.FRAME_MASK.name, frame_mask),
+            pb_utils.Tensor(contract.IMAGE_MASK.name, image_mask),
+            pb_utils.Tensor(contract.CHECKED_TEXT.name, np.array(texts, dtype=np.object_).reshape(-1, 1)),
+            pb_utils.Tensor(contract.FRAMES.name, frames),
+        ]
+
+
+class _PostChecks:
+    """Every per-post check of the ensembles (``preprocess_image``'s), with the limits of its config."""
+
+    def __init__(self, visuals: VisualSettings, max_text_chars: int) -> None:
+        self.visuals = visuals
+        self.max_text_chars = max_text_chars
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> _PostChecks:
+        from postsim.model_repository.visuals import VisualSettings
+
+        return cls(VisualSettings.from_parameters(parameters), contract.MAX_TEXT_CHARS_PARAMETER.read(parameters))
+
+    def prepare(self, images: list[bytes], texts: list[bytes]) -> PreparedVisuals:
+        """The posts' frames and masks (``PreparedVisuals``); InvalidPostError naming the first post refused."""
         from postsim.model_repository.visuals import preprocess_visuals
 
-        images = _strings(request, contract.IMAGE.name)
-        texts = _strings(request, contract.TEXT.name)
         if len(images) != len(texts):
             raise InvalidPostError(f"IMAGE and TEXT must hold one entry per post: got {len(images)} and {len(texts)}")
         empty_posts = [
@@ -177,15 +198,9 @@ class PreprocessImageModel(_PerRequestModel):
                 f"post {empty_posts[0]} of the request has neither an image nor a text: send IMAGE, TEXT or both"
             )
         _first_error([_text_error(text, self.max_text_chars) for text in texts], contract.TEXT.name)
-        pixels, frame_mask, image_mask, frames, errors = preprocess_visuals(images, self.visuals)
-        _first_error(errors, contract.IMAGE.name)
-        return [
-            pb_utils.Tensor(contract.PIXEL_VALUES.name, pixels),
-            pb_utils.Tensor(contract.FRAME_MASK.name, frame_mask),
-            pb_utils.Tensor(contract.IMAGE_MASK.name, image_mask),
-            pb_utils.Tensor(contract.CHECKED_TEXT.name, np.array(texts, dtype=np.object_).reshape(-1, 1)),
-            pb_utils.Tensor(contract.FRAMES.name, frames),
-        ]
+        prepared = preprocess_visuals(images, self.visuals)
+        _first_error(prepared.errors, contract.IMAGE.name)
+        return prepared
 
 
 def _text_error(raw: bytes, max_chars: int) -> InvalidPostError | None:
@@ -727,8 +742,12 @@ class PostChangesModel(_RetrievalCaller):
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from postsim.model_repository.configs import read_config
+
         self._start(args)
         self.fingerprint = contract.FINGERPRINT_PARAMETER.read(_parameters(args))
+        preprocess = read_config(_repository_dir(args), contract.PREPROCESS_IMAGE)
+        self.checks = _PostChecks.from_parameters(contract.config_parameters(preprocess))
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         return [await self._change(request) for request in requests]  # in order: changes apply as they arrive
@@ -760,7 +779,7 @@ class PostChangesModel(_RetrievalCaller):
             wanted = [contract.EMBEDDING, *contract.RETRIEVAL_QUERY_PARTS]
             embedded, failed = await self._call(contract.POST_EMBEDDING, post, [tensor.name for tensor in wanted])
             if failed is not None:
-                return failed
+                return self._refusal(image, text) or failed
             vectors, images, texts, weights = (
                 pb_utils.get_output_tensor_by_name(embedded, tensor.name).as_numpy() for tensor in wanted
             )
@@ -798,6 +817,21 @@ class PostChangesModel(_RetrievalCaller):
                 pb_utils.Tensor(contract.SEQUENCE.name, np.full((len(ids), 1), receipt.sequence, dtype=np.int64)),
             ]
         )
+
+    def _refusal(self, image: np.ndarray, text: np.ndarray) -> Any | None:
+        """post_embedding failed: INVALID_ARG naming the post when its checks refuse one, else None.
+
+        Triton 2.51 hands this BLS caller every error of post_embedding as INTERNAL
+        (triton-inference-server/server#7804), a refused post included; the checks run here
+        again, on the failure path only, to tell a bad post from a failing server.
+        """
+        images = [value if isinstance(value, bytes) else str(value).encode() for value in image.reshape(-1)]
+        texts = [value if isinstance(value, bytes) else str(value).encode() for value in text.reshape(-1)]
+        try:
+            self.checks.prepare(images, texts)
+        except InvalidPostError as error:
+            return _error_response(error)
+        return None
 
 
 def _metadata(raw: bytes, post_id: str) -> PostMetadata:

@@ -267,6 +267,19 @@ def test_a_bad_filter_is_invalid_argument_naming_the_field(
         client.similar_to_id(live.ids[0], k=5, where=where)
 
 
+def test_a_post_the_encoders_refuse_inside_an_upsert_is_invalid_argument_and_changes_nothing(
+    live: LiveServer,
+) -> None:
+    """Triton 2.51 turns the code of post_embedding's refusal into INTERNAL on its way back through post_changes
+    (a BLS call); the client must still be told the post is invalid, which post, and why."""
+    good, bad = _post("upsert-good", 7), Post(id="upsert-bad", text="a broken picture", image=b"not an image at all")
+    with PostSimClient(live.url) as client:
+        with pytest.raises(InvalidPostError, match=r"post 1 of the request: IMAGE: not a decodable image"):
+            client.upsert([good, bad])
+        with pytest.raises(InvalidPostError, match="upsert-good"):
+            client.similar_to_id("upsert-good", k=1)  # the call was one change: nothing of it was applied
+
+
 def test_near_duplicates_collapse_into_the_better_result(live: LiveServer) -> None:
     original = _post("meme-1", 42)
     with PostSimClient(live.url) as client:
