@@ -28,6 +28,11 @@ def check_collapse_threshold(threshold: object) -> float:
     return float(threshold)
 
 
+def optional_collapse_threshold(collapse_above: float | None) -> float | None:
+    """A search's ``collapse_above``, checked (:func:`check_collapse_threshold`); None: no collapse."""
+    return None if collapse_above is None else check_collapse_threshold(collapse_above)
+
+
 def collapse_duplicates(ranked: Sequence[SearchHit], vectors: np.ndarray, *, above: float, k: int) -> list[Hit]:
     """At most ``k`` groups of ``ranked`` (best first), each with the near-duplicates folded into it.
 

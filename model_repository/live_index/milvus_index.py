@@ -34,7 +34,7 @@ import numpy as np
 
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.contract import MODALITIES
-from postsim.model_repository.live_index.collapse import check_collapse_threshold, collapse_duplicates
+from postsim.model_repository.live_index.collapse import collapse_duplicates, optional_collapse_threshold
 from postsim.model_repository.live_index.filters import PostFilter
 from postsim.model_repository.live_index.mutable_index import LiveSearchSettings
 from postsim.model_repository.live_index.protocol import (
@@ -47,6 +47,7 @@ from postsim.model_repository.live_index.protocol import (
     check_k,
     check_post_id,
     checked_upserts,
+    unknown_query_id,
 )
 from postsim.model_repository.milvus_store import MAX_TOP_K, MilvusIndexType, MilvusSettings, MilvusStore
 from postsim.model_repository.score_parts import split_gathered
@@ -146,7 +147,7 @@ class MilvusLiveIndex(LiveIndex):
         self, queries: np.ndarray, k: int, *, where: PostFilter | None = None, collapse_above: float | None = None
     ) -> list[list[Hit]]:
         k = check_k(k)
-        threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
+        threshold = optional_collapse_threshold(collapse_above)
         normalised = check_queries(queries, self.dimension)
         return [self._query(query, k, where or PostFilter(), threshold) for query in normalised]
 
@@ -154,14 +155,12 @@ class MilvusLiveIndex(LiveIndex):
         self, ids: Sequence[str], k: int, *, where: PostFilter | None = None, collapse_above: float | None = None
     ) -> list[list[Hit]]:
         k = check_k(k)
-        threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
+        threshold = optional_collapse_threshold(collapse_above)
         wanted = [check_post_id(post_id, "query id") for post_id in ids]
         stored = self.store.get(list(dict.fromkeys(wanted)))
         unknown = [post_id for post_id in wanted if post_id not in stored]
         if unknown:
-            raise InvalidPostError(
-                f"query id {unknown[0]!r}: no indexed post has this id (it was never indexed, or it was deleted)"
-            )
+            raise unknown_query_id(unknown[0])
         post_filter = where or PostFilter()
         return [
             self._query(

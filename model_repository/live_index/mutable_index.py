@@ -48,7 +48,7 @@ import numpy as np
 
 from postsim.core.errors import InvalidPostError, SearchIndexError
 from postsim.model_repository.contract import MODALITIES
-from postsim.model_repository.live_index.collapse import check_collapse_threshold, collapse_duplicates
+from postsim.model_repository.live_index.collapse import collapse_duplicates, optional_collapse_threshold
 from postsim.model_repository.live_index.filters import PostFilter, RowBitmap, filter_mask
 from postsim.model_repository.live_index.journal import ChangeBatch, ChangeJournal, Delete, JournalHeader
 from postsim.model_repository.live_index.locking import ReadWriteLock
@@ -63,6 +63,7 @@ from postsim.model_repository.live_index.protocol import (
     check_k,
     check_post_id,
     checked_upserts,
+    unknown_query_id,
 )
 from postsim.model_repository.score_parts import STORED_DTYPE, UnimodalVectors, split_gathered
 from postsim.model_repository.search_index import (
@@ -271,7 +272,7 @@ class MutableIndex(LiveIndex):
         self, queries: np.ndarray, k: int, *, where: PostFilter | None = None, collapse_above: float | None = None
     ) -> list[list[Hit]]:
         k = check_k(k)
-        threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
+        threshold = optional_collapse_threshold(collapse_above)
         normalised = check_queries(queries, self.dimension)
         with self._lock.read():
             passing = self._passing(where)
@@ -283,14 +284,12 @@ class MutableIndex(LiveIndex):
         self, ids: Sequence[str], k: int, *, where: PostFilter | None = None, collapse_above: float | None = None
     ) -> list[list[Hit]]:
         k = check_k(k)
-        threshold = None if collapse_above is None else check_collapse_threshold(collapse_above)
+        threshold = optional_collapse_threshold(collapse_above)
         wanted = [check_post_id(post_id, "query id") for post_id in ids]
         with self._lock.read():
             unknown = [post_id for post_id in wanted if post_id not in self._row_of]
             if unknown:
-                raise InvalidPostError(
-                    f"query id {unknown[0]!r}: no indexed post has this id (it was never indexed, or it was deleted)"
-                )
+                raise unknown_query_id(unknown[0])
             passing = self._passing(where)
             results = []
             for post_id in wanted:

@@ -54,6 +54,13 @@ def check_k(k: object) -> int:
     return int(k)
 
 
+def unknown_query_id(post_id: str) -> InvalidPostError:
+    """The error of a search by the id of a post no live post has."""
+    return InvalidPostError(
+        f"query id {post_id!r}: no indexed post has this id (it was never indexed, or it was deleted)"
+    )
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PostUpsert:
     """One post to add, or to replace when a post with its id is indexed."""
