@@ -88,7 +88,12 @@ def _strings(request: Any, name: str) -> list[bytes]:
     array = _input(request, name)
     if array.ndim != 2 or array.shape[1] != 1:
         raise InvalidPostError(f"{name}: expected shape [batch, 1], got {list(array.shape)}")
-    return [value if isinstance(value, bytes) else str(value).encode() for value in array[:, 0]]
+    return [_bytes(value) for value in array[:, 0]]
+
+
+def _bytes(value: object) -> bytes:
+    """One element of a BYTES tensor as bytes (numpy may hand it over as str)."""
+    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _first_error(errors: Sequence[Exception | None], what: str) -> None:
@@ -604,6 +609,7 @@ class _RetrievalCaller:
     def _start(self, args: dict[str, Any]) -> None:
         _check_contract(args)
         self.retrieval_dir = _repository_dir(args) / contract.RETRIEVAL
+        self._post_checks: _PostChecks | None = None
 
     async def _call(self, model: str, inputs: list[Any], outputs: list[str]) -> tuple[Any, Any]:
         """(answer, None), or (None, the error response to send): errors of the model come back unchanged."""
@@ -614,12 +620,35 @@ class _RetrievalCaller:
         reason = answer.error().message().lower()
         if model == contract.RETRIEVAL and ("unknown model" in reason or "is not ready" in reason):
             return None, _error_response(self._unserved_index())  # retrieval loads with the first index
+        if model == contract.POST_EMBEDDING and (refused := self._refused_post(inputs)) is not None:
+            return None, _error_response(refused)
         failure = answer.error()
         message, code = failure.message(), failure.code()
         for marker, name in _BLS_CODES.items():
             if marker in message:  # retrieval's code, lost on the way
                 message, code = message.split(marker, 1)[1], getattr(pb_utils.TritonError, name)
         return None, pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+    def _refused_post(self, inputs: list[Any]) -> InvalidPostError | None:
+        """After post_embedding failed: the error of the post its checks refuse, if one is refused.
+
+        Triton 2.51 hands a BLS caller every error of post_embedding as INTERNAL
+        (triton-inference-server/server#7804), a refused post included; ``preprocess_image``'s
+        checks run here again, with its configured limits, on the failure path only, to tell a
+        bad post from a failing server.
+        """
+        if self._post_checks is None:
+            from postsim.model_repository.configs import read_config
+
+            preprocess = read_config(self.retrieval_dir.parent, contract.PREPROCESS_IMAGE)
+            self._post_checks = _PostChecks.from_parameters(contract.config_parameters(preprocess))
+        posts = {tensor.name(): tensor.as_numpy().reshape(-1) for tensor in inputs}
+        images, texts = ([_bytes(value) for value in posts[t.name]] for t in (contract.IMAGE, contract.TEXT))
+        try:
+            self._post_checks.prepare(images, texts)
+        except InvalidPostError as error:
+            return error
+        return None
 
     def _unserved_index(self) -> SearchIndexError:
         """Why retrieval does not answer: no index on disk, or one the server does not serve."""
@@ -742,12 +771,8 @@ class PostChangesModel(_RetrievalCaller):
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
-        from postsim.model_repository.configs import read_config
-
         self._start(args)
         self.fingerprint = contract.FINGERPRINT_PARAMETER.read(_parameters(args))
-        preprocess = read_config(_repository_dir(args), contract.PREPROCESS_IMAGE)
-        self.checks = _PostChecks.from_parameters(contract.config_parameters(preprocess))
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         return [await self._change(request) for request in requests]  # in order: changes apply as they arrive
@@ -779,7 +804,7 @@ class PostChangesModel(_RetrievalCaller):
             wanted = [contract.EMBEDDING, *contract.RETRIEVAL_QUERY_PARTS]
             embedded, failed = await self._call(contract.POST_EMBEDDING, post, [tensor.name for tensor in wanted])
             if failed is not None:
-                return self._refusal(image, text) or failed
+                return failed
             vectors, images, texts, weights = (
                 pb_utils.get_output_tensor_by_name(embedded, tensor.name).as_numpy() for tensor in wanted
             )
@@ -817,21 +842,6 @@ class PostChangesModel(_RetrievalCaller):
                 pb_utils.Tensor(contract.SEQUENCE.name, np.full((len(ids), 1), receipt.sequence, dtype=np.int64)),
             ]
         )
-
-    def _refusal(self, image: np.ndarray, text: np.ndarray) -> Any | None:
-        """post_embedding failed: INVALID_ARG naming the post when its checks refuse one, else None.
-
-        Triton 2.51 hands this BLS caller every error of post_embedding as INTERNAL
-        (triton-inference-server/server#7804), a refused post included; the checks run here
-        again, on the failure path only, to tell a bad post from a failing server.
-        """
-        images = [value if isinstance(value, bytes) else str(value).encode() for value in image.reshape(-1)]
-        texts = [value if isinstance(value, bytes) else str(value).encode() for value in text.reshape(-1)]
-        try:
-            self.checks.prepare(images, texts)
-        except InvalidPostError as error:
-            return _error_response(error)
-        return None
 
 
 def _metadata(raw: bytes, post_id: str) -> PostMetadata:

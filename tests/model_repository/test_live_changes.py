@@ -278,6 +278,9 @@ def test_a_post_the_encoders_refuse_inside_an_upsert_is_invalid_argument_and_cha
             client.upsert([good, bad])
         with pytest.raises(InvalidPostError, match="upsert-good"):
             client.similar_to_id("upsert-good", k=1)  # the call was one change: nothing of it was applied
+        # similar_posts_filtered reaches post_embedding the same way (a BLS call)
+        with pytest.raises(InvalidPostError, match=r"IMAGE: not a decodable image"):
+            client.similar(bad, k=3, where={"labels": ["rare"]})
 
 
 def test_near_duplicates_collapse_into_the_better_result(live: LiveServer) -> None:
