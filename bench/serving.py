@@ -62,13 +62,12 @@ from postsim.bench.workload import (
 )
 from postsim.client.api import AsyncPostSimClient, PostSimClient
 from postsim.core.errors import BenchError, PostSimError
-from postsim.core.files import write_text_atomic
 from postsim.corpus.sample_videos import VideoSpec
-from postsim.export.triton_config import ServingSettings, ThreadPolicy
+from postsim.export.triton_config import ServingSettings, ThreadPolicy, apply_serving_settings
 from postsim.indexing.embed import CorpusIndexSettings, build_corpus_index
 from postsim.indexing.publish import publish_index
 from postsim.model_repository import contract
-from postsim.model_repository.configs import parse_pbtxt, to_pbtxt
+from postsim.model_repository.configs import parse_pbtxt
 from postsim.model_repository.layout import CONFIG_NAME
 from postsim.model_repository.manifest import WeightsManifest
 from postsim.server.launcher import ServerSettings, TritonServer
@@ -385,31 +384,6 @@ def loopback_settings(repository: Path) -> ServerSettings:
     )
 
 
-def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
-    """Rewrite the scheduling of every non-ensemble model's config (batching, instances, threads).
-
-    Everything else in each config (tensors, parameters such as the ONNX file) stays as exported.
-    """
-    for config_path in sorted(repository.glob(f"*/{CONFIG_NAME}")):
-        config = parse_pbtxt(config_path.read_text())
-        if config.platform == "ensemble":
-            continue
-        name = config.name
-        if config.HasField("dynamic_batching"):
-            batching = config.dynamic_batching
-            batching.max_queue_delay_microseconds = serving.max_queue_delay_us
-            del batching.preferred_batch_size[:]
-            batching.preferred_batch_size.extend(
-                size for size in serving.preferred_batch_sizes if size <= config.max_batch_size
-            )
-        for group in config.instance_group:
-            group.count = serving.instance_count(name)
-        if contract.INTRA_OP_THREADS_PARAMETER.key in config.parameters:
-            for key, value in serving.session_parameters(name).items():
-                config.parameters[key].string_value = value
-        write_text_atomic(config_path, to_pbtxt(config))  # a new file: never through the hard link to the original
-
-
 def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
     """Each non-ensemble model's scheduling, as its config says."""
     summary: dict[str, dict[str, Any]] = {}
@@ -422,7 +396,11 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
             entry["max_queue_delay_us"] = config.dynamic_batching.max_queue_delay_microseconds
             entry["preferred_batch_sizes"] = list(config.dynamic_batching.preferred_batch_size)
         parameters = contract.config_parameters(config)
-        for parameter in (contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_SPINNING_PARAMETER):
+        for parameter in (
+            contract.INTRA_OP_THREADS_PARAMETER,
+            contract.INTRA_OP_SPINNING_PARAMETER,
+            contract.IDLE_CORE_THREADS_PARAMETER,
+        ):
             if parameter.key in parameters:
                 entry[parameter.key] = parameter.read(parameters)
         summary[config.name] = entry
@@ -471,6 +449,7 @@ def _thread_policy_results(
             description=(
                 f"{contract.POST_EMBEDDING} over gRPC at {servers[policy].url}, one post per request, ONNX Runtime "
                 f"threads per session {policy.intra_op_threads} (idle threads sleep)"
+                + (f", for a lone request {policy.idle_core_threads}" if policy.idle_core_threads else "")
             ),
             points=points,
             max_abs_diff=max_abs_diff(embeddings, reference),

@@ -34,11 +34,12 @@ from postsim.model_repository.milvus_store import require_pymilvus
 class ThreadPolicy(enum.Enum):
     """How many ONNX Runtime intra-op threads each embedded ONNX session runs (idle pool threads sleep in every one).
 
-    A policy is a setting of :attr:`ServingSettings.intra_op_threads`, not a code path:
-    ``postsim bench serve --thread-policy`` serves one copy of the repository per policy
-    and compares them in the same run. At concurrency 1 the image path is the longest
-    (ResNet-101 against DistilBERT), so a second thread for ``image_encoder`` uses the core
-    left idle; under load both cores are busy anyway and a second thread can only fight.
+    A policy is a setting of :attr:`ServingSettings.intra_op_threads` and
+    :attr:`ServingSettings.idle_core_threads`: ``postsim bench serve --thread-policy`` serves
+    one copy of the repository per policy and compares them in the same run. At concurrency 1
+    the image path is the longest (ResNet-101 against DistilBERT), so a second thread for
+    ``image_encoder`` uses the core left idle; under load both cores are busy anyway and a
+    second thread can only fight. ``idle-core`` gives the second thread only to a lone request.
     """
 
     ONE = "one"
@@ -47,12 +48,19 @@ class ThreadPolicy(enum.Enum):
     """Two threads for image_encoder (the longer path of a post), one for the others."""
     ENCODERS_TWO = "encoders-two"
     """Two threads for image_encoder and text_encoder, one for the fuser."""
+    IDLE_CORE = "idle-core"
+    """One thread per session, and two for an image_encoder request that runs alone (not batched)
+    while the other image_encoder instance is idle."""
 
     @property
     def intra_op_threads(self) -> dict[str, int]:
         image = 2 if self in (ThreadPolicy.IMAGE_TWO, ThreadPolicy.ENCODERS_TWO) else 1
         text = 2 if self is ThreadPolicy.ENCODERS_TWO else 1
         return {contract.IMAGE_ENCODER: image, contract.TEXT_ENCODER: text, contract.FUSER: 1}
+
+    @property
+    def idle_core_threads(self) -> dict[str, int]:
+        return {contract.IMAGE_ENCODER: 2} if self is ThreadPolicy.IDLE_CORE else {}
 
 
 DEFAULT_THREAD_POLICY = ThreadPolicy.ONE
@@ -90,6 +98,10 @@ class ServingSettings:
     choice (one per core, spinning). The default is :data:`DEFAULT_THREAD_POLICY`'s; see
     :class:`ThreadPolicy` for the measured alternatives."""
 
+    idle_core_threads: Mapping[str, int] = field(default_factory=lambda: DEFAULT_THREAD_POLICY.idle_core_threads)
+    """Intra-op threads per model for a lone request while the model's other instances are idle
+    (a second session of the model); absent or not above ``intra_op_threads``: no second session."""
+
     intra_op_spinning: bool = contract.INTRA_OP_SPINNING_PARAMETER.default
     """Whether idle ONNX Runtime pool threads spin (ONNX Runtime's default) or sleep. Spinning
     buys microseconds per operator when a session has the cores to itself; beside the other
@@ -97,7 +109,12 @@ class ServingSettings:
 
     def with_thread_policy(self, policy: ThreadPolicy) -> ServingSettings:
         """These settings with ``policy``'s threads per session, idle pool threads sleeping."""
-        return replace(self, intra_op_threads=policy.intra_op_threads, intra_op_spinning=False)
+        return replace(
+            self,
+            intra_op_threads=policy.intra_op_threads,
+            idle_core_threads=policy.idle_core_threads,
+            intra_op_spinning=False,
+        )
 
     def instance_count(self, model: str) -> int:
         return self.instances.get(model, 1)
@@ -105,9 +122,11 @@ class ServingSettings:
     def session_parameters(self, model: str) -> dict[str, str]:
         """The config parameters with which an embedded ONNX model sets up its ONNX Runtime session."""
         threads, spinning = contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_SPINNING_PARAMETER
+        idle_core = contract.IDLE_CORE_THREADS_PARAMETER
         return {
             threads.key: threads.as_text(self.intra_op_threads.get(model, threads.default)),
             spinning.key: spinning.as_text(self.intra_op_spinning),
+            idle_core.key: idle_core.as_text(self.idle_core_threads.get(model, idle_core.default)),
         }
 
     @classmethod
@@ -120,6 +139,7 @@ class ServingSettings:
                 preferred_batch_sizes=(4, 8, 16),
                 instances={contract.PREPROCESS_IMAGE: 2, contract.TOKENIZE: 1},
                 intra_op_threads={},
+                idle_core_threads={},
             )
         return cls()
 
@@ -380,6 +400,31 @@ def retrieval_config(
     config = python_model_config(spec, settings, kind=kind, parameters=parameters)
     config.version_policy.latest.num_versions = 1
     return config
+
+
+def apply_serving_settings(repository: Path, serving: ServingSettings) -> None:
+    """Rewrite the scheduling of every non-ensemble model's config (batching, instances, threads).
+
+    Everything else in each config (tensors, parameters such as the ONNX file) stays as exported.
+    """
+    for config_path in sorted(repository.glob(f"*/{CONFIG_NAME}")):
+        config = parse_pbtxt(config_path.read_text())
+        if config.platform == "ensemble":
+            continue
+        name = config.name
+        if config.HasField("dynamic_batching"):
+            batching = config.dynamic_batching
+            batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+            del batching.preferred_batch_size[:]
+            batching.preferred_batch_size.extend(
+                size for size in serving.preferred_batch_sizes if size <= config.max_batch_size
+            )
+        for group in config.instance_group:
+            group.count = serving.instance_count(name)
+        if contract.INTRA_OP_THREADS_PARAMETER.key in config.parameters:
+            for key, value in serving.session_parameters(name).items():
+                config.parameters[key].string_value = value
+        write_text_atomic(config_path, to_pbtxt(config))  # a new file: never through the hard link to the original
 
 
 def apply_retrieval(repository: Path, retrieval: contract.RetrievalSettings) -> None:

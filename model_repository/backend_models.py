@@ -33,6 +33,7 @@ from postsim.core.errors import (
     SearchIndexError,
 )
 from postsim.model_repository import contract
+from postsim.model_repository.idle_core import IdleCore, idle_core_lock_path
 from postsim.model_repository.layout import JOURNAL_NAME, read_base_sequence, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
@@ -258,6 +259,10 @@ class OnnxRuntimeModel:
     check (inputs whose variable dims must agree, values ONNX Runtime refuses, as token ids
     past the vocabulary in a request sent straight to ``text_encoder``) fails only the
     request that carries it: a batch ONNX Runtime refuses is run again one request at a time.
+
+    With ``idle_core_threads`` above ``intra_op_threads`` the model keeps a second, wider
+    session over the same file and runs a lone request on it while no other instance of the
+    model holds the idle core (:mod:`postsim.model_repository.idle_core`).
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -274,24 +279,36 @@ class OnnxRuntimeModel:
         threads = contract.INTRA_OP_THREADS_PARAMETER.read(parameters)
         # Idle pool threads that sleep instead of spinning leave the cores to the other models' processes.
         spinning = contract.INTRA_OP_SPINNING_PARAMETER.read(parameters)
-        options = session_options(threads=threads, spinning=spinning)
         providers = _execution_providers(ort.get_available_providers(), args)
         path = _version_dir(args) / contract.ONNX_FILE_PARAMETER.read(parameters)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as error:  # ONNX Runtime raises its own bare exception types
-            raise RepositoryError(
-                f"{self.model_name} version {args['model_version']}: {path} does not load in ONNX Runtime "
-                f"({_onnxruntime_reason(error)}): export it again, or remove this version folder"
-            ) from None
+
+        def load(thread_count: int) -> Any:
+            options = session_options(threads=thread_count, spinning=spinning)
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as error:  # ONNX Runtime raises its own bare exception types
+                raise RepositoryError(
+                    f"{self.model_name} version {args['model_version']}: {path} does not load in ONNX Runtime "
+                    f"({_onnxruntime_reason(error)}): export it again, or remove this version folder"
+                ) from None
+
+        self.session = load(threads)
+        idle_core_threads = contract.IDLE_CORE_THREADS_PARAMETER.read(parameters)
+        self.idle_core: IdleCore | None = None
+        self.idle_core_session: Any = None
+        self.idle_core_used = False
+        if threads > 0 and idle_core_threads > threads and providers == ["CPUExecutionProvider"]:
+            self.idle_core_session = load(idle_core_threads)
+            self.idle_core = IdleCore(idle_core_lock_path(Path(args["model_repository"])))
         self.shared_dims = _shared_dims(self.session.get_inputs())
         masks = (contract.IMAGE_MASK.name, contract.TEXT_MASK.name)
         self.modality_masks = masks if all(name in self.input_names for name in masks) else ()
         logger.info(
-            "%s: ONNX Runtime on %s, %s intra-op threads",
+            "%s: ONNX Runtime on %s, %s intra-op threads%s",
             self.model_name,
             self.session.get_providers()[0],
             threads or "default",
+            f", {idle_core_threads} for a lone request on the idle core" if self.idle_core else "",
         )
         log_weights(WeightsManifest.read(_repository_dir(args)))
 
@@ -343,8 +360,20 @@ class OnnxRuntimeModel:
             arrays = [request_inputs[position] for request_inputs in batch]
             longest = max(array.shape[1] if array.ndim > 1 else 0 for array in arrays)
             feed[name] = np.concatenate([_pad_to(array, longest) for array in arrays])
-        outputs: list[np.ndarray] = self.session.run(self.output_names, feed)
+        if self.idle_core is not None and len(batch) == 1:
+            with self.idle_core.claimed() as idle:
+                session = self.idle_core_session if idle else self.session
+                outputs: list[np.ndarray] = session.run(self.output_names, feed)
+            if idle and not self.idle_core_used:
+                self.idle_core_used = True
+                logger.info("%s: a lone request ran on the idle core (its wider session)", self.model_name)
+            return outputs
+        outputs = self.session.run(self.output_names, feed)
         return outputs
+
+    def finalize(self) -> None:
+        if self.idle_core is not None:
+            self.idle_core.close()
 
     def _split(self, runnable: list[tuple[int, list[np.ndarray]]], outputs: list[np.ndarray]) -> list[Any]:
         responses = []

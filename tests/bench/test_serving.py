@@ -41,7 +41,6 @@ from postsim.bench.serving import (
     ServingBenchSettings,
     SweepSettings,
     VideoWorkloadSettings,
-    apply_serving_settings,
     run_level,
     run_serving_benchmark,
     scratch_repository,
@@ -51,7 +50,7 @@ from postsim.bench.workload import BenchPost, Workload
 from postsim.cli.main import app
 from postsim.core.errors import BenchError, ServerError
 from postsim.corpus.sample_videos import VideoSpec
-from postsim.export.triton_config import DEFAULT_THREAD_POLICY, ServingSettings, ThreadPolicy
+from postsim.export.triton_config import DEFAULT_THREAD_POLICY, ServingSettings, ThreadPolicy, apply_serving_settings
 from postsim.model_repository import contract
 
 TINY_CLIP = VideoSpec(size=(64, 48), frame_rate=4, frames=16, keyframe_interval=4)
@@ -312,6 +311,7 @@ def test_thread_policies_each_get_a_server_configured_as_asked(exported_reposito
         for model, threads in policy.intra_op_threads.items():
             assert summary[model]["intra_op_threads"] == threads, (policy, model)
             assert summary[model]["intra_op_spinning"] is False
+            assert summary[model]["idle_core_threads"] == policy.idle_core_threads.get(model, 0), (policy, model)
         configuration = report.configuration(thread_policy_configuration(policy.value))
         assert configuration is not None
         assert [point.concurrency for point in configuration.points] == [1, 2]
