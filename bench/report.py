@@ -251,7 +251,24 @@ def _notes(report: ServingBenchReport) -> list[str]:
     notes.append(f"load average (1 min) before {before:.2f}, after {after:.2f} on {report.machine.cores} cores")
     if before > 0.5 * report.machine.cores:
         notes.append("the CPUs were busy before the run started: other work may have slowed it")
-    return notes + _video_notes(report)
+    return notes + _speedup_bound_notes(report) + _video_notes(report)
+
+
+def _speedup_bound_notes(report: ServingBenchReport) -> list[str]:
+    """How far the cores let the c=1 speed-up over PyTorch eager go: a post cannot finish sooner than
+    the server's CPU time for it spread over every core, however the threads are set."""
+    torch_eager = report.configuration(TORCH_EAGER)
+    torch_b1 = torch_eager.point(batch_size=1) if torch_eager is not None else None
+    c1_points = [point for c in post_embedding_configurations(report) if (point := c.point(concurrency=1)) is not None]
+    cpu = [point.cpu_ms_per_post for point in c1_points if point.cpu_ms_per_post]
+    if torch_b1 is None or not cpu:
+        return []
+    floor_ms = min(cpu) / report.machine.cores
+    return [
+        f"c=1 bound: the server spends at least {min(cpu):.0f} ms of CPU on a post, so on {report.machine.cores} "
+        f"cores one post takes at least {floor_ms:.0f} ms and the speed-up over PyTorch eager fp32 "
+        f"({torch_b1.latency.p50_ms:.0f} ms) is at most {_ratio(torch_b1.latency.p50_ms, floor_ms):.2f}"
+    ]
 
 
 def _video_notes(report: ServingBenchReport) -> list[str]:

@@ -210,6 +210,28 @@ def test_quantised_repository_is_checked_for_speed_up_and_agreement_with_torch_f
     assert {check.name.split(":")[0] for check in fp32} == {"latency", "throughput"}
 
 
+def test_the_notes_bound_the_c1_speed_up_by_the_server_cpu_spread_over_every_core() -> None:
+    report = _report("int8", torch_ms=300.0, triton_ms=130.0, cosine=0.999)
+    ort, torch_eager, triton = report.configurations
+    busy, lean = (replace(_point(130.0), cpu_ms_per_post=cpu) for cpu in (210.0, 190.0))
+    report = replace(
+        report,
+        machine=replace(report.machine, cores=2),
+        configurations=[
+            ort,
+            torch_eager,
+            replace(triton, name=thread_policy_configuration("one"), points=[lean]),
+            replace(triton, name=thread_policy_configuration("image-two"), points=[busy]),
+        ],
+        thread_policies={"one": {}, "image-two": {}},
+    )
+    bound = next(line for line in format_markdown(report).splitlines() if "c=1 bound" in line)
+    # the leanest configuration's 190 ms of CPU over 2 cores: 95 ms, so at most 300 / 95
+    assert "at least 190 ms of CPU" in bound and "at least 95 ms" in bound and "at most 3.16" in bound
+    without_cpu = _report("int8", torch_ms=300.0, triton_ms=130.0, cosine=0.999)
+    assert "c=1 bound" not in format_markdown(without_cpu)
+
+
 def test_serving_settings_rewrite_only_the_scratch_copy(exported_repository: Any, tmp_path: Path) -> None:
     original = serving_summary(exported_repository.path)
     copy = scratch_repository(exported_repository.path, tmp_path / "copy")
