@@ -1,4 +1,4 @@
-"""``postsim bench serve | video | preprocess | index | soak | stress | front-end | training``: measurements against same-run baselines."""
+"""``postsim bench serve | video | preprocess | engines | index | soak | stress | front-end | training``: measurements against same-run baselines."""
 
 from __future__ import annotations
 
@@ -165,6 +165,32 @@ def bench_preprocess(
     stdout.print(format_preprocessing(timings, fidelity, shrink), highlight=False, markup=False, soft_wrap=True)
     if fidelity is not None:
         stdout.print(f"(image encoder of {chosen})", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("engines")
+@reports_errors
+def bench_engines(
+    repository: RepositoryOption,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed calls of each configuration (the median).")] = 10,
+    threads: Annotated[
+        list[int] | None, typer.Option(min=1, help="Intra-op thread counts (repeat); default 1 2.")
+    ] = None,
+    batch_size: Annotated[list[int] | None, typer.Option(min=1, help="Batch sizes (repeat); default 1 4.")] = None,
+) -> None:
+    """The exported image and text encoders in ONNX Runtime (what the server runs) against OpenVINO, on the same
+    photo posts, calls interleaved: milliseconds per post and the cosine of each engine's outputs."""
+    from postsim.bench.engines import engine_versions, format_engines, measure_engines
+
+    report = measure_engines(
+        repository,
+        threads=tuple(threads or (1, 2)),
+        batch_sizes=tuple(batch_size or (1, 4)),
+        repeats=repeats,
+        progress=logger.info,
+    )
+    versions = ", ".join(f"{engine} {version}" for engine, version in engine_versions().items())
+    stdout.print(f"encoders of {repository} ({versions}), {report.posts} photo posts", highlight=False, markup=False)
+    stdout.print(format_engines(report), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("index")
