@@ -399,7 +399,7 @@ def serving_summary(repository: Path) -> dict[str, dict[str, Any]]:
         for parameter in (
             contract.INTRA_OP_THREADS_PARAMETER,
             contract.INTRA_OP_SPINNING_PARAMETER,
-            contract.IDLE_CORE_THREADS_PARAMETER,
+            contract.LONE_POST_THREADS_PARAMETER,
         ):
             if parameter.key in parameters:
                 entry[parameter.key] = parameter.read(parameters)
@@ -449,7 +449,7 @@ def _thread_policy_results(
             description=(
                 f"{contract.POST_EMBEDDING} over gRPC at {servers[policy].url}, one post per request, ONNX Runtime "
                 f"threads per session {policy.intra_op_threads} (idle threads sleep)"
-                + (f", for a lone request {policy.idle_core_threads}" if policy.idle_core_threads else "")
+                + (f", while it runs the only call {policy.lone_post_threads}" if policy.lone_post_threads else "")
             ),
             points=points,
             max_abs_diff=max_abs_diff(embeddings, reference),

@@ -59,8 +59,8 @@ def bench_serve(
         typer.Option(
             help="Compare ONNX Runtime thread policies on post_embedding in the same run, one server each, levels "
             "interleaved (repeat; 'all' for every one): one (one thread per session), image-two (two for "
-            "image_encoder), encoders-two (two for both encoders), idle-core (two for an image_encoder request "
-            "that runs alone). Default: the repository's own settings."
+            "image_encoder), encoders-two (two for both encoders), lone-post (two for image_encoder while one post "
+            "is in the server). Default: the repository's own settings."
         ),
     ] = None,
 ) -> None:

@@ -51,8 +51,8 @@ def export(
     thread_policy: Annotated[
         str,
         typer.Option(
-            help="ONNX Runtime threads per session (embedded target): one; idle-core (two threads for a lone image "
-            "request); image-two or encoders-two answer one post sooner and peak lower (README, Performance)."
+            help="ONNX Runtime threads per session (embedded target): one; lone-post (two threads for the image encoder "
+            "while one post is in the server); image-two or encoders-two answer one post sooner and peak lower (README, Performance)."
         ),
     ] = "one",
 ) -> None:

@@ -35,11 +35,11 @@ class ThreadPolicy(enum.Enum):
     """How many ONNX Runtime intra-op threads each embedded ONNX session runs (idle pool threads sleep in every one).
 
     A policy is a setting of :attr:`ServingSettings.intra_op_threads` and
-    :attr:`ServingSettings.idle_core_threads`: ``postsim bench serve --thread-policy`` serves
+    :attr:`ServingSettings.lone_post_threads`: ``postsim bench serve --thread-policy`` serves
     one copy of the repository per policy and compares them in the same run. At concurrency 1
     the image path is the longest (ResNet-101 against DistilBERT), so a second thread for
     ``image_encoder`` uses the core left idle; under load both cores are busy anyway and a
-    second thread can only fight. ``idle-core`` gives the second thread only to a lone request.
+    second thread can only fight. ``lone-post`` gives the second thread only while one post is in the server.
     """
 
     ONE = "one"
@@ -48,9 +48,9 @@ class ThreadPolicy(enum.Enum):
     """Two threads for image_encoder (the longer path of a post), one for the others."""
     ENCODERS_TWO = "encoders-two"
     """Two threads for image_encoder and text_encoder, one for the fuser."""
-    IDLE_CORE = "idle-core"
-    """One thread per session, and two for an image_encoder request that runs alone (not batched)
-    while the other image_encoder instance is idle."""
+    LONE_POST = "lone-post"
+    """One thread per session, and two for image_encoder while its request is the only inference call
+    the server runs (the front end's count)."""
 
     @property
     def intra_op_threads(self) -> dict[str, int]:
@@ -59,8 +59,8 @@ class ThreadPolicy(enum.Enum):
         return {contract.IMAGE_ENCODER: image, contract.TEXT_ENCODER: text, contract.FUSER: 1}
 
     @property
-    def idle_core_threads(self) -> dict[str, int]:
-        return {contract.IMAGE_ENCODER: 2} if self is ThreadPolicy.IDLE_CORE else {}
+    def lone_post_threads(self) -> dict[str, int]:
+        return {contract.IMAGE_ENCODER: 2} if self is ThreadPolicy.LONE_POST else {}
 
 
 DEFAULT_THREAD_POLICY = ThreadPolicy.ONE
@@ -98,9 +98,9 @@ class ServingSettings:
     choice (one per core, spinning). The default is :data:`DEFAULT_THREAD_POLICY`'s; see
     :class:`ThreadPolicy` for the measured alternatives."""
 
-    idle_core_threads: Mapping[str, int] = field(default_factory=lambda: DEFAULT_THREAD_POLICY.idle_core_threads)
-    """Intra-op threads per model for a lone request while the model's other instances are idle
-    (a second session of the model); absent or not above ``intra_op_threads``: no second session."""
+    lone_post_threads: Mapping[str, int] = field(default_factory=lambda: DEFAULT_THREAD_POLICY.lone_post_threads)
+    """Intra-op threads per model while its request is the only call the server runs (a second
+    session of the model); absent or not above ``intra_op_threads``: no second session."""
 
     intra_op_spinning: bool = contract.INTRA_OP_SPINNING_PARAMETER.default
     """Whether idle ONNX Runtime pool threads spin (ONNX Runtime's default) or sleep. Spinning
@@ -112,7 +112,7 @@ class ServingSettings:
         return replace(
             self,
             intra_op_threads=policy.intra_op_threads,
-            idle_core_threads=policy.idle_core_threads,
+            lone_post_threads=policy.lone_post_threads,
             intra_op_spinning=False,
         )
 
@@ -122,11 +122,11 @@ class ServingSettings:
     def session_parameters(self, model: str) -> dict[str, str]:
         """The config parameters with which an embedded ONNX model sets up its ONNX Runtime session."""
         threads, spinning = contract.INTRA_OP_THREADS_PARAMETER, contract.INTRA_OP_SPINNING_PARAMETER
-        idle_core = contract.IDLE_CORE_THREADS_PARAMETER
+        lone_post = contract.LONE_POST_THREADS_PARAMETER
         return {
             threads.key: threads.as_text(self.intra_op_threads.get(model, threads.default)),
             spinning.key: spinning.as_text(self.intra_op_spinning),
-            idle_core.key: idle_core.as_text(self.idle_core_threads.get(model, idle_core.default)),
+            lone_post.key: lone_post.as_text(self.lone_post_threads.get(model, lone_post.default)),
         }
 
     @classmethod
@@ -139,7 +139,7 @@ class ServingSettings:
                 preferred_batch_sizes=(4, 8, 16),
                 instances={contract.PREPROCESS_IMAGE: 2, contract.TOKENIZE: 1},
                 intra_op_threads={},
-                idle_core_threads={},
+                lone_post_threads={},
             )
         return cls()
 

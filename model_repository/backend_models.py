@@ -33,7 +33,7 @@ from postsim.core.errors import (
     SearchIndexError,
 )
 from postsim.model_repository import contract
-from postsim.model_repository.idle_core import IdleCore, idle_core_lock_path
+from postsim.model_repository.in_flight import InFlightCount
 from postsim.model_repository.layout import JOURNAL_NAME, read_base_sequence, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 
@@ -260,9 +260,11 @@ class OnnxRuntimeModel:
     past the vocabulary in a request sent straight to ``text_encoder``) fails only the
     request that carries it: a batch ONNX Runtime refuses is run again one request at a time.
 
-    With ``idle_core_threads`` above ``intra_op_threads`` the model keeps a second, wider
-    session over the same file and runs a lone request on it while no other instance of the
-    model holds the idle core (:mod:`postsim.model_repository.idle_core`).
+    With ``lone_post_threads`` above ``intra_op_threads`` the model keeps a second, wider
+    session over the same file and runs a request on it while that request is the only
+    inference call the server runs (:mod:`postsim.model_repository.in_flight`): then the
+    other core is idle but for this post's other encoder, and under load every call stays
+    on the narrow session, where one thread per process keeps the cores busy without fights.
     """
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -293,13 +295,23 @@ class OnnxRuntimeModel:
                 ) from None
 
         self.session = load(threads)
-        idle_core_threads = contract.IDLE_CORE_THREADS_PARAMETER.read(parameters)
-        self.idle_core: IdleCore | None = None
-        self.idle_core_session: Any = None
-        self.idle_core_used = False
-        if threads > 0 and idle_core_threads > threads and providers == ["CPUExecutionProvider"]:
-            self.idle_core_session = load(idle_core_threads)
-            self.idle_core = IdleCore(idle_core_lock_path(Path(args["model_repository"])))
+        lone_post_threads = contract.LONE_POST_THREADS_PARAMETER.read(parameters)
+        self.in_flight: InFlightCount | None = None
+        self.lone_post_session: Any = None
+        self.lone_post_used = False
+        if threads > 0 and lone_post_threads > threads and providers == ["CPUExecutionProvider"]:
+            self.in_flight = InFlightCount.from_environment()
+            if self.in_flight is None:
+                logger.warning(
+                    "%s: %s is %d but this server does not count its calls (not started by `postsim serve`): "
+                    "every request runs on %d thread(s)",
+                    self.model_name,
+                    contract.LONE_POST_THREADS_PARAMETER.key,
+                    lone_post_threads,
+                    threads,
+                )
+            else:
+                self.lone_post_session = load(lone_post_threads)
         self.shared_dims = _shared_dims(self.session.get_inputs())
         masks = (contract.IMAGE_MASK.name, contract.TEXT_MASK.name)
         self.modality_masks = masks if all(name in self.input_names for name in masks) else ()
@@ -308,7 +320,7 @@ class OnnxRuntimeModel:
             self.model_name,
             self.session.get_providers()[0],
             threads or "default",
-            f", {idle_core_threads} for a lone request on the idle core" if self.idle_core else "",
+            f", {lone_post_threads} while it runs the server's only call" if self.lone_post_session else "",
         )
         log_weights(WeightsManifest.read(_repository_dir(args)))
 
@@ -360,20 +372,18 @@ class OnnxRuntimeModel:
             arrays = [request_inputs[position] for request_inputs in batch]
             longest = max(array.shape[1] if array.ndim > 1 else 0 for array in arrays)
             feed[name] = np.concatenate([_pad_to(array, longest) for array in arrays])
-        if self.idle_core is not None and len(batch) == 1:
-            with self.idle_core.claimed() as idle:
-                session = self.idle_core_session if idle else self.session
-                outputs: list[np.ndarray] = session.run(self.output_names, feed)
-            if idle and not self.idle_core_used:
-                self.idle_core_used = True
-                logger.info("%s: a lone request ran on the idle core (its wider session)", self.model_name)
-            return outputs
-        outputs = self.session.run(self.output_names, feed)
+        session = self.session
+        if self.in_flight is not None and len(batch) == 1 and self.in_flight.read() <= 1:
+            session = self.lone_post_session
+            if not self.lone_post_used:
+                self.lone_post_used = True
+                logger.info("%s: the server's only call ran on the wider session", self.model_name)
+        outputs: list[np.ndarray] = session.run(self.output_names, feed)
         return outputs
 
     def finalize(self) -> None:
-        if self.idle_core is not None:
-            self.idle_core.close()
+        if self.in_flight is not None:
+            self.in_flight.close()
 
     def _split(self, runnable: list[tuple[int, list[np.ndarray]]], outputs: list[np.ndarray]) -> list[Any]:
         responses = []

@@ -174,11 +174,11 @@ INTRA_OP_THREADS_PARAMETER = ConfigParameter(
 INTRA_OP_SPINNING_PARAMETER = ConfigParameter(
     "intra_op_spinning", bool, False, "whether idle ONNX Runtime pool threads spin instead of sleeping"
 )
-IDLE_CORE_THREADS_PARAMETER = ConfigParameter(
-    "idle_core_threads",
+LONE_POST_THREADS_PARAMETER = ConfigParameter(
+    "lone_post_threads",
     int,
     0,
-    "intra-op threads for a lone request while the model's other instances are idle; 0: always intra_op_threads",
+    "intra-op threads for a request the server runs alone (postsim serve counts them); 0: always intra_op_threads",
 )
 WEIGHTS_PARAMETER = ConfigParameter("postsim_weights", str, "", "where the weights came from (random, pretrained)")
 FINGERPRINT_PARAMETER = ConfigParameter("postsim_fingerprint", str, "", "the weights fingerprint of the export")
@@ -264,7 +264,7 @@ SESSION_PARAMETERS: tuple[ConfigParameter[Any], ...] = (
     ONNX_FILE_PARAMETER,
     INTRA_OP_THREADS_PARAMETER,
     INTRA_OP_SPINNING_PARAMETER,
-    IDLE_CORE_THREADS_PARAMETER,
+    LONE_POST_THREADS_PARAMETER,
 )
 """How an ONNX model of the embedded target sets up its ONNX Runtime session."""
 PROVENANCE_PARAMETERS: tuple[ConfigParameter[str], ...] = (

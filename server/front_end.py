@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from postsim.core.errors import ServeError
 from postsim.model_repository import contract
+from postsim.model_repository.in_flight import InFlightCount
 from postsim.model_repository.layout import INDEX_SERVING_MODELS
 from postsim.model_repository.protocol import (
     ADMIN_KEY_VARIABLE,
@@ -216,6 +217,9 @@ class FrontEndSettings:
     """Calls running in Triton at once, abandoned ones included; past it, UNAVAILABLE (overloaded)."""
     max_message_bytes: int = (1 << 31) - 1
     """Largest request or answer, gRPC and HTTP (Triton's own gRPC limit)."""
+    in_flight_file: str | None = None
+    """Where to keep the count of inference calls running in Triton, for the models to read
+    (:mod:`postsim.model_repository.in_flight`); None: not kept."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -401,7 +405,10 @@ class _Gate:
         self.in_flight = 0
         """Calls running in Triton (what a stop waits for)."""
         self.inferring = 0
-        """Inference calls among them (what max_in_flight bounds)."""
+        """Inference calls among them (what max_in_flight bounds, and what the models read)."""
+        self.inferring_count = (
+            InFlightCount(Path(settings.in_flight_file), writable=True) if settings.in_flight_file else None
+        )
         self.latency_s: float | None = None
         """How long an inference call to Triton takes lately (a moving average)."""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -429,7 +436,7 @@ class _Gate:
         if inference and self.inferring >= self.settings.max_in_flight:
             raise _Overloaded
         self.in_flight += 1
-        self.inferring += inference
+        self._set_inferring(self.inferring + inference)
         task = asyncio.ensure_future(work())
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, inference=inference, started=time.monotonic()))
@@ -458,7 +465,7 @@ class _Gate:
 
     def _finished(self, task: asyncio.Task[Any], *, inference: bool, started: float) -> None:
         self.in_flight -= 1
-        self.inferring -= inference
+        self._set_inferring(self.inferring - inference)
         if inference and not task.cancelled() and task.exception() is None:
             took = time.monotonic() - started
             self.latency_s = took if self.latency_s is None else 0.8 * self.latency_s + 0.2 * took
@@ -467,6 +474,11 @@ class _Gate:
             task.exception()  # retrieved: an abandoned call's error is nobody's to raise
         if self.state is FrontEndState.STOPPING and self.in_flight == 0:
             self.emit({"event": "drained"})
+
+    def _set_inferring(self, count: int) -> None:
+        self.inferring = count
+        if self.inferring_count is not None:
+            self.inferring_count.write(count)
 
     def set_state(self, state: FrontEndState, reason: str, upstream: Upstream | None) -> None:
         self.state, self.reason = state, reason

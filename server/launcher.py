@@ -53,12 +53,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
 from postsim.core.errors import RepositoryError, ServeError
 from postsim.model_repository import contract
+from postsim.model_repository.in_flight import IN_FLIGHT_FILE_ENV, create_in_flight_file
 from postsim.model_repository.layout import loadable_models, version_dirs
 from postsim.model_repository.manifest import WeightsManifest, log_weights
 from postsim.model_repository.protocol import INTERNAL_HEADER, SHARED_MEMORY_HINT, is_shared_memory_error
@@ -236,6 +237,11 @@ class _Internal:
     def grpc_address(self) -> str:
         return f"unix:{self.socket_dir / 'grpc'}"
 
+    @property
+    def in_flight_file(self) -> Path:
+        """The front end's count of inference calls in Triton, which the models read."""
+        return self.socket_dir / "in-flight"
+
     def upstream(self) -> Upstream:
         return Upstream(
             # Triton appends ":<port>" to the address; port 0 names the socket file grpc:0.
@@ -349,6 +355,7 @@ class TritonServer:
         env = environment_without_secrets()
         # The stub embeds the Python found first on PATH: make it this interpreter's environment.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env[IN_FLIGHT_FILE_ENV] = str(self.internal.in_flight_file)
         if self.settings.triton_dir is not None:
             if not (self.settings.triton_dir / "bin" / "tritonserver").is_file():
                 raise ServeError(f"{self.settings.triton_dir} has no bin/tritonserver: give the folder Triton is in")
@@ -371,7 +378,9 @@ class TritonServer:
         log_weights(manifest)
         self._warn_if_shared_memory_is_short()
         self._stopping.clear()
-        self.front_end = FrontEnd(settings.front_end(), listener=self)
+        create_in_flight_file(self.internal.in_flight_file)
+        front_end = replace(settings.front_end(), in_flight_file=str(self.internal.in_flight_file))
+        self.front_end = FrontEnd(front_end, listener=self)
         self.front_end.start()
         try:
             with self._lifecycle:

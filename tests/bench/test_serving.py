@@ -333,12 +333,16 @@ def test_thread_policies_each_get_a_server_configured_as_asked(exported_reposito
         for model, threads in policy.intra_op_threads.items():
             assert summary[model]["intra_op_threads"] == threads, (policy, model)
             assert summary[model]["intra_op_spinning"] is False
-            assert summary[model]["idle_core_threads"] == policy.idle_core_threads.get(model, 0), (policy, model)
+            assert summary[model]["lone_post_threads"] == policy.lone_post_threads.get(model, 0), (policy, model)
         configuration = report.configuration(thread_policy_configuration(policy.value))
         assert configuration is not None
         assert [point.concurrency for point in configuration.points] == [1, 2]
         assert all(point.errors == 0 for point in configuration.points), configuration.points[0].first_error
         assert configuration.max_abs_diff is not None and configuration.max_abs_diff < 1e-3
+        # at c=1 a post is the server's only call: under lone-post image_encoder runs it on its two-thread session
+        log = (tmp_path / "work" / f"tritonserver-{policy.value}.log").read_text()
+        widened = f"{contract.IMAGE_ENCODER}: the server's only call ran on the wider session" in log
+        assert widened is (policy is ThreadPolicy.LONE_POST), policy
     assert report.configuration(TRITON_POST_EMBEDDING) is None
     assert report.serving == report.thread_policies[policies[0].value]
     console = Console(record=True, width=250)

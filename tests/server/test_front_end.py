@@ -34,6 +34,7 @@ from postsim.client.api import PostSimClient, build_inputs
 from postsim.client.posts import Post
 from postsim.core.errors import ServeError
 from postsim.model_repository import contract
+from postsim.model_repository.in_flight import InFlightCount, create_in_flight_file
 from postsim.model_repository.protocol import GRPC_INTERNAL_HEADER, GRPC_RESTRICTED_HEADER
 from postsim.server.front_end import (
     _ADMIN_PATHS,
@@ -240,6 +241,32 @@ def test_calls_beyond_max_in_flight_are_refused_and_stopping_reports_when_draine
 
     asyncio.run(run())
     assert gate.refusal() is not None and gate.refusal().startswith("the server is shutting down")  # type: ignore[union-attr]
+
+
+def test_the_models_read_how_many_inference_calls_run_in_triton_abandoned_ones_included(tmp_path: Path) -> None:
+    path = tmp_path / "in-flight"
+    create_in_flight_file(path)
+    gate = _Gate(FrontEndSettings(in_flight_file=str(path)), lambda event: None)
+    gate.set_state(FrontEndState.SERVING, "", None)
+    model_side = InFlightCount(path, writable=False)  # what a model maps in its own process
+    seen: list[int] = []
+
+    async def run() -> None:
+        release = asyncio.Event()
+        answers = [gate.shielded(release.wait) for _ in range(3)]
+        metadata = gate.shielded(release.wait, inference=False)  # health, metadata: not work for the models
+        seen.append(model_side.read())
+        answers[0].cancel()  # its client went away; the call still runs in Triton
+        await asyncio.sleep(0)
+        seen.append(model_side.read())
+        release.set()
+        await asyncio.gather(*answers[1:], metadata)
+        await asyncio.sleep(0)
+        seen.append(model_side.read())
+
+    asyncio.run(run())
+    assert seen == [3, 3, 0]
+    model_side.close()
 
 
 def test_requests_that_cannot_make_their_deadline_are_not_started_while_the_server_is_congested() -> None:
