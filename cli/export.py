@@ -49,12 +49,14 @@ def export(
         str, typer.Option(help="The Milvus holding the posts, http://HOST:19530 (with --retrieval milvus only).")
     ] = "",
     thread_policy: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="ONNX Runtime threads per session (embedded target): one; lone-post (two threads for the image encoder "
-            "while one post is in the server); image-two or encoders-two answer one post sooner and peak lower (README, Performance)."
+            help="ONNX Runtime threads per session (embedded target): lone-post (one thread per session, two for the "
+            "image encoder while its post is the only one in the server), one (one thread always), image-two or "
+            "encoders-two (two threads always: one post sooner, lower peak). README, Performance.",
+            show_default="lone-post",
         ),
-    ] = "one",
+    ] = None,
 ) -> None:
     """Export the image encoder, text encoder and fuser to ONNX and write the Triton model repository."""
     from postsim.core.errors import SettingsError
@@ -66,8 +68,8 @@ def export(
         backend=choice(contract.RetrievalBackend, retrieval, "--retrieval"), milvus_uri=milvus_uri
     )
     chosen_target = choice(Target, target, "--target")
-    policy = choice(ThreadPolicy, thread_policy, "--thread-policy")
-    if chosen_target is not Target.EMBEDDED and policy is not DEFAULT_THREAD_POLICY:
+    policy = DEFAULT_THREAD_POLICY if thread_policy is None else choice(ThreadPolicy, thread_policy, "--thread-policy")
+    if chosen_target is not Target.EMBEDDED and thread_policy is not None:
         raise SettingsError(
             f"--thread-policy {thread_policy} would be ignored: it sets the ONNX Runtime sessions of the embedded "
             f"target, and --target {target} serves the models through Triton's own backends"

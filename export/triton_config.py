@@ -63,8 +63,9 @@ class ThreadPolicy(enum.Enum):
         return {contract.IMAGE_ENCODER: 2} if self is ThreadPolicy.LONE_POST else {}
 
 
-DEFAULT_THREAD_POLICY = ThreadPolicy.ONE
-"""The embedded target's default (:class:`ServingSettings`); README's Performance section has the comparison."""
+DEFAULT_THREAD_POLICY = ThreadPolicy.LONE_POST
+"""The embedded target's default (:class:`ServingSettings`): ``one`` under load, a second thread for a lone post
+(README's Performance section has the comparison)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,8 +77,9 @@ class ServingSettings:
     CPU time per post does not shrink with the batch size, so batching only has to spread
     the work over the instances, and every ONNX Runtime session runs on one thread: with
     more, the encoders' spinning thread pools fight over the cores (server CPU per post
-    ~290 ms with ONNX Runtime's default threads, ~130 ms with one). For the ``triton``
-    target (GPU, TensorRT), use :meth:`for_target`.
+    ~290 ms with ONNX Runtime's default threads, ~130 ms with one). The one exception is
+    :attr:`lone_post_threads`: image_encoder takes two threads while its post is the only one
+    in the server. For the ``triton`` target (GPU, TensorRT), use :meth:`for_target`.
     """
 
     max_queue_delay_us: int = 500

@@ -298,7 +298,9 @@ class OnnxRuntimeModel:
         lone_post_threads = contract.LONE_POST_THREADS_PARAMETER.read(parameters)
         self.in_flight: InFlightCount | None = None
         self.lone_post_session: Any = None
-        self.lone_post_used = False
+        self.lone_post_calls = 0
+        """ONNX Runtime calls run on the wider session (told when the model unloads)."""
+        self.calls = 0
         if threads > 0 and lone_post_threads > threads and providers == ["CPUExecutionProvider"]:
             self.in_flight = InFlightCount.from_environment()
             if self.in_flight is None:
@@ -373,10 +375,11 @@ class OnnxRuntimeModel:
             longest = max(array.shape[1] if array.ndim > 1 else 0 for array in arrays)
             feed[name] = np.concatenate([_pad_to(array, longest) for array in arrays])
         session = self.session
+        self.calls += 1
         if self.in_flight is not None and len(batch) == 1 and self.in_flight.read() <= 1:
             session = self.lone_post_session
-            if not self.lone_post_used:
-                self.lone_post_used = True
+            self.lone_post_calls += 1
+            if self.lone_post_calls == 1:
                 logger.info("%s: the server's only call ran on the wider session", self.model_name)
         outputs: list[np.ndarray] = session.run(self.output_names, feed)
         return outputs
@@ -384,6 +387,12 @@ class OnnxRuntimeModel:
     def finalize(self) -> None:
         if self.in_flight is not None:
             self.in_flight.close()
+            logger.info(
+                "%s: %d of %d calls ran on the wider session (the server's only call)",
+                self.model_name,
+                self.lone_post_calls,
+                self.calls,
+            )
 
     def _split(self, runnable: list[tuple[int, list[np.ndarray]]], outputs: list[np.ndarray]) -> list[Any]:
         responses = []

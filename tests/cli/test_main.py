@@ -183,6 +183,7 @@ def test_serve_refuses_a_repository_exported_by_another_postsim(exported_reposit
         (["--milvus-uri", "http://milvus:19530"], ["--milvus-uri http://milvus:19530 would be ignored"]),
         (["--retrieval", "milvus"], ["--retrieval milvus needs", "--milvus-uri"]),
         (["--target", "triton", "--thread-policy", "encoders-two"], ["--thread-policy encoders-two would be ignored"]),
+        (["--target", "triton", "--thread-policy", "lone-post"], ["--thread-policy lone-post would be ignored"]),
         (["--thread-policy", "three"], ["--thread-policy", "'three' is not one of one"]),
     ],
 )
