@@ -25,11 +25,10 @@ import numpy as np
 
 from postsim.bench.photos import PhotoWorkload, draw_photo_post
 from postsim.core.errors import BenchError
+from postsim.export.quantize import row_cosines
 from postsim.model_repository import contract
-from postsim.model_repository.configs import read_config
-from postsim.model_repository.layout import newest_version_dir
 from postsim.model_repository.onnx_sessions import session_options
-from postsim.models.pipeline import PreparedPosts, Preprocessor
+from postsim.models.pipeline import PreparedPosts, Preprocessor, served_onnx_file
 
 ONNX_RUNTIME = "onnxruntime"
 OPENVINO = "openvino"
@@ -140,15 +139,6 @@ def encoder_feed(model: str, posts: PreparedPosts, batch_size: int) -> dict[str,
     }
 
 
-def encoder_path(repository: Path, model: str) -> Path:
-    """The ONNX file the repository's server runs for ``model``."""
-    onnx_file = contract.ONNX_FILE_PARAMETER.read(contract.config_parameters(read_config(repository, model)))
-    path = newest_version_dir(repository, model) / onnx_file
-    if not path.is_file():
-        raise BenchError(f"{path} does not exist: run `postsim export` again")
-    return path
-
-
 def measure_engines(
     repository: Path,
     *,
@@ -164,9 +154,10 @@ def measure_engines(
     posts = prepared_photo_posts(repository, max(batch_sizes))
     timings: list[EngineTiming] = []
     for model in ENCODERS:
-        path = encoder_path(repository, model)
+        path = served_onnx_file(repository, model)
         runners = {(engine, count): _ENGINE_BUILDERS[engine](path, count) for engine in engines for count in threads}
-        reference = onnxruntime_engine(path, 1)(encoder_feed(model, posts, max(batch_sizes)))
+        what_the_server_runs = runners.get((ONNX_RUNTIME, 1)) or onnxruntime_engine(path, 1)
+        reference = what_the_server_runs(encoder_feed(model, posts, max(batch_sizes)))
         for batch_size in batch_sizes:
             feed = encoder_feed(model, posts, batch_size)
             outputs = {key: run(feed) for key, run in runners.items()}  # also the warm-up (OpenVINO compiles a shape)
@@ -183,18 +174,12 @@ def measure_engines(
                     threads=count,
                     batch_size=batch_size,
                     ms_per_post=statistics.median(times) / batch_size,
-                    cosine_to_onnxruntime=_mean_cosine(outputs[engine, count], reference[:batch_size]),
+                    cosine_to_onnxruntime=float(row_cosines(reference[:batch_size], outputs[engine, count]).mean()),
                 )
                 timings.append(timing)
                 if progress is not None:
                     progress(f"{model} {engine} {count} thread(s) batch {batch_size}: {timing.ms_per_post:.1f} ms/post")
     return EnginesReport(timings=timings, missing=missing, posts=len(posts))
-
-
-def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
 
 
 def format_engines(report: EnginesReport) -> str:

@@ -220,6 +220,15 @@ def checked(spec: contract.TensorSpec, array: Any, batch: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def served_onnx_file(repository: Path, model: str) -> Path:
+    """The ONNX file the repository's server runs for ``model``: its ``onnx_file`` in its newest version folder."""
+    onnx_file = contract.ONNX_FILE_PARAMETER.read(contract.config_parameters(read_config(repository, model)))
+    path = newest_version_dir(repository, model) / onnx_file
+    if not path.is_file():
+        raise RepositoryError(f"{path} does not exist: run `postsim export` again")
+    return path
+
+
 class OrtRuntime(Runtime):
     """The exported ONNX files of the three models in ONNX Runtime (CPU), one session each, run one after the other.
 
@@ -241,14 +250,8 @@ class OrtRuntime(Runtime):
 
     @classmethod
     def from_repository(cls, repository: Path, *, threads: int = 0) -> OrtRuntime:
-        """The files a repository's server runs: each model's ``onnx_file`` in its newest version folder."""
-        paths = {}
-        for name in contract.ONNX_MODELS:
-            onnx_file = contract.ONNX_FILE_PARAMETER.read(contract.config_parameters(read_config(repository, name)))
-            path = newest_version_dir(repository, name) / onnx_file
-            if not path.is_file():
-                raise RepositoryError(f"{path} does not exist: run `postsim export` again")
-            paths[name] = path
+        """The files a repository's server runs (:func:`served_onnx_file`)."""
+        paths = {name: served_onnx_file(repository, name) for name in contract.ONNX_MODELS}
         return cls(paths, threads=threads)
 
     def _run(self, model: str, feed: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
